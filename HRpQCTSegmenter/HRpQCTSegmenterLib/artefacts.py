@@ -1,0 +1,99 @@
+"""Bundled artefacts (terminology, model weights, classifier, example scan) and their checksums.
+
+Every file the engine ships and later loads is listed in ``resources/artefacts.json`` with its
+SHA256. Loading goes through :func:`verified_path`, which refuses a file whose checksum does not
+match: a corrupted download or a swapped file fails loudly instead of giving wrong results.
+User-supplied artefacts (own weights, own classifier) carry their checksum in their own folder
+and are verified by the loader that reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import ArtefactError
+
+__all__ = ["Artefact", "MANIFEST_NAME", "list_artefacts", "verified_path", "sha256_file"]
+
+MANIFEST_NAME = "artefacts.json"
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """One bundled file."""
+
+    name: str
+    path: Path
+    sha256: str
+    kind: str
+    description: str
+
+    @property
+    def present(self) -> bool:
+        """Whether the file exists on disk."""
+        return self.path.is_file()
+
+    def verify(self) -> bool:
+        """Whether the file exists and its SHA256 matches the manifest."""
+        return self.present and sha256_file(self.path) == self.sha256
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _resources_dir(package: str) -> Path:
+    return Path(str(resources.files(package) / "resources"))
+
+
+def list_artefacts(packages: tuple[str, ...] = ("HRpQCTSegmenterLib", "HRpQCTRadiomicsLib")
+                   ) -> list[Artefact]:
+    """All artefacts declared in the manifests of the given engine packages."""
+    found: list[Artefact] = []
+    for package in packages:
+        try:
+            base = _resources_dir(package)
+        except ModuleNotFoundError:
+            continue
+        manifest = base / MANIFEST_NAME
+        if not manifest.is_file():
+            continue
+        for entry in json.loads(manifest.read_text(encoding="utf-8"))["artefacts"]:
+            found.append(Artefact(
+                name=entry["name"], path=base / entry["file"], sha256=entry["sha256"],
+                kind=entry.get("kind", ""), description=entry.get("description", "")))
+    return found
+
+
+def verified_path(name: str) -> Path:
+    """Path of the bundled artefact ``name`` after checking its SHA256.
+
+    Raises
+    ------
+    ArtefactError
+        If the artefact is unknown, missing, or its checksum does not match.
+    """
+    for artefact in list_artefacts():
+        if artefact.name == name:
+            if not artefact.present:
+                raise ArtefactError(
+                    f"Bundled artefact {name!r} is missing ({artefact.path}). Reinstall the "
+                    "package (pip install --force-reinstall hrpqct-segmenter).")
+            actual = sha256_file(artefact.path)
+            if actual != artefact.sha256:
+                raise ArtefactError(
+                    f"Bundled artefact {name!r} at {artefact.path} fails its checksum "
+                    f"(expected {artefact.sha256[:12]}..., found {actual[:12]}...). The file is "
+                    "damaged or was replaced; reinstall the package.")
+            return artefact.path
+    known = ", ".join(a.name for a in list_artefacts()) or "none"
+    raise ArtefactError(f"No bundled artefact named {name!r} (bundled: {known})")
