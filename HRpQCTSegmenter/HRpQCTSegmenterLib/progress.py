@@ -58,7 +58,8 @@ def report(progress: ProgressCallback | None, done: int, total: int, stage: str)
 def check(cancel: CancelToken | None) -> None:
     """Raise :class:`~.errors.CancelledError` if ``cancel`` has been set."""
     if cancel is not None and cancel.cancelled:
-        raise CancelledError("Cancelled by the user; no output was written for the unfinished step.")
+        raise CancelledError(
+            "Cancelled by the user; no output was written for the unfinished step.")
 
 
 def machine_progress_printer(stream: TextIO | None = None) -> ProgressCallback:
@@ -66,7 +67,8 @@ def machine_progress_printer(stream: TextIO | None = None) -> ProgressCallback:
 
     def _print(done: int, total: int, stage: str) -> None:
         out = stream or sys.stdout
-        out.write(PROGRESS_PREFIX + json.dumps({"stage": stage, "done": done, "total": total}) + "\n")
+        payload = json.dumps({"stage": stage, "done": done, "total": total})
+        out.write(f"{PROGRESS_PREFIX}{payload}\n")
         out.flush()
 
     return _print
