@@ -32,11 +32,12 @@ class PostprocessConfig:
         How far seeds grow (competitively, nearest seed wins) through unassigned soft tissue.
     split_hu:
         Voxels not reached by any seed: myotendinous above, adipose at or below (paper: -50).
-    smoothing_sigma_mm:
-        Gaussian smoothing of HU inside soft tissue before the rules (0 = the paper's rules on
-        raw HU). HR-pQCT noise (SD 100-200 HU) is as large as the fat-muscle contrast, so the
-        raw rules label single voxels by their noise; smoothing trades a little edge sharpness
-        for much less speckle (see benchmarks/RESULTS.md).
+    smoothing_window_mm:
+        Side of the cube over which HU are averaged (soft-tissue voxels only) before the rules;
+        0 = the paper's rules on raw HU. HR-pQCT noise (SD 100-200 HU) is as large as the
+        fat-muscle contrast, so the raw rules label single voxels by their noise; a local mean
+        trades a little edge sharpness for much less speckle (see benchmarks/RESULTS.md). A box
+        mean costs the same whatever its size, unlike a Gaussian.
     ring_radii_mm:
         Radii of the soft-tissue distance rings around the tibia's outer surface.
     """
@@ -49,14 +50,14 @@ class PostprocessConfig:
     fat_seed_hu: tuple[float, float] = (-600.0, -200.0)
     seed_growth_mm: float = 0.25
     split_hu: float = -50.0
-    smoothing_sigma_mm: float = 0.3
+    smoothing_window_mm: float = 0.6
     ring_radii_mm: tuple[float, ...] = (2.0, 5.0, 10.0, 15.0, 20.0)
 
     def __post_init__(self) -> None:
         if self.connectivity not in ("2d", "3d"):
             raise ValueError(f"connectivity must be '2d' or '3d', got {self.connectivity!r}")
         for name in ("max_cortical_gap_mm", "min_bone_area_mm2", "skin_width_mm",
-                     "seed_growth_mm", "smoothing_sigma_mm"):
+                     "seed_growth_mm", "smoothing_window_mm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("tendon_seed_hu", "fat_seed_hu"):
@@ -77,8 +78,8 @@ class PostprocessConfig:
 
 
 #: The paper's rules exactly: raw HU, slice-by-slice components.
-PAPER = PostprocessConfig(connectivity="2d", smoothing_sigma_mm=0.0)
-#: This project's default (the paper's thresholds, plus 3D components and HU smoothing).
+PAPER = PostprocessConfig(connectivity="2d", smoothing_window_mm=0.0)
+#: This project's default (the paper's thresholds, plus 3D components and a local HU mean).
 DEFAULT = PostprocessConfig()
 
 

@@ -11,10 +11,10 @@ The paper's rules, in physical units (all settings in :class:`.config.Postproces
 4. **split**: voxels still unassigned are myotendinous above ``split_hu`` (-50 HU) and adipose
    at or below.
 
-Optionally (this project's default) the HU used by rules 2-4 are first smoothed with a Gaussian
-of ``smoothing_sigma_mm`` restricted to soft tissue (normalised convolution, so bone and air do
-not bleed in). The work is done slab by slab and slice by slice in threads: memory stays bounded
-by a slab, not the scan.
+Optionally (this project's default) the HU used by rules 2-4 are first replaced by their mean
+over a cube of ``smoothing_window_mm`` restricted to soft tissue (normalised convolution, so
+bone and air do not bleed in). The work is done slab by slab and slice by slice in threads:
+memory stays bounded by a slab, not the scan.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from scipy import ndimage as ndi
 
 from ..progress import CancelToken, ProgressCallback, check, report
 from ..regions import class_by_name, classes_to_regions, region_by_name
+from .bone import fill_holes
 from .config import PostprocessConfig
 
 __all__ = ["subdivide_soft_tissue", "distance_rings", "smooth_within"]
@@ -45,19 +46,38 @@ def _slab_bounds(n: int, slab: int, halo: int):
         yield z0, z1, max(0, z0 - halo), min(n, z1 + halo)
 
 
-def smooth_within(hu: np.ndarray, mask: np.ndarray, sigma_vox: tuple[float, float, float]
-                  ) -> np.ndarray:
-    """Gaussian-smooth ``hu`` using only voxels inside ``mask`` (normalised convolution).
+def _window_voxels(window_mm: float, spacing_mm) -> tuple[int, ...]:
+    """Odd window sizes (in voxels) closest to ``window_mm`` along each axis."""
+    return tuple(max(1, 2 * round(window_mm / float(s) / 2) + 1) for s in spacing_mm)
 
-    Returns float32 with the smoothed value inside ``mask`` and the raw value outside.
+
+def smooth_within(hu: np.ndarray, mask: np.ndarray, window_vox: tuple[int, int, int]
+                  ) -> np.ndarray:
+    """Mean of ``hu`` over a box window using only voxels inside ``mask``.
+
+    Normalised convolution: ``box(hu * mask) / box(mask)``. Returns float32 with the local mean
+    inside ``mask`` and the raw value outside.
     """
     weights = mask.astype(np.float32)
-    num = ndi.gaussian_filter(np.where(mask, hu, 0).astype(np.float32, copy=False), sigma_vox,
-                              mode="nearest", truncate=3.0)
-    den = ndi.gaussian_filter(weights, sigma_vox, mode="nearest", truncate=3.0)
+    num = ndi.uniform_filter(np.where(mask, hu, 0).astype(np.float32, copy=False), window_vox,
+                             mode="nearest")
+    den = ndi.uniform_filter(weights, window_vox, mode="nearest")
     out = np.asarray(hu, dtype=np.float32).copy()
     inside = mask & (den > 1e-3)
     out[inside] = num[inside] / den[inside]
+    return out
+
+
+def _dilate_cross(mask: np.ndarray) -> np.ndarray:
+    """Dilation by the 4-neighbourhood cross (same as ``binary_dilation`` with the cross).
+
+    Shifted ORs of views: several times faster than scipy's generic dilation on big slices.
+    """
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
     return out
 
 
@@ -65,19 +85,25 @@ def _subdivide_slice(classes2d: np.ndarray, hu2d: np.ndarray, spacing_yx, config
                      growth_steps: int) -> np.ndarray:
     """Region labels for the soft tissue of one slice (0 elsewhere)."""
     out = np.zeros(classes2d.shape, dtype=np.uint8)
-    soft = classes2d == SOFT
-    if not soft.any():
+    soft_full = classes2d == SOFT
+    if not soft_full.any():
         return out
-    leg = ndi.binary_fill_holes(classes2d > 0)
-    # Distance to the nearest voxel outside the leg, in mm (the crop keeps a 1-voxel margin).
-    ys, xs = np.nonzero(leg)
-    y0, y1 = max(0, ys.min() - 1), min(leg.shape[0], ys.max() + 2)
-    x0, x1 = max(0, xs.min() - 1), min(leg.shape[1], xs.max() + 2)
-    distance_mm = np.zeros(leg.shape, dtype=np.float32)
-    distance_mm[y0:y1, x0:x1] = ndi.distance_transform_edt(leg[y0:y1, x0:x1],
-                                                           sampling=spacing_yx)
+    # Work in the leg's bounding box plus a one-voxel margin of air, so that the distance
+    # transform sees the outside and every array is as small as it can be.
+    ys = np.flatnonzero(classes2d.any(axis=1))
+    xs = np.flatnonzero(classes2d.any(axis=0))
+    box = (slice(max(0, ys[0] - 1), ys[-1] + 2), slice(max(0, xs[0] - 1), xs[-1] + 2))
+    classes2d, hu2d, view = classes2d[box], hu2d[box], out[box]
+    soft = soft_full[box]
+    leg = fill_holes(classes2d > 0)
+    height, width = soft_full.shape
+    if ys[0] == 0 or xs[0] == 0 or ys[-1] == height - 1 or xs[-1] == width - 1:
+        leg = np.pad(leg, 1)  # the leg touches the image edge: treat beyond it as outside
+        distance_mm = ndi.distance_transform_edt(leg, sampling=spacing_yx)[1:-1, 1:-1]
+    else:
+        distance_mm = ndi.distance_transform_edt(leg, sampling=spacing_yx)
     skin = soft & (distance_mm <= config.skin_width_mm)
-    out[skin] = SKIN
+    view[skin] = SKIN
     inner = soft & ~skin
 
     tlo, thi = config.tendon_seed_hu
@@ -87,8 +113,8 @@ def _subdivide_slice(classes2d: np.ndarray, hu2d: np.ndarray, spacing_yx, config
     free = inner & ~tendon & ~fat
     above = hu2d > config.split_hu
     for _ in range(growth_steps):
-        t_new = ndi.binary_dilation(tendon, structure=_CROSS_2D) & free
-        f_new = ndi.binary_dilation(fat, structure=_CROSS_2D) & free
+        t_new = _dilate_cross(tendon) & free
+        f_new = _dilate_cross(fat) & free
         both = t_new & f_new
         t_new &= ~both | above
         f_new &= ~both | ~above
@@ -97,14 +123,24 @@ def _subdivide_slice(classes2d: np.ndarray, hu2d: np.ndarray, spacing_yx, config
         tendon |= t_new
         fat |= f_new
         free &= ~(t_new | f_new)
-    out[tendon | (free & above)] = MYOTENDINOUS
-    out[fat | (free & ~above)] = ADIPOSE
+    view[tendon | (free & above)] = MYOTENDINOUS
+    view[fat | (free & ~above)] = ADIPOSE
     return out
+
+
+def _leg_box(classes: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """All slices, and the in-plane bounding box of labelled voxels with a one-voxel margin."""
+    rows = np.flatnonzero(classes.any(axis=(0, 2)))
+    cols = np.flatnonzero(classes.any(axis=(0, 1)))
+    if rows.size == 0:
+        return None
+    return (slice(None), slice(max(0, rows[0] - 1), rows[-1] + 2),
+            slice(max(0, cols[0] - 1), cols[-1] + 2))
 
 
 def subdivide_soft_tissue(classes: np.ndarray, hu: np.ndarray,
                           spacing_mm: tuple[float, float, float], config: PostprocessConfig,
-                          *, slab_slices: int = 16, workers: int = 2,
+                          *, slab_slices: int = 32, workers: int = 2,
                           progress: ProgressCallback | None = None,
                           cancel: CancelToken | None = None) -> np.ndarray:
     """Turn a cleaned 5-class volume and its HU into the 7-region label volume.
@@ -121,9 +157,15 @@ def subdivide_soft_tissue(classes: np.ndarray, hu: np.ndarray,
     if classes.shape != hu.shape:
         raise ValueError(f"Label shape {classes.shape} differs from image shape {hu.shape}")
     regions = classes_to_regions(classes)
+    box = _leg_box(classes)
+    if box is None:
+        return regions
+    # Restrict all work to the leg's bounding box (in-plane), keeping every slice.
+    classes, hu, regions_view = classes[box], hu[box], regions[box]
     spacing_yx = (float(spacing_mm[1]), float(spacing_mm[2]))
-    sigma_vox = tuple(config.smoothing_sigma_mm / float(s) for s in spacing_mm)
-    halo = int(np.ceil(3 * sigma_vox[0])) if config.smoothing_sigma_mm > 0 else 0
+    window_vox = _window_voxels(config.smoothing_window_mm, spacing_mm)
+    smoothing = config.smoothing_window_mm > 0
+    halo = window_vox[0] // 2 if smoothing else 0
     growth_steps = round(config.seed_growth_mm / min(spacing_yx))
     n = classes.shape[0]
     done = 0
@@ -131,8 +173,8 @@ def subdivide_soft_tissue(classes: np.ndarray, hu: np.ndarray,
         for z0, z1, h0, h1 in _slab_bounds(n, slab_slices, halo):
             check(cancel)
             soft = classes[h0:h1] == SOFT
-            if config.smoothing_sigma_mm > 0 and soft.any():
-                hu_slab = smooth_within(hu[h0:h1], soft, sigma_vox)
+            if smoothing and soft.any():
+                hu_slab = smooth_within(hu[h0:h1], soft, window_vox)
             else:
                 hu_slab = np.asarray(hu[h0:h1], dtype=np.float32)
             offset = z0 - h0
@@ -144,7 +186,7 @@ def subdivide_soft_tissue(classes: np.ndarray, hu: np.ndarray,
 
             for z, labels2d in pool.map(work, range(z1 - z0)):
                 soft2d = classes[z] == SOFT
-                regions[z][soft2d] = labels2d[soft2d]
+                regions_view[z][soft2d] = labels2d[soft2d]
             done = z1
             report(progress, done, n, "soft-tissue subdivision")
     return regions
@@ -175,7 +217,7 @@ def distance_rings(classes: np.ndarray, spacing_mm: tuple[float, float, float],
         mx = int(np.ceil(radii[-1] / spacing_yx[1])) + 1
         box = (slice(max(0, ys.min() - my), min(tibia.shape[0], ys.max() + my + 1)),
                slice(max(0, xs.min() - mx), min(tibia.shape[1], xs.max() + mx + 1)))
-        outside = ~ndi.binary_fill_holes(tibia[box])
+        outside = ~fill_holes(tibia[box])
         distance_mm = ndi.distance_transform_edt(outside, sampling=spacing_yx)
         soft = classes[z][box] == SOFT
         k = np.searchsorted(radii, distance_mm, side="left") + 1  # d <= r_k -> index k
