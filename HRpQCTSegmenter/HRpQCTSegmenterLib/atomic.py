@@ -1,0 +1,55 @@
+"""Atomic file writing: a reader never sees half a file, a crash never leaves one.
+
+Write to a temporary file in the destination folder, then ``os.replace`` it over the target
+(atomic on POSIX and Windows within one file system). The temporary name keeps the target's
+suffixes because writers such as SimpleITK choose the format from the extension.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_path", "write_text_atomic", "write_bytes_atomic"]
+
+
+def _suffix(path: Path) -> str:
+    name = path.name
+    for compound in (".seg.nrrd", ".nii.gz", ".tar.gz"):
+        if name.lower().endswith(compound):
+            return name[-len(compound):]
+    return path.suffix
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success move it over ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{_suffix(path)}",
+                                    dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically."""
+    write_bytes_atomic(path, text.encode(encoding))
