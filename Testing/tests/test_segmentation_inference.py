@@ -77,7 +77,7 @@ def test_segment_volume_matches_per_slice_reference(random_b0, tiny_preprocessin
     volume = small_scan()
     reports = []
     result = run_segmentation(volume, random_b0, config=tiny_preprocessing, batch_size=2,
-                              device="cpu", fast=True,
+                              device="cpu", fast=True, engine="torch",
                               progress=lambda d, t, s: reports.append((d, t)))
     expected = reference_labels(random_b0, volume, tiny_preprocessing)
     assert result.labels.dtype == np.uint8 and result.labels.shape == volume.shape
@@ -96,7 +96,10 @@ def test_segment_volume_matches_per_slice_reference(random_b0, tiny_preprocessin
 def test_model_folder_carries_its_preprocessing(random_b0, tiny_preprocessing, tmp_path):
     save_model(random_b0, tmp_path, preprocessing=tiny_preprocessing)
     volume = small_scan(n_slices=2)
-    labels = segment_volume(volume, tmp_path, device="cpu")  # config read from the folder
+    # Preprocessing settings come from the folder; "auto" picks ONNX Runtime on the CPU.
+    result = run_segmentation(volume, tmp_path, device="cpu")
+    assert result.engine == "onnx"
+    labels = result.labels
     np.testing.assert_array_equal(labels, reference_labels(random_b0, volume,
                                                            tiny_preprocessing))
 
@@ -126,7 +129,8 @@ def test_cancel_between_batches(random_b0, tiny_preprocessing):
 
     with pytest.raises(CancelledError):
         segment_volume(small_scan(n_slices=6), random_b0, config=tiny_preprocessing,
-                       batch_size=2, device="cpu", progress=progress, cancel=token)
+                       batch_size=2, device="cpu", engine="torch", progress=progress,
+                       cancel=token)
     assert seen == [0, 2]
 
 
@@ -178,7 +182,8 @@ def test_nan_voxels_are_refused(random_b0, tiny_preprocessing):
     volume = small_scan(n_slices=3).astype(np.float32)
     volume[2, 5, 5] = np.nan
     with pytest.raises(InvalidScanError, match="NaN"):
-        segment_volume(volume, random_b0, config=tiny_preprocessing, device="cpu")
+        segment_volume(volume, random_b0, config=tiny_preprocessing, device="cpu",
+                       engine="torch")
 
 
 def test_damaged_model_folders_are_refused(random_b0, tmp_path):

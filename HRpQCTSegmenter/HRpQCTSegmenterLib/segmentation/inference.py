@@ -7,8 +7,10 @@ HU array, 0.43 GB of labels and a few hundred MB of working memory.
 
 Engines: ``"torch"`` (any device; with ``fast=True`` the decoder is folded exactly, see
 :mod:`.fast`) and ``"onnx"`` (ONNX Runtime on the CPU, fastest there; needs the ``fast``
-extra). ``device="auto"`` picks CUDA, then Apple MPS, then the CPU; if the GPU runs out of
-memory the run continues on the CPU with a warning.
+extra, i.e. ``onnx`` and ``onnxruntime``). ``"auto"`` (default) uses ONNX Runtime for a
+SegFormer on the CPU when both packages are installed and ``fast`` is set, else torch; if the
+export fails it falls back to torch with a warning. ``device="auto"`` picks CUDA, then Apple
+MPS, then the CPU; if the GPU runs out of memory the run continues on the CPU with a warning.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("torch", "onnx")
+ENGINES = ("auto", "torch", "onnx")
 PROGRESS_STAGE = "segmenting slices"
 
 
@@ -141,7 +143,7 @@ class _OnnxRunner:
 
 
 def prepare_segmenter(model_or_folder: Any, *, config: PreprocessingConfig | None = None,
-                      device: str | Any = "auto", fast: bool = True, engine: str = "torch"):
+                      device: str | Any = "auto", fast: bool = True, engine: str = "auto"):
     """Resolve a model (object or folder) into a runner and its preprocessing settings.
 
     Returns ``(runner, config)``; ``runner(batch)`` maps ``[B, 1, H, W]`` float32 tensors to
@@ -149,7 +151,7 @@ def prepare_segmenter(model_or_folder: Any, *, config: PreprocessingConfig | Non
     ``model_or_folder`` to :func:`run_segmentation` avoids repeating an ONNX export for many
     scans.
     """
-    from .fast import FastSegformer, OnnxSegmenter
+    from .fast import FastSegformer, OnnxSegmenter, onnx_available
     from .model import load_model, read_model_metadata, resolve_device
 
     if isinstance(model_or_folder, (_TorchRunner, _OnnxRunner)):
@@ -169,13 +171,29 @@ def prepare_segmenter(model_or_folder: Any, *, config: PreprocessingConfig | Non
     if hasattr(model, "eval"):
         model.eval()
     is_segformer = hasattr(model, "decode_head") and hasattr(model, "segformer")
-    if engine == "onnx":
-        log.info("Exporting the model to ONNX for ONNX Runtime (CPU)")
-        return _OnnxRunner(OnnxSegmenter.from_model(model, input_yx=config.input_yx)), config
     torch_device = resolve_device(device)
+    if engine == "auto":
+        engine = "onnx" if (torch_device.type == "cpu" and is_segformer and fast
+                            and onnx_available()) else "torch"
+        if engine == "onnx":
+            try:
+                return _onnx_runner(model, config), config
+            except Exception as exc:  # any export problem: the torch engine still works
+                log.warning("ONNX export failed (%s); using the torch engine instead.",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                engine = "torch"
+    if engine == "onnx":
+        return _onnx_runner(model, config), config
     if fast and is_segformer:
         return _TorchRunner(FastSegformer(model), torch_device, "torch-fast"), config
     return _TorchRunner(model, torch_device, "torch"), config
+
+
+def _onnx_runner(model, config: PreprocessingConfig) -> _OnnxRunner:
+    from .fast import OnnxSegmenter
+
+    log.info("Exporting the model to ONNX for ONNX Runtime (CPU; takes a few seconds)")
+    return _OnnxRunner(OnnxSegmenter.from_model(model, input_yx=config.input_yx))
 
 
 @contextmanager
@@ -227,7 +245,7 @@ def _confidences(logits, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------
 def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
                      config: PreprocessingConfig | None = None, batch_size: int = 2,
-                     device: str | Any = "auto", fast: bool = True, engine: str = "torch",
+                     device: str | Any = "auto", fast: bool = True, engine: str = "auto",
                      num_threads: int | None = None, progress: ProgressCallback | None = None,
                      cancel: CancelToken | None = None) -> SegmentationResult:
     """Segment a scan into the network's classes; see :func:`segment_volume` for parameters.
@@ -278,7 +296,7 @@ def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
 
 def segment_volume(hu_volume: Any, model_or_folder: Any, *,
                    config: PreprocessingConfig | None = None, batch_size: int = 2,
-                   device: str | Any = "auto", fast: bool = True, engine: str = "torch",
+                   device: str | Any = "auto", fast: bool = True, engine: str = "auto",
                    num_threads: int | None = None, progress: ProgressCallback | None = None,
                    cancel: CancelToken | None = None) -> np.ndarray:
     """Segment a scan ``[z, y, x]`` in HU into the network's five classes plus background.
@@ -298,9 +316,12 @@ def segment_volume(hu_volume: Any, model_or_folder: Any, *,
     device:
         ``"auto"`` (CUDA, MPS, CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
     fast:
-        Fold the SegFormer decoder (exact; ~2x faster at 800 x 800 on a CPU).
+        Fold the SegFormer decoder (exact; ~2x faster at 800 x 800 on a CPU). ``False``
+        runs the stock transformers model with torch (the reference).
     engine:
-        ``"torch"`` or ``"onnx"`` (ONNX Runtime, CPU only).
+        ``"auto"`` (ONNX Runtime on the CPU if installed, else torch), ``"torch"``, or
+        ``"onnx"`` (ONNX Runtime, CPU only; exporting takes a few seconds per call -- reuse
+        a runner from :func:`prepare_segmenter` for many scans).
     num_threads:
         torch intra-op threads during the run (default: torch's setting, one per core).
     progress, cancel:

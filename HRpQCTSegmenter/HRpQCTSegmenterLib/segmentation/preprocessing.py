@@ -320,9 +320,23 @@ def logits_to_labels_batch(logits_lowres, box: CropBox, original_shape_yx: tuple
         if tuple(one.shape[-2:]) != tuple(box.shape):
             one = torch.nn.functional.interpolate(one, size=box.shape, mode="bilinear",
                                                   align_corners=False)
-        labels = one[0, :, dst_y, dst_x].argmax(dim=0).to(torch.uint8)
-        out[i, src_y, src_x] = labels.cpu().numpy()
+        out[i, src_y, src_x] = _argmax_uint8(one[0, :, dst_y, dst_x]).cpu().numpy()
     return out
+
+
+def _argmax_uint8(scores):
+    """Arg-max over the first axis of ``[C, H, W]`` as uint8 (first maximum wins, as in
+    ``torch.argmax``). A running maximum is ~10x faster on the CPU than ``argmax(dim=0)``,
+    which reduces over the slowest-varying axis."""
+    import torch
+
+    best = scores[0].clone()
+    labels = torch.zeros(scores.shape[1:], dtype=torch.uint8, device=scores.device)
+    for c in range(1, scores.shape[0]):
+        better = scores[c] > best
+        labels[better] = c
+        torch.maximum(best, scores[c], out=best)
+    return labels
 
 
 def logits_to_labels(logits_lowres, box: CropBox, original_shape_yx: tuple[int, int],
