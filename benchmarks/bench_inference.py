@@ -27,6 +27,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine
 
 ENGINES = ("stock", "folded", "onnx")
 FULL_SCAN_SLICES = 168
@@ -120,6 +124,14 @@ def run_pipeline(args) -> dict:
             "labels_mb": result.labels.nbytes / 2**20, "input_mb": volume.nbytes / 2**20}
 
 
+def _load() -> str:
+    try:
+        with open("/proc/loadavg", encoding="utf-8") as fh:
+            return fh.read().split()[0]
+    except OSError:
+        return "n/a"
+
+
 def _child(argv: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True,
                          text=True, check=True)
@@ -147,6 +159,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    load_before = _load()
     engines = [args.engine] if args.engine else list(ENGINES)
     common = ["--variant", args.variant, "--batch", str(args.batch), "--dtype", args.dtype,
               "--size", str(args.size)]
@@ -165,6 +178,8 @@ def main() -> None:
     for r in results:
         print(json.dumps(r))
     print()
+    print(f"Machine: {machine()}; load average before/after: {load_before} / "
+          f"{_load()}")
     print("| mode | engine | batch | s/slice | 168-slice scan (s) | peak RSS (MB) |")
     print("|---|---|---|---|---|---|")
     for r in results:

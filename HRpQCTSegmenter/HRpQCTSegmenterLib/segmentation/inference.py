@@ -47,6 +47,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnx")
+DEFAULT_GPU_BATCH = 4
 PROGRESS_STAGE = "segmenting slices"
 
 
@@ -129,7 +130,7 @@ class _TorchRunner:
     def _forward(self, batch):
         out = self.model(_move(batch, self.device))
         logits = out.logits if hasattr(out, "logits") else out
-        return logits.float().cpu()
+        return logits.float()  # stays on the device: upsampling and arg-max run there too
 
 
 class _OnnxRunner:
@@ -143,11 +144,12 @@ class _OnnxRunner:
 
 
 def prepare_segmenter(model_or_folder: Any, *, config: PreprocessingConfig | None = None,
-                      device: str | Any = "auto", fast: bool = True, engine: str = "auto"):
+                      device: str | Any = "auto", fast: bool = True, engine: str = "auto",
+                      num_threads: int | None = None):
     """Resolve a model (object or folder) into a runner and its preprocessing settings.
 
-    Returns ``(runner, config)``; ``runner(batch)`` maps ``[B, 1, H, W]`` float32 tensors to
-    CPU float32 logits ``[B, K, h, w]``. Building it once and passing it as
+    Returns ``(runner, config)``; ``runner(batch)`` maps ``[B, 1, H, W]`` float32 CPU tensors
+    to float32 logits ``[B, K, h, w]`` (on the runner's device). Building it once and passing it as
     ``model_or_folder`` to :func:`run_segmentation` avoids repeating an ONNX export for many
     scans.
     """
@@ -177,23 +179,24 @@ def prepare_segmenter(model_or_folder: Any, *, config: PreprocessingConfig | Non
                             and onnx_available()) else "torch"
         if engine == "onnx":
             try:
-                return _onnx_runner(model, config), config
+                return _onnx_runner(model, config, num_threads), config
             except Exception as exc:  # any export problem: the torch engine still works
                 log.warning("ONNX export failed (%s); using the torch engine instead.",
                             str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 engine = "torch"
     if engine == "onnx":
-        return _onnx_runner(model, config), config
+        return _onnx_runner(model, config, num_threads), config
     if fast and is_segformer:
         return _TorchRunner(FastSegformer(model), torch_device, "torch-fast"), config
     return _TorchRunner(model, torch_device, "torch"), config
 
 
-def _onnx_runner(model, config: PreprocessingConfig) -> _OnnxRunner:
+def _onnx_runner(model, config: PreprocessingConfig, num_threads: int | None) -> _OnnxRunner:
     from .fast import OnnxSegmenter
 
     log.info("Exporting the model to ONNX for ONNX Runtime (CPU; takes a few seconds)")
-    return _OnnxRunner(OnnxSegmenter.from_model(model, input_yx=config.input_yx))
+    return _OnnxRunner(OnnxSegmenter.from_model(model, input_yx=config.input_yx,
+                                                num_threads=num_threads))
 
 
 @contextmanager
@@ -244,7 +247,7 @@ def _confidences(logits, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # The loop
 # ------------------------------------------------------------------------------------------
 def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
-                     config: PreprocessingConfig | None = None, batch_size: int = 2,
+                     config: PreprocessingConfig | None = None, batch_size: int | None = None,
                      device: str | Any = "auto", fast: bool = True, engine: str = "auto",
                      num_threads: int | None = None, progress: ProgressCallback | None = None,
                      cancel: CancelToken | None = None) -> SegmentationResult:
@@ -259,10 +262,14 @@ def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
 
     start = time.perf_counter()
     volume = validate_volume(hu_volume)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise HRpQCTError(f"batch_size must be at least 1, got {batch_size}")
     runner, config = prepare_segmenter(model_or_folder, config=config, device=device,
-                                       fast=fast, engine=engine)
+                                       fast=fast, engine=engine, num_threads=num_threads)
+    if batch_size is None:
+        # On the CPU larger batches only add memory; a GPU is used better with a few slices.
+        on_gpu = runner.device is not None and runner.device.type != "cpu"
+        batch_size = DEFAULT_GPU_BATCH if on_gpu else 1
     nz, ny, nx = volume.shape
     box = crop_box_for_scan(volume, config)
     labels = np.zeros(volume.shape, dtype=np.uint8)
@@ -283,7 +290,7 @@ def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
                     "voxels (e.g. with -1000 HU) before segmenting.")
             pixel_values = preprocess_slices(slices, box, config)
             logits = runner(pixel_values)
-            confidence[z0:z1], foreground_confidence[z0:z1] = _confidences(logits, inside)
+            confidence[z0:z1], foreground_confidence[z0:z1] = _confidences(logits.cpu(), inside)
             labels[z0:z1] = logits_to_labels_batch(logits, box, (ny, nx), config)
             del pixel_values, logits
             report(progress, z1, nz, PROGRESS_STAGE)
@@ -295,7 +302,7 @@ def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
 
 
 def segment_volume(hu_volume: Any, model_or_folder: Any, *,
-                   config: PreprocessingConfig | None = None, batch_size: int = 2,
+                   config: PreprocessingConfig | None = None, batch_size: int | None = None,
                    device: str | Any = "auto", fast: bool = True, engine: str = "auto",
                    num_threads: int | None = None, progress: ProgressCallback | None = None,
                    cancel: CancelToken | None = None) -> np.ndarray:
@@ -312,7 +319,8 @@ def segment_volume(hu_volume: Any, model_or_folder: Any, *,
     config:
         Preprocessing; default: the model folder's saved settings, else the paper's.
     batch_size:
-        Slices per forward pass (peak memory grows with it; 2 suits a CPU).
+        Slices per forward pass; default 1 on the CPU (larger batches are not faster there
+        and need more memory), 4 on a GPU.
     device:
         ``"auto"`` (CUDA, MPS, CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
     fast:
@@ -323,7 +331,8 @@ def segment_volume(hu_volume: Any, model_or_folder: Any, *,
         ``"onnx"`` (ONNX Runtime, CPU only; exporting takes a few seconds per call -- reuse
         a runner from :func:`prepare_segmenter` for many scans).
     num_threads:
-        torch intra-op threads during the run (default: torch's setting, one per core).
+        CPU threads for torch (restored afterwards) and ONNX Runtime during the run
+        (default: their own setting, one per physical core).
     progress, cancel:
         Progress callback (called after each batch) and cancellation token (checked before
         each batch).
