@@ -268,7 +268,7 @@ def save_model(model, folder: str | Path, extra_metadata: Mapping[str, Any] | No
         "format_version": METADATA_FORMAT_VERSION,
         "architecture": architecture,
         "variant": variant,
-        "num_channels": 1,
+        "num_channels": int(config_dict.get("num_channels", 1)),
         "class_keys": [c.key for c in NETWORK_CLASSES],
         "class_names": [c.name for c in NETWORK_CLASSES],
         "preprocessing": preprocessing.to_dict(),
