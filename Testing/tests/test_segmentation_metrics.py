@@ -1,5 +1,7 @@
 """IoU / F1 from label maps, aggregation over scans, and the tables."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,10 @@ def test_mean_and_sd_over_scans():
     # Per-scan foreground means: a -> mean(IoU1 0.6, IoU5 0) = 0.3; b -> 1.0.
     assert summary.mean_iou[0] == pytest.approx(0.65)
     assert summary.mean_f1[0] == pytest.approx((0.75 / 2 + 1.0) / 2)
+    as_json = json.loads(json.dumps(summary.to_dict()))
+    assert as_json["classes"]["tibial_cortical"]["iou_mean"] == pytest.approx(0.8)
+    assert as_json["classes"]["tibial_trabecular"]["iou_mean"] is None
+    assert as_json["mean_iou"]["mean"] == pytest.approx(0.65)
 
 
 def test_tables():

@@ -130,6 +130,24 @@ class ScoreSummary:
     mean_iou: tuple[float, float]
     mean_f1: tuple[float, float]
 
+    def to_dict(self) -> dict:
+        """JSON-ready dict keyed by class key; undefined values (NaN) become ``None``."""
+
+        def num(value) -> float | None:
+            return float(value) if np.isfinite(value) else None
+
+        classes = {
+            c.key: {"iou_mean": num(self.iou_mean[c.label]), "iou_sd": num(self.iou_sd[c.label]),
+                    "f1_mean": num(self.f1_mean[c.label]), "f1_sd": num(self.f1_sd[c.label])}
+            for c in NETWORK_CLASSES if c.label < len(self.iou_mean)}
+        return {
+            "n_scans": self.n_scans,
+            "classes": classes,
+            "mean_iou": {"mean": num(self.mean_iou[0]), "sd": num(self.mean_iou[1])},
+            "mean_f1": {"mean": num(self.mean_f1[0]), "sd": num(self.mean_f1[1])},
+            "statistic": "mean and sample SD over scans; class means exclude background",
+        }
+
 
 def _mean_sd(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     values = np.asarray(values, dtype=np.float64)
