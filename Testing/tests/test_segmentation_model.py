@@ -148,3 +148,28 @@ def test_pickle_only_checkpoints_are_refused(tmp_path):
     (tmp_path / WEIGHTS_FILE).rename(tmp_path / "pytorch_model.bin")
     with pytest.raises(ModelFolderError, match="safetensors"):
         load_pretrained_rgb_checkpoint(tmp_path)
+
+
+def test_models_saved_with_transformers_4_names_load(random_b0, tmp_path):
+    """transformers 4.x names SegFormer's parameters differently (encoder.block.0.0...,
+    decode_head.linear_c...); a folder written under 4.x must load under 5.x."""
+    from safetensors.torch import save_file
+
+    from HRpQCTSegmenterLib.artefacts import sha256_file
+    from HRpQCTSegmenterLib.segmentation.model import _KEYS_4_TO_5, _KEYS_5_TO_4, _rename_keys
+
+    state = random_b0.state_dict()
+    old_names = _rename_keys(state, _KEYS_5_TO_4)
+    assert "segformer.encoder.block.0.0.attention.self.query.weight" in old_names
+    assert "decode_head.linear_c.0.proj.weight" in old_names
+    assert list(_rename_keys(old_names, _KEYS_4_TO_5)) == list(state)
+    save_model(random_b0, tmp_path)
+    save_file({k: v.contiguous() for k, v in old_names.items()}, str(tmp_path / WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    meta = json.loads((tmp_path / METADATA_FILE).read_text())
+    meta["weights_sha256"] = sha256_file(tmp_path / WEIGHTS_FILE)
+    (tmp_path / METADATA_FILE).write_text(json.dumps(meta))
+    loaded = load_model(tmp_path)
+    x = torch.rand(1, 1, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x).logits, random_b0(x).logits, rtol=0, atol=0)

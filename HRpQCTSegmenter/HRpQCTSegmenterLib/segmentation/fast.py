@@ -51,6 +51,12 @@ def _torch():
     return torch
 
 
+def _stage_projections(head):
+    """The per-stage MLPs of the decode head (``linear_c`` in transformers 4.x)."""
+    projections = getattr(head, "linear_projections", None)
+    return projections if projections is not None else head.linear_c
+
+
 def fold_decoder(model) -> dict[str, Any]:
     """Folded decoder weights of an eval-mode ``SegformerForSemanticSegmentation``.
 
@@ -60,7 +66,8 @@ def fold_decoder(model) -> dict[str, Any]:
     """
     torch = _torch()
     head = model.decode_head
-    n_stages = len(head.linear_projections)
+    projections = _stage_projections(head)
+    n_stages = len(projections)
     fuse = head.linear_fuse.weight.detach().double()[:, :, 0, 0]  # [D, n*D]
     dim = fuse.shape[0]
     bn = head.batch_norm
@@ -69,7 +76,7 @@ def fold_decoder(model) -> dict[str, Any]:
     if head.linear_fuse.bias is not None:  # transformers has none; handle it anyway
         shift = shift + scale * head.linear_fuse.bias.detach().double()
     stage_weights, bias = [], shift.clone()
-    for i, projection in enumerate(head.linear_projections):
+    for i, projection in enumerate(projections):
         # transformers concatenates the upsampled stages in reverse order (stage 3 first).
         block = fuse[:, (n_stages - 1 - i) * dim:(n_stages - i) * dim]
         proj_w = projection.proj.weight.detach().double()  # [D, C_i]
@@ -100,7 +107,7 @@ class FastSegformer(_torch().nn.Module):
         if model.training:
             raise ValueError("Build FastSegformer from a model in eval mode (call model.eval())")
         self.encoder = model.segformer
-        self.num_stages = len(model.decode_head.linear_projections)
+        self.num_stages = len(_stage_projections(model.decode_head))
         folded = fold_decoder(model)
         self.stage_convs = torch.nn.ModuleList()
         for weight in folded["stage_weights"]:

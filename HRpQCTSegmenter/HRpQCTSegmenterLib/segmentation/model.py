@@ -401,6 +401,67 @@ def _model_from_config_json(folder: Path, architecture: str):
     return SegformerForSemanticSegmentation(SegformerConfig.from_dict(config_dict))
 
 
+# Parameter names of transformers 4.x (left) and 5.x (right) SegFormers; applied in order.
+_KEYS_4_TO_5: tuple[tuple[str, str], ...] = (
+    (r"encoder\.patch_embeddings\.(\d+)\.", r"stages.\1.patch_embeddings."),
+    (r"encoder\.block\.(\d+)\.", r"stages.\1.blocks."),
+    (r"encoder\.layer_norm\.(\d+)\.", r"stages.\1.layer_norm."),
+    (r"attention\.self\.query\.", "attention.q_proj."),
+    (r"attention\.self\.key\.", "attention.k_proj."),
+    (r"attention\.self\.value\.", "attention.v_proj."),
+    (r"attention\.self\.sr\.", "attention.sequence_reduction.sequence_reduction."),
+    (r"attention\.self\.layer_norm\.", "attention.sequence_reduction.layer_norm."),
+    (r"attention\.output\.dense\.", "attention.o_proj."),
+    (r"mlp\.dense1\.", "mlp.fc1."),
+    (r"mlp\.dense2\.", "mlp.fc2."),
+    (r"\.layer_norm_1\.", ".layernorm_before."),
+    (r"\.layer_norm_2\.", ".layernorm_after."),
+    (r"decode_head\.linear_c\.", "decode_head.linear_projections."),
+)
+_KEYS_5_TO_4: tuple[tuple[str, str], ...] = (
+    (r"stages\.(\d+)\.patch_embeddings\.", r"encoder.patch_embeddings.\1."),
+    (r"stages\.(\d+)\.blocks\.", r"encoder.block.\1."),
+    (r"stages\.(\d+)\.layer_norm\.", r"encoder.layer_norm.\1."),
+    (r"attention\.q_proj\.", "attention.self.query."),
+    (r"attention\.k_proj\.", "attention.self.key."),
+    (r"attention\.v_proj\.", "attention.self.value."),
+    (r"attention\.sequence_reduction\.sequence_reduction\.", "attention.self.sr."),
+    (r"attention\.sequence_reduction\.layer_norm\.", "attention.self.layer_norm."),
+    (r"attention\.o_proj\.", "attention.output.dense."),
+    (r"mlp\.fc1\.", "mlp.dense1."),
+    (r"mlp\.fc2\.", "mlp.dense2."),
+    (r"\.layernorm_before\.", ".layer_norm_1."),
+    (r"\.layernorm_after\.", ".layer_norm_2."),
+    (r"decode_head\.linear_projections\.", "decode_head.linear_c."),
+)
+
+
+def _rename_keys(state: dict, rules: tuple[tuple[str, str], ...]) -> dict:
+    import re
+
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
+
+
+def _match_key_names(state: dict, expected: set[str]) -> dict:
+    """``state`` with parameter names of the installed transformers version.
+
+    A model saved under transformers 4.x loads under 5.x and vice versa: SegFormer's
+    parameters were renamed between the two, not changed.
+    """
+    if set(state) == expected:
+        return state
+    for rules in (_KEYS_4_TO_5, _KEYS_5_TO_4):
+        renamed = _rename_keys(state, rules)
+        if set(renamed) == expected:
+            return renamed
+    return state
+
+
 def load_model(folder: str | Path, device: str | Any = "cpu"):
     """Load a model saved by :func:`save_model`, after checking the weights' SHA256.
 
@@ -437,6 +498,7 @@ def load_model(folder: str | Path, device: str | Any = "cpu"):
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError) as exc:
         raise CorruptModelError(f"Cannot read {weights}: {exc}. Copy the folder again.") from None
+    state = _match_key_names(state, set(model.state_dict()))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
