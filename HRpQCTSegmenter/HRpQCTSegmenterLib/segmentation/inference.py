@@ -315,7 +315,8 @@ def segment_volume(hu_volume: Any, model_or_folder: Any, *,
     model_or_folder:
         A model folder saved by :func:`.model.save_model`, a ``SegformerForSemanticSegmentation``
         (or the project's U-Net, or a :class:`.fast.FastSegformer` /
-        :class:`.fast.OnnxSegmenter`), or a runner from :func:`prepare_segmenter`.
+        :class:`.fast.OnnxSegmenter`), or a runner from :func:`prepare_segmenter` (then pass
+        the config it returned, too).
     config:
         Preprocessing; default: the model folder's saved settings, else the paper's.
     batch_size:
