@@ -27,6 +27,7 @@ __all__ = [
     "ijk_to_ras_matrix",
     "array_to_volume_node",
     "array_from_volume_node",
+    "scan_from_volume_node",
     "labels_to_segmentation_node",
     "apply_region_properties",
     "labels_from_segmentation_node",
@@ -84,6 +85,26 @@ def array_from_volume_node(volume_node: Any) -> np.ndarray:
     image = volume_node.GetImageData()
     nx, ny, nz = image.GetDimensions()
     return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nz, ny, nx).copy()
+
+
+def scan_from_volume_node(volume_node: Any) -> Scan:
+    """A :class:`~.scan.Scan` with a copy of the node's voxels and its geometry (RAS -> LPS).
+
+    The voxel values are taken as they are: the caller states their units (a volume loaded
+    from a Scanco file may be in native units, not HU). A parent transform is not applied.
+    """
+    import vtk
+
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    matrix = np.array([[ijk_to_ras.GetElement(r, c) for c in range(4)] for r in range(4)])
+    ijk_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ matrix
+    spacing_xyz = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    direction = ijk_to_lps[:3, :3] / spacing_xyz
+    return Scan(hu=array_from_volume_node(volume_node),
+                spacing_mm=tuple(reversed(spacing_xyz.tolist())),  # type: ignore[arg-type]
+                origin_mm=tuple(ijk_to_lps[:3, 3].tolist()),  # type: ignore[arg-type]
+                direction=tuple(direction.ravel().tolist()))
 
 
 def apply_region_properties(segmentation_node: Any,

@@ -152,3 +152,15 @@ def test_write_rejects_labels_that_belong_to_no_region(reference_scan, tmp_path)
     with pytest.raises(ValueError, match=r"values \[9\]"):
         write_seg_nrrd(labels, reference_scan, tmp_path / "bad.seg.nrrd")
     assert not (tmp_path / "bad.seg.nrrd").exists()
+
+
+def test_volume_node_geometry_round_trips_to_a_scan(mrml_scene, reference_scan):
+    hu = np.arange(np.prod(reference_scan.shape), dtype=np.float32).reshape(reference_scan.shape)
+    node = slicer_bridge.array_to_volume_node(mrml_scene.scene, hu, reference_scan, "scan")
+    scan = slicer_bridge.scan_from_volume_node(node)
+    np.testing.assert_array_equal(scan.hu, hu)
+    assert scan.spacing_mm == pytest.approx(reference_scan.spacing_mm)
+    assert scan.origin_mm == pytest.approx(reference_scan.origin_mm)
+    assert scan.direction == pytest.approx(reference_scan.direction)
+    origin_ras = node.GetOrigin()
+    assert origin_ras == pytest.approx((12.5, -30.0, 4.0))  # LPS (x, y) flip sign in RAS

@@ -1,0 +1,137 @@
+"""Slicer module files compile without Slicer; the engine packages stay free of GUI imports.
+
+Only the module files (``HRpQCTSegmenter.py``, ``HRpQCTRadiomics.py``) may use Slicer's
+application layer (``slicer.app``, ``slicer.modules``, ``slicer.util``, ``qt``, ``ctk``). The
+engine packages run in plain Python (command line, CI, workers without a display). One engine
+module, :mod:`HRpQCTSegmenterLib.slicer_bridge`, talks to Slicer's Qt-free data model: it may
+import ``slicer``/``vtk`` *inside functions* (so the engine imports without Slicer), and still
+never the application layer.
+"""
+
+import ast
+import py_compile
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+MODULE_FILES = ["HRpQCTSegmenter/HRpQCTSegmenter.py", "HRpQCTRadiomics/HRpQCTRadiomics.py"]
+ENGINE_PACKAGES = ["HRpQCTSegmenter/HRpQCTSegmenterLib", "HRpQCTRadiomics/HRpQCTRadiomicsLib"]
+#: Engine modules allowed to import Slicer's Qt-free core (slicer, vtk) lazily.
+SLICER_CORE_BRIDGES = {"HRpQCTSegmenter/HRpQCTSegmenterLib/slicer_bridge.py"}
+
+GUI_MODULES = {"qt", "ctk", "PythonQt", "PyQt5", "PyQt6", "PySide2", "PySide6", "qSlicerBaseQTGUI",
+               "SampleData", "DICOMLib"}
+SLICER_CORE_MODULES = {"slicer", "vtk", "vtkmodules", "mrml", "MRMLCore"}
+SLICER_APP_ATTRIBUTES = {"app", "modules", "moduleNames", "util", "ScriptedLoadableModule",
+                         "parameterNodeWrapper", "qMRMLUtils", "packaging"}
+
+
+def _engine_files(repo_root: Path) -> list[Path]:
+    return sorted(p for package in ENGINE_PACKAGES for p in (repo_root / package).rglob("*.py")
+                  if "__pycache__" not in p.parts)
+
+
+def _imports(tree: ast.AST):
+    """Yield (top-level module name, full dotted name, node, inside-a-function)."""
+    function_nodes = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+
+    def visit(node: ast.AST, in_function: bool):
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(node, function_nodes)
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    yield alias.name.split(".")[0], alias.name, child, nested
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                for alias in child.names:
+                    yield (child.module.split(".")[0], f"{child.module}.{alias.name}", child,
+                           nested)
+            yield from visit(child, nested)
+
+    yield from visit(tree, False)
+
+
+@pytest.mark.parametrize("relative", MODULE_FILES)
+def test_module_file_compiles_without_slicer(repo_root, relative, tmp_path):
+    py_compile.compile(str(repo_root / relative), cfile=str(tmp_path / "module.pyc"),
+                       doraise=True)
+
+
+@pytest.mark.parametrize("relative", MODULE_FILES)
+def test_module_file_defines_the_four_slicer_classes(repo_root, relative):
+    name = Path(relative).stem
+    tree = ast.parse((repo_root / relative).read_text(encoding="utf-8"))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    for suffix, base in (("", "ScriptedLoadableModule"), ("Widget", "ScriptedLoadableModuleWidget"),
+                         ("Logic", "ScriptedLoadableModuleLogic"),
+                         ("Test", "ScriptedLoadableModuleTest")):
+        assert f"{name}{suffix}" in classes, f"{relative}: class {name}{suffix} missing"
+        bases = [getattr(b, "id", getattr(b, "attr", "")) for b in classes[f"{name}{suffix}"].bases]
+        assert base in bases, f"{relative}: {name}{suffix} must derive from {base}"
+    source = (repo_root / relative).read_text(encoding="utf-8")
+    assert "not for clinical use" in source and "synthetic phantoms" in source
+
+
+@pytest.mark.parametrize("relative", MODULE_FILES)
+def test_module_ui_has_the_widgets_the_module_uses(repo_root, relative):
+    module_dir = (repo_root / relative).parent
+    name = Path(relative).stem
+    ui_file = module_dir / "Resources" / "UI" / f"{name}.ui"
+    widgets = {w.get("name"): w.get("class") for w in ET.parse(ui_file).iter("widget")}
+    source = (repo_root / relative).read_text(encoding="utf-8")
+    for used in sorted(set(re.findall(r"self\.ui\.(\w+)", source))):
+        assert used in widgets, f"{relative} uses self.ui.{used}, which {ui_file.name} lacks"
+    assert widgets["applyButton"] == "QPushButton"
+    assert widgets["progressBar"] == "QProgressBar"
+    assert widgets["statusLabel"] == "QLabel"
+    assert widgets["inputVolumeSelector"] == "qMRMLNodeComboBox"
+
+
+def test_engine_packages_import_no_gui_and_no_slicer_at_module_level(repo_root):
+    problems = []
+    for path in _engine_files(repo_root):
+        relative = path.relative_to(repo_root).as_posix()
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=relative)
+        for top, full, node, in_function in _imports(tree):
+            where = f"{relative}:{node.lineno}"
+            if top in GUI_MODULES:
+                problems.append(f"{where} imports GUI module {full}")
+            elif top in SLICER_CORE_MODULES:
+                if relative not in SLICER_CORE_BRIDGES:
+                    problems.append(f"{where} imports {full}; only the Slicer bridge may")
+                elif not in_function:
+                    problems.append(f"{where} imports {full} at module level; import it inside "
+                                    "the function so the engine imports without Slicer")
+                if top == "slicer" and full.split(".")[1:2] and (
+                        full.split(".")[1] in SLICER_APP_ATTRIBUTES):
+                    problems.append(f"{where} imports Slicer's application layer ({full})")
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "slicer" and node.attr in SLICER_APP_ATTRIBUTES):
+                problems.append(f"{relative}:{node.lineno} uses slicer.{node.attr} "
+                                "(application layer, absent outside the Slicer GUI)")
+    assert not problems, "\n".join(problems)
+
+
+def test_engine_imports_without_slicer_or_qt(repo_root):
+    # A fresh interpreter with slicer/qt imports blocked must still import every engine module.
+    modules = []
+    for path in _engine_files(repo_root):
+        package_root = next(p for p in path.parents if p.name.endswith("Lib")).parent
+        dotted = path.relative_to(package_root).with_suffix("").as_posix().replace("/", ".")
+        modules.append(dotted.removesuffix(".__init__"))
+    script = (
+        "import sys, importlib\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('slicer', 'qt', 'ctk', 'vtk'):\n"
+        "            raise ImportError('blocked in this test: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"for name in {sorted(m for m in modules if not m.endswith('__main__'))!r}:\n"
+        "    importlib.import_module(name)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
