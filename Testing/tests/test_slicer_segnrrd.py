@@ -67,6 +67,14 @@ def test_written_seg_nrrd_loads_in_slicer_with_regions_intact(mrml_scene, refere
     segmentation_node = _read_with_storage_node(mrml_scene, path)
 
     _assert_rows_equal(_segment_rows(segmentation_node), _expected_rows())
+    # The reference geometry we declare is the geometry Slicer reads from the NRRD header.
+    import slicer
+
+    segmentation = segmentation_node.GetSegmentation()
+    declared = segmentation.GetConversionParameter("Reference image geometry").split(";")
+    labelmap = segmentation.GetNthSegment(0).GetRepresentation("Binary labelmap")
+    loaded = slicer.vtkSegmentationConverter.SerializeImageGeometry(labelmap).split(";")
+    assert [float(v) for v in declared[:16]] == pytest.approx([float(v) for v in loaded[:16]])
     reference_node = slicer_bridge.array_to_volume_node(
         mrml_scene.scene, reference_scan.hu, reference_scan, "reference")
     back = slicer_bridge.labels_from_segmentation_node(
