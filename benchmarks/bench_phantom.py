@@ -85,7 +85,8 @@ def main() -> int:
         name = f"full_motion{args.motion}"
         figures(ph, name, z)
         c = args.size // 2
-        figures(ph, f"zoom_motion{args.motion}", z, (slice(c - 400, c + 200), slice(c - 250, c + 350)))
+        crop = (slice(c - 400, c + 200), slice(c - 250, c + 350))
+        figures(ph, f"zoom_motion{args.motion}", z, crop)
         print(json.dumps(ph.truth["morphometrics"], indent=1))
     return 0
 
