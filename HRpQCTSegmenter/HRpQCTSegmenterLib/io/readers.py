@@ -14,9 +14,10 @@ Units (``units="auto"``)
 * AIM char data are masks/labels: values are returned as stored (``units_on_disk = "label"``).
 * DICOM with modality CT (or Rescale Type HU) is HU after the rescale SimpleITK applies.
 * Other files carry no calibration. They are taken as HU only when their value range is
-  plausible for HU (:func:`hu_plausibility`: the 0.5th percentile lies in
-  [-1400, -500] HU -- air or fat is in the field of view -- and the 99.9th percentile is at most
-  4500 HU). Native data (air ~0) and density data (air ~ -390 mg HA/cm3) fail that test, and
+  plausible for HU (:func:`hu_plausibility`: the 0.5th percentile lies in [-1700, -700] HU --
+  air is in the field of view, with up to ~250 HU of noise -- and the 99.9th percentile is at
+  most 4500 HU). Native data (air ~0) and density data (air ~ -390 mg HA/cm3, so its 0.5th
+  percentile stays above -700 even with noise) fail that test, and
   the reader raises CalibrationError asking for ``--units`` (and the calibration).
 
 ``units="hu" | "native" | "density"`` overrides the guess; an explicit ``calibration`` overrides
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,7 @@ SCAN_EXTENSIONS: dict[str, str] = {
 _SITK_IO = {"nifti": "NiftiImageIO", "nrrd": "NrrdImageIO", "metaimage": "MetaImageIO"}
 
 #: A low percentile inside this range means air or fat is present, as in HU data.
-HU_AIR_RANGE = (-1400.0, -500.0)
+HU_AIR_RANGE = (-1700.0, -700.0)  # air (-1000) with up to ~250 HU noise; density air > -700
 #: The 99.9th percentile of HU data stays below this (cortex ~2900 HU plus noise).
 HU_MAX_PLAUSIBLE = 4500.0
 #: Relative distance from 0.0607/0.082 mm beyond which the spacing is reported as unusual.
@@ -207,6 +209,85 @@ def _sitk_to_raw(image, path: Path, reader_name: str) -> _RawVolume:
         reader=reader_name, facts={"dtype_on_disk": str(array.dtype)})
 
 
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 / float64
+_CHUNK_BYTES = 1 << 26
+
+
+def _nifti_check_data(path: Path) -> None:
+    """Check a NIfTI-1 file's voxel data: complete, and finite for float data.
+
+    ITK's NIfTI reader neither reports a truncated file (it returns what it got) nor keeps NaN
+    or Inf (they come back as 0), so both are checked here on the raw bytes. Integer ``.nii.gz``
+    files take a fast path: the gzip trailer's size field matches a complete file.
+    """
+    import gzip
+    import zlib
+
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
+            header = fh.read(348)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise CorruptFileError(f"Cannot read {path}: {exc}. The file is damaged or truncated; "
+                               "export it again.") from None
+    if len(header) < 348:
+        raise CorruptFileError(f"{path} is truncated (its NIfTI header is incomplete). Export "
+                               "the scan again.")
+    endian = next((e for e in "<>" if struct.unpack(e + "i", header[:4])[0] == 348), None)
+    if endian is None:
+        return  # NIfTI-2 or unusual: SimpleITK's own checks apply
+    dims = struct.unpack(endian + "8h", header[40:56])
+    datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+    vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
+    n_voxels = int(np.prod([max(1, d) for d in dims[1:1 + max(0, min(dims[0], 7))]]))
+    data_bytes = n_voxels * bitpix // 8
+    float_code = _NIFTI_FLOAT_TYPES.get(datatype)
+    truncated = CorruptFileError(
+        f"{path} is truncated: its header announces {n_voxels} voxels ({data_bytes} bytes) but "
+        "the file holds fewer. Copy or export the scan again.")
+    if not compressed:
+        if path.stat().st_size < vox_offset + data_bytes:
+            raise truncated
+        if float_code:
+            data = np.memmap(path, dtype=endian + float_code, mode="r", offset=vox_offset,
+                             shape=(n_voxels,))
+            step = _CHUNK_BYTES // data.itemsize
+            bad = sum(int(np.count_nonzero(~np.isfinite(data[i:i + step])))
+                      for i in range(0, n_voxels, step))
+            _raise_if_non_finite(path, bad)
+        return
+    if not float_code:
+        with open(path, "rb") as fh:
+            fh.seek(-4, 2)
+            if struct.unpack("<I", fh.read(4))[0] == (vox_offset + data_bytes) % 2**32:
+                return
+    bad, remaining, carry = 0, data_bytes, b""
+    try:
+        with gzip.open(path, "rb") as fh:
+            fh.seek(vox_offset)
+            while remaining > 0:
+                chunk = fh.read(min(_CHUNK_BYTES, remaining))
+                if not chunk:
+                    raise truncated
+                remaining -= len(chunk)
+                if float_code:
+                    chunk = carry + chunk
+                    usable = len(chunk) - len(chunk) % (bitpix // 8)
+                    values = np.frombuffer(chunk[:usable], dtype=endian + float_code)
+                    bad += int(np.count_nonzero(~np.isfinite(values)))
+                    carry = chunk[usable:]
+    except (EOFError, zlib.error, OSError):
+        raise truncated from None
+    _raise_if_non_finite(path, bad)
+
+
+def _raise_if_non_finite(path: Path, bad: int) -> None:
+    if bad:
+        raise InvalidScanError(
+            f"{path} contains {bad} NaN or infinite voxel values; a scan must hold finite grey "
+            "values. Re-export it, or replace the invalid voxels (e.g. with -1000 HU) first.")
+
+
 def _read_sitk_file(path: Path, fmt: str) -> _RawVolume:
     import SimpleITK as sitk
 
@@ -221,6 +302,8 @@ def _read_sitk_file(path: Path, fmt: str) -> _RawVolume:
             f"or not really {fmt.upper()} ({_first_line(exc)}). Export the scan again.") from None
     _check_image_shape(path, reader.GetDimension(), reader.GetSize(),
                        reader.GetNumberOfComponents())
+    if fmt == "nifti":
+        _nifti_check_data(path)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -334,10 +417,7 @@ def _check_finite(array: np.ndarray, path: Path) -> None:
     bad = 0
     for start in range(0, array.shape[0], 16):  # bounded memory: 16 slices of booleans at a time
         bad += int(np.count_nonzero(~np.isfinite(array[start:start + 16])))
-    if bad:
-        raise InvalidScanError(
-            f"{path} contains {bad} NaN or infinite voxel values; a scan must hold finite grey "
-            "values. Re-export it, or replace the invalid voxels (e.g. with -1000 HU) first.")
+    _raise_if_non_finite(path, bad)
 
 
 def spacing_warning(spacing_mm: tuple[float, float, float]) -> str | None:
