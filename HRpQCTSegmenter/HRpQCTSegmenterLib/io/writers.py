@@ -163,6 +163,10 @@ def write_scan_aim(scan: Scan, path: str | Path, units: Units | str = "native",
     if not np.allclose(scan.direction, _IDENTITY, atol=1e-6):
         log.warning("AIM files have no orientation; the scan's direction %s is not written.",
                     scan.direction)
+    grid = [o / sp for o, sp in zip(scan.origin_mm, reversed(scan.spacing_mm), strict=True)]
+    if any(abs(g - round(g)) > 1e-3 for g in grid):
+        log.info("AIM stores the origin in whole voxels: origin %s mm is rounded to the grid.",
+                 scan.origin_mm)
     if unit is Units.NATIVE:
         cal = calibration or scan.calibration or DEFAULT_CALIBRATION
         array = _hu_to_int16(cal.hu_to_native(scan.hu))
