@@ -12,7 +12,7 @@ ORDER = 0
 _DISTRIBUTIONS = (
     "hrpqct-segmenter", "numpy", "scipy", "SimpleITK", "scikit-image", "scikit-learn",
     "torch", "transformers", "safetensors", "pyradiomics-bhklab", "pyradiomics",
-    "itk-ioscanco", "onnxruntime", "slicer-core",
+    "aimio-py", "onnxruntime", "slicer-core",
 )
 
 
