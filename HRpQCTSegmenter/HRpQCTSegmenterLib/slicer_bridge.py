@@ -32,7 +32,24 @@ __all__ = [
     "apply_region_properties",
     "labels_from_segmentation_node",
     "load_terminology",
+    "write_volume_node",
+    "read_segmentation_file",
+    "place_in_subject_hierarchy",
+    "show_in_3d",
+    "segmentation_fingerprint",
+    "mark_as_generated",
+    "OutputState",
+    "output_state",
+    "scan_to_volume_node",
+    "VOLUME_UNITS_ATTRIBUTE",
 ]
+
+#: Node attribute naming the units of a volume's voxels (set by the Scanco reader: "hu").
+VOLUME_UNITS_ATTRIBUTE = "HRpQCT.Units"
+#: Segmentation node attribute: fingerprint of the segments as the segmenter made them.
+FINGERPRINT_ATTRIBUTE = "HRpQCTSegmenter.Fingerprint"
+#: Segmentation node attribute: ID of the volume node the segmentation was made from.
+SOURCE_VOLUME_ATTRIBUTE = "HRpQCTSegmenter.SourceVolumeID"
 
 
 def ijk_to_ras_matrix(reference: Scan) -> np.ndarray:
@@ -249,3 +266,180 @@ def load_terminology(terminologies_logic: Any) -> str:
         raise RuntimeError(
             f"Slicer loaded {path} as {loaded!r}, expected {TERMINOLOGY_CONTEXT_NAME!r}")
     return loaded
+
+
+# ------------------------------------------------------------------------------------------
+# Files in and out of the scene (storage nodes: no slicer.util, no application)
+# ------------------------------------------------------------------------------------------
+def write_volume_node(volume_node: Any, path: str | Any, compress: bool = False) -> None:
+    """Write a volume node to ``path`` (NRRD) with Slicer's own volume writer.
+
+    A temporary storage node is used, so the node's own storage node (where the user saved it)
+    is left unchanged.
+    """
+    import slicer
+
+    scene = volume_node.GetScene()
+    storage_node = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage_node)
+    try:
+        storage_node.SetFileName(str(path))
+        storage_node.SetUseCompression(1 if compress else 0)
+        if not storage_node.WriteData(volume_node):
+            raise RuntimeError(f"Slicer could not write volume {volume_node.GetName()!r} to {path}")
+    finally:
+        scene.RemoveNode(storage_node)
+
+
+def read_segmentation_file(scene: Any, path: str | Any, segmentation_node: Any = None,
+                           name: str = "HR-pQCT regions",
+                           regions: Sequence[LabelDefinition] = REGIONS) -> Any:
+    """Read a ``.seg.nrrd`` into ``segmentation_node`` (replacing its segments) or a new node.
+
+    The file's segments get the regions' names, colours and terminology. The temporary
+    storage node is detached afterwards, so the node is not tied to the (temporary) file.
+    """
+    import slicer
+
+    if segmentation_node is None:
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    storage_node = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage_node)
+    try:
+        storage_node.SetFileName(str(path))
+        if not storage_node.ReadData(segmentation_node):
+            raise RuntimeError(f"Slicer could not read the segmentation file {path}")
+    finally:
+        if segmentation_node.GetStorageNode() is storage_node:
+            segmentation_node.SetAndObserveStorageNodeID(None)
+        scene.RemoveNode(storage_node)
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+    apply_region_properties(segmentation_node, regions)
+    return segmentation_node
+
+
+# ------------------------------------------------------------------------------------------
+# Placement and display
+# ------------------------------------------------------------------------------------------
+def place_in_subject_hierarchy(node: Any, beside_node: Any) -> int:
+    """Put ``node`` under the same subject-hierarchy parent (the study) as ``beside_node``.
+
+    Returns the node's subject-hierarchy item ID. Items missing from the hierarchy (outside
+    Slicer's application nothing creates them automatically) are created under the scene.
+    """
+    import slicer
+
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+
+    def item_of(data_node: Any) -> int:
+        item = hierarchy.GetItemByDataNode(data_node)
+        if not item:
+            item = hierarchy.CreateItem(hierarchy.GetSceneItemID(), data_node)
+        return item
+
+    parent = hierarchy.GetItemParent(item_of(beside_node))
+    item = item_of(node)
+    hierarchy.SetItemParent(item, parent or hierarchy.GetSceneItemID())
+    return item
+
+
+def show_in_3d(segmentation_node: Any) -> bool:
+    """Make the segmentation visible in 3D views (builds its closed-surface representation)."""
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.GetDisplayNode().SetVisibility3D(True)
+    return bool(segmentation_node.CreateClosedSurfaceRepresentation())
+
+
+# ------------------------------------------------------------------------------------------
+# "Has the user edited it since we made it?"
+# ------------------------------------------------------------------------------------------
+def segmentation_fingerprint(segmentation_node: Any) -> str:
+    """A hash of the segments as they are now: names, label values, layers, voxels.
+
+    Each labelmap layer is hashed once (segments of one layer share its image). Any change
+    made in the Segment Editor changes the fingerprint; so may operations that only re-arrange
+    the labelmaps (e.g. saving and reloading, which crops them): those then count as edits, so
+    the module errs on the side of asking before it replaces anything.
+    """
+    import hashlib
+
+    from vtkmodules.util import numpy_support
+
+    segmentation = segmentation_node.GetSegmentation()
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(segmentation.GetSourceRepresentationName().encode()
+                  if hasattr(segmentation, "GetSourceRepresentationName")
+                  else segmentation.GetMasterRepresentationName().encode())
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segment_id)
+        layer = segmentation.GetLayerIndex(segment_id)
+        digest.update(f"|{segment_id}|{segment.GetName()}|{segment.GetLabelValue()}|{layer}"
+                      .encode())
+    for layer in range(segmentation.GetNumberOfLayers()):
+        image = segmentation.GetLayerDataObject(layer)
+        digest.update(f"|layer{layer}|{tuple(image.GetExtent())}".encode())
+        scalars = image.GetPointData().GetScalars() if image is not None else None
+        if scalars is not None and scalars.GetNumberOfTuples():
+            digest.update(numpy_support.vtk_to_numpy(scalars).tobytes())
+    return digest.hexdigest()
+
+
+def mark_as_generated(segmentation_node: Any, source_volume_node: Any = None) -> str:
+    """Record on the node that the segmenter made its current content; returns the fingerprint."""
+    fingerprint = segmentation_fingerprint(segmentation_node)
+    segmentation_node.SetAttribute(FINGERPRINT_ATTRIBUTE, fingerprint)
+    if source_volume_node is not None:
+        segmentation_node.SetAttribute(SOURCE_VOLUME_ATTRIBUTE, source_volume_node.GetID())
+    return fingerprint
+
+
+class OutputState:
+    """What replacing an output segmentation would destroy (see :func:`output_state`)."""
+
+    NEW = "new"  # no node: a new one will be created
+    EMPTY = "empty"  # a node without segments: nothing to lose
+    UNEDITED = "unedited"  # made by the segmenter and unchanged since
+    EDITED = "edited"  # made by the segmenter, then changed by the user
+    FOREIGN = "foreign"  # segments the segmenter did not make (drawn or loaded by the user)
+    NEEDS_CONSENT = (EDITED, FOREIGN)
+
+
+def output_state(segmentation_node: Any) -> str:
+    """Whether ``segmentation_node`` can be replaced without asking (an :class:`OutputState`)."""
+    if segmentation_node is None:
+        return OutputState.NEW
+    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        return OutputState.EMPTY
+    recorded = segmentation_node.GetAttribute(FINGERPRINT_ATTRIBUTE)
+    if not recorded:
+        return OutputState.FOREIGN
+    if recorded == segmentation_fingerprint(segmentation_node):
+        return OutputState.UNEDITED
+    return OutputState.EDITED
+
+
+# ------------------------------------------------------------------------------------------
+# Scans read by the engine (the Scanco file reader)
+# ------------------------------------------------------------------------------------------
+def scan_to_volume_node(scene: Any, scan: Scan, name: str) -> Any:
+    """A scalar volume node in HU with the scan's geometry, marked as HU, with a bone window.
+
+    Only non-identifying facts travel with the node: the units attribute, and the
+    calibration's constants (needed to convert back to native units).
+    """
+    import json
+
+    node = array_to_volume_node(scene, np.asarray(scan.hu, dtype=np.float32), scan, name)
+    node.SetAttribute(VOLUME_UNITS_ATTRIBUTE, "hu")
+    calibration = scan.metadata.get("calibration") if scan.metadata else None
+    if calibration:
+        node.SetAttribute("HRpQCT.Calibration", json.dumps(calibration, sort_keys=True))
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevel(3000.0, 500.0)  # soft tissue to cortical bone in one window
+    return node

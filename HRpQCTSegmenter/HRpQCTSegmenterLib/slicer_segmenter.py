@@ -1,0 +1,260 @@
+"""One segmentation run of the Slicer module: volume node in, segmentation node out, no Qt.
+
+:class:`SegmentationRun` is the Qt-free core of the HRpQCTSegmenter module's Apply button:
+
+1. decide where the result goes; a segmentation the user edited (or drew) is never replaced
+   without asking (``confirm_replace`` callback; without one, a new node is made instead);
+2. write the input volume to a temporary NRRD with Slicer's volume writer;
+3. start ``hrpqct segment ... --progress machine`` in a background process
+   (:class:`~.slicer_process.BackgroundProcess`; the launcher is injectable);
+4. on :meth:`SegmentationRun.poll` (the module calls it from a ``QTimer``) collect progress;
+   when the process succeeds, load the ``.seg.nrrd`` into the segmentation node (seven
+   segments with names, colours and terminology), set the input as reference geometry, put
+   the node under the input's study in the subject hierarchy, show it in 3D and record its
+   fingerprint, so the next run can tell whether the user edited it;
+5. always remove the temporary files.
+
+The scene and the Segmentations logic are passed in, so the same code runs in Slicer and in
+tests with ``slicer-core``. MRML access goes through :mod:`.slicer_bridge`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import slicer_bridge
+from .errors import CancelledError, HRpQCTError
+from .slicer_bridge import OutputState
+from .slicer_process import (
+    LOADING_SPAN,
+    BackgroundProcess,
+    JobState,
+    Launcher,
+    SegmenterParameters,
+    build_segment_command,
+    engine_environment,
+    popen_launcher,
+    python_executable,
+)
+
+__all__ = ["REPLACE", "NEW_NODE", "CANCEL", "ConfirmReplace", "SegmentationRun",
+           "effective_units"]
+
+#: Answers of the ``confirm_replace`` callback.
+REPLACE, NEW_NODE, CANCEL = "replace", "new", "cancel"
+#: ``confirm_replace(segmentation_node, state) -> REPLACE | NEW_NODE | CANCEL``; ``state`` is
+#: :attr:`OutputState.EDITED` or :attr:`OutputState.FOREIGN`.
+ConfirmReplace = Callable[[Any, str], str]
+
+_ENGINE_PARENT_DIR = Path(__file__).resolve().parent.parent
+
+
+def effective_units(parameters: SegmenterParameters, volume_node: Any) -> str:
+    """The units to pass on: ``auto`` becomes the volume's recorded units when it has them."""
+    if parameters.units == "auto" and volume_node is not None:
+        recorded = volume_node.GetAttribute(slicer_bridge.VOLUME_UNITS_ATTRIBUTE)
+        if recorded:
+            return recorded
+    return parameters.units
+
+
+class SegmentationRun:
+    """Segment one volume node in a background process (see module docstring).
+
+    Parameters
+    ----------
+    scene:
+        The MRML scene.
+    input_volume_node:
+        The scan (scalar volume node).
+    output_segmentation_node:
+        Segmentation node to fill, or None for a new one.
+    parameters:
+        Units, model and device.
+    confirm_replace:
+        Asked before replacing a segmentation the user edited or made; None means "never
+        replace: make a new node".
+    launcher, python, env:
+        How the process starts (defaults: ``subprocess.Popen`` of ``PythonSlicer``, with the
+        engine on ``PYTHONPATH``).
+    show_3d:
+        Build the closed-surface representation so the result shows in 3D views.
+    on_log:
+        Called with each line the process prints (besides progress lines).
+    """
+
+    def __init__(self, scene: Any, input_volume_node: Any, output_segmentation_node: Any = None,
+                 parameters: SegmenterParameters | None = None, *,
+                 confirm_replace: ConfirmReplace | None = None,
+                 launcher: Launcher = popen_launcher, python: str | None = None,
+                 env: Mapping[str, str] | None = None, show_3d: bool = True,
+                 on_log: Callable[[str], None] | None = None) -> None:
+        if input_volume_node is None:
+            raise HRpQCTError("Select an input volume (an HR-pQCT scan).")
+        self.scene = scene
+        self.input_volume_node = input_volume_node
+        self.parameters = parameters or SegmenterParameters()
+        self.parameters.validate()
+        self._confirm_replace = confirm_replace
+        self._launcher = launcher
+        self._python = python or python_executable()
+        self._env = env
+        self._show_3d = show_3d
+        self._on_log = on_log
+        self.target_node = self._choose_target(output_segmentation_node)
+        self._target_fingerprint = (slicer_bridge.segmentation_fingerprint(self.target_node)
+                                    if self.target_node is not None else None)
+        self.segmentation_node: Any = None
+        self.process: BackgroundProcess | None = None
+        self.state = "not started"
+        self.message = ""
+        self._work_dir: Path | None = None
+
+    # -- choosing the output ---------------------------------------------------------------
+    def _ask(self, node: Any, state: str) -> str:
+        if self._confirm_replace is None:
+            return NEW_NODE
+        answer = self._confirm_replace(node, state)
+        if answer not in (REPLACE, NEW_NODE, CANCEL):
+            raise ValueError(f"confirm_replace returned {answer!r}")
+        return answer
+
+    def _choose_target(self, node: Any) -> Any:
+        state = slicer_bridge.output_state(node)
+        if state not in OutputState.NEEDS_CONSENT:
+            return node
+        answer = self._ask(node, state)
+        if answer == CANCEL:
+            raise CancelledError(
+                f"Cancelled: segmentation {node.GetName()!r} was left unchanged.")
+        return node if answer == REPLACE else None
+
+    # -- running ---------------------------------------------------------------------------
+    @property
+    def output_path(self) -> Path:
+        """The ``.seg.nrrd`` the process writes."""
+        assert self._work_dir is not None, "start() first"
+        return self._work_dir / "regions.seg.nrrd"
+
+    def command(self, input_path: Path) -> list[str]:
+        """The command line for ``input_path`` (units resolved from the volume node)."""
+        parameters = SegmenterParameters(
+            units=effective_units(self.parameters, self.input_volume_node),
+            model=self.parameters.model, model_folder=self.parameters.model_folder,
+            device=self.parameters.device)
+        return build_segment_command(self._python, input_path, self.output_path, parameters)
+
+    def start(self) -> SegmentationRun:
+        """Write the input and start the background process; returns self."""
+        self._work_dir = Path(tempfile.mkdtemp(prefix="hrpqct-segment-"))
+        try:
+            input_path = self._work_dir / "input.nrrd"
+            slicer_bridge.write_volume_node(self.input_volume_node, input_path)
+            env = self._env if self._env is not None else engine_environment(
+                _ENGINE_PARENT_DIR)
+            self.process = BackgroundProcess(self.command(input_path), env,
+                                             launcher=self._launcher, on_log=self._on_log)
+        except BaseException:
+            self._cleanup()
+            raise
+        self.state = JobState.RUNNING
+        self.message = "Starting the segmenter..."
+        return self
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the run done, for the progress bar."""
+        if self.state == JobState.SUCCEEDED:
+            return 1.0
+        return self.process.fraction if self.process is not None else 0.0
+
+    def status_text(self) -> str:
+        """A short line for the status label."""
+        if self.state != JobState.RUNNING or self.process is None:
+            return self.message
+        update = self.process.progress
+        if update is None:
+            return self.message
+        return f"{update.stage[:1].upper()}{update.stage[1:]}: {update.done} of {update.total}"
+
+    def poll(self) -> str:
+        """Collect progress; load the result when the process has succeeded. Never blocks
+        on the process (loading the result takes a moment in the caller's thread)."""
+        if self.process is None or self.state in JobState.FINISHED:
+            return self.state
+        state = self.process.poll()
+        if state == JobState.RUNNING:
+            return self.state
+        try:
+            if state == JobState.SUCCEEDED:
+                self._load_result()
+            else:
+                self.state = state
+                self.message = self.process.failure_message()
+        finally:
+            self._cleanup()
+        return self.state
+
+    def wait(self, timeout_s: float | None = None) -> str:
+        """Block until the run ends (batch use and tests); returns the final state."""
+        if self.process is None:
+            raise RuntimeError("start() the run first")
+        try:
+            self.process.wait(timeout_s)
+        finally:
+            self.poll()
+        return self.state
+
+    def cancel(self) -> None:
+        """Stop the process; the scene is left as it was."""
+        if self.process is not None and self.state == JobState.RUNNING:
+            self.process.cancel()
+            self.poll()
+
+    # -- the result ------------------------------------------------------------------------
+    def _load_result(self) -> None:
+        self.message = "Loading the result..."
+        target = self.target_node
+        if target is not None and target.GetScene() is None:
+            target = None  # the user deleted the node while the process ran
+        if target is not None and (
+                slicer_bridge.segmentation_fingerprint(target) != self._target_fingerprint):
+            # Edited while the process ran: ask again rather than losing the new edits.
+            answer = self._ask(target, OutputState.EDITED)
+            if answer == CANCEL:
+                self.state = JobState.CANCELLED
+                self.message = (f"Cancelled: segmentation {target.GetName()!r} was left "
+                                "unchanged.")
+                return
+            target = target if answer == REPLACE else None
+        name = f"{self.input_volume_node.GetName()} regions"
+        try:
+            node = slicer_bridge.read_segmentation_file(self.scene, self.output_path, target,
+                                                        name=name)
+            node.SetReferenceImageGeometryParameterFromVolumeNode(self.input_volume_node)
+            slicer_bridge.place_in_subject_hierarchy(node, self.input_volume_node)
+            if self._show_3d:
+                slicer_bridge.show_in_3d(node)
+            slicer_bridge.mark_as_generated(node, self.input_volume_node)
+        except Exception as exc:  # a broken output must show as an error, not a traceback
+            self.state = JobState.FAILED
+            self.message = (f"The segmentation finished but its result could not be loaded: "
+                            f"{exc}. Please report this with the log.")
+            return
+        self.segmentation_node = node
+        self.state = JobState.SUCCEEDED
+        seconds = self.process.seconds if self.process is not None else 0.0
+        self.message = f"Done in {seconds:.0f} s: {node.GetName()}."
+        self.process.fraction = LOADING_SPAN[1] if self.process is not None else 1.0
+
+    def _cleanup(self) -> None:
+        if self._work_dir is not None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+
+    def log_lines(self) -> Sequence[str]:
+        """Everything the process printed (for the log box and bug reports)."""
+        return self.process.log if self.process is not None else []
