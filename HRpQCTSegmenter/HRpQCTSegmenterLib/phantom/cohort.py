@@ -10,14 +10,13 @@ default (the paper's 61 + 61).
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..progress import CancelToken, ProgressCallback, check, report
 from .params import BONE_HEALTH_LOADINGS, PhantomParams, params_from_bone_health
 
@@ -137,14 +136,8 @@ def generate_cohort(n_subjects: int, out_dir: str | Path, seed: int, *,
             rows.append(_row(s, _render_subject(s, out, formats)))
             report(progress, i + 1, len(subjects), "cohort")
     manifest = out / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".csv", dir=out)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(MANIFEST_COLUMNS) + list(_EXTRA_COLUMNS))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, manifest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(manifest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(MANIFEST_COLUMNS) + list(_EXTRA_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
     return manifest

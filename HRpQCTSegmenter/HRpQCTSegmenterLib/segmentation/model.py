@@ -19,15 +19,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..artefacts import sha256_file
+from ..atomic import write_bytes_atomic
 from ..errors import ArtefactError
 from ..regions import NETWORK_CLASSES
 from .preprocessing import PreprocessingConfig
@@ -205,14 +204,7 @@ class ModelMetadata:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)
 
 
 def _architecture_of(model) -> tuple[str, dict[str, Any], str]:
