@@ -41,6 +41,8 @@ __all__ = [
     "OutputState",
     "output_state",
     "scan_to_volume_node",
+    "is_scanco_file",
+    "load_scan_file",
     "VOLUME_UNITS_ATTRIBUTE",
 ]
 
@@ -443,3 +445,41 @@ def scan_to_volume_node(scene: Any, scan: Scan, name: str) -> Any:
         display.SetAutoWindowLevel(False)
         display.SetWindowLevel(3000.0, 500.0)  # soft tissue to cortical bone in one window
     return node
+
+
+#: Name filters of the Scanco file reader (Slicer's "description (*.ext ...)" form).
+SCANCO_NAME_FILTERS = ("Scanco HR-pQCT image (*.aim *.AIM *.isq *.ISQ *.aim;* *.AIM;* "
+                       "*.isq;* *.ISQ;*)",)
+
+
+def is_scanco_file(path: str | Any) -> bool:
+    """Whether ``path`` is a Scanco AIM or ISQ file (by name, VMS ``;1`` suffix allowed)."""
+    from .io import detect_format
+
+    try:
+        return detect_format(path) in ("aim", "isq")
+    except Exception:  # missing, empty or unknown files are simply not ours
+        return False
+
+
+def load_scan_file(scene: Any, path: str | Any, name: str | None = None,
+                   units: str = "auto", calibration: Any = None) -> tuple[Any, list[str]]:
+    """Read a scan with the engine (Scanco AIM/ISQ and others) into a volume node in HU.
+
+    Returns
+    -------
+    tuple
+        The volume node (geometry from the file's header, voxels in HU) and the reader's
+        warnings for the user.
+    """
+    from pathlib import Path
+
+    from .io import read_scan
+
+    scan = read_scan(path, units=units, calibration=calibration)
+    stem = Path(str(path)).name.split(";")[0]
+    stem = stem[: -len(Path(stem).suffix)] if Path(stem).suffix else stem
+    node_name = name or scene.GenerateUniqueName(stem)
+    node = scan_to_volume_node(scene, scan, node_name)
+    warnings = [str(w) for w in (scan.metadata or {}).get("warnings", [])]
+    return node, warnings

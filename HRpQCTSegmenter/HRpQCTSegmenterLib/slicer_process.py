@@ -426,7 +426,7 @@ class BackgroundProcess:
                 self._output.error_message = message
             self._output.log.append(line)
             if name == "stderr":
-                self._output.stderr_tail = (self._output.stderr_tail + [line])[-40:]
+                self._output.stderr_tail = [*self._output.stderr_tail, line][-40:]
             if self._on_log is not None:
                 self._on_log(line)
 
