@@ -374,19 +374,6 @@ def _load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _pick_device(device: str):
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
-
-
 def train_segmenter(
     cases: Sequence[TrainingCase],
     output_dir: str | Path,
@@ -471,7 +458,7 @@ def fit(
     preprocessing = preprocessing or pp.PreprocessingConfig()
     output_dir = Path(output_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir / "checkpoints"
-    dev = _pick_device(device)
+    dev = model_lib.resolve_device(device)
     torch.manual_seed(config.seed)
 
     model = _build(config, init_from).to(dev)
