@@ -1,0 +1,109 @@
+"""Segmentation accuracy on the held-out phantom test set, before and after post-processing.
+
+For each model given, every test scan is segmented, scored against the 5-class truth as the
+network predicts it ("raw"), and again after post-processing with 3D and with 2D connectivity
+(the 7-region result collapsed back to 5 classes). The 7-region result is also scored against
+the phantom's tissue truth (skin, myotendinous, adipose). Prints tables in the layout of the
+paper's segmentation table and writes all scores as JSON.
+
+Usage:
+  python benchmarks/make_test_set.py /tmp/test_set
+  python benchmarks/bench_segmentation_accuracy.py /tmp/test_set/manifest.csv \\
+      --model segformer=path/to/model --model unet=path/to/unet --json scores.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine
+
+from HRpQCTSegmenterLib.io import read_scan
+from HRpQCTSegmenterLib.postprocess import PostprocessConfig, postprocess
+from HRpQCTSegmenterLib.regions import REGIONS, regions_to_classes
+from HRpQCTSegmenterLib.segmentation.inference import prepare_segmenter, run_segmentation
+from HRpQCTSegmenterLib.segmentation.metrics import (
+    format_class_table,
+    format_comparison_table,
+    scores_from_labels,
+    summarise_scores,
+)
+
+
+def region_dice(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    out = {}
+    for r in REGIONS:
+        a, b = truth == r.label, pred == r.label
+        den = a.sum() + b.sum()
+        out[r.key] = float(2 * np.logical_and(a, b).sum() / den) if den else float("nan")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("manifest")
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=FOLDER")
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--limit", type=int, help="only the first N scans")
+    args = parser.parse_args()
+    manifest = Path(args.manifest)
+    with open(manifest, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))[: args.limit]
+    variants = {"post-processed (3D)": PostprocessConfig(connectivity="3d"),
+                "post-processed (2D)": PostprocessConfig(connectivity="2d")}
+    results: dict = {"machine": machine(), "scans": len(rows), "models": {}}
+    comparison = {}
+    for spec in args.model:
+        name, folder = spec.split("=", 1)
+        runner, config = prepare_segmenter(folder)
+        raw_scores, post_scores = [], {k: [] for k in variants}
+        tissue = {k: [] for k in variants}
+        seconds = []
+        for row in rows:
+            scan = read_scan(manifest.parent / row["image"])
+            truth = read_scan(manifest.parent / row["labels"], units="hu").hu.astype(np.uint8)
+            truth_regions = read_scan(manifest.parent / row["regions"],
+                                      units="hu").hu.astype(np.uint8)
+            t0 = time.perf_counter()
+            seg = run_segmentation(scan.hu, runner, config=config)
+            seconds.append(time.perf_counter() - t0)
+            raw_scores.append(scores_from_labels(truth, seg.labels))
+            for key, pp_config in variants.items():
+                result = postprocess(seg.labels, scan.hu, scan.spacing_mm, pp_config)
+                post_scores[key].append(scores_from_labels(truth,
+                                                           regions_to_classes(result.regions)))
+                tissue[key].append(region_dice(truth_regions, result.regions))
+            print(f"{name} {row['subject']}: done", flush=True)
+        entry = {"raw": summarise_scores(raw_scores).to_dict(),
+                 "seconds_per_scan": float(np.mean(seconds))}
+        print(f"\n### {name}: raw network output\n")
+        print(format_class_table(summarise_scores(raw_scores)))
+        comparison[f"{name} (raw)"] = summarise_scores(raw_scores)
+        for key in variants:
+            summary = summarise_scores(post_scores[key])
+            entry[key] = summary.to_dict()
+            entry[f"{key} tissue dice"] = {
+                r.key: float(np.nanmean([t[r.key] for t in tissue[key]])) for r in REGIONS}
+            comparison[f"{name} {key}"] = summary
+            print(f"\n### {name}: {key}\n")
+            print(format_class_table(summary))
+            print("tissue Dice:", json.dumps(entry[f"{key} tissue dice"], indent=None))
+        results["models"][name] = entry
+    print("\n### comparison (IoU per class, %)\n")
+    print(format_comparison_table(comparison))
+    print("\n" + machine())
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
