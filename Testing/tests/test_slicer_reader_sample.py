@@ -1,0 +1,211 @@
+"""Scanco file reader, sample scan and the module file's wiring to its ``.ui`` (no Slicer GUI).
+
+The reader's Qt-free part (``slicer_bridge.load_scan_file``) loads a real AIM into a real
+MRML scene; the sample scan is generated and checked against its recorded SHA256 and read
+back by Slicer's own volume storage node; the module file is checked statically (AST and the
+``.ui`` XML) since it needs the Slicer application to import.
+"""
+
+from __future__ import annotations
+
+import ast
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from HRpQCTSegmenterLib import sample_data, slicer_bridge
+from HRpQCTSegmenterLib.errors import ArtefactError
+from HRpQCTSegmenterLib.scan import Scan
+from HRpQCTSegmenterLib.slicer_process import DEVICE_CHOICES, MODEL_CHOICES, UNITS_CHOICES
+
+MODULE_FILE = "HRpQCTSegmenter/HRpQCTSegmenter.py"
+UI_FILE = "HRpQCTSegmenter/Resources/UI/HRpQCTSegmenter.ui"
+
+
+# ------------------------------------------------------------------------------------------
+# Scanco reader (Qt-free part)
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_aim(tmp_path_factory) -> tuple[Path, Scan]:
+    """A small phantom written as a Scanco AIM (native units + calibration in the header)."""
+    from HRpQCTSegmenterLib import io
+    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+
+    scan = generate_phantom(PhantomParams(rotation_deg=7.0).small(128, 3), 4).scan
+    path = tmp_path_factory.mktemp("aim") / "PHANTOM.AIM"
+    io.write_scan_aim(scan, path)
+    return path, scan
+
+
+def test_scanco_file_loads_as_a_volume_in_hu_with_the_header_geometry(mrml_scene, small_aim):
+    path, scan = small_aim
+    assert slicer_bridge.is_scanco_file(path)
+    node, warnings = slicer_bridge.load_scan_file(mrml_scene.scene, path)
+    assert node.IsA("vtkMRMLScalarVolumeNode")
+    assert node.GetName() == "PHANTOM"
+    assert node.GetAttribute(slicer_bridge.VOLUME_UNITS_ATTRIBUTE) == "hu"
+    loaded = slicer_bridge.array_from_volume_node(node)
+    assert loaded.shape == scan.shape
+    # HU -> int16 native units -> HU: within one native step of the original.
+    assert float(np.abs(loaded - scan.hu).max()) < 2.0
+    read = slicer_bridge.scan_from_volume_node(node)
+    assert read.spacing_mm == pytest.approx(scan.spacing_mm, abs=1e-4)
+    assert read.origin_mm == pytest.approx(scan.origin_mm, abs=scan.spacing_mm[2])
+    assert isinstance(warnings, list)
+    display = node.GetDisplayNode()
+    assert (display.GetWindow(), display.GetLevel()) == (3000.0, 500.0)
+
+
+def test_reader_accepts_only_scanco_files(tmp_path, small_aim):
+    path, scan = small_aim
+    versioned = tmp_path / "SCAN.AIM;1"  # Scanco's OpenVMS exports keep a version suffix
+    versioned.write_bytes(path.read_bytes())
+    assert slicer_bridge.is_scanco_file(versioned)
+    other = tmp_path / "scan.nrrd"
+    sample_data.write_raw_nrrd(scan, other, dtype="float32")
+    assert not slicer_bridge.is_scanco_file(other)
+    assert not slicer_bridge.is_scanco_file(tmp_path / "missing.aim")
+    empty = tmp_path / "empty.isq"
+    empty.write_bytes(b"")
+    assert not slicer_bridge.is_scanco_file(empty)
+
+
+# ------------------------------------------------------------------------------------------
+# sample scan
+# ------------------------------------------------------------------------------------------
+def test_raw_nrrd_bytes_depend_only_on_voxels_and_geometry(mrml_scene, tmp_path):
+    import slicer
+
+    angle = np.deg2rad(15.0)
+    c, s = np.cos(angle), np.sin(angle)
+    hu = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) * 7 - 300
+    scan = Scan(hu=hu, spacing_mm=(0.5, 0.25, 0.125), origin_mm=(-1.5, 2.0, 3.25),
+                direction=(c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    first = sample_data.write_raw_nrrd(scan, tmp_path / "a.nrrd")
+    second = sample_data.write_raw_nrrd(scan, tmp_path / "b.nrrd")
+    assert first == second
+    assert (tmp_path / "a.nrrd").read_bytes() == (tmp_path / "b.nrrd").read_bytes()
+    # Slicer's own reader gets the voxels and the oblique geometry back.
+    node = mrml_scene.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "read")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    mrml_scene.scene.AddNode(storage)
+    storage.SetFileName(str(tmp_path / "a.nrrd"))
+    assert storage.ReadData(node)
+    read = slicer_bridge.scan_from_volume_node(node)
+    np.testing.assert_array_equal(read.hu, hu)
+    assert read.spacing_mm == pytest.approx(scan.spacing_mm)
+    assert read.origin_mm == pytest.approx(scan.origin_mm)
+    assert read.direction == pytest.approx(scan.direction)
+    with pytest.raises(ValueError, match="integers"):
+        sample_data.write_raw_nrrd(scan.with_array(hu + 0.5), tmp_path / "c.nrrd")
+
+
+@pytest.mark.slow
+def test_generated_sample_scan_matches_its_recorded_checksum(tmp_path):
+    from HRpQCTSegmenterLib.artefacts import sha256_file
+
+    path = sample_data.write_sample_scan(tmp_path)
+    assert path.name == sample_data.SAMPLE_FILE_NAME
+    assert sha256_file(path) == sample_data.SAMPLE_SHA256
+    assert sample_data.sample_checksum() == f"SHA256:{sample_data.SAMPLE_SHA256}"
+    header = path.read_bytes()[:400].decode("ascii", errors="replace")
+    assert "Synthetic HR-pQCT phantom" in header and "not a patient scan" in header
+    assert f"sizes: 1600 1600 {sample_data.SAMPLE_SLICES}" in header
+    # An intact file is reused, not generated again.
+    calls = []
+    assert sample_data.write_sample_scan(tmp_path, generate=lambda **kw: calls.append(kw)) == path
+    assert calls == []
+
+
+def test_a_sample_that_differs_from_the_reference_is_refused(tmp_path):
+    scan = Scan(hu=np.zeros((2, 3, 4), dtype=np.int16), spacing_mm=(0.1, 0.1, 0.1))
+    with pytest.raises(ArtefactError, match="differs from the reference"):
+        sample_data.write_sample_scan(tmp_path, generate=lambda **kw: scan)
+    assert not (tmp_path / sample_data.SAMPLE_FILE_NAME).exists()
+
+
+# ------------------------------------------------------------------------------------------
+# module file <-> .ui
+# ------------------------------------------------------------------------------------------
+def _ui_widgets(repo_root: Path) -> dict[str, ET.Element]:
+    return {w.get("name"): w for w in ET.parse(repo_root / UI_FILE).iter("widget")}
+
+
+def _parameter_names(widget: ET.Element) -> str | None:
+    for prop in widget.findall("property"):
+        if prop.get("name") == "SlicerParameterName":
+            return prop.findtext("string")
+    return None
+
+
+def _module_tree(repo_root: Path) -> ast.Module:
+    return ast.parse((repo_root / MODULE_FILE).read_text(encoding="utf-8"))
+
+
+def test_every_parameter_widget_matches_the_parameter_node(repo_root):
+    tree = _module_tree(repo_root)
+    wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef)
+                   and node.name == "HRpQCTSegmenterParameterNode")
+    decorators = [getattr(d, "id", "") for d in wrapper.decorator_list]
+    assert "parameterNodeWrapper" in decorators
+    fields = {node.target.id: ast.unparse(node.annotation) for node in wrapper.body
+              if isinstance(node, ast.AnnAssign)}
+    connected = {}
+    for name, widget in _ui_widgets(repo_root).items():
+        parameter = _parameter_names(widget)
+        if parameter:
+            connected[parameter] = (name, widget.get("class"))
+    assert set(connected) <= set(fields), "a widget names a parameter the node lacks"
+    expected_class = {"vtkMRMLScalarVolumeNode": "qMRMLNodeComboBox",
+                      "vtkMRMLSegmentationNode": "qMRMLNodeComboBox", "bool": "QCheckBox"}
+    for parameter, (widget_name, widget_class) in connected.items():
+        annotation = fields[parameter]
+        wanted = "QComboBox" if "Choice" in annotation else expected_class.get(annotation)
+        assert widget_class == wanted, f"{widget_name} cannot show {parameter}: {annotation}"
+    # Everything the user chooses is either connected or wired by hand in the module.
+    source = (repo_root / MODULE_FILE).read_text(encoding="utf-8")
+    for parameter in set(fields) - set(connected):
+        assert f"self._parameterNode.{parameter}" in source, f"{parameter} is never set"
+
+
+def test_choice_lists_come_from_the_engine(repo_root):
+    source = (repo_root / MODULE_FILE).read_text(encoding="utf-8")
+    for name in ("UNITS_CHOICES", "MODEL_CHOICES", "DEVICE_CHOICES"):
+        assert f"Choice(list({name}))" in source
+    assert UNITS_CHOICES == ("auto", "hu", "native", "density")
+    assert MODEL_CHOICES == ("bundled", "folder")
+    assert DEVICE_CHOICES == ("auto", "cpu", "gpu")
+
+
+def test_module_file_defines_a_scripted_file_reader(repo_root):
+    tree = _module_tree(repo_root)
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    reader = classes["HRpQCTSegmenterFileReader"]  # Slicer finds it by this name
+    methods = {node.name for node in reader.body if isinstance(node, ast.FunctionDef)}
+    assert {"description", "fileType", "extensions", "canLoadFile", "load"} <= methods
+
+
+def test_module_file_imports_no_heavy_dependency_at_import_time(repo_root):
+    heavy = {"torch", "transformers", "onnxruntime", "SimpleITK", "radiomics", "safetensors"}
+    tree = _module_tree(repo_root)
+    for node in tree.body:  # module level only: functions may import lazily
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] not in heavy, f"{name} imported at module level"
+    # The engine modules the module file imports at load time stay light too.
+    import subprocess
+    import sys
+
+    script = ("import sys, HRpQCTSegmenterLib.slicer_process\n"
+              f"bad = sorted(m for m in {sorted(heavy)!r} if m in sys.modules)\n"
+              "assert not bad, bad\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
