@@ -426,15 +426,33 @@ def output_state(segmentation_node: Any) -> str:
 # ------------------------------------------------------------------------------------------
 # Scans read by the engine (the Scanco file reader)
 # ------------------------------------------------------------------------------------------
+def _compact_hu(hu: np.ndarray) -> np.ndarray:
+    """HU as int16 (rounded) when they fit, else float32.
+
+    A full scan is 168 x 1600 x 1600 voxels: int16 halves Slicer's memory and the temporary
+    file handed to the segmenter, and rounding to whole HU is far below the scan's noise.
+    Converted slice by slice, so no second full-size float copy is made.
+    """
+    info = np.iinfo(np.int16)
+    if hu.size == 0 or (np.issubdtype(hu.dtype, np.integer) and hu.dtype.itemsize <= 2):
+        return np.asarray(hu)
+    if float(hu.min()) < info.min or float(hu.max()) > info.max:
+        return np.asarray(hu, dtype=np.float32)
+    compact = np.empty(hu.shape, dtype=np.int16)
+    for z in range(hu.shape[0]):
+        compact[z] = np.rint(hu[z])
+    return compact
+
+
 def scan_to_volume_node(scene: Any, scan: Scan, name: str) -> Any:
-    """A scalar volume node in HU with the scan's geometry, marked as HU, with a bone window.
+    """A scalar volume node in HU (int16 when it fits) with the scan's geometry and a window.
 
     Only non-identifying facts travel with the node: the units attribute, and the
     calibration's constants (needed to convert back to native units).
     """
     import json
 
-    node = array_to_volume_node(scene, np.asarray(scan.hu, dtype=np.float32), scan, name)
+    node = array_to_volume_node(scene, _compact_hu(scan.hu), scan, name)
     node.SetAttribute(VOLUME_UNITS_ATTRIBUTE, "hu")
     calibration = scan.metadata.get("calibration") if scan.metadata else None
     if calibration:
