@@ -624,7 +624,11 @@ def _extract_scan(hu, regions_map, spacing_mm, params, requests, margin, progres
     labels = np.ascontiguousarray(regions_map[tuple(box)])
     z_mm, y_mm, x_mm = spacing_mm
     classes = params.get("featureClass") or {}
-    rows = _extract_image(array, labels, (x_mm, y_mm, z_mm), params, requests, None, classes)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):  # see _slice_task
+        rows = _extract_image(array, labels, (x_mm, y_mm, z_mm), params, requests, None,
+                              classes)
     report(progress, 1, 1, stage)
     return rows
 
