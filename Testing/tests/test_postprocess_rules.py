@@ -205,3 +205,12 @@ def test_postprocess_end_to_end_returns_seven_regions_and_rejects_region_maps():
     assert result.rings is not None and result.rings.max() >= 1
     with pytest.raises(ValueError, match="5-class"):
         postprocess(np.full((1, 4, 4), 7, np.uint8), np.zeros((1, 4, 4), np.float32), SPACING)
+
+
+def test_an_unclosable_cortex_never_loses_the_trabecular_bone():
+    classes = leg_phantom(n_slices=1)
+    classes[:, 40:70, 70:100] = SOFT  # a 3 mm hole through the cortex and into the marrow
+    before = classes == TT
+    cleaned, warnings = clean_classes(classes, SPACING, PostprocessConfig(max_cortical_gap_mm=0.3))
+    assert any("open" in w for w in warnings)
+    assert (cleaned[before] == TT).all()

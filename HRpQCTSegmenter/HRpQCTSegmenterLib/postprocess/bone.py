@@ -10,7 +10,8 @@ Rules (the paper's, with 3D connectivity offered and the enclosure made explicit
    non-bone, or by the filled cortex covering much less than the bone's convex hull) is closed
    by morphological closing with a disk growing up to ``max_cortical_gap_mm``;
 4. the trabecular compartment is everything the (closed) cortical ring encloses; trabecular
-   voxels outside the ring become soft tissue;
+   voxels outside the ring become soft tissue. Where the ring cannot be closed, the network's
+   trabecular voxels are kept (plus anything the bone encloses) and the slice is reported;
 5. a bone whose mean cross-section is below ``min_bone_area_mm2`` is reported missing (a
    fibula outside the field of view is common) and removed, with a warning, not an error.
 """
@@ -169,6 +170,10 @@ def _clean_bone_slice(cort: np.ndarray, trab: np.ndarray, spacing_yx_mm, max_gap
         cort = cort & ~islands
         trab = trab | islands
     cort, ok = _close_ring(cort, trab, spacing_yx_mm, max_gap_mm)
+    if not ok:
+        # The ring stays open: never discard the network's trabecular bone because of it.
+        # Keep it, and add what the bone as a whole encloses.
+        return cort, (trab | fill_holes(cort | trab)) & ~cort, False
     enclosed = fill_holes(cort) & ~cort
     return cort, enclosed, ok
 
