@@ -1,4 +1,3 @@
-# ruff: noqa: N803, N806  -- X (samples x features) is scikit-learn's naming convention
 """Osteoporosis classifiers on radiomic features, evaluated without subject leakage.
 
 * :func:`assemble_dataset` -- samples (one per scan and slice) from feature tables: the

@@ -1,4 +1,3 @@
-# ruff: noqa: N803, N806  -- X (samples x features) is scikit-learn's naming convention
 """Saved classifiers: safe to load, readable by people, checked before use. No pickle.
 
 A classifier is one JSON file (format ``hrpqct-classifier``, version 1) holding:

@@ -1,4 +1,3 @@
-# ruff: noqa: N803, N806  -- X (samples x features) is scikit-learn's naming convention
 """The paper's three-stage feature selection as a scikit-learn transformer.
 
 variance threshold (0.02) -> Pearson correlation filter (|r| > 0.9) -> LASSO.
