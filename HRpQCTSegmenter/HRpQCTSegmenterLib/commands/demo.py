@@ -64,14 +64,14 @@ def run(args: argparse.Namespace) -> int:
     if writes_aim:
         io.write_scan_aim(phantom.scan, example)
     else:
-        io.write_scan(phantom.scan, example)
+        io.write_scan(phantom.scan, example, dtype="int16")
     io.write_label_map(phantom.regions, phantom.scan, truth)
     print(f"   wrote {example.name} and its 7-region truth ({time.perf_counter() - t:.1f} s)")
     del phantom
 
     t = _step("2. reading it as a user scan and converting to NIfTI in HU")
     scan = io.read_scan(example)
-    io.write_scan(scan, converted)
+    io.write_scan(scan, converted, dtype="int16")  # whole HU: half the size of float32
     hu = scan.hu
     print(f"   {scan.shape[0]} x {scan.shape[1]} x {scan.shape[2]} voxels of "
           f"{scan.spacing_mm[2] * 1000:.1f} um, HU {float(hu.min()):.0f}..{float(hu.max()):.0f},"
