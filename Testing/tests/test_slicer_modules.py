@@ -21,7 +21,8 @@ import pytest
 MODULE_FILES = ["HRpQCTSegmenter/HRpQCTSegmenter.py", "HRpQCTRadiomics/HRpQCTRadiomics.py"]
 ENGINE_PACKAGES = ["HRpQCTSegmenter/HRpQCTSegmenterLib", "HRpQCTRadiomics/HRpQCTRadiomicsLib"]
 #: Engine modules allowed to import Slicer's Qt-free core (slicer, vtk) lazily.
-SLICER_CORE_BRIDGES = {"HRpQCTSegmenter/HRpQCTSegmenterLib/slicer_bridge.py"}
+SLICER_CORE_BRIDGES = {"HRpQCTSegmenter/HRpQCTSegmenterLib/slicer_bridge.py",
+                       "HRpQCTRadiomics/HRpQCTRadiomicsLib/slicer_radiomics.py"}
 
 GUI_MODULES = {"qt", "ctk", "PythonQt", "PyQt5", "PyQt6", "PySide2", "PySide6", "qSlicerBaseQTGUI",
                "SampleData", "DICOMLib"}

@@ -1,0 +1,217 @@
+"""The HRpQCTRadiomics module's Qt-free logic in a real MRML scene (``slicer-core``).
+
+A small phantom crop becomes a volume node and a segmentation node (from its 7-region truth);
+segments are mapped to regions by terminology and by name; the run fills table nodes whose
+values equal the engine's :func:`extract_features` on the same arrays; the CSV is written
+and read back; a tiny classifier trained here on synthetic features gives probabilities with
+the caveat.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from HRpQCTRadiomicsLib import slicer_radiomics as sr
+from HRpQCTRadiomicsLib.classification import CAVEAT, Dataset, train_classifier
+from HRpQCTRadiomicsLib.extraction import extract_features
+from HRpQCTRadiomicsLib.model_io import save_classifier
+from HRpQCTRadiomicsLib.settings import load_settings
+from HRpQCTRadiomicsLib.table import ID_COLUMNS, read_feature_csv
+from HRpQCTSegmenterLib import regions, slicer_bridge
+from HRpQCTSegmenterLib.errors import HRpQCTError
+from HRpQCTSegmenterLib.scan import Scan
+from HRpQCTSegmenterLib.slicer_process import JobState
+
+FEATURES = ["original_firstorder_Mean", "original_firstorder_Median",
+            "original_shape2D_PixelSurface"]
+ADIPOSE = regions.region_by_name("adipose")
+FIBULAR_CORTICAL = regions.region_by_name("fibular_cortical")
+
+
+@pytest.fixture
+def nodes(mrml_scene, radiomics_scan):
+    """(scene set-up, volume node, segmentation node, scan) of the phantom crop."""
+    scan = Scan(hu=radiomics_scan.hu, spacing_mm=radiomics_scan.spacing_mm)
+    volume = slicer_bridge.array_to_volume_node(mrml_scene.scene, scan.hu, scan, "crop")
+    segmentation = slicer_bridge.labels_to_segmentation_node(
+        mrml_scene.scene, mrml_scene.segmentations_logic, radiomics_scan.regions, scan,
+        reference_volume_node=volume)
+    return mrml_scene, volume, segmentation, radiomics_scan
+
+
+def _segment(segmentation_node, definition):
+    seg = segmentation_node.GetSegmentation()
+    return seg.GetSegment(seg.GetSegmentIdBySegmentName(definition.name))
+
+
+def _run(headless, volume, segmentation, parameters, **kwargs):
+    run = sr.RadiomicsRun(headless.scene, headless.segmentations_logic, volume, segmentation,
+                          parameters, **kwargs).start()
+    assert run.wait(timeout_s=120) == JobState.SUCCEEDED, run.message
+    return run
+
+
+# ------------------------------------------------------------------------------------------
+# segments -> regions
+# ------------------------------------------------------------------------------------------
+def test_terminology_tells_tibia_from_fibula_and_skin_from_fat():
+    for definition in regions.REGIONS:
+        tag = definition.terminology.to_slicer_tag()
+        assert sr.region_of_terminology(tag) == definition
+    assert sr.region_of_terminology("") is None
+    assert sr.region_of_terminology("ctx~SCT^85756007^Tissue~SCT^1^Unknown~^^~~^^~^^") is None
+
+
+def test_segments_map_by_terminology_even_when_renamed(nodes):
+    _, _, segmentation, _ = nodes
+    mapping = sr.map_segments(segmentation)
+    assert set(mapping.segment_of_region) == {d.label for d in regions.REGIONS}
+    assert set(mapping.how.values()) == {"terminology"}
+    _segment(segmentation, ADIPOSE).SetName("my fat after correction")
+    mapping = sr.map_segments(segmentation)
+    assert mapping.how[ADIPOSE.label] == "terminology"
+    assert mapping.message() == ""
+
+
+def test_segments_map_by_name_or_key_when_terminology_is_absent(nodes):
+    _, _, segmentation, _ = nodes
+    for definition in regions.REGIONS:
+        _segment(segmentation, definition).SetTerminology("")
+    _segment(segmentation, ADIPOSE).SetName("ADIPOSE")  # the key, other case
+    mapping = sr.map_segments(segmentation)
+    assert set(mapping.how.values()) == {"name"}
+    assert len(mapping.segment_of_region) == 7
+
+
+def test_missing_unknown_and_duplicate_segments_are_reported(nodes):
+    headless, volume, segmentation, _ = nodes
+    fat = _segment(segmentation, ADIPOSE)
+    fat.SetTerminology("")
+    fat.SetName("Something else")
+    seg = segmentation.GetSegmentation()
+    seg.AddEmptySegment("extra", "Tibial cortical bone", (1.0, 0.0, 0.0))
+    mapping = sr.map_segments(segmentation)
+    assert ADIPOSE.label not in mapping.segment_of_region
+    message = mapping.message()
+    assert "No segment for region(s): Adipose tissue" in message
+    assert "'Something else'" in message and "ignored" in message
+    assert "another segment already provides" in message
+    # prediction needs every classifier region: a clear refusal names the missing one
+    with pytest.raises(HRpQCTError, match="Adipose tissue"):
+        sr.RadiomicsRun(headless.scene, headless.segmentations_logic, volume, segmentation,
+                        sr.RadiomicsParameters(regions=[ADIPOSE.label]))
+
+
+def test_mapped_segments_rasterise_to_the_truth(nodes):
+    headless, volume, segmentation, scan = nodes
+    _segment(segmentation, ADIPOSE).SetName("renamed fat")
+    mapping = sr.map_segments(segmentation)
+    labels = sr.region_labels_from_mapping(headless.segmentations_logic, segmentation, volume,
+                                           mapping)
+    assert np.array_equal(labels, scan.regions)
+
+
+def test_prediction_without_a_classifier_says_none_is_bundled():
+    assert sr.bundled_classifier_paths() == []
+    problems = sr.RadiomicsParameters(mode=sr.MODE_PREDICTION).problems()
+    assert problems and "none is bundled" in problems[0] and "full feature export" in problems[0]
+    assert sr.RadiomicsParameters(mode="everything").problems()
+
+
+# ------------------------------------------------------------------------------------------
+# the run: table node, CSV
+# ------------------------------------------------------------------------------------------
+def test_feature_table_node_equals_the_engine_and_the_csv_reads_back(nodes, tmp_path):
+    headless, volume, segmentation, scan = nodes
+    skin = regions.region_by_name("skin")
+    seg = segmentation.GetSegmentation()
+    seg.RemoveSegment(seg.GetSegmentIdBySegmentName(skin.name))
+    wanted = [FIBULAR_CORTICAL.label, ADIPOSE.label, skin.label]
+    parameters = sr.RadiomicsParameters(regions=wanted, slices=[0, 2], n_jobs=1)
+    # full export restricted to a few features keeps the test fast: same call as the engine
+    run = sr.RadiomicsRun(headless.scene, headless.segmentations_logic, volume, segmentation,
+                          parameters)
+    assert "No segment for region(s): Skin" in run.warnings  # the others still run
+    run.features = {lab: FEATURES for lab in run.regions}
+    run.start()
+    assert run.wait(timeout_s=120) == JobState.SUCCEEDED, run.message
+    assert run.fraction == 1.0 and "region result" in run.message
+
+    expected = extract_features(scan.hu, scan.regions, scan.spacing_mm, slices=[0, 2],
+                                features={FIBULAR_CORTICAL.label: FEATURES,
+                                          ADIPOSE.label: FEATURES}, n_jobs=1,
+                                scan="crop", subject="crop")
+    node = run.table_node
+    assert node.IsA("vtkMRMLTableNode")
+    table = node.GetTable()
+    columns = [table.GetColumnName(j) for j in range(table.GetNumberOfColumns())]
+    assert columns == [*ID_COLUMNS, *expected.feature_names]
+    assert table.GetNumberOfRows() == len(expected.rows) == 4
+    for i, row in enumerate(expected.rows):
+        assert table.GetValueByName(i, "region").ToString() == row.region_key
+        assert table.GetValueByName(i, "slice").ToString() == str(row.slice_index)
+        for name in expected.feature_names:
+            assert table.GetValueByName(i, name).ToDouble() == row.features[name]
+
+    path = sr.write_features_csv(tmp_path / "features.csv", run.table)
+    back = read_feature_csv(path)
+    assert back.feature_names == expected.feature_names
+    assert np.array_equal(back.values, expected.matrix()[0])
+    assert [ids["region"] for ids in back.ids] == [r.region_key for r in expected.rows]
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_cancel_leaves_the_tables_unchanged(nodes):
+    headless, volume, segmentation, _ = nodes
+    run = sr.RadiomicsRun(headless.scene, headless.segmentations_logic, volume, segmentation,
+                          sr.RadiomicsParameters(regions=[ADIPOSE.label], n_jobs=1))
+    run.features = {ADIPOSE.label: FEATURES}
+    run._cancel.cancel()  # cancelled before the first slice: deterministic
+    run.start()
+    assert run.wait(timeout_s=60) == JobState.CANCELLED
+    assert run.table_node is None and "Cancelled" in run.message
+
+
+# ------------------------------------------------------------------------------------------
+# probabilities
+# ------------------------------------------------------------------------------------------
+def _tiny_classifier(path, region_key):
+    """A logistic classifier on synthetic values of FEATURES of one region (no real data)."""
+    rng = np.random.default_rng(0)
+    names = [f"{region_key}:{n}" for n in FEATURES]
+    X, y, groups = [], [], []
+    for s in range(16):
+        label = s % 2
+        for _ in range(4):
+            X.append([rng.normal(-80 + 20 * label, 10), rng.normal(-80, 10),
+                      rng.normal(300, 40)])
+            y.append(label)
+            groups.append(f"synthetic-{s:02d}")
+    data = Dataset(np.array(X), np.array(y), np.array(groups, dtype=object), names,
+                   [(g, str(i)) for i, g in enumerate(groups)])
+    result = train_classifier(data, [region_key], cv_folds=2, n_boot=10)
+    return save_classifier(path, result, load_settings("paper"))
+
+
+def test_prediction_mode_gives_probabilities_with_the_caveat(nodes, tmp_path):
+    headless, volume, segmentation, _ = nodes
+    model = _tiny_classifier(tmp_path / "adipose.json", "adipose")
+    parameters = sr.RadiomicsParameters(mode=sr.MODE_PREDICTION,
+                                        classifier_paths=[str(model)], slices=[1], n_jobs=1)
+    run = _run(headless, volume, segmentation, parameters)
+    features = run.table_node.GetTable()
+    assert features.GetNumberOfRows() == 1  # only the classifier's region, one slice
+    node = run.probability_table_node
+    table = node.GetTable()
+    assert table.GetNumberOfRows() == 2  # the classifier, then overall
+    assert table.GetValueByName(0, "classifier").ToString() == "adipose.json"
+    assert table.GetValueByName(1, "classifier").ToString() == "overall"
+    p = table.GetValueByName(0, "osteoporosis_probability").ToDouble()
+    assert 0.0 <= p <= 1.0
+    assert p == table.GetValueByName(1, "osteoporosis_probability").ToDouble()
+    assert node.GetAttribute(sr.CAVEAT_ATTRIBUTE) == CAVEAT
+    assert table.GetValueByName(0, "caveat").ToString() == CAVEAT
+    assert "synthetic" in CAVEAT
+    summary = run.probability_summary()
+    assert summary.startswith(sr.RESEARCH_USE) and CAVEAT in summary
