@@ -1,24 +1,30 @@
-"""3D Slicer module: per-region radiomic features of HR-pQCT scans and osteoporosis classification.
+"""3D Slicer module: per-region radiomic features of HR-pQCT scans and osteoporosis probability.
 
-Thin by design: the science lives in the Qt-free engine packages ``HRpQCTRadiomicsLib`` (features,
-feature selection, classifiers) and ``HRpQCTSegmenterLib`` (region model, Slicer bridge).
-
-Status (foundation issue): the module loads, shows its panel, and its Logic turns the selected
-segmentation into the engine's region label map. NOT YET WIRED (later issues): the radiomic
-feature extraction itself (the engine function does not exist yet: Apply reports that instead of
-producing a table), the classifier, the background process with Cancel, the parameter node,
-installing pyradiomics, and the CSV export button.
+Thin by design: the science lives in the Qt-free engine packages ``HRpQCTRadiomicsLib``
+(features, classifiers, and :mod:`HRpQCTRadiomicsLib.slicer_radiomics`: segment-to-region
+mapping, the worker-thread run, table nodes, CSV) and ``HRpQCTSegmenterLib`` (region model,
+Slicer bridge). This file holds the panel wiring, the parameter node, a Logic delegating to
+the engine, and the self-test.
 """
 
 import os
+from typing import Annotated
 
+import qt
 import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
+
+from HRpQCTRadiomicsLib.slicer_radiomics import MODE_CHOICES, MODE_FEATURES, MODE_PREDICTION
+from HRpQCTSegmenterLib.slicer_process import JobState
 
 MODULE_NAME = "HRpQCTRadiomics"
 
@@ -33,9 +39,11 @@ class HRpQCTRadiomics(ScriptedLoadableModule):
         self.parent.dependencies = ["Segmentations", "Tables"]
         self.parent.contributors = ["HRpQCTSegmenter contributors"]
         self.parent.helpText = (
-            "Computes radiomic features (pyradiomics) in each of the seven HR-pQCT regions made "
-            "by the HR-pQCT Segmenter module and, later, an osteoporosis classification from "
-            "them. Results go to a table that can be saved as CSV. "
+            "Computes radiomic features (pyradiomics) in each of the seven HR-pQCT regions of a "
+            "segmentation made by the HR-pQCT Segmenter module (corrections allowed: segments "
+            "are recognised by terminology, then by name) and, with a classifier file, an "
+            "osteoporosis probability for research use. Results go to table nodes; Export CSV "
+            "writes the features. "
             "See <a href='https://github.com/hrpqct/SlicerHRpQCT'>the project page</a>.")
         self.parent.acknowledgementText = (
             "For research use only; not for clinical use. The bundled models were trained on "
@@ -43,13 +51,32 @@ class HRpQCTRadiomics(ScriptedLoadableModule):
             "Features computed with pyradiomics (van Griethuysen et al., Cancer Research 2017).")
 
 
-class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget):
-    """The module panel: input volume and segmentation, output table, Apply, progress, status."""
+@parameterNodeWrapper
+class HRpQCTRadiomicsParameterNode:
+    """The panel's choices, saved with the scene (checks: RadiomicsParameters)."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    inputSegmentation: vtkMRMLSegmentationNode
+    mode: Annotated[str, Choice(list(MODE_CHOICES))] = MODE_FEATURES
+    classifierPath: str = ""
+    outputTable: vtkMRMLTableNode
+
+
+class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module panel; extraction runs in a worker thread polled by a timer."""
+
+    POLL_INTERVAL_MS = 200
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
         self.logic = None
         self.ui = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run = None
+        self._lastTable = None
+        self._timer = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -58,55 +85,208 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = HRpQCTRadiomicsLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPoll)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        for selector in (self.ui.inputVolumeSelector, self.ui.inputSegmentationSelector):
-            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGUI)
-        self.ui.statusLabel.text = "Not yet wired: feature extraction arrives in a later version."
+        self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsvButton)
+        self.ui.classifierPathLineEdit.connect("currentPathChanged(QString)",
+                                               self.onClassifierPathChanged)
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        if self._run is not None:
+            self._run.cancel()
+        if self._timer is not None:
+            self._timer.stop()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+
+    def onSceneStartClose(self, caller, event):
+        if self._run is not None:
+            self._run.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # -- parameter node --------------------------------------------------------------------
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        parameters = self._parameterNode
+        if not parameters.inputVolume:
+            parameters.inputVolume = slicer.mrmlScene.GetFirstNodeByClass(
+                "vtkMRMLScalarVolumeNode")
+        if not parameters.inputSegmentation:
+            parameters.inputSegmentation = slicer.mrmlScene.GetFirstNodeByClass(
+                "vtkMRMLSegmentationNode")
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
         self.updateGUI()
 
-    def updateGUI(self, _node=None):
-        self.ui.applyButton.enabled = (
-            self.ui.inputVolumeSelector.currentNode() is not None
-            and self.ui.inputSegmentationSelector.currentNode() is not None)
+    def onClassifierPathChanged(self, path):
+        if self._parameterNode and self._parameterNode.classifierPath != path:
+            self._parameterNode.classifierPath = path
 
+    def updateGUI(self, caller=None, event=None):
+        parameters = self._parameterNode
+        running = self._run is not None
+        self.ui.parametersCollapsibleButton.enabled = not running
+        self.ui.exportCsvButton.enabled = not running and self._lastTable is not None
+        if parameters and self.ui.classifierPathLineEdit.currentPath != parameters.classifierPath:
+            self.ui.classifierPathLineEdit.currentPath = parameters.classifierPath
+        if running:
+            self.ui.applyButton.text = "Cancel"
+            self.ui.applyButton.toolTip = "Stop the extraction; no table is changed."
+            self.ui.applyButton.enabled = True
+            return
+        self.ui.applyButton.text = "Apply"
+        problems = (self.logic.parameters(parameters).problems() if parameters
+                    else ["No parameter node."])
+        if parameters and not (parameters.inputVolume and parameters.inputSegmentation):
+            problems.insert(0, "Select an input volume and its region segmentation.")
+        self.ui.applyButton.enabled = not problems
+        self.ui.applyButton.toolTip = " ".join(problems) if problems else (
+            "Compute the per-region radiomic features (and probabilities with a classifier).")
+        if parameters and parameters.mode == MODE_PREDICTION and not parameters.classifierPath:
+            self.setStatus(problems[-1] if problems else "")
+
+    # -- running ---------------------------------------------------------------------------
     def onApplyButton(self):
+        if self._run is not None:
+            self.setStatus("Cancelling (after the current slice)...")
+            self._run.cancel()
+            return
+        parameters = self._parameterNode
         self.ui.progressBar.value = 0
-        with slicer.util.tryWithErrorDisplay("HR-pQCT radiomics failed.", waitCursor=True):
-            tableNode = self.logic.process(
-                self.ui.inputVolumeSelector.currentNode(),
-                self.ui.inputSegmentationSelector.currentNode(),
-                self.ui.outputTableSelector.currentNode())
-            self.ui.outputTableSelector.setCurrentNode(tableNode)
-            self.ui.progressBar.value = 100
-            self.ui.statusLabel.text = "Done."
+        self.ui.probabilityLabel.text = ""
+        try:
+            self._run = self.logic.startRun(
+                parameters.inputVolume, parameters.inputSegmentation,
+                self.logic.parameters(parameters), tableNode=parameters.outputTable)
+        except Exception as exc:
+            self.showError(str(exc))
+            return
+        self.setStatus(self._run.warnings or self._run.status_text())
+        self._timer.start()
+        self.updateGUI()
+
+    def onPoll(self):
+        run = self._run
+        if run is None:
+            self._timer.stop()
+            return
+        state = run.poll()
+        self.ui.progressBar.value = round(100 * run.fraction)
+        if state == JobState.RUNNING:
+            self.setStatus(run.status_text())
+            return
+        self._timer.stop()
+        self._run = None
+        if state == JobState.SUCCEEDED:
+            self._lastTable = run.table
+            self._parameterNode.outputTable = run.table_node
+            slicer.util.getModuleLogic("Tables")  # make sure the Tables module is loaded
+            self.ui.probabilityLabel.text = run.probability_summary()
+            self.setStatus("\n".join(t for t in (run.message, run.warnings) if t))
+        elif state == JobState.CANCELLED:
+            self.ui.progressBar.value = 0
+            self.setStatus(run.message)
+        else:
+            self.showError(run.message)
+        self.updateGUI()
+
+    def onExportCsvButton(self):
+        if self._lastTable is None:
+            return
+        path = qt.QFileDialog.getSaveFileName(
+            slicer.util.mainWindow(), "Export features as CSV", "features.csv", "CSV (*.csv)")
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not write the CSV file.", waitCursor=True):
+            self.logic.exportCsv(self._lastTable, path)
+            self.setStatus(f"Features written to {path}.")
+
+    # -- messages --------------------------------------------------------------------------
+    def setStatus(self, text, error=False):
+        self.ui.statusLabel.text = text
+        self.ui.statusLabel.styleSheet = "color: #c0392b" if error else ""
+
+    def showError(self, message):
+        self.setStatus(message, error=True)
+        slicer.util.errorDisplay(message, windowTitle="HR-pQCT Radiomics")
 
 
 class HRpQCTRadiomicsLogic(ScriptedLoadableModuleLogic):
-    """Calls the engine; no GUI code."""
+    """Delegates to :mod:`HRpQCTRadiomicsLib.slicer_radiomics`; no GUI code."""
 
-    def regionLabels(self, volumeNode, segmentationNode):
-        """The segmentation as the engine's region label map on the volume's voxel grid."""
-        from HRpQCTSegmenterLib import slicer_bridge
+    def getParameterNode(self):
+        return HRpQCTRadiomicsParameterNode(super().getParameterNode())
 
-        return slicer_bridge.labels_from_segmentation_node(
-            slicer.modules.segmentations.logic(), segmentationNode, volumeNode)
+    @staticmethod
+    def parameters(parameterNode=None, **overrides):
+        """RadiomicsParameters from the parameter node (or defaults), with overrides."""
+        from HRpQCTRadiomicsLib.slicer_radiomics import RadiomicsParameters
 
-    def process(self, volumeNode, segmentationNode, outputTableNode=None):
-        """Compute per-region features into a table node.
+        parameters = RadiomicsParameters()
+        if parameterNode is not None:
+            parameters.mode = parameterNode.mode
+            parameters.classifier_paths = ([parameterNode.classifierPath]
+                                           if parameterNode.classifierPath else [])
+        for name, value in overrides.items():
+            setattr(parameters, name, value)
+        return parameters
 
-        NOT YET WIRED: the engine has no feature extraction yet, so this raises
-        NotImplementedError after checking the inputs (it never returns an empty table as if
-        it had worked).
-        """
-        if volumeNode is None or segmentationNode is None:
-            raise ValueError("Select an input volume and its HR-pQCT region segmentation.")
-        labels = self.regionLabels(volumeNode, segmentationNode)
-        if not labels.any():
-            raise ValueError(
-                "The segmentation has no segment named like an HR-pQCT region; create it with "
-                "the HR-pQCT Segmenter module.")
-        raise NotImplementedError(
-            "Radiomic feature extraction is not available in this version of the extension yet.")
+    @staticmethod
+    def _checkPyradiomics():
+        import importlib.util
+
+        if importlib.util.find_spec("radiomics") is None:
+            raise RuntimeError(
+                "pyradiomics is not installed in Slicer's Python: install the SlicerRadiomics "
+                "extension (Extensions Manager), then restart Slicer.")
+
+    def startRun(self, volumeNode, segmentationNode, parameters=None, tableNode=None):
+        """Start the extraction in a worker thread; returns the RadiomicsRun to poll."""
+        from HRpQCTRadiomicsLib.slicer_radiomics import RadiomicsRun
+
+        self._checkPyradiomics()
+        return RadiomicsRun(slicer.mrmlScene, slicer.modules.segmentations.logic(), volumeNode,
+                            segmentationNode, parameters or self.parameters(),
+                            table_node=tableNode).start()
+
+    def process(self, volumeNode, segmentationNode, parameters=None, tableNode=None):
+        """Run to the end (batch use, self-tests); returns the feature table node."""
+        run = self.startRun(volumeNode, segmentationNode, parameters, tableNode)
+        if run.wait() != JobState.SUCCEEDED:
+            raise RuntimeError(run.message)
+        self.lastRun = run
+        return run.table_node
+
+    @staticmethod
+    def exportCsv(featureTable, path):
+        """Write the features with the engine's CSV writer (atomic)."""
+        from HRpQCTRadiomicsLib.slicer_radiomics import write_features_csv
+
+        return write_features_csv(path, featureTable)
 
 
 class HRpQCTRadiomicsTest(ScriptedLoadableModuleTest):
@@ -118,28 +298,36 @@ class HRpQCTRadiomicsTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_module_resources_present()
-        self.test_segmentation_becomes_region_labels()
+        self.test_features_and_csv_from_a_segmentation()
 
     def test_module_resources_present(self):
         here = os.path.dirname(__file__)
         for relative in (("UI", f"{MODULE_NAME}.ui"), ("Icons", f"{MODULE_NAME}.png")):
             self.assertTrue(os.path.isfile(os.path.join(here, "Resources", *relative)))
 
-    def test_segmentation_becomes_region_labels(self):
+    def test_features_and_csv_from_a_segmentation(self):
+        import tempfile
+
         import numpy as np
 
+        from HRpQCTRadiomicsLib.table import read_feature_csv
         from HRpQCTSegmenterLib import regions, slicer_bridge
         from HRpQCTSegmenterLib.scan import Scan
 
-        labels = np.zeros((4, 10, 12), dtype=np.uint8)
-        for region in regions.REGIONS:
-            labels[1:3, region.label:region.label + 2, 2:9] = region.label
-        scan = Scan(hu=np.zeros(labels.shape, dtype=np.float32), spacing_mm=(0.5, 0.2, 0.2))
-        volumeNode = slicer_bridge.array_to_volume_node(slicer.mrmlScene, scan.hu, scan, "scan")
+        rng = np.random.default_rng(0)
+        labels = np.zeros((2, 24, 24), dtype=np.uint8)
+        labels[:, 4:20, 4:20] = regions.region_by_name("adipose").label
+        hu = rng.normal(-100, 30, labels.shape).astype(np.float32)
+        scan = Scan(hu=hu, spacing_mm=(0.25, 0.25, 0.25))
+        volumeNode = slicer_bridge.array_to_volume_node(slicer.mrmlScene, hu, scan, "scan")
         segmentationNode = slicer_bridge.labels_to_segmentation_node(
             slicer.mrmlScene, slicer.modules.segmentations.logic(), labels, scan)
-        back = HRpQCTRadiomicsLogic().regionLabels(volumeNode, segmentationNode)
-        self.assertTrue(np.array_equal(back, labels))
-        with self.assertRaises(NotImplementedError):
-            HRpQCTRadiomicsLogic().process(volumeNode, segmentationNode)
+        logic = HRpQCTRadiomicsLogic()
+        parameters = logic.parameters(regions=[regions.region_by_name("adipose").label],
+                                      n_jobs=1)
+        tableNode = logic.process(volumeNode, segmentationNode, parameters)
+        self.assertEqual(tableNode.GetNumberOfRows(), 2)
+        with tempfile.TemporaryDirectory() as folder:
+            path = logic.exportCsv(logic.lastRun.table, os.path.join(folder, "f.csv"))
+            self.assertEqual(len(read_feature_csv(path).ids), 2)
         self.delayDisplay("HRpQCTRadiomics self-test passed")

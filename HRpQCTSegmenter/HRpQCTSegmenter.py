@@ -690,26 +690,31 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
     def _radiomicsHook(self, volume, segmentation):
         """RADIOMICS HOOK: edited segmentation -> HRpQCTRadiomics -> table -> CSV -> probability.
 
-        The radiomics engine is being built in parallel. Until its Logic computes features
-        (today it raises NotImplementedError), this hook reports that and stops; once it
-        returns a table node, the CSV and probability checks below run.
+        One region on two slices keeps it quick. No classifier is bundled, so the probability
+        step is reported as skipped (the HRpQCTRadiomics tests cover it with a trained one).
         """
         import tempfile
 
         import HRpQCTRadiomics
+        from HRpQCTRadiomicsLib.slicer_radiomics import bundled_classifier_paths
+        from HRpQCTRadiomicsLib.table import read_feature_csv
+        from HRpQCTSegmenterLib.regions import region_by_name
 
         radiomicsLogic = HRpQCTRadiomics.HRpQCTRadiomicsLogic()
-        try:
-            table = radiomicsLogic.process(volume, segmentation)
-        except NotImplementedError as exc:
-            self.delayDisplay(f"Radiomics hook: not available yet ({exc})")
-            return
+        parameters = radiomicsLogic.parameters(regions=[region_by_name("adipose").label],
+                                               slices=[0, 1], n_jobs=1)
+        table = radiomicsLogic.process(volume, segmentation, parameters)
         self.assertTrue(table is not None and table.IsA("vtkMRMLTableNode"))
-        self.assertGreater(table.GetNumberOfRows(), 0)
+        self.assertEqual(table.GetNumberOfRows(), 2)
         with tempfile.TemporaryDirectory() as folder:
-            csvPath = os.path.join(folder, "features.csv")
-            self.assertTrue(slicer.util.saveNode(table, csvPath))
-            self.assertGreater(os.path.getsize(csvPath), 0)
-        if hasattr(radiomicsLogic, "classify"):  # probability of osteoporosis (research only)
-            probability = radiomicsLogic.classify(table)
-            self.assertTrue(0.0 <= float(probability) <= 1.0)
+            csvPath = radiomicsLogic.exportCsv(radiomicsLogic.lastRun.table,
+                                               os.path.join(folder, "features.csv"))
+            self.assertEqual(len(read_feature_csv(csvPath).ids), 2)
+        classifiers = bundled_classifier_paths()
+        if not classifiers:
+            self.delayDisplay("Radiomics hook: no bundled classifier, probability skipped")
+            return
+        parameters.classifier_paths = [str(classifiers[0])]
+        radiomicsLogic.process(volume, segmentation, parameters)
+        for row in radiomicsLogic.lastRun.probabilities:
+            self.assertTrue(0.0 <= row.probability <= 1.0)

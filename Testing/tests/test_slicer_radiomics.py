@@ -215,3 +215,30 @@ def test_prediction_mode_gives_probabilities_with_the_caveat(nodes, tmp_path):
     assert "synthetic" in CAVEAT
     summary = run.probability_summary()
     assert summary.startswith(sr.RESEARCH_USE) and CAVEAT in summary
+
+
+# ------------------------------------------------------------------------------------------
+# module file <-> .ui
+# ------------------------------------------------------------------------------------------
+def test_every_parameter_widget_matches_the_radiomics_parameter_node(repo_root):
+    import ast
+    import xml.etree.ElementTree as ET
+
+    source = (repo_root / "HRpQCTRadiomics/HRpQCTRadiomics.py").read_text(encoding="utf-8")
+    wrapper = next(node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)
+                   and node.name == "HRpQCTRadiomicsParameterNode")
+    fields = {node.target.id for node in wrapper.body if isinstance(node, ast.AnnAssign)}
+    ui = ET.parse(repo_root / "HRpQCTRadiomics/Resources/UI/HRpQCTRadiomics.ui")
+    connected = {}
+    for widget in ui.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                connected[prop.findtext("string")] = widget.get("class")
+    assert set(connected) <= fields
+    assert connected["mode"] == "QComboBox" and "Choice(list(MODE_CHOICES))" in source
+    for parameter in fields - set(connected):  # wired by hand
+        assert f"parameters.{parameter}" in source or f"Node.{parameter}" in source
+    widgets = {w.get("name"): w.get("class") for w in ui.iter("widget")}
+    assert widgets["exportCsvButton"] == "QPushButton"
+    assert widgets["classifierPathLineEdit"] == "ctkPathLineEdit"
+    assert widgets["probabilityLabel"] == "QLabel"
