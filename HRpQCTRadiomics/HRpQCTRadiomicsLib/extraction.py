@@ -15,6 +15,9 @@ The values are pyradiomics' own: for every region the result equals
   ``min``/``max`` over a numpy array (22-36 % of run time); the subclasses bin through
   :func:`_bin_image`, which gives pyradiomics the array's extremes computed by numpy, so the
   bin edges are the same numbers. No pyradiomics function is modified or patched.
+* **GLCM sum/difference distributions by ``bincount``.** pyradiomics builds them with one
+  ``Ng x Ng`` mask per bin (cubic in the grey levels); :mod:`.glcm_coefficients` adds the
+  same elements in the same order (bit-identical, tested).
 * **Parallel slices.** Slices go to a pool of worker processes (joblib/loky), each with
   SimpleITK limited to one thread.
 * **Prediction mode.** ``features=`` restricts the work to the features a trained classifier
@@ -40,6 +43,7 @@ from HRpQCTSegmenterLib.errors import HRpQCTError, InvalidScanError
 from HRpQCTSegmenterLib.progress import CancelToken, ProgressCallback, check, report
 from HRpQCTSegmenterLib.regions import REGIONS, region_by_label
 
+from .glcm_coefficients import calculate_glcm_coefficients
 from .settings import RadiomicsSettings, load_settings, settings_for_mode
 
 __all__ = [
@@ -218,7 +222,8 @@ def _bin_image(matrix: np.ndarray, mask: np.ndarray, settings: Mapping[str, Any]
 def _feature_classes_sharing_binning() -> dict[str, type]:
     """pyradiomics feature classes whose discretisation is computed once and shared.
 
-    A fresh set per (image, region): the shared result lives in this closure only.
+    A fresh set per (image, region): the shared result lives in this closure only. The GLCM
+    class also computes its coefficients with :mod:`.glcm_coefficients` (same values).
     """
     from radiomics import getFeatureClasses
 
@@ -235,9 +240,13 @@ def _feature_classes_sharing_binning() -> dict[str, type]:
         self.coefficients["Ng"] = hit[2]
         return hit[0].copy()
 
-    return {name: type(cls.__name__, (cls,), {"_applyBinning": _apply_binning,
-                                             "__module__": cls.__module__})
-            for name, cls in getFeatureClasses().items()}
+    classes = {}
+    for name, cls in getFeatureClasses().items():
+        members: dict[str, Any] = {"_applyBinning": _apply_binning, "__module__": cls.__module__}
+        if name == "glcm":
+            members["_calculateCoefficients"] = calculate_glcm_coefficients
+        classes[name] = type(cls.__name__, (cls,), members)
+    return classes
 
 
 # --- one image (slice or volume) -----------------------------------------------------------

@@ -1,0 +1,86 @@
+"""The engine's GLCM coefficients are bit-identical to pyradiomics' own method."""
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from HRpQCTRadiomicsLib.glcm_coefficients import calculate_glcm_coefficients
+
+
+def _both(p_glcm: np.ndarray, gray_levels: np.ndarray) -> tuple[dict, dict]:
+    from radiomics.glcm import RadiomicsGLCM
+
+    def holder():
+        return SimpleNamespace(P_glcm=p_glcm.copy(), logger=logging.getLogger("test"),
+                               coefficients={"grayLevels": gray_levels.copy(),
+                                             "Ng": int(gray_levels.max())})
+
+    theirs, ours = holder(), holder()
+    RadiomicsGLCM._calculateCoefficients(theirs)
+    calculate_glcm_coefficients(ours)
+    return ours.coefficients, theirs.coefficients
+
+
+def _assert_identical(ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys()
+    for key, expected in theirs.items():
+        got = ours[key]
+        if np.ndim(expected) == 0:
+            assert got == expected, key
+            continue
+        assert got.shape == expected.shape and got.dtype == expected.dtype, key
+        assert got.strides == expected.strides, key  # later reductions add in the same order
+        assert np.array_equal(got, expected, equal_nan=True), key  # bit-identical, not close
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_glcms_with_missing_levels(seed):
+    rng = np.random.default_rng(seed)
+    n_levels = int(rng.integers(1, 160))
+    levels = np.sort(rng.choice(np.arange(1, 220), size=n_levels, replace=False))
+    counts = rng.poisson(rng.uniform(0.2, 30), size=(1, n_levels, n_levels, 4)).astype(float)
+    counts += counts.transpose(0, 2, 1, 3)
+    counts[..., 0] += 1  # no empty angle
+    p_glcm = counts / counts.sum((1, 2), keepdims=True)
+    _assert_identical(*_both(p_glcm, levels))
+
+
+@pytest.mark.parametrize(("n_v", "n_angles"), [(1, 1), (2, 1), (1, 2), (3, 13)])
+def test_angle_and_voxel_counts(n_v, n_angles):
+    """One angle (weighting, tiny regions), 3D angles, voxel-based (several GLCMs)."""
+    rng = np.random.default_rng(n_v * 100 + n_angles)
+    for _ in range(5):
+        n_levels = int(rng.integers(20, 160))
+        levels = np.sort(rng.choice(np.arange(1, 220), size=n_levels, replace=False))
+        values = rng.random((n_v, n_levels, n_levels, n_angles))
+        values += values.transpose(0, 2, 1, 3)
+        _assert_identical(*_both(values / values.sum((1, 2), keepdims=True), levels))
+
+
+def test_glcms_of_the_paper_images(radiomics_scan):
+    """Real GLCMs: every image of the paper preset, two regions, from pyradiomics itself."""
+    import SimpleITK as sitk
+    from radiomics import imageoperations
+    from radiomics.glcm import RadiomicsGLCM
+
+    from HRpQCTRadiomicsLib.extraction import _filtered_images
+    from HRpQCTRadiomicsLib.settings import load_settings, settings_for_mode
+
+    s = radiomics_scan
+    params = settings_for_mode(load_settings("paper"), "slice")
+    image = sitk.GetImageFromArray(s.hu[:1])
+    mask = sitk.GetImageFromArray(s.regions[:1].astype(np.uint32))
+    mask.CopyInformation(image)
+    checked = 0
+    for label in (3, 7):
+        kwargs = dict(params["setting"], label=label)
+        bbox, _ = imageoperations.checkMask(image, mask, **kwargs)
+        for filtered, _, image_kwargs in _filtered_images(image, mask, params, None):
+            cropped, cropped_mask = imageoperations.cropToTumorMask(filtered, mask, bbox)
+            glcm = RadiomicsGLCM(cropped, cropped_mask, **dict(image_kwargs, label=label))
+            glcm.P_glcm = glcm._calculateMatrix()
+            _assert_identical(*_both(glcm.P_glcm, glcm.coefficients["grayLevels"]))
+            checked += 1
+    assert checked == 20
