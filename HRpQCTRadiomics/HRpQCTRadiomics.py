@@ -1,10 +1,12 @@
 """3D Slicer module: per-region radiomic features of HR-pQCT scans and osteoporosis probability.
 
 Thin by design: the science lives in the Qt-free engine packages ``HRpQCTRadiomicsLib``
-(features, classifiers, and :mod:`HRpQCTRadiomicsLib.slicer_radiomics`: segment-to-region
-mapping, the worker-thread run, table nodes, CSV) and ``HRpQCTSegmenterLib`` (region model,
-Slicer bridge). This file holds the panel wiring, the parameter node, a Logic delegating to
-the engine, and the self-test.
+(features, classifiers, and :mod:`HRpQCTRadiomicsLib.slicer_radiomics`: the choices read
+from the parameter node, segment-to-region mapping, the worker-thread run started by
+``start_radiomics``/``run_radiomics``, table nodes, CSV) and ``HRpQCTSegmenterLib`` (region
+model, Slicer bridge, the Apply button's state), all tested in CI against Slicer's real data
+model. This file holds the panel wiring, the parameter node, a Logic delegating to the
+engine, and the self-test.
 """
 
 import os
@@ -24,7 +26,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from HRpQCTRadiomicsLib.slicer_radiomics import MODE_CHOICES, MODE_FEATURES, MODE_PREDICTION
-from HRpQCTSegmenterLib.slicer_process import JobState
+from HRpQCTSegmenterLib.slicer_process import JobState, apply_button_state
 
 MODULE_NAME = "HRpQCTRadiomics"
 
@@ -53,7 +55,8 @@ class HRpQCTRadiomics(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class HRpQCTRadiomicsParameterNode:
-    """The panel's choices, saved with the scene (checks: RadiomicsParameters)."""
+    """The panel's choices, saved with the scene. Read by
+    ``RadiomicsParameters.from_parameter_node`` (which also holds the checks)."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     inputSegmentation: vtkMRMLSegmentationNode
@@ -153,20 +156,20 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportCsvButton.enabled = not running and self._lastTable is not None
         if parameters and self.ui.classifierPathLineEdit.currentPath != parameters.classifierPath:
             self.ui.classifierPathLineEdit.currentPath = parameters.classifierPath
-        if running:
-            self.ui.applyButton.text = "Cancel"
-            self.ui.applyButton.toolTip = "Stop the extraction; no table is changed."
-            self.ui.applyButton.enabled = True
-            return
-        self.ui.applyButton.text = "Apply"
         problems = (self.logic.parameters(parameters).problems() if parameters
                     else ["No parameter node."])
         if parameters and not (parameters.inputVolume and parameters.inputSegmentation):
             problems.insert(0, "Select an input volume and its region segmentation.")
-        self.ui.applyButton.enabled = not problems
-        self.ui.applyButton.toolTip = " ".join(problems) if problems else (
-            "Compute the per-region radiomic features (and probabilities with a classifier).")
-        if parameters and parameters.mode == MODE_PREDICTION and not parameters.classifierPath:
+        state = apply_button_state(
+            problems, running=running,
+            ready_tooltip=("Compute the per-region radiomic features (and probabilities with "
+                           "a classifier)."),
+            cancel_tooltip="Stop the extraction; no table is changed.")
+        self.ui.applyButton.text = state.text
+        self.ui.applyButton.enabled = state.enabled
+        self.ui.applyButton.toolTip = state.tooltip
+        if (not running and parameters and parameters.mode == MODE_PREDICTION
+                and not parameters.classifierPath):
             self.setStatus(problems[-1] if problems else "")
 
     # -- running ---------------------------------------------------------------------------
@@ -238,6 +241,10 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class HRpQCTRadiomicsLogic(ScriptedLoadableModuleLogic):
     """Delegates to :mod:`HRpQCTRadiomicsLib.slicer_radiomics`; no GUI code."""
 
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.lastRun = None
+
     def getParameterNode(self):
         return HRpQCTRadiomicsParameterNode(super().getParameterNode())
 
@@ -246,40 +253,29 @@ class HRpQCTRadiomicsLogic(ScriptedLoadableModuleLogic):
         """RadiomicsParameters from the parameter node (or defaults), with overrides."""
         from HRpQCTRadiomicsLib.slicer_radiomics import RadiomicsParameters
 
-        parameters = RadiomicsParameters()
-        if parameterNode is not None:
-            parameters.mode = parameterNode.mode
-            parameters.classifier_paths = ([parameterNode.classifierPath]
-                                           if parameterNode.classifierPath else [])
-        for name, value in overrides.items():
-            setattr(parameters, name, value)
-        return parameters
-
-    @staticmethod
-    def _checkPyradiomics():
-        import importlib.util
-
-        if importlib.util.find_spec("radiomics") is None:
-            raise RuntimeError(
-                "pyradiomics is not installed in Slicer's Python: install the SlicerRadiomics "
-                "extension (Extensions Manager), then restart Slicer.")
+        return RadiomicsParameters.from_parameter_node(parameterNode, **overrides)
 
     def startRun(self, volumeNode, segmentationNode, parameters=None, tableNode=None):
         """Start the extraction in a worker thread; returns the RadiomicsRun to poll."""
-        from HRpQCTRadiomicsLib.slicer_radiomics import RadiomicsRun
+        from HRpQCTRadiomicsLib.slicer_radiomics import start_radiomics
 
-        self._checkPyradiomics()
-        return RadiomicsRun(slicer.mrmlScene, slicer.modules.segmentations.logic(), volumeNode,
-                            segmentationNode, parameters or self.parameters(),
-                            table_node=tableNode).start()
+        return start_radiomics(slicer.mrmlScene, slicer.modules.segmentations.logic(),
+                               volumeNode, segmentationNode, parameters or self.parameters(),
+                               table_node=tableNode)
 
-    def process(self, volumeNode, segmentationNode, parameters=None, tableNode=None):
-        """Run to the end (batch use, self-tests); returns the feature table node."""
-        run = self.startRun(volumeNode, segmentationNode, parameters, tableNode)
-        if run.wait() != JobState.SUCCEEDED:
-            raise RuntimeError(run.message)
-        self.lastRun = run
-        return run.table_node
+    def process(self, volumeNode, segmentationNode, parameters=None, tableNode=None,
+                timeoutSeconds=None):
+        """Run to the end (batch use, self-tests); returns the feature table node.
+
+        The finished run (tables, probabilities) is kept in ``lastRun``.
+        """
+        from HRpQCTRadiomicsLib.slicer_radiomics import run_radiomics
+
+        self.lastRun = run_radiomics(
+            slicer.mrmlScene, slicer.modules.segmentations.logic(), volumeNode,
+            segmentationNode, parameters or self.parameters(), table_node=tableNode,
+            timeout_s=timeoutSeconds)
+        return self.lastRun.table_node
 
     @staticmethod
     def exportCsv(featureTable, path):
@@ -290,7 +286,16 @@ class HRpQCTRadiomicsLogic(ScriptedLoadableModuleLogic):
 
 
 class HRpQCTRadiomicsTest(ScriptedLoadableModuleTest):
-    """Self-test run by Slicer (Developer mode: Reload and Test; CTest on the Factory)."""
+    """Self-test run by Slicer (Developer mode: Reload and Test; CTest on the Factory).
+
+    A small synthetic segmentation -> features table -> CSV -> probability (from a tiny
+    classifier trained here on synthetic numbers: none is bundled), through the Logic the
+    panel uses. HRpQCTSegmenter's self-test runs the same steps on its own segmentation.
+    """
+
+    #: Features of the self-test classifier (few, so prediction mode extracts quickly).
+    FEATURES = ("original_firstorder_Mean", "original_firstorder_Median",
+                "original_shape2D_PixelSurface")
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -298,36 +303,72 @@ class HRpQCTRadiomicsTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_module_resources_present()
-        self.test_features_and_csv_from_a_segmentation()
+        self.setUp()
+        self.test_features_csv_and_probability_from_a_segmentation()
 
     def test_module_resources_present(self):
         here = os.path.dirname(__file__)
         for relative in (("UI", f"{MODULE_NAME}.ui"), ("Icons", f"{MODULE_NAME}.png")):
             self.assertTrue(os.path.isfile(os.path.join(here, "Resources", *relative)))
 
-    def test_features_and_csv_from_a_segmentation(self):
+    @classmethod
+    def tinyClassifier(cls, path, regionKey):
+        """A logistic classifier on synthetic values of :attr:`FEATURES` of one region.
+
+        For self-tests only: trained on random numbers, it predicts nothing real.
+        """
+        import numpy as np
+
+        from HRpQCTRadiomicsLib.classification import Dataset, train_classifier
+        from HRpQCTRadiomicsLib.model_io import save_classifier
+        from HRpQCTRadiomicsLib.settings import load_settings
+
+        rng = np.random.default_rng(0)
+        rows, labels, groups = [], [], []
+        for subject in range(16):
+            for _ in range(4):
+                rows.append([rng.normal(-80 + 20 * (subject % 2), 10), rng.normal(-80, 10),
+                             rng.normal(300, 40)])
+                labels.append(subject % 2)
+                groups.append(f"synthetic-{subject:02d}")
+        data = Dataset(np.array(rows), np.array(labels), np.array(groups, dtype=object),
+                       [f"{regionKey}:{name}" for name in cls.FEATURES],
+                       [(g, str(i)) for i, g in enumerate(groups)])
+        result = train_classifier(data, [regionKey], cv_folds=2, n_boot=10)
+        return save_classifier(path, result, load_settings("paper"))
+
+    def test_features_csv_and_probability_from_a_segmentation(self):
         import tempfile
 
         import numpy as np
 
+        from HRpQCTRadiomicsLib.slicer_radiomics import MODE_PREDICTION
         from HRpQCTRadiomicsLib.table import read_feature_csv
         from HRpQCTSegmenterLib import regions, slicer_bridge
         from HRpQCTSegmenterLib.scan import Scan
 
+        adipose = regions.region_by_name("adipose")
         rng = np.random.default_rng(0)
         labels = np.zeros((2, 24, 24), dtype=np.uint8)
-        labels[:, 4:20, 4:20] = regions.region_by_name("adipose").label
+        labels[:, 4:20, 4:20] = adipose.label
         hu = rng.normal(-100, 30, labels.shape).astype(np.float32)
         scan = Scan(hu=hu, spacing_mm=(0.25, 0.25, 0.25))
         volumeNode = slicer_bridge.array_to_volume_node(slicer.mrmlScene, hu, scan, "scan")
         segmentationNode = slicer_bridge.labels_to_segmentation_node(
             slicer.mrmlScene, slicer.modules.segmentations.logic(), labels, scan)
         logic = HRpQCTRadiomicsLogic()
-        parameters = logic.parameters(regions=[regions.region_by_name("adipose").label],
-                                      n_jobs=1)
+        parameters = logic.parameters(regions=[adipose.label], n_jobs=1)
         tableNode = logic.process(volumeNode, segmentationNode, parameters)
         self.assertEqual(tableNode.GetNumberOfRows(), 2)
         with tempfile.TemporaryDirectory() as folder:
             path = logic.exportCsv(logic.lastRun.table, os.path.join(folder, "f.csv"))
             self.assertEqual(len(read_feature_csv(path).ids), 2)
+            classifier = self.tinyClassifier(os.path.join(folder, "tiny.json"), adipose.key)
+            logic.process(volumeNode, segmentationNode, logic.parameters(
+                mode=MODE_PREDICTION, classifier_paths=[str(classifier)], n_jobs=1))
+        probabilities = logic.lastRun.probabilities
+        self.assertTrue(probabilities)
+        for row in probabilities:
+            self.assertTrue(0.0 <= row.probability <= 1.0)
+        self.assertIn("Research use only", logic.lastRun.probability_summary())
         self.delayDisplay("HRpQCTRadiomics self-test passed")

@@ -1,23 +1,21 @@
 """3D Slicer module: HR-pQCT distal tibia/fibula segmentation into seven regions.
 
-Thin by design: all science lives in the Qt-free engine package ``HRpQCTSegmenterLib`` (also
-usable as the ``hrpqct`` command), and so does everything of this module that can run
-without Qt, tested in CI against Slicer's real data model (``slicer-core``):
+Thin by design: the panel, its parameter node and calls into the engine. Everything that can
+run without Qt lives in the engine package ``HRpQCTSegmenterLib`` (also the ``hrpqct``
+command) and is tested in CI against Slicer's real data model (``slicer-core``):
 
-* ``slicer_process``: the user's choices and their validation, the ``hrpqct segment`` command
-  line, the background process (progress lines, error lines, exit codes -> advice, cancel),
-  the list of Python packages the engine needs;
-* ``slicer_segmenter.SegmentationRun``: one run, volume node in -> segmentation node out
-  (seven segments with terminology, reference geometry, under the input's study, 3D), never
-  replacing an edited segmentation without asking;
-* ``slicer_bridge``: MRML helpers (storage-node I/O, subject hierarchy, fingerprints, the
-  Scanco reader's volume node);
-* ``sample_data``: the generated, checksummed sample scan.
+* ``slicer_process``: the choices (units and calibration, model, device) read from the
+  parameter node and checked, the ``hrpqct segment`` command line, the background process,
+  the dependency offer, the Apply button's state;
+* ``slicer_segmenter``: one run, volume node in -> segmentation node out (seven segments
+  with terminology, reference geometry, under the input's study, 3D), never replacing an
+  edited segmentation without asking; the text of that question;
+* ``slicer_bridge``: MRML helpers; ``sample_data``: the generated, checksummed sample scan
+  and its Sample Data entry.
 
-This file adds what needs Qt or the Slicer application: the panel and its parameter node,
-the ``QTimer`` that polls the background process (so the GUI never freezes), dialogs (consent
-to install dependencies, replacing an edited segmentation, errors), the Scanco file reader
-for drag and drop, the Sample Data registration, and the self-test.
+Here: the ``QTimer`` polling the background process (the GUI never freezes), dialogs,
+installers that need Slicer (PyTorch extension, pip), the start-up hooks and the self-test.
+Scanco ``.AIM``/``.ISQ`` drag and drop is the hidden module ``HRpQCTScancoImport``.
 """
 
 import logging
@@ -28,7 +26,7 @@ import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -39,19 +37,19 @@ from slicer.util import VTKObservationMixin
 
 # Light engine modules only (no torch, transformers or SimpleITK at import time).
 from HRpQCTSegmenterLib.slicer_process import (
+    CALIBRATED_UNITS,
+    CALIBRATION_RANGES,
     DEVICE_CHOICES,
     ENGINE_DEPENDENCIES,
     MODEL_CHOICES,
-    SCANCO_DEPENDENCIES,
     UNITS_CHOICES,
     JobState,
     SegmenterParameters,
-    missing_dependencies,
-    pip_requirements,
+    apply_button_state,
+    ensure_dependencies,
 )
 
 MODULE_NAME = "HRpQCTSegmenter"
-SAMPLE_CATEGORY = "HR-pQCT"
 _DEFAULTS = SegmenterParameters()
 
 
@@ -70,7 +68,8 @@ class HRpQCTSegmenter(ScriptedLoadableModule):
             "SegFormer network followed by rule-based post-processing. The work runs in a "
             "background process: Apply turns into Cancel while it runs. The result is an "
             "editable segmentation with coded terminology. Scanco .AIM/.ISQ files can be "
-            "dropped on Slicer and load in HU. "
+            "dropped on Slicer and load in HU; volumes in native or density units need the "
+            "scanner's calibration constants. "
             "See <a href='https://github.com/hrpqct/SlicerHRpQCT'>the project page</a>.")
         self.parent.acknowledgementText = (
             "For research use only; not for clinical use. The bundled models were trained on "
@@ -90,107 +89,41 @@ def _loadTerminology():
         logging.warning(f"HRpQCTSegmenter: custom terminology not loaded: {exc}")
 
 
-# ------------------------------------------------------------------------------------------
-# Sample data
-# ------------------------------------------------------------------------------------------
 def _sampleCacheFolder():
     return slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory()
 
 
 def registerSampleData():
-    """Add the sample scan to the Sample Data module.
-
-    There is no download: the scan is a synthetic phantom *generated* on this computer from a
-    fixed seed (see ``HRpQCTSegmenterLib.sample_data``), written into Slicer's cache folder
-    and then loaded through Sample Data, which checks the recorded SHA256. The ``file://``
-    address only points at that cache file.
-    """
+    """Add the sample scan to Sample Data: generated here from a fixed seed, checksum-verified
+    (``HRpQCTSegmenterLib.sample_data``); nothing is downloaded."""
     try:
         import SampleData
 
         from HRpQCTSegmenterLib import sample_data
 
-        path = os.path.join(_sampleCacheFolder(), sample_data.SAMPLE_FILE_NAME)
+        icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", f"{MODULE_NAME}.png")
         SampleData.SampleDataLogic.registerCustomSampleDataSource(
-            category=SAMPLE_CATEGORY,
-            sampleName=sample_data.SAMPLE_NAME,
-            thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons",
-                                           f"{MODULE_NAME}.png"),
-            uris=qt.QUrl.fromLocalFile(path).toString(),
-            fileNames=sample_data.SAMPLE_FILE_NAME,
-            nodeNames=sample_data.SAMPLE_NODE_NAME,
-            checksums=sample_data.sample_checksum(),
-            loadFileTypes="VolumeFile",
-            customDownloader=lambda source: HRpQCTSegmenterLogic().loadSampleScan(source),
-        )
+            **sample_data.sample_data_source(_sampleCacheFolder(), icon),
+            customDownloader=lambda source: HRpQCTSegmenterLogic().loadSampleScan(source))
     except Exception as exc:  # Sample Data is optional; never block start-up
         logging.warning(f"HRpQCTSegmenter: sample data not registered: {exc}")
 
 
-# ------------------------------------------------------------------------------------------
-# Scanco file reader (drag and drop of .AIM / .ISQ)
-# ------------------------------------------------------------------------------------------
-class HRpQCTSegmenterFileReader:
-    """Loads Scanco AIM/ISQ files as scalar volumes in HU with the header's geometry.
-
-    Found by Slicer by its name (``<module>FileReader``). The reading itself is the engine's
-    (``HRpQCTSegmenterLib.io.read_scan`` via ``slicer_bridge.load_scan_file``), tested in CI.
-    """
-
-    def __init__(self, parent):
-        self.parent = parent
-
-    def description(self):
-        return "Scanco HR-pQCT image (HU)"
-
-    def fileType(self):
-        return "HRpQCTScancoFile"
-
-    def extensions(self):
-        from HRpQCTSegmenterLib.slicer_bridge import SCANCO_NAME_FILTERS
-
-        return list(SCANCO_NAME_FILTERS)
-
-    def canLoadFile(self, filePath):
-        from HRpQCTSegmenterLib.slicer_bridge import is_scanco_file
-
-        return is_scanco_file(filePath)
-
-    def canLoadFileConfidence(self, filePath):
-        # Above the default (0.5 + 0.01 per extension character) of generic readers.
-        return 0.8 if self.canLoadFile(filePath) else 0.0
-
-    def load(self, properties):
-        filePath = properties["fileName"]
-        try:
-            if not HRpQCTSegmenterLogic().ensureDependencies(SCANCO_DEPENDENCIES):
-                raise RuntimeError("Reading Scanco files needs the 'aimio-py' Python package, "
-                                   "whose installation was declined.")
-            from HRpQCTSegmenterLib import slicer_bridge
-
-            volumeNode, warnings = slicer_bridge.load_scan_file(
-                slicer.mrmlScene, filePath, name=properties.get("name"))
-        except Exception as exc:
-            logging.error(f"HRpQCTSegmenter: {filePath}: {exc}")
-            self.parent.userMessages().AddMessage(vtk.vtkCommand.ErrorEvent,
-                                                  f"Cannot load {filePath}: {exc}")
-            return False
-        for warning in warnings:
-            self.parent.userMessages().AddMessage(vtk.vtkCommand.WarningEvent, warning)
-        slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
-        self.parent.loadedNodes = [volumeNode.GetID()]
-        return True
-
-
-# ------------------------------------------------------------------------------------------
-# Parameter node
-# ------------------------------------------------------------------------------------------
 @parameterNodeWrapper
 class HRpQCTSegmenterParameterNode:
-    """The panel's choices, saved with the scene (defaults and checks: SegmenterParameters)."""
+    """The panel's choices, saved with the scene. Read by
+    ``SegmenterParameters.from_parameter_node`` (names: ``PARAMETER_NODE_FIELDS``), which
+    also holds the defaults and the checks."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     inputUnits: Annotated[str, Choice(list(UNITS_CHOICES))] = _DEFAULTS.units
+    muScaling: Annotated[float, WithinRange(*CALIBRATION_RANGES["mu_scaling"])] = (
+        _DEFAULTS.mu_scaling)
+    muWater: Annotated[float, WithinRange(*CALIBRATION_RANGES["mu_water"])] = _DEFAULTS.mu_water
+    densitySlope: Annotated[float, WithinRange(*CALIBRATION_RANGES["density_slope"])] = (
+        _DEFAULTS.density_slope)
+    densityIntercept: Annotated[float, WithinRange(*CALIBRATION_RANGES["density_intercept"])] = (
+        _DEFAULTS.density_intercept)
     outputSegmentation: vtkMRMLSegmentationNode
     model: Annotated[str, Choice(list(MODEL_CHOICES))] = _DEFAULTS.model
     modelFolder: str = _DEFAULTS.model_folder
@@ -198,9 +131,6 @@ class HRpQCTSegmenterParameterNode:
     show3D: bool = True
 
 
-# ------------------------------------------------------------------------------------------
-# Widget
-# ------------------------------------------------------------------------------------------
 class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The module panel; the work itself runs in a background process polled by a timer."""
 
@@ -291,23 +221,22 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelFolderLabel.enabled = useFolder
         if parameters and self.ui.modelFolderPathLineEdit.currentPath != parameters.modelFolder:
             self.ui.modelFolderPathLineEdit.currentPath = parameters.modelFolder
-        for widget in (self.ui.parametersCollapsibleButton, self.ui.modelCollapsibleButton,
-                       self.ui.loadSampleButton):
+        self.ui.calibrationCollapsibleButton.visible = (
+            bool(parameters) and parameters.inputUnits in CALIBRATED_UNITS)
+        for widget in (self.ui.parametersCollapsibleButton, self.ui.calibrationCollapsibleButton,
+                       self.ui.modelCollapsibleButton, self.ui.loadSampleButton):
             widget.enabled = not running
-        if running:
-            self.ui.applyButton.text = "Cancel"
-            self.ui.applyButton.toolTip = "Stop the segmentation; nothing is changed."
-            self.ui.applyButton.enabled = True
-            return
-        self.ui.applyButton.text = "Apply"
-        problems = (self.logic.parameters(parameters).problems() if parameters else
-                    ["No parameter node."])
+        problems = (self.logic.parameters(parameters).problems() if parameters
+                    else ["No parameter node."])
         if parameters and not parameters.inputVolume:
             problems.insert(0, "Select an input volume.")
-        self.ui.applyButton.enabled = not problems
-        self.ui.applyButton.toolTip = (" ".join(problems) if problems else
-                                       "Segment the input volume into seven regions in a "
-                                       "background process.")
+        state = apply_button_state(
+            problems, running=running,
+            ready_tooltip="Segment the input volume into seven regions in a background process.",
+            cancel_tooltip="Stop the segmentation; nothing is changed.")
+        self.ui.applyButton.text = state.text
+        self.ui.applyButton.enabled = state.enabled
+        self.ui.applyButton.toolTip = state.tooltip
 
     # -- running ---------------------------------------------------------------------------
     def onApplyButton(self):
@@ -353,8 +282,7 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         self._run = None
         if state == JobState.SUCCEEDED:
-            node = run.segmentation_node
-            self._parameterNode.outputSegmentation = node
+            self._parameterNode.outputSegmentation = run.segmentation_node
             slicer.util.setSliceViewerLayers(background=run.input_volume_node)
             self._resetThreeDView()
             self.setStatus(run.message)
@@ -373,27 +301,23 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- dialogs and messages --------------------------------------------------------------
     def confirmReplace(self, segmentationNode, state):
         """Ask before replacing a segmentation the user edited (or made)."""
-        from HRpQCTSegmenterLib.slicer_bridge import OutputState
-        from HRpQCTSegmenterLib.slicer_segmenter import CANCEL, NEW_NODE, REPLACE
+        from HRpQCTSegmenterLib.slicer_segmenter import CANCEL, REPLACE, replace_question
 
-        what = ("was edited since the segmenter made it" if state == OutputState.EDITED
-                else "holds segments the segmenter did not make")
+        question = replace_question(segmentationNode.GetName(), state)
         box = qt.QMessageBox(slicer.util.mainWindow())
         box.setIcon(qt.QMessageBox.Warning)
-        box.setWindowTitle("Replace segmentation?")
-        box.setText(f"Segmentation '{segmentationNode.GetName()}' {what}.\n\n"
-                    "Replacing it loses those changes.")
-        replaceButton = box.addButton("Replace it", qt.QMessageBox.DestructiveRole)
-        newButton = box.addButton("Keep it, create a new segmentation", qt.QMessageBox.AcceptRole)
-        box.addButton(qt.QMessageBox.Cancel)
-        box.setDefaultButton(newButton)
+        box.setWindowTitle(question.title)
+        box.setText(question.text)
+        roles = {REPLACE: qt.QMessageBox.DestructiveRole, CANCEL: qt.QMessageBox.RejectRole}
+        buttons = []
+        for text, answer in question.buttons:
+            button = box.addButton(text, roles.get(answer, qt.QMessageBox.AcceptRole))
+            buttons.append((button, answer))
+            if answer == question.default:
+                box.setDefaultButton(button)
         box.exec_()
         clicked = box.clickedButton()
-        if clicked == replaceButton:
-            return REPLACE
-        if clicked == newButton:
-            return NEW_NODE
-        return CANCEL
+        return next((answer for button, answer in buttons if button == clicked), CANCEL)
 
     def appendLog(self, line):
         self.ui.logTextEdit.appendPlainText(line)
@@ -414,14 +338,12 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.app.processEvents()
             volumeNode = self.logic.loadSampleScan()
             self._parameterNode.inputVolume = volumeNode
+            self._parameterNode.inputUnits = "auto"
             self.setStatus(f"Loaded {volumeNode.GetName()} (synthetic phantom, HU).")
 
 
-# ------------------------------------------------------------------------------------------
-# Logic
-# ------------------------------------------------------------------------------------------
 class HRpQCTSegmenterLogic(ScriptedLoadableModuleLogic):
-    """Slicer-side glue for scripts, tests and the widget (no widgets here)."""
+    """Slicer-side calls into the engine, for the widget, scripts and tests (no widgets)."""
 
     def getParameterNode(self):
         return HRpQCTSegmenterParameterNode(super().getParameterNode())
@@ -429,9 +351,7 @@ class HRpQCTSegmenterLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def parameters(parameterNode):
         """The engine's :class:`SegmenterParameters` from the parameter node."""
-        return SegmenterParameters(units=parameterNode.inputUnits, model=parameterNode.model,
-                                   model_folder=parameterNode.modelFolder or "",
-                                   device=parameterNode.device)
+        return SegmenterParameters.from_parameter_node(parameterNode)
 
     # -- dependencies ----------------------------------------------------------------------
     def ensureDependencies(self, dependencies=ENGINE_DEPENDENCIES, askConsent=True):
@@ -440,30 +360,13 @@ class HRpQCTSegmenterLogic(ScriptedLoadableModuleLogic):
         Called when Apply is pressed (never at import): torch through the PyTorch extension
         (it picks the build for this computer's GPU), the rest with pip.
         """
-        missing = missing_dependencies(dependencies)
-        if not missing:
-            return True
-        names = ", ".join(d.requirement for d in missing)
-        if askConsent and not slicer.util.confirmOkCancelDisplay(
-                f"The HR-pQCT Segmenter needs these Python packages, which are not installed: "
-                f"{names}.\n\nInstall them now? This downloads them from the Python Package "
-                "Index (PyTorch can take several minutes) and may ask you to restart Slicer.",
-                windowTitle="Install dependencies"):
-            return False
-        if any(d.installer == "pytorch" for d in missing):
-            self._installTorch()
-        requirements = pip_requirements(missing)
-        if requirements:
-            self._pipInstall(requirements)
-        still = missing_dependencies(dependencies)
-        if still:
-            from HRpQCTSegmenterLib.errors import HRpQCTError
+        def confirm(message):
+            return not askConsent or slicer.util.confirmOkCancelDisplay(
+                message, windowTitle="Install dependencies")
 
-            raise HRpQCTError(
-                "Installing " + ", ".join(d.requirement for d in still) + " did not succeed. "
-                "Restart Slicer and press Apply again; if it keeps failing, see the Python "
-                "console for pip's message.")
-        return True
+        return ensure_dependencies(dependencies, confirm=confirm,
+                                   install_torch=self._installTorch,
+                                   pip_install=self._pipInstall)
 
     @staticmethod
     def _installTorch():
@@ -501,12 +404,10 @@ class HRpQCTSegmenterLogic(ScriptedLoadableModuleLogic):
     def startSegmentation(self, inputVolume, outputSegmentation=None, parameters=None,
                           confirmReplace=None, onLog=None, show3D=True):
         """Start a background run; poll the returned ``SegmentationRun`` (or ``wait()``)."""
-        from HRpQCTSegmenterLib.slicer_segmenter import SegmentationRun
+        from HRpQCTSegmenterLib.slicer_segmenter import start_segmentation
 
-        return SegmentationRun(slicer.mrmlScene, inputVolume, outputSegmentation,
-                               parameters or SegmenterParameters(),
-                               confirm_replace=confirmReplace, on_log=onLog,
-                               show_3d=show3D).start()
+        return start_segmentation(slicer.mrmlScene, inputVolume, outputSegmentation, parameters,
+                                  confirm_replace=confirmReplace, on_log=onLog, show_3d=show3D)
 
     def process(self, inputVolume, outputSegmentation=None, parameters=None,
                 confirmReplace=None, show3D=True, waitForCompletion=True, timeoutSeconds=None):
@@ -515,15 +416,14 @@ class HRpQCTSegmenterLogic(ScriptedLoadableModuleLogic):
         Raises the engine's error (with its advice) when the run fails. Without
         ``waitForCompletion`` returns the running ``SegmentationRun``.
         """
-        from HRpQCTSegmenterLib.errors import HRpQCTError
+        from HRpQCTSegmenterLib.slicer_segmenter import run_segmentation
 
-        run = self.startSegmentation(inputVolume, outputSegmentation, parameters,
-                                     confirmReplace=confirmReplace, show3D=show3D)
         if not waitForCompletion:
-            return run
-        if run.wait(timeoutSeconds) != JobState.SUCCEEDED:
-            raise HRpQCTError(run.message + "\n" + "\n".join(run.log_lines()[-20:]))
-        return run.segmentation_node
+            return self.startSegmentation(inputVolume, outputSegmentation, parameters,
+                                          confirmReplace=confirmReplace, show3D=show3D)
+        return run_segmentation(slicer.mrmlScene, inputVolume, outputSegmentation, parameters,
+                                confirm_replace=confirmReplace, show_3d=show3D,
+                                timeout_s=timeoutSeconds)
 
     # -- sample data -----------------------------------------------------------------------
     def loadSampleScan(self, source=None):
@@ -553,8 +453,9 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
     """Self-test run by Slicer (Developer mode: Reload and Test; CTest on the Factory).
 
     The whole flow: sample scan -> segmentation in the background process -> an edit that
-    the next run must not overwrite -> radiomics -> table -> CSV -> probability (the
-    radiomics part is a marked hook: that module's engine is being built).
+    the next run must not overwrite -> radiomics -> table -> CSV -> probability, through the
+    same Logic calls as the panels (which call the engine functions the CI tests run
+    headless). The Scanco reader's test is in ``HRpQCTScancoImport``.
     """
 
     def setUp(self):
@@ -566,7 +467,7 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_label_map_becomes_seven_named_segments()
         self.setUp()
-        self.test_scanco_file_loads_in_hu()
+        self.test_parameter_node_gives_the_command_line()
         self.setUp()
         self.test_whole_flow()
 
@@ -600,27 +501,30 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
             self.assertEqual(segment.GetName(), region.name)
             self.assertEqual(segment.GetTerminology(), region.terminology.to_slicer_tag())
 
-    def test_scanco_file_loads_in_hu(self):
-        import tempfile
+    def test_parameter_node_gives_the_command_line(self):
+        """Panel choices (real parameter node) -> engine parameters -> calibration options."""
+        from HRpQCTSegmenterLib.slicer_process import build_segment_command
 
-        import numpy as np
-
-        from HRpQCTSegmenterLib import io
-        from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
-
-        self.assertTrue(HRpQCTSegmenterLogic().ensureDependencies(SCANCO_DEPENDENCIES,
-                                                                  askConsent=False))
-        scan = generate_phantom(PhantomParams().small(200, 4), 3).scan
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, "PHANTOM.AIM")
-            io.write_scan_aim(scan, path)
-            node = slicer.util.loadNodeFromFile(path, "HRpQCTScancoFile")
-        self.assertIsNotNone(node)
-        loaded = slicer.util.arrayFromVolume(node)
-        self.assertEqual(loaded.shape, scan.shape)
-        self.assertLess(float(np.abs(loaded - scan.hu).max()), 2.0)  # native int16 rounding
-        self.assertAlmostEqual(node.GetSpacing()[0], scan.spacing_mm[2], places=4)
-        self.assertEqual(node.GetAttribute("HRpQCT.Units"), "hu")
+        parameterNode = HRpQCTSegmenterLogic().getParameterNode()
+        previous = {name: getattr(parameterNode, name) for name in (
+            "inputUnits", "muScaling", "muWater", "densitySlope", "densityIntercept")}
+        parameterNode.inputUnits = "native"
+        parameterNode.muScaling = 4096.0
+        parameterNode.muWater = 0.2347
+        parameterNode.densitySlope = 1600.0
+        parameterNode.densityIntercept = -390.5
+        parameters = HRpQCTSegmenterLogic.parameters(parameterNode)
+        calibration = parameters.calibration()
+        self.assertEqual((calibration.mu_scaling, calibration.mu_water,
+                          calibration.density_slope, calibration.density_intercept),
+                         (4096.0, 0.2347, 1600.0, -390.5))
+        command = build_segment_command("python", "in.nrrd", "out.seg.nrrd", parameters)
+        self.assertEqual(command[command.index("--mu-scaling") + 1], "4096.0")
+        self.assertEqual(command[command.index("--units") + 1], "native")
+        with self.assertRaises(ValueError):  # the panel cannot hold a value the engine refuses
+            parameterNode.muWater = 0.0
+        for name, value in previous.items():
+            setattr(parameterNode, name, value)
 
     def _modelParameters(self):
         """The bundled model, or -- when this build has none -- an untrained tiny model.
@@ -688,21 +592,32 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
         self.delayDisplay("HRpQCTSegmenter self-test passed")
 
     def _radiomicsHook(self, volume, segmentation):
-        """RADIOMICS HOOK: edited segmentation -> HRpQCTRadiomics -> table -> CSV -> probability.
+        """Edited segmentation -> HRpQCTRadiomics -> table -> CSV -> probability.
 
-        One region on two slices keeps it quick. No classifier is bundled, so the probability
-        step is reported as skipped (the HRpQCTRadiomics tests cover it with a trained one).
+        The region with the most voxels on two slices keeps it quick (an untrained test model
+        may leave some regions empty). No classifier is bundled, so the probability comes
+        from the radiomics self-test's tiny classifier trained on synthetic numbers.
         """
         import tempfile
 
-        import HRpQCTRadiomics
-        from HRpQCTRadiomicsLib.slicer_radiomics import bundled_classifier_paths
-        from HRpQCTRadiomicsLib.table import read_feature_csv
-        from HRpQCTSegmenterLib.regions import region_by_name
+        import numpy as np
 
+        import HRpQCTRadiomics
+        from HRpQCTRadiomicsLib.slicer_radiomics import MODE_PREDICTION
+        from HRpQCTRadiomicsLib.table import read_feature_csv
+        from HRpQCTSegmenterLib import regions, slicer_bridge
+
+        self.delayDisplay("Radiomics of the edited segmentation")
+        labels = slicer_bridge.labels_from_segmentation_node(
+            slicer.modules.segmentations.logic(), segmentation, volume)[:2]
+        counts = {r: int(np.count_nonzero(labels == r.label)) for r in regions.REGIONS}
+        region = max(counts, key=counts.get)
+        if counts[region] == 0:
+            self.delayDisplay("Radiomics step skipped: the test model found no region on the "
+                              "first slices (expected of an untrained model).")
+            return
         radiomicsLogic = HRpQCTRadiomics.HRpQCTRadiomicsLogic()
-        parameters = radiomicsLogic.parameters(regions=[region_by_name("adipose").label],
-                                               slices=[0, 1], n_jobs=1)
+        parameters = radiomicsLogic.parameters(regions=[region.label], slices=[0, 1], n_jobs=1)
         table = radiomicsLogic.process(volume, segmentation, parameters)
         self.assertTrue(table is not None and table.IsA("vtkMRMLTableNode"))
         self.assertEqual(table.GetNumberOfRows(), 2)
@@ -710,11 +625,11 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
             csvPath = radiomicsLogic.exportCsv(radiomicsLogic.lastRun.table,
                                                os.path.join(folder, "features.csv"))
             self.assertEqual(len(read_feature_csv(csvPath).ids), 2)
-        classifiers = bundled_classifier_paths()
-        if not classifiers:
-            self.delayDisplay("Radiomics hook: no bundled classifier, probability skipped")
-            return
-        parameters.classifier_paths = [str(classifiers[0])]
-        radiomicsLogic.process(volume, segmentation, parameters)
+            classifier = HRpQCTRadiomics.HRpQCTRadiomicsTest.tinyClassifier(
+                os.path.join(folder, "tiny.json"), region.key)
+            radiomicsLogic.process(volume, segmentation, radiomicsLogic.parameters(
+                mode=MODE_PREDICTION, classifier_paths=[str(classifier)], slices=[0, 1],
+                n_jobs=1))
+        self.assertTrue(radiomicsLogic.lastRun.probabilities)
         for row in radiomicsLogic.lastRun.probabilities:
             self.assertTrue(0.0 <= row.probability <= 1.0)

@@ -17,6 +17,9 @@ plain Python with ``slicer-core``:
 * :func:`fill_feature_table_node`, :func:`fill_probability_table_node`,
   :func:`write_features_csv` -- results in MRML tables (the CSV schema of :mod:`.table`) and
   as an atomically written CSV.
+* :func:`start_radiomics` (the Apply button) and :func:`run_radiomics` (scripts, self-tests),
+  which the module's Logic calls; :func:`check_pyradiomics` says how to get pyradiomics into
+  Slicer when it is missing.
 
 Why a worker thread and not a ``hrpqct radiomics`` subprocess like the segmenter: the heavy
 work already runs in the engine's worker processes (``n_jobs``), so the thread only waits; it
@@ -65,6 +68,9 @@ __all__ = [
     "fill_probability_table_node",
     "write_features_csv",
     "RadiomicsRun",
+    "check_pyradiomics",
+    "start_radiomics",
+    "run_radiomics",
 ]
 
 MODE_PREDICTION = "prediction"
@@ -271,6 +277,22 @@ class RadiomicsParameters:
     regions: list[int] | None = None
     slices: list[int] | None = None
     n_jobs: int | None = None
+
+    @classmethod
+    def from_parameter_node(cls, parameter_node: Any = None,
+                            **overrides: Any) -> RadiomicsParameters:
+        """The choices of the module's parameter node (``mode``, ``classifierPath``), or the
+        defaults without one, then ``overrides`` (field name -> value)."""
+        parameters = cls()
+        if parameter_node is not None:
+            parameters.mode = parameter_node.mode
+            path = parameter_node.classifierPath
+            parameters.classifier_paths = [path] if path else []
+        for name, value in overrides.items():
+            if not hasattr(parameters, name):
+                raise TypeError(f"RadiomicsParameters has no field {name!r}")
+            setattr(parameters, name, value)
+        return parameters
 
     def problems(self) -> list[str]:
         """What is wrong with the choices, each with what to do (empty when valid)."""
@@ -649,3 +671,61 @@ class RadiomicsRun:
         lines.append(probability_caveat())
         return "\n".join(lines)
 
+
+
+# ------------------------------------------------------------------------------------------
+# what the module's Logic calls
+# ------------------------------------------------------------------------------------------
+def check_pyradiomics() -> None:
+    """Raise :class:`HRpQCTError` saying how to install pyradiomics when it is missing
+    (found without importing it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("radiomics") is None:
+        raise HRpQCTError(
+            "pyradiomics is not installed in this Python: in Slicer, install the "
+            "SlicerRadiomics extension (Extensions Manager) and restart Slicer; elsewhere, "
+            "pip install the engine's radiomics dependencies.")
+
+
+def start_radiomics(scene: Any, segmentations_logic: Any, volume_node: Any,
+                    segmentation_node: Any, parameters: RadiomicsParameters | None = None, *,
+                    table_node: Any = None, probability_table_node: Any = None) -> RadiomicsRun:
+    """Start the extraction in a worker thread (the Apply button); poll the returned run.
+
+    Raises
+    ------
+    HRpQCTError
+        pyradiomics missing, invalid choices, or a segmentation without the needed regions
+        (the message says what to do).
+    """
+    check_pyradiomics()
+    return RadiomicsRun(scene, segmentations_logic, volume_node, segmentation_node,
+                        parameters, table_node=table_node,
+                        probability_table_node=probability_table_node).start()
+
+
+def run_radiomics(scene: Any, segmentations_logic: Any, volume_node: Any,
+                  segmentation_node: Any, parameters: RadiomicsParameters | None = None, *,
+                  timeout_s: float | None = None, **options: Any) -> RadiomicsRun:
+    """Run to the end (scripts, batch use, self-tests); returns the finished run, whose
+    ``table_node``, ``table``, ``probabilities`` and ``probability_table_node`` hold the
+    results. ``options`` are those of :func:`start_radiomics`.
+
+    Raises
+    ------
+    HRpQCTError
+        When the run fails, is cancelled or does not finish within ``timeout_s``.
+    """
+    run = start_radiomics(scene, segmentations_logic, volume_node, segmentation_node,
+                          parameters, **options)
+    state = run.wait(timeout_s)
+    if state == JobState.RUNNING:
+        run.cancel()
+        raise HRpQCTError(f"The feature extraction did not finish within {timeout_s} s; it "
+                          "was cancelled.")
+    if state == JobState.CANCELLED:
+        raise CancelledError(run.message)
+    if state != JobState.SUCCEEDED:
+        raise HRpQCTError(run.message)
+    return run

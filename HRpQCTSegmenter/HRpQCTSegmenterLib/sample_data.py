@@ -15,6 +15,10 @@ the self-tests and tutorials were written against. It is not a download integrit
 numpy/scipy (Slicer bundles its own) could in principle change a few voxels; then the
 checksum fails and :func:`write_sample_scan` says so instead of silently handing over a
 different scan. The scan is synthetic: no patient data, no clinical meaning.
+
+:func:`sample_data_source` gives the arguments of Slicer's
+``SampleDataLogic.registerCustomSampleDataSource``: the module file only adds the function
+that makes the file before Sample Data loads it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +41,9 @@ __all__ = [
     "SAMPLE_NODE_NAME",
     "SAMPLE_SLICES",
     "SAMPLE_SHA256",
+    "SAMPLE_CATEGORY",
     "sample_checksum",
+    "sample_data_source",
     "nrrd_bytes_header",
     "write_raw_nrrd",
     "generate_sample_scan",
@@ -55,6 +62,10 @@ SAMPLE_SLICES = 16
 SAMPLE_SHA256 = "57ec663d2e9ce5613f8a5693d383e723d0a9deb719272a27fdcee285d35cebac"
 
 
+#: Category of the sample in Slicer's Sample Data module.
+SAMPLE_CATEGORY = "HR-pQCT"
+
+
 def sample_checksum() -> str:
     """The checksum in Slicer's ``<algo>:<digest>`` form."""
     return f"SHA256:{SAMPLE_SHA256}"
@@ -63,6 +74,26 @@ def sample_checksum() -> str:
 def _number(value: float) -> str:
     # repr() is the shortest text that round-trips, the same on every platform.
     return repr(float(value))
+
+
+def sample_data_source(cache_folder: str | Path, thumbnail_path: str | Path) -> dict[str, Any]:
+    """Keyword arguments of ``SampleDataLogic.registerCustomSampleDataSource`` for the sample.
+
+    The address is a ``file://`` URL of the file in Slicer's cache folder (where
+    :func:`write_sample_scan` puts it): nothing is downloaded. Sample Data checks the file
+    against :data:`SAMPLE_SHA256` before loading it.
+    """
+    path = Path(cache_folder).absolute() / SAMPLE_FILE_NAME
+    return {
+        "category": SAMPLE_CATEGORY,
+        "sampleName": SAMPLE_NAME,
+        "thumbnailFileName": str(thumbnail_path),
+        "uris": path.as_uri(),
+        "fileNames": SAMPLE_FILE_NAME,
+        "nodeNames": SAMPLE_NODE_NAME,
+        "checksums": sample_checksum(),
+        "loadFileTypes": "VolumeFile",
+    }
 
 
 def nrrd_bytes_header(scan: Scan, dtype: np.dtype, comment: str = "") -> bytes:

@@ -5,8 +5,9 @@ temporary file, starts Slicer's Python (``PythonSlicer``) on ``python -m HRpQCTS
 segment ... --progress machine`` and polls the process from a ``QTimer``. Everything that
 does not need Qt lives here so it runs (and is tested) in plain Python:
 
-* the module's choices (:class:`SegmenterParameters`: units, model, device) with their
-  defaults and validation;
+* the module's choices (:class:`SegmenterParameters`: units and calibration, model, device)
+  with their defaults and validation, read from the module's parameter node
+  (:meth:`SegmenterParameters.from_parameter_node`, names in :data:`PARAMETER_NODE_FIELDS`);
 * the command line (:func:`build_segment_command`) and the child's environment;
 * parsing the child's output: JSON progress lines after :data:`~.progress.PROGRESS_PREFIX`
   and the ``hrpqct segment: error: ...`` line, and turning exit codes (documented in
@@ -14,13 +15,17 @@ does not need Qt lives here so it runs (and is tested) in plain Python:
 * :class:`BackgroundProcess`, a polled process with an injectable launcher (tests start a real
   process on a small script or on the real command), cancel and wait;
 * the Python packages the engine needs (:func:`missing_dependencies`), so the module can offer
-  to install them when Apply is first pressed -- never at import time.
+  to install them when Apply is first pressed -- never at import time -- and the order of
+  that offer (:func:`ensure_dependencies`: ask, then install, with the installers passed in);
+* the Apply button's text, state and tooltip (:func:`apply_button_state`), shared by both
+  modules.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import queue
 import shutil
@@ -35,11 +40,15 @@ from typing import Any, Protocol
 
 from .errors import ArtefactError, HRpQCTError
 from .progress import PROGRESS_PREFIX
+from .scan import Calibration
 
 __all__ = [
     "UNITS_CHOICES",
     "MODEL_CHOICES",
     "DEVICE_CHOICES",
+    "CALIBRATED_UNITS",
+    "CALIBRATION_RANGES",
+    "PARAMETER_NODE_FIELDS",
     "SegmenterParameters",
     "build_segment_command",
     "engine_environment",
@@ -57,6 +66,10 @@ __all__ = [
     "SCANCO_DEPENDENCIES",
     "missing_dependencies",
     "pip_requirements",
+    "consent_message",
+    "ensure_dependencies",
+    "ButtonState",
+    "apply_button_state",
 ]
 
 #: Input units the module offers (``auto``: from the volume's attributes or the value range).
@@ -73,6 +86,35 @@ MODEL_METADATA_FILE = "hrpqct_model.json"
 # ------------------------------------------------------------------------------------------
 # parameters
 # ------------------------------------------------------------------------------------------
+#: Units whose conversion to HU needs the scanner's calibration constants.
+CALIBRATED_UNITS = ("native", "density")
+_DEFAULT_CALIBRATION = Calibration()
+#: Accepted range of each calibration constant (the panel's spin boxes use the same limits).
+#: Wide on purpose: they catch typing slips (a zero, a sign), not unusual scanners.
+CALIBRATION_RANGES: dict[str, tuple[float, float]] = {
+    "mu_scaling": (1.0, 1.0e6),
+    "mu_water": (1.0e-3, 10.0),
+    "density_slope": (1.0e-3, 1.0e5),
+    "density_intercept": (-1.0e5, 1.0e5),
+}
+#: The command-line option of each calibration constant (``commands._common``).
+_CALIBRATION_OPTIONS = {"mu_scaling": "--mu-scaling", "mu_water": "--mu-water",
+                        "density_slope": "--density-slope",
+                        "density_intercept": "--density-intercept"}
+#: Parameter-node attribute (the module's ``HRpQCTSegmenterParameterNode``) -> field of
+#: :class:`SegmenterParameters`. The module's parameter node must declare every one of them.
+PARAMETER_NODE_FIELDS: dict[str, str] = {
+    "inputUnits": "units",
+    "model": "model",
+    "modelFolder": "model_folder",
+    "device": "device",
+    "muScaling": "mu_scaling",
+    "muWater": "mu_water",
+    "densitySlope": "density_slope",
+    "densityIntercept": "density_intercept",
+}
+
+
 @dataclass
 class SegmenterParameters:
     """The user's choices for one segmentation run (the parameter node mirrors these).
@@ -87,12 +129,65 @@ class SegmenterParameters:
         The user's model folder when ``model == "folder"``.
     device:
         One of :data:`DEVICE_CHOICES`.
+    mu_scaling, mu_water, density_slope, density_intercept:
+        The scanner's calibration (see :class:`~.scan.Calibration`), used only when ``units``
+        is ``native`` or ``density`` (:data:`CALIBRATED_UNITS`). Defaults: Scanco XtremeCT II
+        values, which the user should replace with those of the scan's header or the
+        scanner's calibration report.
     """
 
     units: str = "auto"
     model: str = "bundled"
     model_folder: str = ""
     device: str = "auto"
+    mu_scaling: float = _DEFAULT_CALIBRATION.mu_scaling
+    mu_water: float = _DEFAULT_CALIBRATION.mu_water
+    density_slope: float = _DEFAULT_CALIBRATION.density_slope
+    density_intercept: float = _DEFAULT_CALIBRATION.density_intercept
+
+    @classmethod
+    def from_parameter_node(cls, parameter_node: Any) -> SegmenterParameters:
+        """The choices held by the module's parameter node (attributes of
+        :data:`PARAMETER_NODE_FIELDS`); works with any object having those attributes."""
+        values = {name: getattr(parameter_node, attribute)
+                  for attribute, name in PARAMETER_NODE_FIELDS.items()}
+        values["model_folder"] = values["model_folder"] or ""
+        return cls(**values)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the units need the calibration constants to be converted to HU."""
+        return self.units in CALIBRATED_UNITS
+
+    def calibration(self) -> Calibration | None:
+        """The user's calibration when the units need one, else None.
+
+        Raises
+        ------
+        HRpQCTError
+            When a constant is out of :data:`CALIBRATION_RANGES` or not a number.
+        """
+        if not self.needs_calibration:
+            return None
+        found = self._calibration_problems()
+        if found:
+            raise HRpQCTError(" ".join(found))
+        return Calibration(**{name: float(getattr(self, name)) for name in CALIBRATION_RANGES},
+                           source="user")
+
+    def _calibration_problems(self) -> list[str]:
+        found = []
+        for name, (low, high) in CALIBRATION_RANGES.items():
+            value = getattr(self, name)
+            try:
+                ok = math.isfinite(float(value)) and low <= float(value) <= high
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                found.append(f"Calibration {name} = {value!r} is outside {low:g}..{high:g}: "
+                             "enter the value from the scan's header or the scanner's "
+                             "calibration report.")
+        return found
 
     def problems(self) -> list[str]:
         """What is wrong with the choices, each with what to do (empty when valid)."""
@@ -100,6 +195,8 @@ class SegmenterParameters:
         if self.units not in UNITS_CHOICES:
             found.append(f"Unknown input units {self.units!r}: choose one of "
                          f"{', '.join(UNITS_CHOICES)}.")
+        elif self.needs_calibration:
+            found += self._calibration_problems()
         if self.model not in MODEL_CHOICES:
             found.append(f"Unknown model choice {self.model!r}: choose bundled or folder.")
         elif self.model == "folder":
@@ -148,7 +245,9 @@ def build_segment_command(python: str | os.PathLike, input_path: str | os.PathLi
     output_path:
         Where the command writes the 7-region ``.seg.nrrd``.
     parameters:
-        The user's choices (validated here).
+        The user's choices (validated here). With native or density units the four
+        calibration constants are passed on (``--mu-scaling`` ...), written so they read back
+        exactly.
     qc_json:
         Optional per-slice confidence report.
     """
@@ -156,6 +255,10 @@ def build_segment_command(python: str | os.PathLike, input_path: str | os.PathLi
     command = [str(python), "-m", "HRpQCTSegmenterLib", "segment", str(input_path),
                str(output_path), "--progress", "machine", "--units", parameters.units,
                "--device", parameters.device_argument(), "--overwrite"]
+    calibration = parameters.calibration()
+    if calibration is not None:
+        for name, option in _CALIBRATION_OPTIONS.items():
+            command += [option, repr(float(getattr(calibration, name)))]
     if parameters.model == "folder":
         command += ["--model", str(parameters.model_folder)]
     if qc_json is not None:
@@ -252,8 +355,9 @@ EXIT_CODE_ADVICE: dict[int, str] = {
     3: "The input could not be read: check that the volume is a complete 3D scan.",
     4: "The input volume is not a usable HR-pQCT scan (it must be a 3D stack with finite "
        "values); load the complete scan.",
-    5: "Choose the input units that match the volume (HU, native or density). A Scanco "
-       ".AIM/.ISQ loaded by drag and drop is already in HU.",
+    5: "Choose the input units that match the volume (HU, native or density) and, for native "
+       "or density, enter the scanner's calibration constants. A Scanco .AIM/.ISQ loaded by "
+       "drag and drop is already in HU.",
     6: "The segmentation model is missing or damaged: choose a model folder written by "
        "'hrpqct train-segmenter', or reinstall the extension for the bundled model.",
 }
@@ -553,3 +657,81 @@ def missing_dependencies(dependencies: Iterable[Dependency] = ENGINE_DEPENDENCIE
 def pip_requirements(dependencies: Iterable[Dependency]) -> list[str]:
     """pip requirement strings of the dependencies pip installs (not torch)."""
     return [d.requirement for d in dependencies if d.installer == "pip"]
+
+
+def consent_message(missing: Sequence[Dependency], requester: str = "The HR-pQCT Segmenter"
+                    ) -> str:
+    """The question asked before installing ``missing`` (what, from where, how long)."""
+    names = ", ".join(d.requirement for d in missing)
+    slow = (" PyTorch comes through Slicer's PyTorch extension and can take several minutes."
+            if any(d.installer == "pytorch" for d in missing) else "")
+    return (f"{requester} needs these Python packages, which are not installed: {names}.\n\n"
+            "Install them now? They are downloaded from the Python Package Index." + slow
+            + " Slicer may ask to be restarted afterwards.")
+
+
+def ensure_dependencies(dependencies: Iterable[Dependency], *,
+                        confirm: Callable[[str], bool],
+                        install_torch: Callable[[], None],
+                        pip_install: Callable[[list[str]], None],
+                        requester: str = "The HR-pQCT Segmenter",
+                        find_spec: Callable[[str], Any] = importlib.util.find_spec) -> bool:
+    """Offer to install the missing dependencies; True when all are present afterwards.
+
+    Nothing is installed without ``confirm(message)`` returning True (the module shows a
+    dialog; scripts and self-tests pass ``lambda message: True``). torch goes through
+    ``install_torch`` (Slicer's PyTorch extension picks the build for the GPU), the rest
+    through ``pip_install(requirements)``.
+
+    Returns
+    -------
+    bool
+        False when the user declined (nothing was installed).
+
+    Raises
+    ------
+    HRpQCTError
+        When packages are still missing after installing.
+    """
+    dependencies = list(dependencies)
+    missing = missing_dependencies(dependencies, find_spec=find_spec)
+    if not missing:
+        return True
+    if not confirm(consent_message(missing, requester)):
+        return False
+    if any(d.installer == "pytorch" for d in missing):
+        install_torch()
+    requirements = pip_requirements(missing)
+    if requirements:
+        pip_install(requirements)
+    importlib.invalidate_caches()
+    still = missing_dependencies(dependencies, find_spec=find_spec)
+    if still:
+        raise HRpQCTError(
+            "Installing " + ", ".join(d.requirement for d in still) + " did not succeed. "
+            "Restart Slicer and press Apply again; if it keeps failing, see the Python "
+            "console for pip's message.")
+    return True
+
+
+# ------------------------------------------------------------------------------------------
+# the Apply button
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ButtonState:
+    """Text, enabled state and tooltip of a module's Apply button."""
+
+    text: str
+    enabled: bool
+    tooltip: str
+
+
+def apply_button_state(problems: Sequence[str], *, running: bool, ready_tooltip: str,
+                       cancel_tooltip: str) -> ButtonState:
+    """Apply while idle (disabled, with the problems as tooltip, until the choices are
+    valid), Cancel while a run is going."""
+    if running:
+        return ButtonState("Cancel", True, cancel_tooltip)
+    if problems:
+        return ButtonState("Apply", False, " ".join(problems))
+    return ButtonState("Apply", True, ready_tooltip)

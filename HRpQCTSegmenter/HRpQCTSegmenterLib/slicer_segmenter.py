@@ -14,8 +14,10 @@
    fingerprint, so the next run can tell whether the user edited it;
 5. always remove the temporary files.
 
-The scene and the Segmentations logic are passed in, so the same code runs in Slicer and in
-tests with ``slicer-core``. MRML access goes through :mod:`.slicer_bridge`.
+The scene is passed in, so the same code runs in Slicer and in tests with ``slicer-core``.
+MRML access goes through :mod:`.slicer_bridge`. The module's Logic calls
+:func:`start_segmentation` (Apply) and :func:`run_segmentation` (scripts, self-tests);
+:func:`replace_question` is the text of its "replace an edited segmentation?" dialog.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,8 @@ from .slicer_process import (
 )
 
 __all__ = ["REPLACE", "NEW_NODE", "CANCEL", "ConfirmReplace", "SegmentationRun",
-           "effective_units"]
+           "effective_units", "start_segmentation", "run_segmentation", "ReplaceQuestion",
+           "replace_question"]
 
 #: Answers of the ``confirm_replace`` callback.
 REPLACE, NEW_NODE, CANCEL = "replace", "new", "cancel"
@@ -142,10 +146,8 @@ class SegmentationRun:
 
     def command(self, input_path: Path) -> list[str]:
         """The command line for ``input_path`` (units resolved from the volume node)."""
-        parameters = SegmenterParameters(
-            units=effective_units(self.parameters, self.input_volume_node),
-            model=self.parameters.model, model_folder=self.parameters.model_folder,
-            device=self.parameters.device)
+        parameters = replace(self.parameters,
+                             units=effective_units(self.parameters, self.input_volume_node))
         return build_segment_command(self._python, input_path, self.output_path, parameters)
 
     def start(self) -> SegmentationRun:
@@ -258,3 +260,77 @@ class SegmentationRun:
     def log_lines(self) -> Sequence[str]:
         """Everything the process printed (for the log box and bug reports)."""
         return self.process.log if self.process is not None else []
+
+
+# ------------------------------------------------------------------------------------------
+# what the module's Logic calls
+# ------------------------------------------------------------------------------------------
+def start_segmentation(scene: Any, input_volume_node: Any, output_segmentation_node: Any = None,
+                       parameters: SegmenterParameters | None = None, *,
+                       confirm_replace: ConfirmReplace | None = None,
+                       on_log: Callable[[str], None] | None = None, show_3d: bool = True,
+                       launcher: Launcher = popen_launcher, python: str | None = None,
+                       env: Mapping[str, str] | None = None) -> SegmentationRun:
+    """Start a background run (the Apply button); poll the returned run from a timer.
+
+    Raises
+    ------
+    CancelledError
+        When the user answered *Cancel* to replacing an edited segmentation.
+    HRpQCTError
+        For invalid choices (what to change is in the message).
+    """
+    return SegmentationRun(scene, input_volume_node, output_segmentation_node, parameters,
+                           confirm_replace=confirm_replace, launcher=launcher, python=python,
+                           env=env, show_3d=show_3d, on_log=on_log).start()
+
+
+def run_segmentation(scene: Any, input_volume_node: Any, output_segmentation_node: Any = None,
+                     parameters: SegmenterParameters | None = None, *,
+                     timeout_s: float | None = None, **options: Any) -> Any:
+    """Segment to the end and return the segmentation node (scripts, batch use, self-tests).
+
+    ``options`` are those of :func:`start_segmentation`.
+
+    Raises
+    ------
+    HRpQCTError
+        When the run fails or is cancelled; the message says what to do and ends with the
+        last lines the process printed.
+    """
+    run = start_segmentation(scene, input_volume_node, output_segmentation_node, parameters,
+                             **options)
+    state = run.wait(timeout_s)
+    if state == JobState.CANCELLED:
+        raise CancelledError(run.message)
+    if state != JobState.SUCCEEDED:
+        raise HRpQCTError(run.message + "\n" + "\n".join(list(run.log_lines())[-20:]))
+    return run.segmentation_node
+
+
+@dataclass(frozen=True)
+class ReplaceQuestion:
+    """The dialog asking before a segmentation the user changed is replaced.
+
+    ``buttons`` pairs each button's text with the answer it gives (:data:`REPLACE`,
+    :data:`NEW_NODE`, :data:`CANCEL`); ``default`` is the answer of the default button.
+    """
+
+    title: str
+    text: str
+    buttons: tuple[tuple[str, str], ...]
+    default: str
+
+
+def replace_question(segmentation_name: str, state: str) -> ReplaceQuestion:
+    """The question for a segmentation in ``state`` (:attr:`OutputState.EDITED` or
+    :attr:`OutputState.FOREIGN`); keeping the user's work is the default."""
+    what = ("was edited since the segmenter made it" if state == OutputState.EDITED
+            else "holds segments the segmenter did not make")
+    return ReplaceQuestion(
+        title="Replace segmentation?",
+        text=(f"Segmentation '{segmentation_name}' {what}.\n\nReplacing it loses those "
+              "changes."),
+        buttons=(("Replace it", REPLACE), ("Keep it, create a new segmentation", NEW_NODE),
+                 ("Cancel", CANCEL)),
+        default=NEW_NODE)

@@ -1,11 +1,17 @@
 """Slicer module files compile without Slicer; the engine packages stay free of GUI imports.
 
-Only the module files (``HRpQCTSegmenter.py``, ``HRpQCTRadiomics.py``) may use Slicer's
+Only the module files (the top-level ``.py`` files of ``HRpQCTSegmenter/`` and
+``HRpQCTRadiomics/``: the two panels and the hidden Scanco reader module) may use Slicer's
 application layer (``slicer.app``, ``slicer.modules``, ``slicer.util``, ``qt``, ``ctk``). The
-engine packages run in plain Python (command line, CI, workers without a display). One engine
-module, :mod:`HRpQCTSegmenterLib.slicer_bridge`, talks to Slicer's Qt-free data model: it may
-import ``slicer``/``vtk`` *inside functions* (so the engine imports without Slicer), and still
-never the application layer.
+engine packages run in plain Python (command line, CI, workers without a display). Two engine
+modules, :mod:`HRpQCTSegmenterLib.slicer_bridge` and :mod:`HRpQCTRadiomicsLib.slicer_radiomics`,
+talk to Slicer's Qt-free data model: they may import ``slicer``/``vtk`` *inside functions* (so
+the engine imports without Slicer), and still never the application layer.
+
+Module files need the Slicer application to import, so they are checked statically: they
+compile, each is a module Slicer can load (a ``ScriptedLoadableModule`` class named like the
+file; a file reader named ``<file>FileReader``, the only name Slicer looks for), their ``.ui``
+has every widget they use, and their Logic calls the engine functions the CI tests exercise.
 """
 
 import ast
@@ -18,7 +24,31 @@ from pathlib import Path
 
 import pytest
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The two modules with a panel (Module, Widget, Logic, Test classes and a .ui file).
 MODULE_FILES = ["HRpQCTSegmenter/HRpQCTSegmenter.py", "HRpQCTRadiomics/HRpQCTRadiomics.py"]
+#: Every scripted module file: each top-level .py of a module folder is loaded by Slicer as a
+#: module of its own.
+ALL_MODULE_FILES = sorted(p.relative_to(REPO_ROOT).as_posix()
+                          for folder in ("HRpQCTSegmenter", "HRpQCTRadiomics")
+                          for p in (REPO_ROOT / folder).glob("*.py"))
+#: Methods Slicer calls on a scripted file reader (canLoadFileConfidence is optional).
+FILE_READER_METHODS = {"description", "fileType", "extensions", "canLoadFile", "load"}
+#: Module Logic method -> the engine function it must call (the one the CI tests run).
+LOGIC_CALLS = {
+    "HRpQCTSegmenter/HRpQCTSegmenter.py": {
+        "parameters": "SegmenterParameters.from_parameter_node",
+        "ensureDependencies": "ensure_dependencies",
+        "startSegmentation": "start_segmentation",
+        "process": "run_segmentation",
+    },
+    "HRpQCTRadiomics/HRpQCTRadiomics.py": {
+        "parameters": "RadiomicsParameters.from_parameter_node",
+        "startRun": "start_radiomics",
+        "process": "run_radiomics",
+        "exportCsv": "write_features_csv",
+    },
+}
 ENGINE_PACKAGES = ["HRpQCTSegmenter/HRpQCTSegmenterLib", "HRpQCTRadiomics/HRpQCTRadiomicsLib"]
 #: Engine modules allowed to import Slicer's Qt-free core (slicer, vtk) lazily.
 SLICER_CORE_BRIDGES = {"HRpQCTSegmenter/HRpQCTSegmenterLib/slicer_bridge.py",
@@ -55,17 +85,79 @@ def _imports(tree: ast.AST):
     yield from visit(tree, False)
 
 
-@pytest.mark.parametrize("relative", MODULE_FILES)
+def _classes(repo_root: Path, relative: str) -> dict[str, ast.ClassDef]:
+    tree = ast.parse((repo_root / relative).read_text(encoding="utf-8"))
+    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
+def _base_names(node: ast.ClassDef) -> list[str]:
+    return [getattr(b, "id", getattr(b, "attr", "")) for b in node.bases]
+
+
+def _methods(node: ast.ClassDef) -> dict[str, ast.FunctionDef]:
+    return {f.name: f for f in node.body if isinstance(f, ast.FunctionDef)}
+
+
+def test_the_module_files_are_found():
+    assert set(MODULE_FILES) < set(ALL_MODULE_FILES)
+    assert "HRpQCTSegmenter/HRpQCTScancoImport.py" in ALL_MODULE_FILES
+
+
+@pytest.mark.parametrize("relative", ALL_MODULE_FILES)
 def test_module_file_compiles_without_slicer(repo_root, relative, tmp_path):
     py_compile.compile(str(repo_root / relative), cfile=str(tmp_path / "module.pyc"),
                        doraise=True)
 
 
+@pytest.mark.parametrize("relative", ALL_MODULE_FILES)
+def test_module_file_is_a_module_slicer_can_load(repo_root, relative):
+    name = Path(relative).stem
+    classes = _classes(repo_root, relative)
+    # Slicer instantiates the class named like the file; a file without it fails to load.
+    assert name in classes, f"{relative}: class {name} missing"
+    assert "ScriptedLoadableModule" in _base_names(classes[name])
+    assert f"{name}Test" in classes, f"{relative}: self-test class {name}Test missing"
+    assert "ScriptedLoadableModuleTest" in _base_names(classes[f"{name}Test"])
+    assert "runTest" in _methods(classes[f"{name}Test"])
+    readers = [c for c in classes if c.endswith("FileReader")]
+    for reader in readers:
+        # qSlicerScriptedFileReader looks up exactly <module name>FileReader.
+        assert reader == f"{name}FileReader", f"{relative}: Slicer never finds {reader}"
+        missing = FILE_READER_METHODS - set(_methods(classes[reader]))
+        assert not missing, f"{relative}: {reader} lacks {sorted(missing)}"
+    source = (repo_root / relative).read_text(encoding="utf-8")
+    if f"{name}Widget" not in classes:  # no panel: keep it out of the module list
+        assert "self.parent.hidden = True" in source
+    assert "not for clinical use" in source and "synthetic phantoms" in source
+    cmake = (repo_root / Path(relative).parent / "CMakeLists.txt").read_text(encoding="utf-8")
+    script = "${MODULE_NAME}.py" if name == Path(relative).parent.name else f"{name}.py"
+    assert f"slicer_add_python_unittest(SCRIPT {script})" in cmake, (
+        f"{relative}: its self-test is not registered as a CTest")
+
+
+def test_scanco_files_are_read_by_a_hidden_reader_module(repo_root):
+    classes = _classes(repo_root, "HRpQCTSegmenter/HRpQCTScancoImport.py")
+    assert "HRpQCTScancoImportFileReader" in classes
+    panel = _classes(repo_root, "HRpQCTSegmenter/HRpQCTSegmenter.py")
+    assert not [c for c in panel if c.endswith("FileReader")], "one Scanco reader only"
+
+
+@pytest.mark.parametrize("relative", MODULE_FILES)
+def test_module_logic_calls_the_engine_functions(repo_root, relative):
+    name = Path(relative).stem
+    logic = _methods(_classes(repo_root, relative)[f"{name}Logic"])
+    for method, function in LOGIC_CALLS[relative].items():
+        assert method in logic, f"{name}Logic.{method} missing"
+        body = ast.unparse(logic[method])
+        assert f"{function}(" in body, f"{name}Logic.{method} does not call {function}"
+    for method in logic.values():  # the scene comes from Slicer, never built here
+        assert "vtkMRMLScene(" not in ast.unparse(method)
+
+
 @pytest.mark.parametrize("relative", MODULE_FILES)
 def test_module_file_defines_the_four_slicer_classes(repo_root, relative):
     name = Path(relative).stem
-    tree = ast.parse((repo_root / relative).read_text(encoding="utf-8"))
-    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    classes = _classes(repo_root, relative)
     for suffix, base in (("", "ScriptedLoadableModule"), ("Widget", "ScriptedLoadableModuleWidget"),
                          ("Logic", "ScriptedLoadableModuleLogic"),
                          ("Test", "ScriptedLoadableModuleTest")):

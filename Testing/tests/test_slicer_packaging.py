@@ -37,7 +37,8 @@ def _expected(repo_root: Path, module: str, package: str) -> tuple[set[str], set
         return path.is_file() and "__pycache__" not in path.parts and not any(
             part.startswith(".") for part in path.relative_to(module_dir).parts)
 
-    scripts = {f"{module}.py"} | {
+    # Every top-level .py file is a scripted module of its own (e.g. a hidden file-reader module).
+    scripts = {f"{module}.py"} | {p.name for p in module_dir.glob("*.py") if visible(p)} | {
         p.relative_to(module_dir).as_posix() for p in (module_dir / package).rglob("*.py")
         if visible(p)}
     resources = {

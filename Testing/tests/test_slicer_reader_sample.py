@@ -2,8 +2,9 @@
 
 The reader's Qt-free part (``slicer_bridge.load_scan_file``) loads a real AIM into a real
 MRML scene; the sample scan is generated and checked against its recorded SHA256 and read
-back by Slicer's own volume storage node; the module file is checked statically (AST and the
-``.ui`` XML) since it needs the Slicer application to import.
+back by Slicer's own volume storage node, and its Sample Data entry is checked; the module
+files (the panel and the hidden reader module ``HRpQCTScancoImport``) are checked statically
+(AST and the ``.ui`` XML) since they need the Slicer application to import.
 """
 
 from __future__ import annotations
@@ -18,9 +19,17 @@ import pytest
 from HRpQCTSegmenterLib import sample_data, slicer_bridge
 from HRpQCTSegmenterLib.errors import ArtefactError
 from HRpQCTSegmenterLib.scan import Scan
-from HRpQCTSegmenterLib.slicer_process import DEVICE_CHOICES, MODEL_CHOICES, UNITS_CHOICES
+from HRpQCTSegmenterLib.slicer_process import (
+    CALIBRATION_RANGES,
+    DEVICE_CHOICES,
+    MODEL_CHOICES,
+    PARAMETER_NODE_FIELDS,
+    UNITS_CHOICES,
+    SegmenterParameters,
+)
 
 MODULE_FILE = "HRpQCTSegmenter/HRpQCTSegmenter.py"
+READER_FILE = "HRpQCTSegmenter/HRpQCTScancoImport.py"
 UI_FILE = "HRpQCTSegmenter/Resources/UI/HRpQCTSegmenter.ui"
 
 
@@ -119,6 +128,26 @@ def test_generated_sample_scan_matches_its_recorded_checksum(tmp_path):
     assert calls == []
 
 
+def test_sample_data_entry_points_at_the_cache_file_with_its_checksum(tmp_path):
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    icon = tmp_path / "icon.png"
+    source = sample_data.sample_data_source(tmp_path / "cache", icon)
+    # The keyword arguments of SampleDataLogic.registerCustomSampleDataSource.
+    assert set(source) == {"category", "sampleName", "thumbnailFileName", "uris", "fileNames",
+                           "nodeNames", "checksums", "loadFileTypes"}
+    assert source["category"] == "HR-pQCT" and source["sampleName"] == sample_data.SAMPLE_NAME
+    address = urlparse(source["uris"])
+    assert address.scheme == "file"  # nothing is downloaded
+    assert Path(url2pathname(address.path)) == (tmp_path / "cache").absolute() / source[
+        "fileNames"]
+    assert source["fileNames"] == sample_data.SAMPLE_FILE_NAME
+    assert source["checksums"] == f"SHA256:{sample_data.SAMPLE_SHA256}"
+    assert source["thumbnailFileName"] == str(icon)
+    assert source["loadFileTypes"] == "VolumeFile"
+
+
 def test_a_sample_that_differs_from_the_reference_is_refused(tmp_path):
     scan = Scan(hu=np.zeros((2, 3, 4), dtype=np.int16), spacing_mm=(0.1, 0.1, 0.1))
     with pytest.raises(ArtefactError, match="differs from the reference"):
@@ -140,18 +169,28 @@ def _parameter_names(widget: ET.Element) -> str | None:
     return None
 
 
-def _module_tree(repo_root: Path) -> ast.Module:
-    return ast.parse((repo_root / MODULE_FILE).read_text(encoding="utf-8"))
+def _module_tree(repo_root: Path, relative: str = MODULE_FILE) -> ast.Module:
+    return ast.parse((repo_root / relative).read_text(encoding="utf-8"))
+
+
+def _parameter_node_fields(repo_root: Path) -> dict[str, ast.AnnAssign]:
+    wrapper = next(node for node in _module_tree(repo_root).body
+                   if isinstance(node, ast.ClassDef)
+                   and node.name == "HRpQCTSegmenterParameterNode")
+    assert "parameterNodeWrapper" in [getattr(d, "id", "") for d in wrapper.decorator_list]
+    return {node.target.id: node for node in wrapper.body if isinstance(node, ast.AnnAssign)}
+
+
+def _base_type(annotation: ast.expr) -> str:
+    """``float`` for ``Annotated[float, ...]``, else the annotation's text."""
+    if (isinstance(annotation, ast.Subscript) and getattr(annotation.value, "id", "")
+            == "Annotated"):
+        return ast.unparse(annotation.slice.elts[0])
+    return ast.unparse(annotation)
 
 
 def test_every_parameter_widget_matches_the_parameter_node(repo_root):
-    tree = _module_tree(repo_root)
-    wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef)
-                   and node.name == "HRpQCTSegmenterParameterNode")
-    decorators = [getattr(d, "id", "") for d in wrapper.decorator_list]
-    assert "parameterNodeWrapper" in decorators
-    fields = {node.target.id: ast.unparse(node.annotation) for node in wrapper.body
-              if isinstance(node, ast.AnnAssign)}
+    fields = _parameter_node_fields(repo_root)
     connected = {}
     for name, widget in _ui_widgets(repo_root).items():
         parameter = _parameter_names(widget)
@@ -159,15 +198,53 @@ def test_every_parameter_widget_matches_the_parameter_node(repo_root):
             connected[parameter] = (name, widget.get("class"))
     assert set(connected) <= set(fields), "a widget names a parameter the node lacks"
     expected_class = {"vtkMRMLScalarVolumeNode": "qMRMLNodeComboBox",
-                      "vtkMRMLSegmentationNode": "qMRMLNodeComboBox", "bool": "QCheckBox"}
+                      "vtkMRMLSegmentationNode": "qMRMLNodeComboBox", "bool": "QCheckBox",
+                      "float": "QDoubleSpinBox"}
     for parameter, (widget_name, widget_class) in connected.items():
-        annotation = fields[parameter]
-        wanted = "QComboBox" if "Choice" in annotation else expected_class.get(annotation)
+        annotation = ast.unparse(fields[parameter].annotation)
+        wanted = ("QComboBox" if "Choice" in annotation
+                  else expected_class.get(_base_type(fields[parameter].annotation)))
         assert widget_class == wanted, f"{widget_name} cannot show {parameter}: {annotation}"
     # Everything the user chooses is either connected or wired by hand in the module.
     source = (repo_root / MODULE_FILE).read_text(encoding="utf-8")
     for parameter in set(fields) - set(connected):
         assert f"self._parameterNode.{parameter}" in source, f"{parameter} is never set"
+
+
+def test_parameter_node_holds_what_the_engine_reads(repo_root):
+    fields = _parameter_node_fields(repo_root)
+    defaults = SegmenterParameters()
+    for attribute, name in PARAMETER_NODE_FIELDS.items():
+        assert attribute in fields, f"the parameter node lacks {attribute}"
+        default = fields[attribute].value
+        assert default is not None and f"_DEFAULTS.{name}" in ast.unparse(default), (
+            f"{attribute}'s default must be the engine's ({getattr(defaults, name)!r})")
+    for name in CALIBRATION_RANGES:  # the panel's limits are the engine's
+        attribute = next(a for a, n in PARAMETER_NODE_FIELDS.items() if n == name)
+        assert f'WithinRange(*CALIBRATION_RANGES[{name!r}])' in ast.unparse(
+            fields[attribute].annotation).replace('"', "'")
+
+
+def test_calibration_spin_boxes_accept_the_engine_range(repo_root):
+    widgets = _ui_widgets(repo_root)
+    by_parameter = {_parameter_names(w): w for w in widgets.values() if _parameter_names(w)}
+    defaults = SegmenterParameters()
+    for attribute, name in PARAMETER_NODE_FIELDS.items():
+        if name not in CALIBRATION_RANGES:
+            continue
+        widget = by_parameter[attribute]
+        props = {prop.get("name"): prop for prop in widget.findall("property")}
+        low, high = CALIBRATION_RANGES[name]
+        assert float(props["minimum"].findtext("double")) == low
+        assert float(props["maximum"].findtext("double")) == high
+        # enough decimals to show the default exactly (e.g. -391.209015)
+        decimals = int(props["decimals"].findtext("number"))
+        value = getattr(defaults, name)
+        assert round(value, decimals) == value, f"{attribute}: {decimals} decimals hide {value}"
+    group = widgets["calibrationCollapsibleButton"]
+    inside = {w.get("name") for w in group.iter("widget")}
+    assert {by_parameter[a].get("name") for a in ("muScaling", "muWater", "densitySlope",
+                                                   "densityIntercept")} <= inside
 
 
 def test_choice_lists_come_from_the_engine(repo_root):
@@ -179,17 +256,24 @@ def test_choice_lists_come_from_the_engine(repo_root):
     assert DEVICE_CHOICES == ("auto", "cpu", "gpu")
 
 
-def test_module_file_defines_a_scripted_file_reader(repo_root):
-    tree = _module_tree(repo_root)
+def test_the_reader_module_defines_the_scanco_file_reader(repo_root):
+    tree = _module_tree(repo_root, READER_FILE)
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-    reader = classes["HRpQCTSegmenterFileReader"]  # Slicer finds it by this name
-    methods = {node.name for node in reader.body if isinstance(node, ast.FunctionDef)}
-    assert {"description", "fileType", "extensions", "canLoadFile", "load"} <= methods
+    reader = classes["HRpQCTScancoImportFileReader"]  # Slicer finds it by this name
+    methods = {node.name: node for node in reader.body if isinstance(node, ast.FunctionDef)}
+    assert {"description", "fileType", "extensions", "canLoadFile", "load"} <= set(methods)
+    load = ast.unparse(methods["load"])
+    # The reading is the engine's, after the optional aimio-py dependency is offered.
+    assert "slicer_bridge.load_scan_file(" in load and "SCANCO_DEPENDENCIES" in load
+    assert "loadedNodes" in load
+    cmake = (repo_root / "HRpQCTSegmenter/CMakeLists.txt").read_text(encoding="utf-8")
+    assert "HRpQCTScancoImport.py" in cmake  # installed, so Slicer finds the module
 
 
-def test_module_file_imports_no_heavy_dependency_at_import_time(repo_root):
+@pytest.mark.parametrize("relative", [MODULE_FILE, READER_FILE])
+def test_module_file_imports_no_heavy_dependency_at_import_time(repo_root, relative):
     heavy = {"torch", "transformers", "onnxruntime", "SimpleITK", "radiomics", "safetensors"}
-    tree = _module_tree(repo_root)
+    tree = _module_tree(repo_root, relative)
     for node in tree.body:  # module level only: functions may import lazily
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]

@@ -9,10 +9,12 @@ randomly initialised model. Results land in a real MRML scene (``slicer-core``).
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,14 +26,19 @@ from HRpQCTSegmenterLib.progress import PROGRESS_PREFIX
 from HRpQCTSegmenterLib.scan import Scan
 from HRpQCTSegmenterLib.slicer_bridge import OutputState
 from HRpQCTSegmenterLib.slicer_process import (
+    CALIBRATION_RANGES,
+    ENGINE_DEPENDENCIES,
+    PARAMETER_NODE_FIELDS,
     BackgroundProcess,
     Dependency,
     JobState,
     ProgressUpdate,
     SegmenterParameters,
+    apply_button_state,
     build_segment_command,
     describe_failure,
     engine_environment,
+    ensure_dependencies,
     missing_dependencies,
     overall_fraction,
     parse_error_line,
@@ -45,6 +52,9 @@ from HRpQCTSegmenterLib.slicer_segmenter import (
     REPLACE,
     SegmentationRun,
     effective_units,
+    replace_question,
+    run_segmentation,
+    start_segmentation,
 )
 
 ENGINE_PARENT = Path(regions.__file__).resolve().parents[1]
@@ -66,6 +76,48 @@ def _script_launcher(tmp_path: Path, body: str):
 
     launch.commands = commands
     return launch
+
+
+#: A stand-in for ``hrpqct segment`` that parses its command line with the real parser and
+#: reads its input with the real reader (units, calibration), prints what it read as one JSON
+#: line, and writes the region map saved in ``regions.npy`` (next to the script).
+CLI_CHILD = """
+    import json, sys
+    from pathlib import Path
+    import numpy as np
+    from HRpQCTSegmenterLib.cli import build_parser
+    from HRpQCTSegmenterLib.commands._common import calibration_from_args
+    from HRpQCTSegmenterLib.io import read_scan
+    from HRpQCTSegmenterLib.io.segnrrd import write_seg_nrrd
+
+    args = build_parser().parse_args(sys.argv[1:])
+    scan = read_scan(args.input, units=args.units, calibration=calibration_from_args(args))
+    print(json.dumps({"units": args.units, "hu_mean": float(np.mean(scan.hu)),
+                      "hu_min": float(np.min(scan.hu)), "hu_max": float(np.max(scan.hu)),
+                      "shape": list(scan.shape)}), flush=True)
+    regions = np.load(Path(__file__).with_name("regions.npy"))
+    write_seg_nrrd(regions, scan, args.output)
+    """
+
+
+def _cli_launcher(tmp_path: Path, regions: np.ndarray):
+    """A launcher running :data:`CLI_CHILD` on the module's command line (argv from 'segment')."""
+    script = tmp_path / "cli_child.py"
+    script.write_text(textwrap.dedent(CLI_CHILD), encoding="utf-8")
+    np.save(tmp_path / "regions.npy", regions)
+    commands = []
+
+    def launch(command, env):
+        commands.append(list(command))
+        return popen_launcher([sys.executable, str(script), *command[3:]], env)
+
+    launch.commands = commands
+    return launch
+
+
+def _child_report(run) -> dict:
+    """The JSON line :data:`CLI_CHILD` printed."""
+    return next(json.loads(line) for line in run.log_lines() if line.startswith("{"))
 
 
 def _copying_launcher(tmp_path: Path, source: Path, delay_s: float = 0.0):
@@ -162,6 +214,125 @@ def test_parameter_problems_say_what_to_do(tmp_path):
         SegmenterParameters(units="kelvin").validate()
     with pytest.raises(HRpQCTError, match="Unknown device"):
         SegmenterParameters(device="tpu").validate()
+
+
+def _parameter_node(**values):
+    """A stand-in for the module's parameter node: its attributes, the engine's defaults."""
+    defaults = SegmenterParameters()
+    fields = {attribute: getattr(defaults, name)
+              for attribute, name in PARAMETER_NODE_FIELDS.items()}
+    return SimpleNamespace(**{**fields, **values})
+
+
+def test_parameters_come_from_the_parameter_node():
+    assert SegmenterParameters.from_parameter_node(_parameter_node()) == SegmenterParameters()
+    node = _parameter_node(inputUnits="density", model="folder", modelFolder="/m", device="cpu",
+                           muScaling=4096.0, muWater=0.2347, densitySlope=1600.0,
+                           densityIntercept=-390.5)
+    assert SegmenterParameters.from_parameter_node(node) == SegmenterParameters(
+        units="density", model="folder", model_folder="/m", device="cpu", mu_scaling=4096.0,
+        mu_water=0.2347, density_slope=1600.0, density_intercept=-390.5)
+    # an empty path widget gives None or "": both mean "no folder"
+    assert SegmenterParameters.from_parameter_node(
+        _parameter_node(modelFolder=None)).model_folder == ""
+
+
+@pytest.mark.parametrize("units", ["native", "density"])
+def test_command_line_carries_the_calibration_and_the_command_reads_it_back(units):
+    from HRpQCTSegmenterLib.cli import build_parser
+    from HRpQCTSegmenterLib.commands._common import calibration_from_args
+
+    node = _parameter_node(inputUnits=units, muScaling=4096.0, muWater=0.23470000000000002,
+                           densitySlope=1603.51904, densityIntercept=-391.209015)
+    parameters = SegmenterParameters.from_parameter_node(node)
+    command = build_segment_command("py", "in.nrrd", "out.seg.nrrd", parameters)
+    args = build_parser().parse_args(command[3:])  # what `python -m HRpQCTSegmenterLib` sees
+    assert args.units == units
+    calibration = calibration_from_args(args)
+    assert calibration == parameters.calibration()  # exact: the values survive the text
+    assert calibration.to_dict() == {"mu_scaling": 4096.0, "mu_water": 0.23470000000000002,
+                                     "density_slope": 1603.51904,
+                                     "density_intercept": -391.209015, "source": "user"}
+
+
+@pytest.mark.parametrize("units", ["auto", "hu"])
+def test_no_calibration_is_passed_for_hu_or_auto(units):
+    parameters = SegmenterParameters(units=units, mu_water=-1.0)  # ignored, so no complaint
+    assert parameters.problems() == [] and parameters.calibration() is None
+    command = build_segment_command("py", "in.nrrd", "out.seg.nrrd", parameters)
+    assert not any(part.startswith(("--mu-", "--density-")) for part in command)
+
+
+def test_calibration_problems_say_what_to_do():
+    low, high = CALIBRATION_RANGES["mu_water"]
+    for bad in (0.0, -0.2409, high * 2, float("nan"), float("inf")):
+        problems = SegmenterParameters(units="native", mu_water=bad).problems()
+        assert len(problems) == 1 and "mu_water" in problems[0]
+        assert "header" in problems[0] and "calibration report" in problems[0]
+        with pytest.raises(HRpQCTError, match="mu_water"):
+            build_segment_command("py", "a", "b", SegmenterParameters(units="native",
+                                                                     mu_water=bad))
+    assert SegmenterParameters(units="density", density_intercept=-391.2).problems() == []
+    # every range holds the engine's defaults
+    defaults = SegmenterParameters()
+    for name, (low, high) in CALIBRATION_RANGES.items():
+        assert low <= getattr(defaults, name) <= high
+
+
+def test_dependencies_are_installed_only_after_consent():
+    present = {"numpy", "scipy", "SimpleITK", "safetensors"}
+    calls = []
+
+    def find_spec(name):
+        return object() if name in present else None
+
+    def install_torch():
+        calls.append("torch")
+        present.add("torch")
+
+    def pip_install(requirements):
+        calls.append(list(requirements))
+        present.update(r.split(">")[0].split("<")[0] for r in requirements)
+
+    questions = []
+    declined = ensure_dependencies(ENGINE_DEPENDENCIES, confirm=lambda m: questions.append(m)
+                                   or False, install_torch=install_torch,
+                                   pip_install=pip_install, find_spec=find_spec)
+    assert declined is False and calls == []  # nothing without consent
+    assert "torch" in questions[0] and "transformers" in questions[0]
+    assert "PyTorch extension" in questions[0]
+    assert ensure_dependencies(ENGINE_DEPENDENCIES, confirm=lambda m: True,
+                               install_torch=install_torch, pip_install=pip_install,
+                               find_spec=find_spec)
+    assert calls == ["torch", ["transformers>=4.40,<6"]]
+    # all present: no question at all
+    assert ensure_dependencies(ENGINE_DEPENDENCIES, confirm=lambda m: pytest.fail("asked"),
+                               install_torch=install_torch, pip_install=pip_install,
+                               find_spec=find_spec)
+    # an install that does not take says so
+    with pytest.raises(HRpQCTError, match="did not succeed"):
+        ensure_dependencies([Dependency("surely_not_installed_pkg_x", "x")],
+                            confirm=lambda m: True, install_torch=install_torch,
+                            pip_install=lambda r: None)
+
+
+def test_apply_button_reads_cancel_while_running_and_explains_why_it_is_disabled():
+    ready = apply_button_state([], running=False, ready_tooltip="go", cancel_tooltip="stop")
+    assert (ready.text, ready.enabled, ready.tooltip) == ("Apply", True, "go")
+    blocked = apply_button_state(["Select an input volume.", "Choose the folder."],
+                                 running=False, ready_tooltip="go", cancel_tooltip="stop")
+    assert not blocked.enabled and blocked.tooltip == "Select an input volume. Choose the folder."
+    running = apply_button_state(["anything"], running=True, ready_tooltip="go",
+                                 cancel_tooltip="stop")
+    assert (running.text, running.enabled, running.tooltip) == ("Cancel", True, "stop")
+
+
+def test_replace_question_names_the_segmentation_and_defaults_to_keeping_it():
+    question = replace_question("scan regions", OutputState.EDITED)
+    assert "'scan regions'" in question.text and "edited" in question.text
+    assert [answer for _, answer in question.buttons] == [REPLACE, NEW_NODE, CANCEL]
+    assert question.default == NEW_NODE
+    assert "did not make" in replace_question("mine", OutputState.FOREIGN).text
 
 
 def test_auto_units_follow_the_volume_attribute(mrml_scene, small_scan):
@@ -410,6 +581,42 @@ def test_edits_made_while_the_process_runs_are_protected(mrml_scene, volume_in_s
     assert run.segmentation_node is not node
 
 
+@pytest.mark.parametrize("units", ["native", "density"])
+def test_a_volume_in_native_or_density_units_is_converted_with_the_panel_calibration(
+        mrml_scene, small_scan, tmp_path, units):
+    from HRpQCTSegmenterLib.scan import Calibration
+
+    # The scanner's own constants, unlike the defaults: a wrong calibration shows.
+    scanner = Calibration(mu_scaling=4096.0, mu_water=0.2347, density_slope=1600.0,
+                          density_intercept=-390.5)
+    hu = small_scan.hu * 3.0
+    values = (np.rint(scanner.hu_to_native(hu)) if units == "native"
+              else scanner.hu_to_density(hu))
+    expected_hu = (scanner.native_to_hu(values) if units == "native"
+                   else scanner.density_to_hu(values))
+    volume = slicer_bridge.array_to_volume_node(mrml_scene.scene, values.astype(np.float32),
+                                                small_scan, "scan in " + units)
+    node = _parameter_node(inputUnits=units, muScaling=4096.0, muWater=0.2347,
+                           densitySlope=1600.0, densityIntercept=-390.5)
+    launcher = _cli_launcher(tmp_path, _region_blocks(small_scan.shape))
+    run = start_segmentation(mrml_scene.scene, volume, None,
+                             SegmenterParameters.from_parameter_node(node), launcher=launcher,
+                             python=sys.executable, env=engine_environment(ENGINE_PARENT),
+                             show_3d=False)
+    assert run.wait(120) == JobState.SUCCEEDED, run.message + "\n".join(run.log_lines())
+    read = _child_report(run)
+    assert read["units"] == units and read["shape"] == list(small_scan.shape)
+    assert read["hu_mean"] == pytest.approx(float(np.mean(expected_hu)), abs=0.05)
+    assert read["hu_min"] == pytest.approx(float(np.min(expected_hu)), abs=0.05)
+    assert read["hu_max"] == pytest.approx(float(np.max(expected_hu)), abs=0.05)
+    _assert_regions(run.segmentation_node)
+    # An impossible constant is refused, with what to do, before anything starts.
+    with pytest.raises(HRpQCTError, match="outside"):
+        run_segmentation(mrml_scene.scene, volume, None, SegmenterParameters.from_parameter_node(
+            _parameter_node(inputUnits=units, muWater=0.0)), launcher=launcher)
+    assert len(launcher.commands) == 1  # refused before any process started
+
+
 def test_failed_run_shows_the_error_and_leaves_the_scene_alone(mrml_scene, volume_in_study,
                                                                tmp_path):
     volume, _ = volume_in_study
@@ -424,6 +631,12 @@ def test_failed_run_shows_the_error_and_leaves_the_scene_alone(mrml_scene, volum
     assert "hrpqct train-segmenter" in run.message
     assert _segmentation_nodes(mrml_scene.scene) == []
     assert not Path(launcher.commands[0][4]).parent.exists(), "temporary folder left"
+    # The blocking call used by scripts and self-tests raises the same advice.
+    with pytest.raises(HRpQCTError, match="Model folder m does not exist") as raised:
+        run_segmentation(mrml_scene.scene, volume, None, launcher=launcher,
+                         python=sys.executable, env=engine_environment(ENGINE_PARENT))
+    assert "hrpqct train-segmenter" in str(raised.value)
+    assert _segmentation_nodes(mrml_scene.scene) == []
 
 
 def test_cancelled_run_leaves_the_scene_alone(mrml_scene, volume_in_study, tmp_path):
