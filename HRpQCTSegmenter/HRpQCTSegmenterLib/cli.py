@@ -8,7 +8,7 @@ parser's ``func`` default to the function that runs it; ``ORDER`` (an int) sorts
 Exit codes: 0 success; 1 unexpected internal error (a bug: please report it with the log);
 2 bad usage or configuration; 3 unreadable/unsupported/corrupt input file; 4 invalid scan data;
 5 calibration/units problem; 6 bundled or user artefact missing or failing its checksum;
-130 cancelled.
+7 a batch finished but some scans failed (see its failures.csv); 130 cancelled.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ __all__ = [
     "CalibrationError",
     "CancelledError",
     "ArtefactError",
+    "BatchFailuresError",
 ]
 
 
@@ -56,6 +57,12 @@ class ArtefactError(HRpQCTError):
     """A bundled or user-supplied artefact (weights, classifier) is missing or fails its check."""
 
     exit_code = 6
+
+
+class BatchFailuresError(HRpQCTError):
+    """A batch finished, but some of its scans failed (listed in its failure table)."""
+
+    exit_code = 7
 
 
 class CancelledError(HRpQCTError):

@@ -137,21 +137,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 # --- classify -----------------------------------------------------------------------------
 
-def _features_by_region(features: list[str]) -> dict[int, list[str]]:
-    from HRpQCTSegmenterLib.regions import region_by_name
-
-    from ..classification import split_qualified_name
-
-    out: dict[int, list[str]] = {}
-    for name in features:
-        region, feature = split_qualified_name(name)
-        out.setdefault(region_by_name(region).label, []).append(feature)
-    return out
-
-
 def run_classify(args: argparse.Namespace) -> int:
-    from ..classification import CAVEAT, aggregate_by_subject, assemble_dataset
+    from ..classification import CAVEAT
     from ..model_io import load_classifier
+    from ..prediction import predict_rows
 
     output = Path(args.output)
     check_can_write([output], args.overwrite)
@@ -168,22 +157,15 @@ def run_classify(args: argparse.Namespace) -> int:
         if not args.regions_map:
             raise HRpQCTError("--scan needs --regions-map (the scan's 7-region label map).")
         rows = _extract_for_model(model, args)
-    data = assemble_dataset(rows, model.regions, None, model.features)
-    if data.X.shape[0] == 0:
-        raise HRpQCTError("No slice has all the regions the classifier needs "
-                          f"({', '.join(model.regions)}); nothing to classify.")
-    probabilities = model.predict_proba(data.X)
+    prediction = predict_rows(model, rows)
     lines = [["scan", "subject", "level", "slice", "osteoporosis_probability"]]
-    for (scan, slice_), subject, p in zip(data.sample_ids, data.groups, probabilities,
-                                          strict=True):
+    for (scan, slice_), subject, p in zip(prediction.sample_ids, prediction.groups,
+                                          prediction.probabilities, strict=True):
         lines.append([scan, subject, "image", slice_, repr(float(p))])
-    subjects, p_subject, _ = aggregate_by_subject(probabilities, data.groups, None,
-                                                  model.aggregation)
-    for subject, p in zip(subjects, p_subject, strict=True):
+    for subject, p in zip(prediction.subjects, prediction.subject_probabilities, strict=True):
         lines.append(["", subject, "subject", model.aggregation, repr(float(p))])
-        n = int((data.groups == subject).sum())
-        print(f"{subject}: osteoporosis probability {p:.3f} ({model.aggregation} of {n} "
-              "slice(s))")
+        print(f"{subject}: osteoporosis probability {p:.3f} ({model.aggregation} of "
+              f"{prediction.slices_of(subject)} slice(s))")
     text = "\n".join(",".join(str(c) for c in line) for line in lines) + "\n"
     write_text_atomic(output, text)
     print(CAVEAT)
@@ -195,14 +177,14 @@ def _extract_for_model(model, args):
 
     from ..extraction import extract_features
     from ..inputs import read_region_map, scan_id_from_path
+    from ..prediction import features_by_region
     from ..table import read_feature_csv, write_feature_csv
 
     scan = read_scan(args.scan, units=args.units, calibration=calibration_from_args(args))
     regions_map = read_region_map(args.regions_map, scan.hu.shape)
     settings = model.radiomics_settings()
     table = extract_features(scan.hu, regions_map, scan.spacing_mm, settings=settings,
-                             features=_features_by_region(
-                                 [n for n in model.features]),
+                             features=features_by_region(model.features),
                              n_jobs=args.jobs, scan=scan_id_from_path(args.scan),
                              subject=args.subject or scan_id_from_path(args.scan),
                              progress=progress_from_args(args))
