@@ -12,16 +12,24 @@ start-up is done here by hand:
   lists are not part of slicer-core; their "failed to load" messages are silenced while the
   logic starts, and our context is loaded as a user context);
 * ``slicer.mrmlScene`` is set for the ``slicer.util`` helpers that read it, and restored after.
+
+Also helpers shared by the Slicer tests: :func:`cli_launcher` (a stand-in for ``hrpqct
+segment`` run in the real background process, reading its input with the real command-line
+parser and reader) and :func:`tiny_classifier`.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
-from collections.abc import Iterator
+import sys
+import textwrap
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 
@@ -128,3 +136,77 @@ def mrml_scene(tmp_path_factory) -> Iterator[HeadlessSlicer]:
             del slicer.mrmlScene
         else:
             slicer.mrmlScene = previous_scene
+
+
+# ------------------------------------------------------------------------------------------
+# shared helpers
+# ------------------------------------------------------------------------------------------
+#: A stand-in for ``hrpqct segment`` that parses its command line with the real parser and
+#: reads its input with the real reader (units, calibration), prints what it read as one JSON
+#: line, and writes the region map saved in ``regions.npy`` (next to the script) as the
+#: ``.seg.nrrd`` the real command writes.
+CLI_CHILD = """
+    import json, sys
+    from pathlib import Path
+    import numpy as np
+    from HRpQCTSegmenterLib.cli import build_parser
+    from HRpQCTSegmenterLib.commands._common import calibration_from_args
+    from HRpQCTSegmenterLib.io import read_scan
+    from HRpQCTSegmenterLib.io.segnrrd import write_seg_nrrd
+
+    args = build_parser().parse_args(sys.argv[1:])
+    scan = read_scan(args.input, units=args.units, calibration=calibration_from_args(args))
+    print(json.dumps({"units": args.units, "hu_mean": float(np.mean(scan.hu)),
+                      "hu_min": float(np.min(scan.hu)), "hu_max": float(np.max(scan.hu)),
+                      "shape": list(scan.shape)}), flush=True)
+    regions = np.load(Path(__file__).with_name("regions.npy"))
+    write_seg_nrrd(regions, scan, args.output)
+    """
+
+
+def cli_launcher(folder: Path, regions: np.ndarray):
+    """A launcher running :data:`CLI_CHILD` on the module's command line (argv from
+    ``segment``); the commands it was given are in its ``commands`` attribute."""
+    from HRpQCTSegmenterLib.slicer_process import popen_launcher
+
+    script = folder / "cli_child.py"
+    script.write_text(textwrap.dedent(CLI_CHILD), encoding="utf-8")
+    np.save(folder / "regions.npy", regions)
+    commands = []
+
+    def launch(command, env):
+        commands.append(list(command))
+        return popen_launcher([sys.executable, str(script), *command[3:]], env)
+
+    launch.commands = commands
+    return launch
+
+
+def child_report(run) -> dict:
+    """The JSON line :data:`CLI_CHILD` printed (from a run's log)."""
+    return next(json.loads(line) for line in run.log_lines() if line.startswith("{"))
+
+
+def tiny_classifier(path: Path, region_key: str, features: Sequence[str]) -> Path:
+    """A logistic classifier on synthetic values of three ``features`` of one region.
+
+    Trained on random numbers (no real data): it only exercises the probability path.
+    """
+    from HRpQCTRadiomicsLib.classification import Dataset, train_classifier
+    from HRpQCTRadiomicsLib.model_io import save_classifier
+    from HRpQCTRadiomicsLib.settings import load_settings
+
+    rng = np.random.default_rng(0)
+    rows, labels, groups = [], [], []
+    for subject in range(16):
+        label = subject % 2
+        for _ in range(4):
+            rows.append([rng.normal(-80 + 20 * label, 10), rng.normal(-80, 10),
+                         rng.normal(300, 40)])
+            labels.append(label)
+            groups.append(f"synthetic-{subject:02d}")
+    data = Dataset(np.array(rows), np.array(labels), np.array(groups, dtype=object),
+                   [f"{region_key}:{name}" for name in features],
+                   [(g, str(i)) for i, g in enumerate(groups)])
+    result = train_classifier(data, [region_key], cv_folds=2, n_boot=10)
+    return save_classifier(path, result, load_settings("paper"))

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _fixtures_slicer import tiny_classifier
 
 from HRpQCTRadiomicsLib import slicer_radiomics as sr
-from HRpQCTRadiomicsLib.classification import CAVEAT, Dataset, train_classifier
+from HRpQCTRadiomicsLib.classification import CAVEAT
 from HRpQCTRadiomicsLib.extraction import extract_features
-from HRpQCTRadiomicsLib.model_io import save_classifier
-from HRpQCTRadiomicsLib.settings import load_settings
 from HRpQCTRadiomicsLib.table import ID_COLUMNS, read_feature_csv
 from HRpQCTSegmenterLib import regions, slicer_bridge
 from HRpQCTSegmenterLib.errors import HRpQCTError
@@ -112,6 +111,33 @@ def test_mapped_segments_rasterise_to_the_truth(nodes):
     assert np.array_equal(labels, scan.regions)
 
 
+def test_parameters_come_from_the_parameter_node(tmp_path):
+    from types import SimpleNamespace
+
+    assert sr.RadiomicsParameters.from_parameter_node() == sr.RadiomicsParameters()
+    node = SimpleNamespace(mode=sr.MODE_PREDICTION, classifierPath=str(tmp_path / "c.json"))
+    parameters = sr.RadiomicsParameters.from_parameter_node(node, slices=[1], n_jobs=1)
+    assert parameters.mode == sr.MODE_PREDICTION
+    assert parameters.classifier_paths == [str(tmp_path / "c.json")]
+    assert (parameters.slices, parameters.n_jobs) == ([1], 1)
+    assert "does not exist" in parameters.problems()[0]
+    empty = sr.RadiomicsParameters.from_parameter_node(
+        SimpleNamespace(mode=sr.MODE_FEATURES, classifierPath=""))
+    assert empty.classifier_paths == [] and empty.problems() == []
+    with pytest.raises(TypeError, match="no field"):
+        sr.RadiomicsParameters.from_parameter_node(node, slice=[1])  # a typo is not ignored
+
+
+def test_blocking_run_raises_what_to_do(nodes):
+    headless, volume, segmentation, _ = nodes
+    sr.check_pyradiomics()  # installed here: no complaint
+    with pytest.raises(HRpQCTError, match="none is bundled"):
+        sr.run_radiomics(headless.scene, headless.segmentations_logic, volume, segmentation,
+                         sr.RadiomicsParameters(mode=sr.MODE_PREDICTION))
+    with pytest.raises(HRpQCTError, match="Select an input volume"):
+        sr.start_radiomics(headless.scene, headless.segmentations_logic, None, segmentation)
+
+
 def test_prediction_without_a_classifier_says_none_is_bundled():
     assert sr.bundled_classifier_paths() == []
     problems = sr.RadiomicsParameters(mode=sr.MODE_PREDICTION).problems()
@@ -176,27 +202,9 @@ def test_cancel_leaves_the_tables_unchanged(nodes):
 # ------------------------------------------------------------------------------------------
 # probabilities
 # ------------------------------------------------------------------------------------------
-def _tiny_classifier(path, region_key):
-    """A logistic classifier on synthetic values of FEATURES of one region (no real data)."""
-    rng = np.random.default_rng(0)
-    names = [f"{region_key}:{n}" for n in FEATURES]
-    X, y, groups = [], [], []
-    for s in range(16):
-        label = s % 2
-        for _ in range(4):
-            X.append([rng.normal(-80 + 20 * label, 10), rng.normal(-80, 10),
-                      rng.normal(300, 40)])
-            y.append(label)
-            groups.append(f"synthetic-{s:02d}")
-    data = Dataset(np.array(X), np.array(y), np.array(groups, dtype=object), names,
-                   [(g, str(i)) for i, g in enumerate(groups)])
-    result = train_classifier(data, [region_key], cv_folds=2, n_boot=10)
-    return save_classifier(path, result, load_settings("paper"))
-
-
 def test_prediction_mode_gives_probabilities_with_the_caveat(nodes, tmp_path):
     headless, volume, segmentation, _ = nodes
-    model = _tiny_classifier(tmp_path / "adipose.json", "adipose")
+    model = tiny_classifier(tmp_path / "adipose.json", "adipose", FEATURES)
     parameters = sr.RadiomicsParameters(mode=sr.MODE_PREDICTION,
                                         classifier_paths=[str(model)], slices=[1], n_jobs=1)
     run = _run(headless, volume, segmentation, parameters)
@@ -221,6 +229,8 @@ def test_prediction_mode_gives_probabilities_with_the_caveat(nodes, tmp_path):
 # module file <-> .ui
 # ------------------------------------------------------------------------------------------
 def test_every_parameter_widget_matches_the_radiomics_parameter_node(repo_root):
+    """The .ui's parameter widgets name fields of the parameter node, and the node has the
+    fields ``RadiomicsParameters.from_parameter_node`` reads."""
     import ast
     import xml.etree.ElementTree as ET
 
@@ -228,6 +238,7 @@ def test_every_parameter_widget_matches_the_radiomics_parameter_node(repo_root):
     wrapper = next(node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)
                    and node.name == "HRpQCTRadiomicsParameterNode")
     fields = {node.target.id for node in wrapper.body if isinstance(node, ast.AnnAssign)}
+    assert {"mode", "classifierPath", "inputVolume", "inputSegmentation", "outputTable"} <= fields
     ui = ET.parse(repo_root / "HRpQCTRadiomics/Resources/UI/HRpQCTRadiomics.ui")
     connected = {}
     for widget in ui.iter("widget"):

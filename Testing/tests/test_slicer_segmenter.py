@@ -9,7 +9,6 @@ randomly initialised model. Results land in a real MRML scene (``slicer-core``).
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 import textwrap
 import time
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from _fixtures_slicer import child_report, cli_launcher
 
 from HRpQCTSegmenterLib import regions, slicer_bridge
 from HRpQCTSegmenterLib.errors import ArtefactError, CancelledError, HRpQCTError
@@ -76,48 +76,6 @@ def _script_launcher(tmp_path: Path, body: str):
 
     launch.commands = commands
     return launch
-
-
-#: A stand-in for ``hrpqct segment`` that parses its command line with the real parser and
-#: reads its input with the real reader (units, calibration), prints what it read as one JSON
-#: line, and writes the region map saved in ``regions.npy`` (next to the script).
-CLI_CHILD = """
-    import json, sys
-    from pathlib import Path
-    import numpy as np
-    from HRpQCTSegmenterLib.cli import build_parser
-    from HRpQCTSegmenterLib.commands._common import calibration_from_args
-    from HRpQCTSegmenterLib.io import read_scan
-    from HRpQCTSegmenterLib.io.segnrrd import write_seg_nrrd
-
-    args = build_parser().parse_args(sys.argv[1:])
-    scan = read_scan(args.input, units=args.units, calibration=calibration_from_args(args))
-    print(json.dumps({"units": args.units, "hu_mean": float(np.mean(scan.hu)),
-                      "hu_min": float(np.min(scan.hu)), "hu_max": float(np.max(scan.hu)),
-                      "shape": list(scan.shape)}), flush=True)
-    regions = np.load(Path(__file__).with_name("regions.npy"))
-    write_seg_nrrd(regions, scan, args.output)
-    """
-
-
-def _cli_launcher(tmp_path: Path, regions: np.ndarray):
-    """A launcher running :data:`CLI_CHILD` on the module's command line (argv from 'segment')."""
-    script = tmp_path / "cli_child.py"
-    script.write_text(textwrap.dedent(CLI_CHILD), encoding="utf-8")
-    np.save(tmp_path / "regions.npy", regions)
-    commands = []
-
-    def launch(command, env):
-        commands.append(list(command))
-        return popen_launcher([sys.executable, str(script), *command[3:]], env)
-
-    launch.commands = commands
-    return launch
-
-
-def _child_report(run) -> dict:
-    """The JSON line :data:`CLI_CHILD` printed."""
-    return next(json.loads(line) for line in run.log_lines() if line.startswith("{"))
 
 
 def _copying_launcher(tmp_path: Path, source: Path, delay_s: float = 0.0):
@@ -598,13 +556,13 @@ def test_a_volume_in_native_or_density_units_is_converted_with_the_panel_calibra
                                                 small_scan, "scan in " + units)
     node = _parameter_node(inputUnits=units, muScaling=4096.0, muWater=0.2347,
                            densitySlope=1600.0, densityIntercept=-390.5)
-    launcher = _cli_launcher(tmp_path, _region_blocks(small_scan.shape))
+    launcher = cli_launcher(tmp_path, _region_blocks(small_scan.shape))
     run = start_segmentation(mrml_scene.scene, volume, None,
                              SegmenterParameters.from_parameter_node(node), launcher=launcher,
                              python=sys.executable, env=engine_environment(ENGINE_PARENT),
                              show_3d=False)
     assert run.wait(120) == JobState.SUCCEEDED, run.message + "\n".join(run.log_lines())
-    read = _child_report(run)
+    read = child_report(run)
     assert read["units"] == units and read["shape"] == list(small_scan.shape)
     assert read["hu_mean"] == pytest.approx(float(np.mean(expected_hu)), abs=0.05)
     assert read["hu_min"] == pytest.approx(float(np.min(expected_hu)), abs=0.05)
