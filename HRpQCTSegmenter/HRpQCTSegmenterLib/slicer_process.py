@@ -246,8 +246,8 @@ def build_segment_command(python: str | os.PathLike, input_path: str | os.PathLi
         Where the command writes the 7-region ``.seg.nrrd``.
     parameters:
         The user's choices (validated here). With native or density units the four
-        calibration constants are passed on (``--mu-scaling`` ...), written so they read back
-        exactly.
+        calibration constants are passed on (``--mu-scaling=8192.0`` ...), written so they
+        read back exactly.
     qc_json:
         Optional per-slice confidence report.
     """
@@ -256,9 +256,9 @@ def build_segment_command(python: str | os.PathLike, input_path: str | os.PathLi
                str(output_path), "--progress", "machine", "--units", parameters.units,
                "--device", parameters.device_argument(), "--overwrite"]
     calibration = parameters.calibration()
-    if calibration is not None:
+    if calibration is not None:  # "--option=value": a negative intercept is no option name
         for name, option in _CALIBRATION_OPTIONS.items():
-            command += [option, repr(float(getattr(calibration, name)))]
+            command.append(f"{option}={float(getattr(calibration, name))!r}")
     if parameters.model == "folder":
         command += ["--model", str(parameters.model_folder)]
     if qc_json is not None:

@@ -204,6 +204,8 @@ def test_command_line_carries_the_calibration_and_the_command_reads_it_back(unit
                            densitySlope=1603.51904, densityIntercept=-391.209015)
     parameters = SegmenterParameters.from_parameter_node(node)
     command = build_segment_command("py", "in.nrrd", "out.seg.nrrd", parameters)
+    # one "--option=value" word each, so a negative intercept is never taken for an option
+    assert "--density-intercept=-391.209015" in command
     args = build_parser().parse_args(command[3:])  # what `python -m HRpQCTSegmenterLib` sees
     assert args.units == units
     calibration = calibration_from_args(args)
