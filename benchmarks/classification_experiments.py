@@ -1,0 +1,188 @@
+"""The paper's classification experiments, on a synthetic phantom cohort.
+
+Input: per-region feature CSVs from ``hrpqct radiomics`` (one or more slices per subject) of a
+cohort made by ``hrpqct cohort`` (its ``manifest.csv`` gives the subject labels and the scan
+and region files, from which the standard morphometrics are measured on the same slices).
+
+Experiments (logistic regression, the paper's selection inside every fold; out-of-fold
+probabilities from subject-grouped, stratified k-fold cross-validation, repeated with
+different fold seeds and averaged, so every subject is a test subject once per repeat;
+95 % bootstrap intervals over subjects):
+
+1. image level, one model per region (the paper's per-region table);
+2. patient level (slice probabilities averaged per subject): standard morphometrics
+   (non-radiomics), tibial radiomics (cortical + trabecular), soft-tissue radiomics
+   (skin + myotendinous + adipose);
+3. optionally (``--rings``) the soft-tissue distance ablation, from feature CSVs of ring
+   masks written by ``benchmarks/extract_ring_features.py``.
+
+Writes a Markdown table to stdout and the full results as JSON (``--json``).
+
+Usage::
+
+    python benchmarks/classification_experiments.py COHORT/manifest.csv FEATURES_DIR \
+        [--folds 5] [--repeats 5] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from HRpQCTRadiomicsLib.classification import (
+    Dataset,
+    assemble_dataset,
+    cross_validate,
+    evaluate,
+)
+from HRpQCTRadiomicsLib.inputs import read_region_map
+from HRpQCTRadiomicsLib.morphometrics import MORPHOMETRIC_NAMES, scan_morphometrics
+from HRpQCTRadiomicsLib.table import read_feature_csv
+from HRpQCTSegmenterLib.regions import REGIONS
+
+PATIENT_MODELS = {
+    "tibial radiomics": ["tibial_cortical", "tibial_trabecular"],
+    "soft-tissue radiomics": ["skin", "myotendinous", "adipose"],
+}
+METRICS = ("accuracy", "f1", "sensitivity", "specificity", "auroc")
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def oof_repeated(data: Dataset, folds: int, repeats: int) -> np.ndarray:
+    """Out-of-fold probabilities averaged over ``repeats`` fold assignments."""
+    probabilities = [cross_validate(data, "logistic", folds, seed)[0] for seed in range(repeats)]
+    return np.mean(probabilities, axis=0)
+
+
+def morphometric_dataset(manifest: list[dict[str, str]], root: Path,
+                         samples: list[tuple[str, str]], labels: dict[str, int]) -> Dataset:
+    """Standard morphometrics at the same (scan, slice) samples as the radiomics."""
+    from HRpQCTSegmenterLib import io
+
+    wanted: dict[str, list[int]] = {}
+    for scan, z in samples:
+        wanted.setdefault(scan, []).append(int(z))
+    rows, ids, groups = [], [], []
+    for record in manifest:
+        subject = record["subject_id"]
+        if subject not in wanted:
+            continue
+        scan = io.read_scan(root / record["scan_path"])
+        regions = read_region_map(root / record["regions_path"], scan.shape)
+        for row in scan_morphometrics(scan.hu, regions, scan.spacing_mm,
+                                      sorted(wanted[subject])):
+            rows.append([row[n] for n in MORPHOMETRIC_NAMES])
+            ids.append((subject, str(int(row["slice"]))))
+            groups.append(subject)
+    matrix = np.array(rows, dtype=np.float64)
+    keep = np.isfinite(matrix).all(axis=0)  # e.g. a fibula outside the field in some subject
+    groups_arr = np.array(groups, dtype=object)
+    y = np.array([labels[g] for g in groups], dtype=int)
+    names = [n for n, k in zip(MORPHOMETRIC_NAMES, keep, strict=True) if k]
+    return Dataset(matrix[:, keep], y, groups_arr, names, ids)
+
+
+def _fmt(result: dict, level: str, metric: str) -> str:
+    value = result[level]["metrics"][metric]
+    low, high = result[level]["ci95"][metric]
+    return f"{value:.2f} ({low:.2f}–{high:.2f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("features", type=Path, help="folder of feature CSVs")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--rings", type=Path, help="folder of ring-mask feature CSVs")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    manifest = read_manifest(args.manifest)
+    labels = {r["subject_id"]: int(r["osteoporosis"]) for r in manifest}
+    rows = read_feature_csv(sorted(args.features.glob("*.csv")))
+    results: dict = {"image_level": {}, "patient_level": {}, "rings": {}}
+
+    def run(data: Dataset) -> dict:
+        p = oof_repeated(data, args.folds, args.repeats)
+        out = evaluate(data.y, p, data.groups, args.bootstrap, seed=0)
+        out["n_subjects"] = len(set(data.groups))
+        out["n_samples"] = len(data.y)
+        return out
+
+    print("## Image level, one logistic model per region\n")
+    print("| region | slices (subjects) | accuracy | F1 | AUROC |")
+    print("|---|---|---|---|---|")
+    for region in REGIONS:
+        data = assemble_dataset(rows, [region.key], labels)
+        finite = np.isfinite(data.X).all(axis=0)
+        data = Dataset(data.X[:, finite], data.y, data.groups,
+                       [n for n, k in zip(data.feature_names, finite, strict=True) if k],
+                       data.sample_ids)
+        r = run(data)
+        results["image_level"][region.key] = r
+        print(f"| {region.name} | {r['n_samples']} ({r['n_subjects']}) | "
+              f"{_fmt(r, 'image', 'accuracy')} | {_fmt(r, 'image', 'f1')} | "
+              f"{_fmt(r, 'image', 'auroc')} |", flush=True)
+
+    print("\n## Patient level (slice probabilities averaged per subject)\n")
+    print("| model | subjects | accuracy | sensitivity | AUROC |")
+    print("|---|---|---|---|---|")
+    reference = assemble_dataset(rows, ["tibial_cortical"], labels)
+    morph = morphometric_dataset(manifest, args.manifest.parent, reference.sample_ids, labels)
+    models = {"standard morphometrics (non-radiomics)": morph}
+    for name, regions in PATIENT_MODELS.items():
+        data = assemble_dataset(rows, regions, labels)
+        finite = np.isfinite(data.X).all(axis=0)
+        models[name] = Dataset(data.X[:, finite], data.y, data.groups,
+                               [n for n, k in zip(data.feature_names, finite, strict=True) if k],
+                               data.sample_ids)
+    for name, data in models.items():
+        r = run(data)
+        results["patient_level"][name] = r
+        print(f"| {name} | {r['n_subjects']} | {_fmt(r, 'patient', 'accuracy')} | "
+              f"{_fmt(r, 'patient', 'sensitivity')} | {_fmt(r, 'patient', 'auroc')} |",
+              flush=True)
+
+    if args.rings:
+        ring_rows = read_feature_csv(sorted(args.rings.glob("*.csv")))
+        radii = sorted({r["region"] for r in ring_rows.ids})
+        print("\n## Soft tissue within r mm of the tibia (patient level)\n")
+        print("| ring | subjects | accuracy | AUROC |")
+        print("|---|---|---|---|")
+        for radius in radii:
+            data = _ring_dataset(ring_rows, radius, labels)
+            r = run(data)
+            results["rings"][radius] = r
+            print(f"| {radius} | {r['n_subjects']} | {_fmt(r, 'patient', 'accuracy')} | "
+                  f"{_fmt(r, 'patient', 'auroc')} |", flush=True)
+
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+def _ring_dataset(rows, radius: str, labels: dict[str, int]) -> Dataset:
+    mask = rows.where(region=radius, status="ok")
+    matrix = rows.values[mask]
+    finite = np.isfinite(matrix).all(axis=0)
+    ids = [r for r, m in zip(rows.ids, mask, strict=True) if m]
+    groups = np.array([r["subject"] for r in ids], dtype=object)
+    return Dataset(matrix[:, finite], np.array([labels[g] for g in groups]), groups,
+                   [n for n, k in zip(rows.feature_names, finite, strict=True) if k],
+                   [(r["scan"], r["slice"]) for r in ids])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
