@@ -46,7 +46,7 @@ HU_WINDOW = (-600.0, 2200.0)
 OVERLAY_ALPHA = 0.45
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1400px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em;
   border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; margin: 0.5em 0; }
@@ -182,18 +182,27 @@ def profiles_figure(stats, confidence: dict[str, Any] | None, motion: dict[str, 
     plt = _matplotlib()
     if plt is None:
         return None
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6.2), sharex=True,
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10.5, 6.2), sharex=True,
                                    gridspec_kw={"height_ratios": [3, 2]})
     colours = {d.key: d.color_float for d in REGIONS}
     for s in stats:
-        ax1.plot(s.area_mm2_per_slice, color=colours[s.key], label=s.name, linewidth=1.6)
+        ax1.plot(s.area_mm2_per_slice, color=colours[s.key], label=s.name, linewidth=1.8,
+                 marker="." if len(s.area_mm2_per_slice) < 20 else None)
     ax1.set_ylabel("area per slice (mm²)")
-    ax1.legend(fontsize=8, ncol=2, loc="upper right")
+    ax1.set_ylim(bottom=0)
+    ax1.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax1.grid(alpha=0.3)
-    if confidence and confidence.get("per_slice_foreground"):
+    has_confidence = bool(confidence and confidence.get("per_slice_foreground"))
+    if has_confidence:
         values = [math.nan if v is None else v for v in confidence["per_slice_foreground"]]
-        ax2.plot(values, color="black", label="network confidence (foreground)")
-        ax2.set_ylim(0, 1.02)
+        ax2.plot(values, color="black", label="network confidence\n(foreground)")
+        ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.09, 1.0), frameon=False)
+    else:
+        ax2.text(0.5, 0.5, "no network confidence (the regions were given, not segmented)",
+                 transform=ax2.transAxes, ha="center", va="center", fontsize=9, color="0.4")
+    ax2.set_ylim(0, 1.02)
     ax2.set_ylabel("confidence")
     if motion and motion.get("slices"):
         twin = ax2.twinx()
@@ -201,10 +210,9 @@ def profiles_figure(stats, confidence: dict[str, Any] | None, motion: dict[str, 
                   "o--", color="tab:red", label="motion index (HU)", markersize=4)
         twin.set_ylabel("motion index (HU)", color="tab:red")
         twin.set_ylim(bottom=0)
-        twin.legend(fontsize=8, loc="lower right")
-    if confidence and confidence.get("per_slice_foreground"):
-        ax2.legend(fontsize=8, loc="lower left")
+        twin.legend(fontsize=8, loc="lower left", bbox_to_anchor=(1.09, 0.0), frameon=False)
     ax2.set_xlabel("slice")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=12)
@@ -295,11 +303,12 @@ def scan_report_html(info: dict[str, Any], base: Path) -> str:
     key_features = info.get("key_features") or {}
     if key_features:
         names = list(dict.fromkeys(n for f in key_features.values() for n in f))
-        head = "".join(f"<th>{_e(n)}</th>" for n in names)
-        rows = [f"<tr><th class=\"l\">region (mean over slices)</th>{head}</tr>"]
-        for region, values in key_features.items():
-            cells = "".join(f"<td>{_fmt(values.get(n), 3)}</td>" for n in names)
-            rows.append(f"<tr><td class=\"l\">{_e(region)}</td>{cells}</tr>")
+        head = "".join(f"<th>{_e(region)}</th>" for region in key_features)
+        rows = [f"<tr><th class=\"l\">feature (mean over slices)</th>{head}</tr>"]
+        for name in names:
+            cells = "".join(f"<td>{_fmt(values.get(name), 3)}</td>"
+                            for values in key_features.values())
+            rows.append(f"<tr><td class=\"l\"><code>{_e(name)}</code></td>{cells}</tr>")
         parts.append("<table>" + "".join(rows) + "</table>")
         parts.append("<p>All values per region and slice are in the features CSV.</p>")
     else:

@@ -1,4 +1,8 @@
-"""The README's main command, `hrpqct demo`, runs end to end (on fewer slices here)."""
+"""The README's main command, `hrpqct demo`, runs end to end (on fewer slices here).
+
+The demo's third step is `hrpqct run` (the pipeline of HRpQCTRadiomicsLib): regions, features
+and the QC report land in the demo folder.
+"""
 
 import json
 
@@ -6,7 +10,7 @@ from HRpQCTSegmenterLib.cli import main
 from HRpQCTSegmenterLib.io import read_scan
 
 
-def test_demo_makes_reads_converts_and_segments_the_example(tmp_path, capsys):
+def test_demo_makes_reads_converts_segments_and_reports_the_example(tmp_path, capsys):
     from HRpQCTSegmenterLib.segmentation.model import build_model, save_model
     from HRpQCTSegmenterLib.segmentation.preprocessing import PreprocessingConfig
 
@@ -14,13 +18,18 @@ def test_demo_makes_reads_converts_and_segments_the_example(tmp_path, capsys):
     save_model(build_model("b0", seed=1).eval(), model,
                preprocessing=PreprocessingConfig(crop_yx=(1600, 1600), input_yx=(64, 64)))
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--slices", "2", "--model", str(model)]) == 0
+    assert main(["demo", "--out", str(out), "--slices", "2", "--model", str(model),
+                 "--classifier", "none", "--progress", "none"]) == 0
     printed = capsys.readouterr().out
-    assert "research use only" in printed
+    assert "research use only" in printed and "report:" in printed
     summary = json.loads((out / "demo_summary.json").read_text())
     converted = read_scan(summary["converted"])
     assert converted.shape == (2, 1600, 1600)
     assert (out / "example_regions.seg.nrrd").is_file()
     assert set(summary["region_volumes_mm3"]) >= {"skin", "adipose", "myotendinous"}
+    for name in ("example_regions.nii.gz", "example_features.csv", "example_report.html",
+                 "example_overlay.png", "run.json", "run.log"):
+        assert (out / name).is_file(), name
+    assert summary["outputs"]["report"].endswith("example_report.html")
     # A second run refuses to overwrite the first run's outputs.
     assert main(["demo", "--out", str(out), "--slices", "2", "--model", str(model)]) == 2

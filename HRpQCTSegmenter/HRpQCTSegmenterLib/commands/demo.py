@@ -6,7 +6,10 @@ on the user's machine instead of shipping hundreds of MB of voxels. It is writte
 AIM when the installed Scanco library can write one (else NIfTI), then read back like any user
 scan, so the demo exercises the same path as real data.
 
-What the demo runs grows with the pipeline; each step reports what it wrote.
+Step 3 is ``hrpqct run`` (:func:`HRpQCTRadiomicsLib.pipeline.run_scan`) on that file: the seven
+regions, features, the probability and the QC report, in the same folder. Without the
+radiomics engine installed, only the segmentation runs. Missing bundled artefacts (model,
+classifier) are reported and their steps skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ import logging
 import time
 from pathlib import Path
 
-from ._common import EXAMPLES_FORMATTER, add_overwrite_option, check_can_write
+from ._common import (
+    EXAMPLES_FORMATTER,
+    add_overwrite_option,
+    add_progress_option,
+    check_can_write,
+)
 
 ORDER = 1
 log = logging.getLogger("hrpqct")
@@ -26,6 +34,8 @@ log = logging.getLogger("hrpqct")
 EXAMPLE_SEED = 20260311
 #: Number of slices of the example (a full HR-pQCT stack).
 EXAMPLE_SLICES = 168
+#: The demo extracts features on every n-th slice (a full scan's radiomics takes minutes).
+DEMO_SLICE_STEP = 4
 
 
 def example_params(n_slices: int = EXAMPLE_SLICES):
@@ -79,35 +89,44 @@ def run(args: argparse.Namespace) -> int:
           f"({time.perf_counter() - t:.1f} s)")
 
     summary: dict = {"example": str(example), "converted": str(converted)}
-    t = _step("3. segmenting into the seven regions")
-    from ..errors import ArtefactError
-    from .segment import resolve_model_folder
-
     try:
-        folder = resolve_model_folder(args.model)
-    except ArtefactError as exc:
-        print(f"   skipped: {exc}")
-        folder = None
-    if folder is not None:
-        from ..postprocess import postprocess
-        from ..regions import REGIONS
-        from ..segmentation.inference import run_segmentation
-        from .segment import write_labels
+        from HRpQCTRadiomicsLib.pipeline import RunSettings, ScanJob, run_scan
+    except ImportError:  # the segmentation engine alone: segment, no features or report
+        del hu
+        _segment_only(args, scan, out, summary)
+    else:
+        del scan, hu
+        t = _step("3. the whole job (hrpqct run): seven regions, features, probability, "
+                  "QC report")
+        from ._common import progress_from_args
 
-        seg = run_segmentation(scan.hu, folder)
-        result = postprocess(seg.labels, scan.hu, scan.spacing_mm)
-        seg_path = out / "example_regions.seg.nrrd"
-        check_can_write([seg_path], args.overwrite)
-        write_labels(result.regions, scan, seg_path, regions=True)
-        voxel_mm3 = float(scan.spacing_mm[0] * scan.spacing_mm[1] * scan.spacing_mm[2])
-        counts = {r.key: int((result.regions == r.label).sum()) for r in REGIONS}
-        summary["regions_seg_nrrd"] = str(seg_path)
-        summary["region_volumes_mm3"] = {k: round(v * voxel_mm3, 1) for k, v in counts.items()}
+        settings = RunSettings(model=args.model, classifier=args.classifier,
+                               features=args.features, slice_step=args.slice_step)
+        if args.slice_step > 1:
+            print(f"   features on every {args.slice_step}th slice to keep the demo short "
+                  "(hrpqct run uses all slices unless told otherwise)")
+        result = run_scan(ScanJob(scan=example, scan_id="example"), out, settings,
+                          overwrite=args.overwrite, progress=progress_from_args(args))
+        for message in result.skipped:
+            print(f"   {message}")
+        summary["region_volumes_mm3"] = {k: round(v, 1) for k, v in result.volumes_mm3.items()}
         summary["warnings"] = result.warnings
-        for r in REGIONS:
-            print(f"   {r.name:26s} {counts[r.key] * voxel_mm3:10.1f} mm3")
-        print(f"   wrote {seg_path.name} (open it in 3D Slicer) "
-              f"({time.perf_counter() - t:.1f} s)")
+        summary["probability"] = result.probability
+        summary["outputs"] = result.outputs
+        if result.volumes_mm3:
+            from ..regions import REGIONS
+
+            for r in REGIONS:
+                print(f"   {r.name:26s} {result.volumes_mm3[r.key]:10.1f} mm3")
+        for warning in result.warnings:
+            print(f"   WARNING ({warning['code']}): {warning['message']}")
+        if result.probability is not None:
+            print(f"   osteoporosis probability {result.probability:.3f}")
+        if "regions_seg_nrrd" in result.outputs:
+            print(f"   {Path(result.outputs['regions_seg_nrrd']).name}: open it in 3D Slicer")
+        if "report" in result.outputs:
+            print(f"   report: {result.outputs['report']}")
+        print(f"   ({time.perf_counter() - t:.1f} s)")
 
     summary_path = out / "demo_summary.json"
     from ..atomic import write_text_atomic
@@ -117,6 +136,37 @@ def run(args: argparse.Namespace) -> int:
     print("   Synthetic example and models trained on synthetic phantoms: research use only, "
           "not for clinical decisions.")
     return 0
+
+
+def _segment_only(args: argparse.Namespace, scan, out: Path, summary: dict) -> None:
+    """Step 3 without the radiomics engine installed: segmentation only."""
+    from ..errors import ArtefactError
+    from .segment import resolve_model_folder
+
+    t = _step("3. segmenting into the seven regions")
+    try:
+        folder = resolve_model_folder(args.model)
+    except ArtefactError as exc:
+        print(f"   skipped: {exc}")
+        return
+    from ..postprocess import postprocess
+    from ..regions import REGIONS
+    from ..segmentation.inference import run_segmentation
+    from .segment import write_labels
+
+    seg = run_segmentation(scan.hu, folder)
+    result = postprocess(seg.labels, scan.hu, scan.spacing_mm)
+    seg_path = out / "example_regions.seg.nrrd"
+    check_can_write([seg_path], args.overwrite)
+    write_labels(result.regions, scan, seg_path, regions=True)
+    voxel_mm3 = float(scan.spacing_mm[0] * scan.spacing_mm[1] * scan.spacing_mm[2])
+    counts = {r.key: int((result.regions == r.label).sum()) for r in REGIONS}
+    summary["regions_seg_nrrd"] = str(seg_path)
+    summary["region_volumes_mm3"] = {k: round(v * voxel_mm3, 1) for k, v in counts.items()}
+    summary["warnings"] = result.warnings
+    for r in REGIONS:
+        print(f"   {r.name:26s} {counts[r.key] * voxel_mm3:10.1f} mm3")
+    print(f"   wrote {seg_path.name} (open it in 3D Slicer) ({time.perf_counter() - t:.1f} s)")
 
 
 def register(subparsers) -> None:
@@ -132,5 +182,14 @@ def register(subparsers) -> None:
     p.add_argument("--slices", type=int, default=EXAMPLE_SLICES,
                    help="slices of the example scan (default %(default)s, a full stack)")
     p.add_argument("--model", help="segmentation model folder (default: the bundled model)")
+    p.add_argument("--classifier",
+                   help="classifier file (default: the bundled one; 'none' to skip)")
+    p.add_argument("--features", default="auto",
+                   choices=("auto", "classifier", "basic", "full", "none"),
+                   help="feature set, as in hrpqct run (default %(default)s)")
+    p.add_argument("--slice-step", type=int, default=DEMO_SLICE_STEP,
+                   help="features of every n-th slice (default %(default)s, to keep the demo "
+                        "within minutes; 1: all)")
+    add_progress_option(p)
     add_overwrite_option(p)
     p.set_defaults(func=run)
