@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .errors import ArtefactError
 
-__all__ = ["Artefact", "MANIFEST_NAME", "list_artefacts", "verified_path", "sha256_file"]
+__all__ = ["Artefact", "MANIFEST_NAME", "list_artefacts", "verified_path", "sha256_file",
+           "register_artefact"]
 
 MANIFEST_NAME = "artefacts.json"
 
@@ -97,3 +98,32 @@ def verified_path(name: str) -> Path:
             return artefact.path
     known = ", ".join(a.name for a in list_artefacts()) or "none"
     raise ArtefactError(f"No bundled artefact named {name!r} (bundled: {known})")
+
+
+def register_artefact(resources_dir: str | Path, name: str, file: str, kind: str,
+                      description: str) -> Artefact:
+    """Add (or update) an entry of ``resources_dir/artefacts.json`` with the file's SHA256.
+
+    For maintainers bundling a new model or classifier: copy the file under
+    ``resources_dir`` first; ``file`` is its path relative to that folder. The manifest is
+    rewritten atomically, entries keep their order, and an entry of the same name is replaced.
+    """
+    from .atomic import write_text_atomic
+
+    base = Path(resources_dir)
+    path = base / file
+    if not path.is_file():
+        raise ArtefactError(f"Cannot register {name!r}: {path} does not exist.")
+    manifest = base / MANIFEST_NAME
+    entries = (json.loads(manifest.read_text(encoding="utf-8"))["artefacts"]
+               if manifest.is_file() else [])
+    entry = {"name": name, "file": Path(file).as_posix(), "sha256": sha256_file(path),
+             "kind": kind, "description": description}
+    for i, old in enumerate(entries):
+        if old["name"] == name:
+            entries[i] = entry
+            break
+    else:
+        entries.append(entry)
+    write_text_atomic(manifest, json.dumps({"artefacts": entries}, indent=2) + "\n")
+    return Artefact(name, path, entry["sha256"], kind, description)
