@@ -43,7 +43,7 @@ from HRpQCTSegmenterLib.errors import HRpQCTError, InvalidScanError
 from HRpQCTSegmenterLib.progress import CancelToken, ProgressCallback, check, report
 from HRpQCTSegmenterLib.regions import REGIONS, region_by_label
 
-from .glcm_coefficients import calculate_glcm_coefficients
+from .glcm_coefficients import calculate_glcm_coefficients, mcc_feature_value
 from .settings import RadiomicsSettings, load_settings, settings_for_mode
 
 __all__ = [
@@ -245,6 +245,7 @@ def _feature_classes_sharing_binning() -> dict[str, type]:
         members: dict[str, Any] = {"_applyBinning": _apply_binning, "__module__": cls.__module__}
         if name == "glcm":
             members["_calculateCoefficients"] = calculate_glcm_coefficients
+            members["getMCCFeatureValue"] = mcc_feature_value
         classes[name] = type(cls.__name__, (cls,), members)
     return classes
 

@@ -1,4 +1,4 @@
-"""GLCM coefficients as pyradiomics computes them, with the same numbers, faster.
+"""GLCM coefficients and MCC as pyradiomics computes them, with the same numbers, faster.
 
 pyradiomics' ``RadiomicsGLCM._calculateCoefficients`` builds the sum and difference
 distributions ``p_{x+y}`` and ``p_{x-y}`` with one boolean mask over the whole
@@ -16,13 +16,25 @@ add in the same order too.
 With a single angle (GLCM weighting, or all other angles empty in a tiny region) the
 summed axis is contiguous and numpy switches to pairwise summation, whose rounding
 differs; pyradiomics' own method is used then.
+
+The Maximal Correlation Coefficient (:func:`mcc_feature_value`) needs
+``Q(i, j) = sum_k p(i, k) p(j, k) / (p_x(i) p_y(k) + eps)``. pyradiomics adds the ``k``
+terms one after the other, each as an ``(Nv, Ng, Ng, angles)`` array with the angles
+innermost (numpy then works in runs of 4 elements). Here blocks of terms are computed with
+the angles outermost and ``j`` innermost: every term is the same multiplication and
+division of the same numbers, and they are added to ``Q`` in the same ``k`` order, so ``Q``
+and the eigenvalues LAPACK computes from it are identical (~4x faster).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sum_and_difference_distributions", "calculate_glcm_coefficients"]
+__all__ = ["sum_and_difference_distributions", "calculate_glcm_coefficients", "mcc_q",
+           "mcc_feature_value"]
+
+#: Elements per block of MCC terms (0.5 MB of float64: stays in the CPU cache).
+_MCC_BLOCK_ELEMENTS = 2**16
 
 
 def sum_and_difference_distributions(p_glcm: np.ndarray, gray_levels: np.ndarray,
@@ -91,3 +103,50 @@ def calculate_glcm_coefficients(glcm) -> None:
         "pxSuby": px_sub_y,
         "HXY": hxy,
     })
+
+
+def mcc_q(p_glcm: np.ndarray, px: np.ndarray, py: np.ndarray, eps: float) -> np.ndarray:
+    """pyradiomics' MCC matrix ``Q``, already in the ``(Nv, angles, i, j)`` order it uses.
+
+    Parameters
+    ----------
+    p_glcm:
+        Normalised GLCMs ``(Nv, n, n, angles)``.
+    px, py:
+        Marginals as in pyradiomics' coefficients: ``(Nv, n, 1, angles)`` and
+        ``(Nv, 1, n, angles)``.
+    eps:
+        pyradiomics' ``eps`` (``numpy.spacing(1)``).
+    """
+    n_v, n, _, n_angles = p_glcm.shape
+    p_k = np.ascontiguousarray(p_glcm.transpose(2, 0, 3, 1))  # [k, v, d, i] = P[v, i, k, d]
+    px_i = px[:, :, 0, :].transpose(0, 2, 1)  # [v, d, i]
+    py_k = py[:, 0].transpose(1, 0, 2)  # [k, v, d]
+    denominator = px_i[None] * py_k[:, :, :, None] + eps  # [k, v, d, i]: px(i) py(k) + eps
+    step = max(1, _MCC_BLOCK_ELEMENTS // max(1, n_v * n_angles * n * n))
+    q = None
+    for start in range(0, n, step):
+        block = slice(start, start + step)
+        terms = p_k[block, :, :, :, None] * p_k[block, :, :, None, :]  # [k, v, d, i, j]
+        terms /= denominator[block, :, :, :, None]
+        for term in terms:  # k in ascending order, as pyradiomics adds them
+            if q is None:
+                q = term.copy()
+            else:
+                q += term
+    if q is None:  # no grey level at all (empty GLCM): pyradiomics' shape
+        q = np.zeros((n_v, n_angles, n, n))
+    return q
+
+
+def mcc_feature_value(glcm) -> np.ndarray | int:
+    """``RadiomicsGLCM.getMCCFeatureValue`` with ``Q`` from :func:`mcc_q` (same values)."""
+    coefficients = glcm.coefficients
+    q = mcc_q(glcm.P_glcm, coefficients["px"], coefficients["py"], coefficients["eps"])
+    # from here on pyradiomics' own steps
+    eigenvalues = np.linalg.eigvals(q)
+    eigenvalues.sort()  # along the last axis, low to high
+    if eigenvalues.shape[2] < 2:
+        return 1  # flat region
+    mcc = np.sqrt(eigenvalues[:, :, -2])  # second largest eigenvalue
+    return np.nanmean(mcc, 1).real

@@ -1,4 +1,4 @@
-"""The engine's GLCM coefficients are bit-identical to pyradiomics' own method."""
+"""The engine's GLCM coefficients and MCC are bit-identical to pyradiomics' own methods."""
 
 import logging
 from types import SimpleNamespace
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from HRpQCTRadiomicsLib.glcm_coefficients import calculate_glcm_coefficients
+from HRpQCTRadiomicsLib.glcm_coefficients import calculate_glcm_coefficients, mcc_feature_value
 
 
 def _both(p_glcm: np.ndarray, gray_levels: np.ndarray) -> tuple[dict, dict]:
@@ -21,6 +21,18 @@ def _both(p_glcm: np.ndarray, gray_levels: np.ndarray) -> tuple[dict, dict]:
     RadiomicsGLCM._calculateCoefficients(theirs)
     calculate_glcm_coefficients(ours)
     return ours.coefficients, theirs.coefficients
+
+
+def _assert_same_mcc(p_glcm: np.ndarray, gray_levels: np.ndarray) -> None:
+    from radiomics.glcm import RadiomicsGLCM
+
+    holder = SimpleNamespace(P_glcm=p_glcm, logger=logging.getLogger("test"),
+                             coefficients={"grayLevels": gray_levels, "Ng": int(gray_levels.max())})
+    RadiomicsGLCM._calculateCoefficients(holder)
+    theirs = RadiomicsGLCM.getMCCFeatureValue(holder)
+    ours = mcc_feature_value(holder)
+    assert np.shape(ours) == np.shape(theirs)
+    assert np.array_equal(ours, theirs, equal_nan=True)  # bit-identical, not close
 
 
 def _assert_identical(ours: dict, theirs: dict) -> None:
@@ -45,6 +57,7 @@ def test_random_glcms_with_missing_levels(seed):
     counts[..., 0] += 1  # no empty angle
     p_glcm = counts / counts.sum((1, 2), keepdims=True)
     _assert_identical(*_both(p_glcm, levels))
+    _assert_same_mcc(p_glcm[:, :80, :80], levels[:80])  # (MCC of real images: extraction tests)
 
 
 @pytest.mark.parametrize(("n_v", "n_angles"), [(1, 1), (2, 1), (1, 2), (3, 13)])
@@ -52,11 +65,19 @@ def test_angle_and_voxel_counts(n_v, n_angles):
     """One angle (weighting, tiny regions), 3D angles, voxel-based (several GLCMs)."""
     rng = np.random.default_rng(n_v * 100 + n_angles)
     for _ in range(5):
-        n_levels = int(rng.integers(20, 160))
+        n_levels = int(rng.integers(20, 60))
         levels = np.sort(rng.choice(np.arange(1, 220), size=n_levels, replace=False))
         values = rng.random((n_v, n_levels, n_levels, n_angles))
         values += values.transpose(0, 2, 1, 3)
-        _assert_identical(*_both(values / values.sum((1, 2), keepdims=True), levels))
+        p_glcm = values / values.sum((1, 2), keepdims=True)
+        _assert_identical(*_both(p_glcm, levels))
+        _assert_same_mcc(p_glcm, levels)
+
+
+def test_mcc_of_flat_and_two_level_regions():
+    _assert_same_mcc(np.ones((1, 1, 1, 4)), np.array([3]))
+    two = np.array([[[[0.5, 0.0]], [[0.25, 0.5]]], [[[0.25, 0.5]], [[0.0, 0.0]]]])
+    _assert_same_mcc(two.reshape(1, 2, 2, 2), np.array([1, 4]))
 
 
 def test_glcms_of_the_paper_images(radiomics_scan):
