@@ -111,8 +111,9 @@ def test_dask_cluster_gives_the_local_results(tmp_path, pipeline_scans, tiny_cla
     manifest = _manifest(tmp_path, pipeline_scans[:2])
     common = ["--classifier", str(tiny_classifiers["adipose"]), "--features", "basic",
               "--progress", "none", "--no-report"]
+    # locally: two scans at a time in joblib worker processes
     assert main(["batch", str(manifest), "--out", str(tmp_path / "local"), "--jobs", "1",
-                 *common]) == 0
+                 "--scan-jobs", "2", *common]) == 0
     assert main(["batch", str(manifest), "--out", str(tmp_path / "dask"), "--scheduler",
                  local_cluster.scheduler_address, *common]) == 0
     for name in ("cohort_features.csv", "cohort_summary.csv"):
