@@ -7,17 +7,11 @@ The values are pyradiomics' own: for every region the result equals
 * **Filtered images once per slice.** pyradiomics' filters do not look at the mask, yet a
   direct call recomputes all of them for every region. Here they are computed once per
   slice (or scan) and cropped per region, exactly as pyradiomics crops them.
-* **Discretisation once per image and region.** pyradiomics discretises the same cropped
-  image again in each of its six feature classes (60 times per call for 10 images). The
-  feature classes are used through subclasses whose ``_applyBinning`` keeps the result for
-  the other classes of the same image and region.
-* **numpy min/max in binning.** pyradiomics' ``getBinEdges`` takes Python's builtin
-  ``min``/``max`` over a numpy array (22-36 % of run time); the subclasses bin through
-  :func:`_bin_image`, which gives pyradiomics the array's extremes computed by numpy, so the
-  bin edges are the same numbers. No pyradiomics function is modified or patched.
-* **GLCM sum/difference distributions by ``bincount``.** pyradiomics builds them with one
-  ``Ng x Ng`` mask per bin (cubic in the grey levels); :mod:`.glcm_coefficients` adds the
-  same elements in the same order (bit-identical, tested).
+* **Less repeated work inside pyradiomics' feature classes** (:mod:`.feature_classes`):
+  discretisation once per image and region instead of once per class, bin edges from
+  numpy's min/max, GLCM sum/difference distributions and MCC vectorised with the same
+  operations in the same order (:mod:`.glcm_coefficients`), first-order percentiles and
+  moments computed once. No pyradiomics function is modified or patched.
 * **Parallel slices.** Slices go to a pool of worker processes (joblib/loky), each with
   SimpleITK limited to one thread.
 * **Prediction mode.** ``features=`` restricts the work to the features a trained classifier
@@ -43,7 +37,7 @@ from HRpQCTSegmenterLib.errors import HRpQCTError, InvalidScanError
 from HRpQCTSegmenterLib.progress import CancelToken, ProgressCallback, check, report
 from HRpQCTSegmenterLib.regions import REGIONS, region_by_label
 
-from .glcm_coefficients import calculate_glcm_coefficients, mcc_feature_value
+from .feature_classes import feature_classes_for_one_image
 from .settings import RadiomicsSettings, load_settings, settings_for_mode
 
 __all__ = [
@@ -196,60 +190,6 @@ def _normalise_request(regions: Iterable[int] | None,
     return [(lab, plans[lab]) for lab in labels]
 
 
-# --- binning ---------------------------------------------------------------------------------
-
-def _bin_image(matrix: np.ndarray, mask: np.ndarray, settings: Mapping[str, Any]) -> np.ndarray:
-    """pyradiomics' ``binImage`` for a boolean mask, with numpy extremes for the bin edges.
-
-    ``getBinEdges`` with a fixed bin width uses only the minimum and maximum of the values,
-    so it is handed the two numbers (same dtype) instead of the whole array: identical edges,
-    without Python's builtin ``min``/``max`` iterating over every voxel. With ``binCount`` the
-    full values are passed (numpy's histogram is used there anyway).
-    """
-    from radiomics import imageoperations
-
-    values = matrix[mask]
-    if settings.get("binCount") is None and values.size:
-        extremes = np.array([values.min(), values.max()], dtype=values.dtype)
-        edges = imageoperations.getBinEdges(extremes, **settings)
-    else:
-        edges = imageoperations.getBinEdges(values, **settings)
-    binned = np.zeros(matrix.shape, dtype="int")
-    binned[mask] = np.digitize(values, edges)
-    return binned
-
-
-def _feature_classes_sharing_binning() -> dict[str, type]:
-    """pyradiomics feature classes whose discretisation is computed once and shared.
-
-    A fresh set per (image, region): the shared result lives in this closure only. The GLCM
-    class also computes its coefficients with :mod:`.glcm_coefficients` (same values).
-    """
-    from radiomics import getFeatureClasses
-
-    cache: dict[tuple, tuple[np.ndarray, np.ndarray, int]] = {}
-
-    def _apply_binning(self, matrix):
-        key = (self.settings.get("binWidth", 25), self.settings.get("binCount"), self.label)
-        hit = cache.get(key)
-        if hit is None:
-            binned = _bin_image(matrix, self.maskArray, self.settings)
-            levels = np.unique(binned[self.maskArray])
-            hit = cache[key] = (binned, levels, int(np.max(levels)))
-        self.coefficients["grayLevels"] = hit[1].copy()
-        self.coefficients["Ng"] = hit[2]
-        return hit[0].copy()
-
-    classes = {}
-    for name, cls in getFeatureClasses().items():
-        members: dict[str, Any] = {"_applyBinning": _apply_binning, "__module__": cls.__module__}
-        if name == "glcm":
-            members["_calculateCoefficients"] = calculate_glcm_coefficients
-            members["getMCCFeatureValue"] = mcc_feature_value
-        classes[name] = type(cls.__name__, (cls,), members)
-    return classes
-
-
 # --- one image (slice or volume) -----------------------------------------------------------
 
 def _quiet_pyradiomics() -> None:
@@ -320,7 +260,7 @@ def _texture_features(image, mask, bbox, image_name: str,
     from radiomics import imageoperations
 
     cropped_image, cropped_mask = imageoperations.cropToTumorMask(image, mask, bbox)
-    feature_classes = _feature_classes_sharing_binning()
+    feature_classes = feature_classes_for_one_image()
     out: dict[str, float] = {}
     for class_name, names in classes.items():
         if class_name.startswith("shape"):

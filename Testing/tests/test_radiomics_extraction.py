@@ -42,6 +42,24 @@ def test_preset_values_equal_direct_pyradiomics(radiomics_scan, preset, count):
         _assert_same(r.features, direct)
 
 
+def test_flat_and_two_valued_regions_equal_direct_pyradiomics(radiomics_scan):
+    """Degenerate inputs of the engine's own code paths: one grey level (flat GLCM, zero
+    moments, equal percentiles) and two values (ties in every percentile)."""
+    s = radiomics_scan
+    z = 0
+    hu = s.hu[z].copy()
+    hu[s.regions[z] == 3] = 40.0
+    two = s.regions[z] == 4
+    hu[two] = np.where(np.arange(two.sum()) % 3 == 0, -120.0, 310.0)
+    params = settings_for_mode(load_settings("paper"), "slice")
+    dz, dy, dx = s.spacing_mm
+    for r in extract_slice_features(hu, s.regions[z], s.spacing_mm, "paper", regions=[3, 4]):
+        assert r.status == STATUS_OK
+        direct = direct_pyradiomics(params, hu[np.newaxis], s.regions[z:z + 1], (dx, dy, dz),
+                                    r.region_label)
+        _assert_same(r.features, direct)
+
+
 def test_complete_preset_has_log_and_lbp(radiomics_scan):
     s = radiomics_scan
     (r,) = extract_slice_features(s.hu[0], s.regions[0], s.spacing_mm, "complete", regions=[7])
