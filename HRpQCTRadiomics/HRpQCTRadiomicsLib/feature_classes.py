@@ -4,10 +4,11 @@
 for one (filtered image, region) pair. Nothing in pyradiomics is modified or patched; the
 subclasses override a few methods with code that computes the same numbers:
 
-* **Discretisation once.** pyradiomics discretises the same cropped image again in each of
-  its feature classes; ``_applyBinning`` keeps the result for the other classes of the same
-  image and region (:func:`bin_image`, bin edges from numpy's min/max instead of Python's
-  builtin ``min``/``max`` over every voxel: the same two numbers).
+* **Discretisation and mask once.** pyradiomics discretises the same cropped image again in
+  each of its feature classes; ``_applyBinning`` keeps the result (read-only) for the other
+  classes of the same image and region, and the region's boolean mask is shared the same
+  way (:func:`bin_image`: bin edges from numpy's min/max instead of Python's builtin
+  ``min``/``max`` over every voxel, the same two numbers).
 * **GLCM.** Sum/difference distributions and the MCC matrix with the same floating-point
   operations in the same order (:mod:`.glcm_coefficients`).
 * **First order.** pyradiomics partitions the voxel values 6 times for 4 percentiles (the
@@ -113,19 +114,33 @@ def feature_classes_for_one_image() -> dict[str, type]:
     for every filtered image and region.
     """
     from radiomics import getFeatureClasses
+    from radiomics.base import RadiomicsFeaturesBase
 
-    cache: dict[tuple, tuple[np.ndarray, np.ndarray, int]] = {}
+    cache: dict[Any, Any] = {}
+
+    def _init_segment_based_calculation(self):
+        # the same boolean mask for every class: computed once, shared read-only
+        key = ("mask", self.label)
+        if key not in cache:
+            import SimpleITK as sitk
+
+            mask = sitk.GetArrayFromImage(self.inputMask) == self.label
+            mask.flags.writeable = False
+            cache[key] = mask
+        self.maskArray = cache[key]
 
     def _apply_binning(self, matrix):
-        key = (self.settings.get("binWidth", 25), self.settings.get("binCount"), self.label)
+        key = ("binned", self.settings.get("binWidth", 25), self.settings.get("binCount"),
+               self.label)
         hit = cache.get(key)
         if hit is None:
             binned = bin_image(matrix, self.maskArray, self.settings)
             levels = np.unique(binned[self.maskArray])
+            binned.flags.writeable = False  # shared: a class writing into it would fail loudly
             hit = cache[key] = (binned, levels, int(np.max(levels)))
         self.coefficients["grayLevels"] = hit[1].copy()
         self.coefficients["Ng"] = hit[2]
-        return hit[0].copy()
+        return hit[0]
 
     classes = {}
     for name, cls in getFeatureClasses().items():
@@ -135,6 +150,9 @@ def feature_classes_for_one_image() -> dict[str, type]:
             "getFeatureNames": classmethod(lambda _cls, names=names: dict(names)),
             "__module__": cls.__module__,
         }
+        if (cls._initSegmentBasedCalculation
+                is RadiomicsFeaturesBase._initSegmentBasedCalculation):  # not the shape classes
+            members["_initSegmentBasedCalculation"] = _init_segment_based_calculation
         bases: tuple[type, ...] = (cls,)
         if name == "glcm":
             members["_calculateCoefficients"] = calculate_glcm_coefficients
