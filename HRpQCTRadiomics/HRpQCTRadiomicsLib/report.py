@@ -141,7 +141,7 @@ def overlay_figure(hu: np.ndarray, regions: np.ndarray, spacing_mm: tuple[float,
     box = _crop_box(regions, margin_px=round(3.0 / pixel_mm))
     lut = _colour_lut()
     n = len(slices)
-    fig, axes = plt.subplots(2, n, figsize=(3.6 * n, 7.6), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 8.8), squeeze=False)
     for col, z in enumerate(slices):
         image = np.asarray(hu[z][box], dtype=np.float32)
         labels_2d = np.asarray(regions[z][box])
@@ -171,7 +171,7 @@ def overlay_figure(hu: np.ndarray, regions: np.ndarray, spacing_mm: tuple[float,
     fig.tight_layout(rect=(0, 0.07, 1, 0.96 if title else 1))
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
