@@ -7,6 +7,10 @@ The values are pyradiomics' own: for every region the result equals
 * **Filtered images once per slice.** pyradiomics' filters do not look at the mask, yet a
   direct call recomputes all of them for every region. Here they are computed once per
   slice (or scan) and cropped per region, exactly as pyradiomics crops them.
+* **Filtered only where it matters.** The filters run on a box around the requested regions
+  (:func:`_exact_crop`) whose margins make every value inside the regions identical to
+  filtering the whole image; filters that depend on the whole image (LoG, LBP-3D,
+  ``normalize``) get the whole image.
 * **Less repeated work inside pyradiomics' feature classes** (:mod:`.feature_classes`):
   discretisation once per image and region instead of once per class, bin edges from
   numpy's min/max, GLCM sum/difference distributions and MCC vectorised with the same
@@ -295,6 +299,83 @@ def _filtered_images(image, mask, params: Mapping[str, Any], wanted: set[str] | 
     return images
 
 
+#: Image types whose values are a function of each voxel's value and of max|x| over the
+#: whole image only (pyradiomics rescales them with it).
+_POINT_FILTERS = frozenset({"Square", "SquareRoot", "Logarithm", "Exponential"})
+
+
+def _filter_margin(image_type: str, args: Mapping[str, Any]) -> int | None:
+    """Voxels around a region that decide its filtered values; None: the whole image does.
+
+    Gradient: central differences (1). Wavelet: pyradiomics applies a level-1 stationary
+    wavelet transform ``start_level + level`` times, each reading ``dec_len`` neighbours
+    (generous: a whole filter length per side and pass). LBP-2D: samples at ``lbp2DRadius``,
+    interpolated (radius + 1). LoG (recursive Gaussian along whole lines) and LBP-3D: None.
+    """
+    if image_type == "Original" or image_type in _POINT_FILTERS:
+        return 0
+    if image_type == "Gradient":
+        return 1
+    if image_type == "Wavelet":
+        import pywt
+
+        wavelet = args.get("wavelet", "coif1")
+        length = (wavelet if isinstance(wavelet, pywt.Wavelet) else pywt.Wavelet(wavelet)).dec_len
+        passes = int(args.get("start_level", 0)) + int(args.get("level", 1))
+        return passes * length + 2
+    if image_type == "LBP2D":
+        return math.ceil(float(args.get("lbp2DRadius", 1))) + 1
+    return None
+
+
+def _exact_crop(array: np.ndarray, labels: np.ndarray, region_labels: Sequence[int],
+                params: Mapping[str, Any], wanted: set[str] | None) -> tuple[slice, ...] | None:
+    """A box to filter instead of the whole image, with identical values in every region.
+
+    The box holds the regions' voxels plus each filter's :func:`_filter_margin`; along an axis
+    where the wavelet is needed and the box would reach the image border it spans the whole
+    axis (the transform wraps around periodically), and when a point filter is needed it
+    holds a voxel of the image's largest ``|value|`` (their rescaling factor). None when no
+    box smaller than the image keeps the values (LoG, LBP-3D, ``normalize``: they use the
+    whole image).
+    """
+    setting = params.get("setting") or {}
+    if setting.get("normalize", False):
+        return None
+    margin, periodic, extreme = 0, False, False
+    for image_type, custom in (params.get("imageType") or {"Original": {}}).items():
+        if wanted is not None and image_type not in wanted:
+            continue
+        args = dict(setting)
+        args.update(custom or {})
+        m = _filter_margin(image_type, args)
+        if m is None:
+            return None
+        margin = max(margin, m)
+        periodic |= image_type == "Wavelet"
+        extreme |= image_type in _POINT_FILTERS
+    inside = np.isin(labels, np.asarray(region_labels, dtype=labels.dtype))
+    lo, hi = [], []
+    for axis in range(labels.ndim):
+        present = np.flatnonzero(np.any(inside, axis=tuple(a for a in range(labels.ndim)
+                                                          if a != axis)))
+        lo.append(int(present[0]) - margin)
+        hi.append(int(present[-1]) + 1 + margin)
+    if extreme:
+        at = np.unravel_index(int(np.argmax(np.abs(array))), array.shape)
+        lo = [min(a, int(i)) for a, i in zip(lo, at, strict=True)]
+        hi = [max(b, int(i) + 1) for b, i in zip(hi, at, strict=True)]
+    box = []
+    for axis, size in enumerate(labels.shape):
+        start, stop = max(0, lo[axis]), min(size, hi[axis])
+        if periodic and (start == 0 or stop == size):
+            start, stop = 0, size
+        box.append(slice(start, stop))
+    if all(b.start == 0 and b.stop == n for b, n in zip(box, labels.shape, strict=True)):
+        return None
+    return tuple(box)
+
+
 def _extract_image(array: np.ndarray, labels: np.ndarray, spacing_xyz: tuple[float, ...],
                    params: Mapping[str, Any], requests: list[tuple[int, Plan]],
                    slice_index: int | None, feature_classes_all: Mapping[str, Any]
@@ -305,13 +386,6 @@ def _extract_image(array: np.ndarray, labels: np.ndarray, spacing_xyz: tuple[flo
 
     _quiet_pyradiomics()
     setting = dict(params.get("setting") or {})
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(spacing_xyz)
-    mask = sitk.GetImageFromArray(labels.astype(np.uint32, copy=False))
-    mask.CopyInformation(image)
-    if setting.get("normalize", False):
-        image = imageoperations.normalizeImage(image, **setting)
-
     counts, boxes = _bounding_boxes(labels)
     results: list[RegionFeatures] = []
     todo: list[tuple[int, int, np.ndarray, Plan]] = []
@@ -333,6 +407,20 @@ def _extract_image(array: np.ndarray, labels: np.ndarray, spacing_xyz: tuple[flo
     else:
         wanted = {_image_type_of(img) for *_, plan in todo for img in plan
                   if not plan[img].keys() <= {"shape", "shape2D"}}
+    # Filter only the part of the image that decides the regions' values.
+    crop = _exact_crop(array, labels, [label for label, *_ in todo], params, wanted)
+    if crop is not None:
+        array, labels = array[crop], labels[crop]
+        _, boxes = _bounding_boxes(labels)
+        todo = [(label, count, _sitk_bounding_box(boxes[label - 1]), plan)
+                for label, count, _, plan in todo]
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(spacing_xyz)
+    mask = sitk.GetImageFromArray(np.ascontiguousarray(labels).astype(np.uint32, copy=False))
+    mask.CopyInformation(image)
+    if setting.get("normalize", False):
+        image = imageoperations.normalizeImage(image, **setting)
+
     try:
         filtered = _filtered_images(image, mask, params, wanted)
     except Exception as exc:  # a filter failing fails every region of this image
