@@ -1,10 +1,23 @@
 """Radiomics speed: stock pyradiomics vs the engine (full set and prediction mode).
 
-Input: a full-size phantom (1600 x 1600 slices, 60.7 um, 7 regions). Stock = one
-``RadiomicsFeatureExtractor.execute`` per region, serially, as a user would call it.
-Per-slice times are projected linearly to a 168-slice scan (printed as "projected").
+Input: a full-size phantom (1600 x 1600 slices, 60.7 um, 7 regions). Three measurements:
+
+(a) **stock**: one ``RadiomicsFeatureExtractor.execute`` per region, serially, in this
+    process, as a user would call pyradiomics (``--stock-slices`` slices; 0 skips it);
+(b) **full**: the engine with every feature of the preset (939 for ``paper``);
+(c) **prediction**: the engine restricted to a classifier's features (``PREDICTION_FEATURES``:
+    21 features of 4 regions from all 10 images and all feature classes incl. shape, a heavy
+    but realistic selected set), on every slice and on every ``--slice-step``-th slice.
+
+Every variant reports CPU seconds (this process and its worker processes, via psutil when
+installed; otherwise this process only) and wall seconds per slice, and a linear projection
+to a ``--scan-slices`` (168) slice scan. Projections from fewer measured slices are labelled
+``projected`` and leave out the pool's start-up, measured separately
+(``pool_startup_wall_s``). Wall times depend on what else runs on the machine: the load
+average is printed with them.
 
     python benchmarks/bench_radiomics.py --slices 4 --jobs 2
+    python benchmarks/bench_radiomics.py --slices 168 --stock-slices 0   # a whole scan
 """
 
 from __future__ import annotations
@@ -13,27 +26,88 @@ import argparse
 import copy
 import json
 import logging
+import os
 import time
 
 import numpy as np
 from _common import machine, peak_rss_gb
 
+#: A classifier's feature list for prediction mode: region label -> pyradiomics names.
+PREDICTION_FEATURES: dict[int, list[str]] = {
+    7: ["original_firstorder_Mean", "original_glcm_JointEntropy",
+        "wavelet-LH_glszm_ZoneEntropy", "wavelet-HH_firstorder_Kurtosis",
+        "gradient_glrlm_RunEntropy", "square_gldm_DependenceNonUniformityNormalized",
+        "original_shape2D_Perimeter"],
+    6: ["exponential_firstorder_Median", "wavelet-LL_glcm_Idmn", "logarithm_ngtdm_Coarseness",
+        "squareroot_glszm_SmallAreaEmphasis", "original_glrlm_LongRunEmphasis",
+        "wavelet-HL_firstorder_Entropy"],
+    2: ["original_glcm_Correlation", "wavelet-LL_firstorder_90Percentile", "gradient_glcm_MCC"],
+    5: ["original_firstorder_Skewness", "wavelet-HH_glcm_ClusterShade",
+        "squareroot_glrlm_GrayLevelNonUniformity", "original_shape2D_Sphericity",
+        "exponential_gldm_LargeDependenceEmphasis"],
+}
 
-def stock_seconds_per_slice(hu2d, labels2d, spacing_mm, params, one_blas_thread):
+
+def _cpu_seconds() -> tuple[float, dict[int, float]]:
+    """CPU seconds of this process, and of each of its child processes (needs psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return time.process_time(), {}
+    children = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        children[child.pid] = times.user + times.system
+    return time.process_time(), children
+
+
+class Timer:
+    """Wall seconds and CPU seconds (this process plus its worker processes) of a block."""
+
+    def __enter__(self):
+        self.wall = time.perf_counter()
+        self._cpu = _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall
+        own, children = _cpu_seconds()
+        self.cpu = own - self._cpu[0] + sum(
+            seconds - self._cpu[1].get(pid, 0.0) for pid, seconds in children.items())
+
+
+def stock_slice(hu2d, labels2d, spacing_mm, params) -> Timer:
+    """pyradiomics as shipped: one ``execute`` per region present in the slice."""
     import SimpleITK as sitk
     from radiomics import featureextractor
-    from threadpoolctl import threadpool_limits
 
     extractor = featureextractor.RadiomicsFeatureExtractor(copy.deepcopy(params))
     image = sitk.GetImageFromArray(hu2d[np.newaxis].astype(np.float32))
     image.SetSpacing(tuple(reversed(spacing_mm)))
     mask = sitk.GetImageFromArray(labels2d[np.newaxis].astype(np.uint32))
     mask.CopyInformation(image)
-    start = time.perf_counter()
-    with threadpool_limits(limits=1 if one_blas_thread else None):
+    with Timer() as t:
         for label in np.unique(labels2d[labels2d > 0]):
             extractor.execute(image, mask, label=int(label))
-    return time.perf_counter() - start
+    return t
+
+
+def per_slice(t: Timer, n_slices: int, scan_slices: int, prefix: str, out: dict,
+              workers: int = 1) -> None:
+    """Per-slice CPU and wall, the wall projected to a scan, and the CPU-bound estimate.
+
+    ``..._cpu_bound_wall_s_per_scan`` = CPU per slice x scan slices / workers: the wall time
+    on otherwise idle cores with perfect scaling (an estimate, not a measurement).
+    """
+    out[f"{prefix}_cpu_s_per_slice"] = round(t.cpu / n_slices, 3)
+    out[f"{prefix}_wall_s_per_slice"] = round(t.wall / n_slices, 3)
+    label = "" if n_slices >= scan_slices else "_projected"
+    out[f"{prefix}_wall_s_per_scan{label}"] = round(t.wall / n_slices * scan_slices, 1)
+    out[f"{prefix}_cpu_bound_wall_s_per_scan"] = round(
+        t.cpu / n_slices * scan_slices / workers, 1)
 
 
 def main() -> None:
@@ -41,53 +115,75 @@ def main() -> None:
     from HRpQCTRadiomicsLib.settings import load_settings, settings_for_mode
     from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
 
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--slices", type=int, default=4)
-    parser.add_argument("--jobs", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=4, help="slices measured (engine)")
+    parser.add_argument("--stock-slices", type=int, default=1,
+                        help="slices measured with stock pyradiomics (0: skip)")
+    parser.add_argument("--scan-slices", type=int, default=168, help="scan length projected to")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes of the engine")
+    parser.add_argument("--slice-step", type=int, default=4,
+                        help="prediction on every n-th slice as well (1: skip that variant)")
     parser.add_argument("--preset", default="paper")
-    parser.add_argument("--n-features", type=int, default=14,
-                        help="prediction mode: features of the classifier (paper: 3-14/region)")
-    parser.add_argument("--skip-stock", action="store_true")
+    parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     logging.getLogger("radiomics").setLevel(logging.ERROR)
 
-    phantom = generate_phantom(PhantomParams(n_slices=args.slices), seed=1)
+    phantom = generate_phantom(PhantomParams(n_slices=args.slices), seed=args.seed)
     hu, labels, spacing = phantom.scan.hu, phantom.regions, phantom.scan.spacing_mm
     settings = load_settings(args.preset)
-    counts = np.bincount(labels[0].ravel(), minlength=8)[1:]
-    out = {"machine": machine(), "slices": args.slices, "jobs": args.jobs,
-           "shape": list(hu.shape), "region_pixels_slice0": counts.tolist()}
+    n = args.slices
+    out: dict = {"machine": machine(), "load_average_at_start": os.getloadavg(),
+                 "preset": args.preset, "measured_slices": n, "jobs": args.jobs,
+                 "scan_slices": args.scan_slices, "shape": list(hu.shape),
+                 "region_pixels_slice0": np.bincount(labels[0].ravel(), minlength=8)[1:].tolist()}
 
-    if not args.skip_stock:
+    # (a) stock pyradiomics, serial
+    if args.stock_slices > 0:
         params = settings_for_mode(settings, "slice")
-        out["stock_default_threads_s_per_slice"] = stock_seconds_per_slice(
-            hu[0], labels[0], spacing, params, one_blas_thread=False)
-        out["stock_one_blas_thread_s_per_slice"] = stock_seconds_per_slice(
-            hu[0], labels[0], spacing, params, one_blas_thread=True)
+        total = Timer()
+        total.wall = total.cpu = 0.0
+        for z in range(min(args.stock_slices, n)):
+            t = stock_slice(hu[z], labels[z], spacing, params)
+            total.wall += t.wall
+            total.cpu += t.cpu
+        per_slice(total, min(args.stock_slices, n), args.scan_slices, "stock_serial", out)
 
-    start = time.perf_counter()
-    extract_features(hu[:1], labels[:1], spacing, settings=settings, n_jobs=1)
-    out["engine_serial_s_per_slice"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    table = extract_features(hu, labels, spacing, settings=settings, n_jobs=args.jobs)
-    seconds = time.perf_counter() - start
-    out["engine_parallel_s_per_slice"] = seconds / args.slices
-    out["n_features"] = len(table.feature_names)
+    # (b) full feature set: serial (CPU per slice), then the worker pool (wall)
+    with Timer() as t:
+        serial = extract_features(hu[:1], labels[:1], spacing, settings=settings, n_jobs=1)
+    per_slice(t, 1, args.scan_slices, "full_serial", out)
+    out["n_features"] = len(serial.feature_names)
+    with Timer() as t:  # start the pool: loky keeps its workers for the next calls
+        extract_features(hu[:1], labels[:1], spacing, settings=settings, n_jobs=args.jobs,
+                         slices=[0], regions=[3])
+    out["pool_startup_wall_s"] = round(t.wall, 2)
+    with Timer() as t:
+        table = extract_features(hu, labels, spacing, settings=settings, n_jobs=args.jobs)
+    per_slice(t, n, args.scan_slices, "full_pool", out, args.jobs)
     out["rows_ok"] = len(table.ok_rows())
 
-    rng = np.random.default_rng(0)
-    names = sorted(rng.choice(table.feature_names, size=args.n_features, replace=False).tolist())
-    out["prediction_features"] = names
-    region = 7  # adipose: the largest region, the worst case
-    start = time.perf_counter()
-    extract_features(hu, labels, spacing, settings=settings, features={region: names},
-                     n_jobs=args.jobs)
-    out["prediction_s_per_slice"] = (time.perf_counter() - start) / args.slices
-    for key in list(out):
-        if key.endswith("_s_per_slice"):
-            out[key.replace("_s_per_slice", "_s_per_168_slices_projected")] = out[key] * 168
-    out["peak_rss_gb"] = peak_rss_gb()
+    # (c) prediction mode
+    out["prediction_features"] = {k: len(v) for k, v in PREDICTION_FEATURES.items()}
+    with Timer() as t:
+        extract_features(hu[:1], labels[:1], spacing, settings=settings,
+                         features=PREDICTION_FEATURES, n_jobs=1)
+    per_slice(t, 1, args.scan_slices, "prediction_serial", out)
+    with Timer() as t:
+        extract_features(hu, labels, spacing, settings=settings, features=PREDICTION_FEATURES,
+                         n_jobs=args.jobs)
+    per_slice(t, n, args.scan_slices, "prediction_pool", out, args.jobs)
+    if args.slice_step > 1:
+        # every k-th slice: k times fewer slices, the same values on the slices computed
+        out["prediction_pool_every_kth_slice"] = args.slice_step
+        kept = -(-args.scan_slices // args.slice_step)
+        out["prediction_pool_every_kth_wall_s_per_scan_projected"] = round(
+            out["prediction_pool_wall_s_per_slice"] * kept, 1)
+        out["prediction_pool_every_kth_cpu_bound_wall_s_per_scan"] = round(
+            out["prediction_pool_cpu_s_per_slice"] * kept / args.jobs, 1)
+
+    out["load_average_at_end"] = os.getloadavg()
+    out["peak_rss_gb_parent"] = round(peak_rss_gb(), 2)
     print(json.dumps(out, indent=1))
 
 
