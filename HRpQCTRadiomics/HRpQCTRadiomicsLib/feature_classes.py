@@ -62,6 +62,13 @@ def bin_image(matrix: np.ndarray, mask: np.ndarray, settings: Mapping[str, Any])
     return binned
 
 
+def _present_levels(values: np.ndarray) -> np.ndarray:
+    """``numpy.unique(values)`` for the bin indices of a region (counting, not sorting)."""
+    if values.size and values.min() >= 0 and values.max() <= 2**20:
+        return np.flatnonzero(np.bincount(values)).astype(values.dtype, copy=False)
+    return np.unique(values)
+
+
 class _FirstOrderSharing:
     """Mixin for ``RadiomicsFirstOrder``: percentiles and moments computed once."""
 
@@ -135,7 +142,7 @@ def feature_classes_for_one_image() -> dict[str, type]:
         hit = cache.get(key)
         if hit is None:
             binned = bin_image(matrix, self.maskArray, self.settings)
-            levels = np.unique(binned[self.maskArray])
+            levels = _present_levels(binned[self.maskArray])
             binned.flags.writeable = False  # shared: a class writing into it would fail loudly
             hit = cache[key] = (binned, levels, int(np.max(levels)))
         self.coefficients["grayLevels"] = hit[1].copy()
