@@ -564,7 +564,11 @@ def extract_features(hu: np.ndarray, regions_map: np.ndarray,
         Prediction mode: only these features (pyradiomics names), or a mapping region label
         -> names; nothing else is computed.
     slices:
-        Slice indices to extract (per-slice mode; default all).
+        Slice indices to extract (per-slice mode; default all). ``range(0, n, k)`` gives
+        every k-th slice, k times faster (e.g. for prediction). The features of the slices
+        extracted are unchanged; a patient-level probability aggregated over them is then a
+        mean (or median) over k times fewer slices, i.e. a different, noisier estimate than
+        over all slices.
     n_jobs:
         Worker processes for per-slice mode (default: CPU cores, at most the slice count;
         1: in this process).
