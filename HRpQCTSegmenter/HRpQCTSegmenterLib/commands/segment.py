@@ -26,6 +26,8 @@ log = logging.getLogger("hrpqct")
 
 #: Name of the bundled SegFormer in resources/artefacts.json.
 BUNDLED_MODEL = "segformer-b0-phantoms"
+#: Further artefacts of the bundled model folder, named ``<BUNDLED_MODEL>:<part>``.
+BUNDLED_MODEL_PARTS = ("config", "weights")
 
 LABEL_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -42,7 +44,11 @@ def resolve_model_folder(model: str | None) -> Path:
     from ..artefacts import verified_path
 
     try:
-        return verified_path(BUNDLED_MODEL).parent
+        # the folder's metadata, config and weights are separate artefacts: check all three
+        folder = verified_path(BUNDLED_MODEL).parent
+        for part in BUNDLED_MODEL_PARTS:
+            verified_path(f"{BUNDLED_MODEL}:{part}")
+        return folder
     except ArtefactError as exc:
         raise ArtefactError(
             f"{exc}. No bundled segmentation model is available in this installation; train "
