@@ -43,7 +43,14 @@ __all__ = [
     "SavedClassifier",
     "save_classifier",
     "load_classifier",
+    "BUNDLED_CLASSIFIER",
+    "bundled_classifier_path",
 ]
+
+#: Name of the bundled classifier in ``HRpQCTRadiomicsLib/resources/artefacts.json``: logistic
+#: regression on soft-tissue radiomics (skin, myotendinous, adipose), trained on synthetic
+#: phantoms (its JSON holds the training report and the caveat).
+BUNDLED_CLASSIFIER = "osteoporosis-classifier"
 
 FORMAT_NAME = "hrpqct-classifier"
 FORMAT_VERSION = 1
@@ -285,3 +292,19 @@ def _load_skops(path: Path, info: dict[str, Any], kind: str):
         raise ArtefactError(f"{skops_path} contains types that are not trusted: {refused}. "
                             "It was not made by this software; refusing to load it.")
     return sio.load(skops_path, trusted=trusted)
+
+
+def bundled_classifier_path() -> Path | None:
+    """The bundled classifier's file after its checksum check; None if none is bundled.
+
+    Raises
+    ------
+    ArtefactError
+        If the classifier is listed but missing or damaged (a broken installation is an
+        error, not "no classifier").
+    """
+    from HRpQCTSegmenterLib.artefacts import list_artefacts, verified_path
+
+    if not any(a.name == BUNDLED_CLASSIFIER for a in list_artefacts()):
+        return None
+    return verified_path(BUNDLED_CLASSIFIER)

@@ -51,6 +51,8 @@ from HRpQCTSegmenterLib.errors import ArtefactError, HRpQCTError, InputFileError
 from HRpQCTSegmenterLib.progress import CancelToken, ProgressCallback, check, report
 from HRpQCTSegmenterLib.regions import REGIONS, region_by_name
 
+from .model_io import BUNDLED_CLASSIFIER
+
 __all__ = [
     "BUNDLED_CLASSIFIER",
     "FEATURE_SETS",
@@ -68,8 +70,6 @@ __all__ = [
 
 log = logging.getLogger("hrpqct")
 
-#: Name of the bundled classifier in ``HRpQCTRadiomicsLib/resources/artefacts.json``.
-BUNDLED_CLASSIFIER = "osteoporosis-classifier"
 FEATURE_SETS = ("auto", "classifier", "basic", "full", "none")
 #: The ``basic`` set: 2D shape and first-order statistics of the original image (27 per
 #: region and slice; a subset of the paper preset).

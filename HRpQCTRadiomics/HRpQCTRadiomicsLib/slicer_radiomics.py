@@ -240,13 +240,14 @@ def region_labels_from_mapping(segmentations_logic: Any, segmentation_node: Any,
 # parameters and classifiers
 # ------------------------------------------------------------------------------------------
 def bundled_classifier_paths() -> list[Path]:
-    """Classifier files shipped with the extension (``resources/*.classifier.json``).
+    """The classifier shipped with the extension (checksum verified), or an empty list.
 
-    None are bundled in this version: prediction mode needs the user's own classifier
-    (``hrpqct train-classifier``).
+    Used in prediction mode when the user chose no classifier file.
     """
-    folder = Path(__file__).resolve().parent / "resources"
-    return sorted(folder.glob("*.classifier.json"))
+    from .model_io import bundled_classifier_path
+
+    path = bundled_classifier_path()
+    return [] if path is None else [path]
 
 
 @dataclass
@@ -299,7 +300,7 @@ class RadiomicsParameters:
         found = []
         if self.mode not in MODE_CHOICES:
             found.append(f"Unknown mode {self.mode!r}: choose {' or '.join(MODE_CHOICES)}.")
-        if self.mode == MODE_PREDICTION and not self.classifier_paths:
+        if self.mode == MODE_PREDICTION and not self.effective_classifier_paths():
             found.append("Prediction needs a classifier file, and none is bundled with this "
                          "version: choose one made by 'hrpqct train-classifier', or choose "
                          "full feature export.")
@@ -308,6 +309,12 @@ class RadiomicsParameters:
                 found.append(f"Classifier file {path} does not exist: choose the .json file "
                              "written by 'hrpqct train-classifier'.")
         return found
+
+    def effective_classifier_paths(self) -> list[str]:
+        """The chosen classifier files, or the bundled classifier when none is chosen."""
+        if self.classifier_paths:
+            return list(self.classifier_paths)
+        return [str(p) for p in bundled_classifier_paths()]
 
     def validate(self) -> None:
         """Raise :class:`HRpQCTError` listing :meth:`problems`, if any."""
@@ -524,7 +531,8 @@ class RadiomicsRun:
         self.parameters = parameters or RadiomicsParameters()
         self.parameters.validate()
         self.volume_node = volume_node
-        self.classifiers = [load_classifier(p) for p in self.parameters.classifier_paths]
+        self.classifiers = [load_classifier(p)
+                            for p in self.parameters.effective_classifier_paths()]
         if self.parameters.mode == MODE_PREDICTION:
             self.features, self.settings = feature_request(self.classifiers)
             wanted = sorted(self.features)
