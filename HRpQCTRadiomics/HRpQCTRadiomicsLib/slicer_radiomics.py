@@ -311,8 +311,12 @@ class RadiomicsParameters:
         return found
 
     def effective_classifier_paths(self) -> list[str]:
-        """The chosen classifier files, or the bundled classifier when none is chosen."""
-        if self.classifier_paths:
+        """The chosen classifier files; in prediction mode without one, the bundled classifier.
+
+        Full export applies only classifiers the user chose (its regions and settings may not
+        hold the bundled classifier's features).
+        """
+        if self.classifier_paths or self.mode != MODE_PREDICTION:
             return list(self.classifier_paths)
         return [str(p) for p in bundled_classifier_paths()]
 

@@ -65,13 +65,13 @@ def list_artefacts(packages: tuple[str, ...] = ("HRpQCTSegmenterLib", "HRpQCTRad
             base = _resources_dir(package)
         except ModuleNotFoundError:
             continue
-        manifest = base / MANIFEST_NAME
-        if not manifest.is_file():
-            continue
-        for entry in json.loads(manifest.read_text(encoding="utf-8"))["artefacts"]:
-            found.append(Artefact(
-                name=entry["name"], path=base / entry["file"], sha256=entry["sha256"],
-                kind=entry.get("kind", ""), description=entry.get("description", "")))
+        # one manifest per package; names differ (e.g. radiomics-artefacts.json) because
+        # Slicer finds module resources by file name
+        for manifest in sorted(base.glob(f"*{MANIFEST_NAME}")):
+            for entry in json.loads(manifest.read_text(encoding="utf-8"))["artefacts"]:
+                found.append(Artefact(
+                    name=entry["name"], path=base / entry["file"], sha256=entry["sha256"],
+                    kind=entry.get("kind", ""), description=entry.get("description", "")))
     return found
 
 
@@ -101,12 +101,14 @@ def verified_path(name: str) -> Path:
 
 
 def register_artefact(resources_dir: str | Path, name: str, file: str, kind: str,
-                      description: str) -> Artefact:
+                      description: str, manifest_name: str = MANIFEST_NAME) -> Artefact:
     """Add (or update) an entry of ``resources_dir/artefacts.json`` with the file's SHA256.
 
     For maintainers bundling a new model or classifier: copy the file under
     ``resources_dir`` first; ``file`` is its path relative to that folder. The manifest is
     rewritten atomically, entries keep their order, and an entry of the same name is replaced.
+    ``manifest_name`` must end with ``artefacts.json`` (each package's manifest has its own
+    name, as Slicer finds resources by file name).
     """
     from .atomic import write_text_atomic
 
@@ -114,7 +116,9 @@ def register_artefact(resources_dir: str | Path, name: str, file: str, kind: str
     path = base / file
     if not path.is_file():
         raise ArtefactError(f"Cannot register {name!r}: {path} does not exist.")
-    manifest = base / MANIFEST_NAME
+    if not manifest_name.endswith(MANIFEST_NAME):
+        raise ValueError(f"A manifest name must end with {MANIFEST_NAME}: {manifest_name!r}")
+    manifest = base / manifest_name
     entries = (json.loads(manifest.read_text(encoding="utf-8"))["artefacts"]
                if manifest.is_file() else [])
     entry = {"name": name, "file": Path(file).as_posix(), "sha256": sha256_file(path),

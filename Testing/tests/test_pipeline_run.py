@@ -119,13 +119,15 @@ def test_run_refuses_foreign_files_and_missing_inputs(tmp_path, pipeline_scans):
                  str(tmp_path / "no_model"), "--progress", "none"]) == 6
 
 
-def test_run_without_bundled_artefacts_skips_those_steps(tmp_path, pipeline_scans, capsys):
-    """No bundled model or classifier here: the run says so and still reports the scan."""
-    from HRpQCTSegmenterLib.artefacts import list_artefacts
+def test_run_without_bundled_artefacts_skips_those_steps(tmp_path, pipeline_scans, capsys,
+                                                        monkeypatch):
+    """An installation without bundled model and classifier: the run says so and still
+    reports the scan (the artefact names are pointed at nothing)."""
+    from HRpQCTRadiomicsLib import pipeline
+    from HRpQCTSegmenterLib.commands import segment
 
-    names = {a.name for a in list_artefacts() if a.verify()}
-    if {"segformer-b0-phantoms", "osteoporosis-classifier"} & names:
-        pytest.skip("a bundled model or classifier is installed")
+    monkeypatch.setattr(segment, "BUNDLED_MODEL", "no-such-model")
+    monkeypatch.setattr(pipeline, "BUNDLED_CLASSIFIER", "no-such-classifier")
     out = tmp_path / "out"
     assert main(["run", str(pipeline_scans[0].scan), "--out", str(out), "--progress",
                  "none"]) == 0

@@ -128,7 +128,15 @@ def test_parameters_come_from_the_parameter_node(tmp_path):
         sr.RadiomicsParameters.from_parameter_node(node, slice=[1])  # a typo is not ignored
 
 
-def test_blocking_run_raises_what_to_do(nodes):
+@pytest.fixture
+def no_bundled_classifier(monkeypatch):
+    """An installation without a bundled classifier (the artefact name points nowhere)."""
+    from HRpQCTRadiomicsLib import model_io
+
+    monkeypatch.setattr(model_io, "BUNDLED_CLASSIFIER", "no-such-classifier")
+
+
+def test_blocking_run_raises_what_to_do(nodes, no_bundled_classifier):
     headless, volume, segmentation, _ = nodes
     sr.check_pyradiomics()  # installed here: no complaint
     with pytest.raises(HRpQCTError, match="none is bundled"):
@@ -138,7 +146,21 @@ def test_blocking_run_raises_what_to_do(nodes):
         sr.start_radiomics(headless.scene, headless.segmentations_logic, None, segmentation)
 
 
-def test_prediction_without_a_classifier_says_none_is_bundled():
+def test_prediction_without_a_chosen_file_uses_the_bundled_classifier():
+    from HRpQCTRadiomicsLib.model_io import bundled_classifier_path, load_classifier
+
+    bundled = bundled_classifier_path()
+    assert bundled is not None and sr.bundled_classifier_paths() == [bundled]
+    parameters = sr.RadiomicsParameters(mode=sr.MODE_PREDICTION)
+    assert parameters.problems() == []
+    assert parameters.effective_classifier_paths() == [str(bundled)]
+    assert sr.RadiomicsParameters(classifier_paths=["mine.json"]).effective_classifier_paths() \
+        == ["mine.json"]
+    saved = load_classifier(bundled)  # checksum and format verified by the loader
+    assert saved.features and all(":" in name for name in saved.features)
+
+
+def test_prediction_without_a_classifier_says_none_is_bundled(no_bundled_classifier):
     assert sr.bundled_classifier_paths() == []
     problems = sr.RadiomicsParameters(mode=sr.MODE_PREDICTION).problems()
     assert problems and "none is bundled" in problems[0] and "full feature export" in problems[0]
