@@ -19,6 +19,7 @@ Rules (the paper's, with 3D connectivity offered and the enclosure made explicit
 from __future__ import annotations
 
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -143,41 +144,68 @@ def _join(n_nodes: int, pairs: np.ndarray | None) -> np.ndarray:
             return component
 
 
-def _keep_largest_3d(mask: np.ndarray, slab: int | None = None) -> None:
+def _in_order(pool: ThreadPoolExecutor | None, fn, items, ahead: int = 2):
+    """``map(fn, items)`` in ``pool``, in order, with at most ``ahead + 1`` results pending.
+
+    Unlike ``pool.map``, which submits everything at once, this bounds how many large results
+    (slab label arrays) exist at the same time.
+    """
+    if pool is None:
+        yield from map(fn, items)
+        return
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _keep_largest_3d(mask: np.ndarray, slab: int | None = None,
+                     pool: ThreadPoolExecutor | None = None) -> None:
     """Reduce a 3D boolean mask, in place, to its largest 26-connected component.
 
     Labels ``slab`` slices at a time (plus the previous slab's last slice, shared) and joins
-    the components that meet in a shared slice, so memory stays bounded by one slab's int32
+    the components that meet in a shared slice, so memory stays bounded by a few slabs' int32
     labels. The result equals labelling the whole mask at once and keeping ``argmax`` of the
     component sizes, ties included: scipy numbers components in raster order of their first
     voxel, and the node order here (slab by slab, label by label) keeps that order.
     """
     slab = slab or SLAB_SLICES
     n_slices = mask.shape[0]
-    stored: list[tuple[int, int, int, np.ndarray]] = []  # (z0, node offset, n, core labels)
+
+    def label_slab(z0: int):
+        start = max(0, z0 - 1)
+        labels, n = ndi.label(mask[start:z0 + slab], structure=_STRUCT_3D)
+        if n == 0:
+            return z0, 0, None, None, None, None
+        core = labels[z0 - start:]
+        sizes = np.bincount(core.ravel(), minlength=n + 1)[1:].astype(np.int64)
+        shared = labels[0].copy() if start < z0 else None
+        # a slab of one component needs no labels later: its voxels are the mask's
+        return z0, n, sizes, shared, labels[-1].copy(), _compact(core, n) if n > 1 else None
+
+    stored: list[tuple[int, int, int, np.ndarray | None]] = []  # (z0, offset, n, labels)
     sizes = [np.zeros(1, np.int64)]  # node 0: background
     edges = []
     total = 0
     previous_last = None  # global node ids in the previous slab's last slice
-    for z0 in range(0, n_slices, slab):
-        start = max(0, z0 - 1)
-        labels, n = ndi.label(mask[start:z0 + slab], structure=_STRUCT_3D)
+    for z0, n, slab_sizes, shared, last, labels in _in_order(
+            pool, label_slab, range(0, n_slices, slab)):
         if n == 0:
             previous_last = None
             continue
-        core = labels[z0 - start:]
-        sizes.append(np.bincount(core.ravel(), minlength=n + 1)[1:].astype(np.int64))
+        sizes.append(slab_sizes)
         if previous_last is not None:
-            shared = labels[0] > 0
-            pairs = _unique_pairs(previous_last[shared], labels[0][shared])
+            touching = shared > 0
+            pairs = _unique_pairs(previous_last[touching], shared[touching])
             pairs[:, 1] += total
             edges.append(pairs)
-        last = labels[-1].astype(np.int64)
-        last[last > 0] += total
-        previous_last = last
-        stored.append((z0, total, n, _compact(core, n)))
+        previous_last = last.astype(np.int64)
+        previous_last[last > 0] += total
+        stored.append((z0, total, n, labels))
         total += n
-        del labels, core
     if total == 0:
         return
     node_sizes = np.concatenate(sizes)
@@ -189,31 +217,48 @@ def _keep_largest_3d(mask: np.ndarray, slab: int | None = None) -> None:
     np.minimum.at(first_node, component[1:], np.arange(1, total + 1))
     winner = biggest[np.argmin(first_node[biggest])]
     keep_node = component == winner
-    for z0, offset, n, labels in stored:
-        lut = np.zeros(n + 1, dtype=bool)
-        lut[1:] = keep_node[offset + 1:offset + 1 + n]
-        if not lut[1:].all():
-            mask[z0:z0 + slab] = lut[labels]
+
+    def apply(entry) -> None:
+        z0, offset, n, labels = entry
+        keep = keep_node[offset + 1:offset + 1 + n]
+        view = mask[z0:z0 + slab]
+        if keep.all():
+            return
+        if not keep.any():
+            view[...] = False
+        elif keep.sum() == 1:
+            np.equal(labels, np.flatnonzero(keep)[0] + 1, out=view)
+        else:
+            view[...] = np.concatenate([[False], keep])[labels]
+
+    list(_in_order(pool, apply, stored))
 
 
-def _keep_largest_2d(mask: np.ndarray) -> None:
+def _keep_largest_2d(mask: np.ndarray, pool: ThreadPoolExecutor | None = None) -> None:
     """Reduce every slice of a 3D boolean mask, in place, to its largest 8-connected part."""
-    for z in range(mask.shape[0]):
+
+    def one(z: int) -> None:
         if not mask[z].any():
-            continue
+            return
         labels, n = ndi.label(mask[z], structure=_STRUCT_2D)
         if n > 1:
             sizes = np.bincount(labels.ravel())
             sizes[0] = 0
             np.equal(labels, int(sizes.argmax()), out=mask[z])
 
+    list(_in_order(pool, one, range(mask.shape[0])))
 
-def keep_largest(mask: np.ndarray, connectivity: str = "3d") -> None:
-    """In-place :func:`largest_component` of a boolean 3D mask (no full-size copies)."""
+
+def keep_largest(mask: np.ndarray, connectivity: str = "3d",
+                 pool: ThreadPoolExecutor | None = None) -> None:
+    """In-place :func:`largest_component` of a boolean 3D mask (no full-size copies).
+
+    ``pool``: threads to label slabs (3D) or slices (2D) side by side.
+    """
     if connectivity == "3d":
-        _keep_largest_3d(mask)
+        _keep_largest_3d(mask, pool=pool)
     else:
-        _keep_largest_2d(mask)
+        _keep_largest_2d(mask, pool=pool)
 
 
 def largest_component(mask: np.ndarray, connectivity: str = "3d") -> np.ndarray:
@@ -346,24 +391,29 @@ def clean_classes(classes: np.ndarray, spacing_mm: tuple[float, float, float],
     if box is None:
         return result, ["The segmentation is empty: no leg was found in the scan."]
     result[box] = classes[box]
-    warnings = _clean_in_place(result[box], spacing_mm, config, workers)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        warnings = _clean_in_place(result[box], spacing_mm, config,
+                                   pool if workers > 1 else None)
     return result, warnings
 
 
-def _clean_in_place(out: np.ndarray, spacing_mm, config: PostprocessConfig, workers: int
-                    ) -> list[str]:
+def _clean_in_place(out: np.ndarray, spacing_mm, config: PostprocessConfig,
+                    pool: ThreadPoolExecutor | None) -> list[str]:
     warnings: list[str] = []
     spacing_yx = (float(spacing_mm[1]), float(spacing_mm[2]))
     pixel_area_mm2 = spacing_yx[0] * spacing_yx[1]
 
     # 1. the leg: its largest component; background holes inside it become soft tissue
     leg = out > 0
-    keep_largest(leg, config.connectivity)
-    for z0 in range(0, out.shape[0], SLAB_SLICES):
+    keep_largest(leg, config.connectivity, pool)
+
+    def leg_only(z0: int, leg: np.ndarray = leg) -> None:
         slab, leg_slab = out[z0:z0 + SLAB_SLICES], leg[z0:z0 + SLAB_SLICES]
         slab *= leg_slab
         slab[holes(leg_slab)] = SOFT
-    del leg
+
+    list(_in_order(pool, leg_only, range(0, out.shape[0], SLAB_SLICES)))
+    del leg, leg_only
 
     # Boxes of the four bone classes, found in one pass. The bones never overwrite each
     # other's classes below, so each box stays valid until its bone's turn.
@@ -379,7 +429,7 @@ def _clean_in_place(out: np.ndarray, spacing_mm, config: PostprocessConfig, work
             view = out[cbox]
             mask = view == label
             keep = mask.copy()
-            keep_largest(keep, config.connectivity)
+            keep_largest(keep, config.connectivity, pool)
             mask ^= keep  # what is removed
             view[mask] = SOFT
             del mask
@@ -404,25 +454,23 @@ def _clean_in_place(out: np.ndarray, spacing_mm, config: PostprocessConfig, work
         sub = out[box]
         open_slices = []
 
-        def work(z: int, sub=sub, bone=bone) -> tuple[int, np.ndarray, np.ndarray, bool]:
-            cort = sub[z] == bone.cortical
-            trab = sub[z] == bone.trabecular
+        def work(z: int, sub=sub, bone=bone) -> bool:
+            # Each task reads and writes its own slice only.
+            plane = sub[z]
+            cort = plane == bone.cortical
+            trab = plane == bone.trabecular
             new_cort, new_trab, ok = _clean_bone_slice(cort, trab, spacing_yx,
                                                        config.max_cortical_gap_mm)
-            return z, new_cort, new_trab, ok
+            old_bone = cort | trab
+            plane[old_bone & ~(new_cort | new_trab)] = SOFT
+            other_bone = (plane != 0) & (plane != SOFT) & ~old_bone
+            plane[new_trab & ~other_bone] = bone.trabecular
+            plane[new_cort & ~other_bone] = bone.cortical
+            return ok
 
-        # Each task reads only its own slice and each result is written to that slice alone,
-        # so results are applied as they arrive instead of being held for the whole bone.
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for z, new_cort, new_trab, ok in pool.map(work, range(sub.shape[0])):
-                plane = sub[z]
-                old_bone = (plane == bone.cortical) | (plane == bone.trabecular)
-                plane[old_bone & ~(new_cort | new_trab)] = SOFT
-                other_bone = (plane != 0) & (plane != SOFT) & ~old_bone
-                plane[new_trab & ~other_bone] = bone.trabecular
-                plane[new_cort & ~other_bone] = bone.cortical
-                if not ok:
-                    open_slices.append(box[0].start + z)
+        for z, ok in enumerate(_in_order(pool, work, range(sub.shape[0]))):
+            if not ok:
+                open_slices.append(box[0].start + z)
         if open_slices:
             warnings.append(
                 f"The {bone.name}'s cortex stays open in {len(open_slices)} slice(s) (first: "

@@ -151,18 +151,21 @@ def _within_of_outside(inside: np.ndarray, width_mm: float, spacing_yx) -> np.nd
     """
     h, w = inside.shape
     half = _half_widths(width_mm, spacing_yx)
-    rows = np.arange(h, dtype=np.int32)[:, None]
-    above = np.where(inside, np.int32(-1), rows)
+    # int16 where it holds every index: the running extrema are 2-3x faster than on int32
+    itype = np.int16 if max(h, w) < 2**14 else np.int32
+    half = np.maximum(half, -(w + 1)).astype(itype)  # "none" still reaches no column
+    rows = np.arange(h, dtype=itype)[:, None]
+    above = np.where(inside, itype(-1), rows)
     np.maximum.accumulate(above, axis=0, out=above)
-    below = np.where(inside, np.int32(h), rows)
+    below = np.where(inside, itype(h), rows)
     np.minimum.accumulate(below[::-1], axis=0, out=below[::-1])
     np.subtract(rows, above, out=above)
     np.subtract(below, rows, out=below)
     g = np.minimum(above, below, out=above)
     np.minimum(g, half.size - 1, out=g)
-    reach = half.astype(np.int32)[g]  # columns reached each way
+    reach = half[g]  # columns reached each way
     del above, below, g
-    cols = np.arange(w, dtype=np.int32)
+    cols = np.arange(w, dtype=itype)
     right = reach + cols
     np.maximum.accumulate(right, axis=1, out=right)
     within = right >= cols
@@ -356,22 +359,40 @@ def distance_rings(classes: np.ndarray, spacing_mm: tuple[float, float, float],
         raise ValueError("Ring radii must be positive")
     spacing_yx = (float(spacing_mm[1]), float(spacing_mm[2]))
     rings = np.zeros(classes.shape, dtype=np.uint8)
+    leg = _leg_box(classes)
+    if leg is None:
+        return rings
+    height, width = classes.shape[1:]
+    my = int(np.ceil(radii[-1] / spacing_yx[0])) + 1
+    mx = int(np.ceil(radii[-1] / spacing_yx[1])) + 1
 
     def work(z: int) -> None:
-        tibia = np.isin(classes[z], TIBIA_CLASSES)
-        if not tibia.any():
+        plane = classes[z]
+        near = plane[leg[1:]]
+        tibia = (near == TIBIA_CLASSES[0]) | (near == TIBIA_CLASSES[1])
+        ys = np.flatnonzero(tibia.any(axis=1))
+        if ys.size == 0:
             return
+        xs = np.flatnonzero(tibia.any(axis=0))
+        y0, y1 = ys[0] + leg[1].start, ys[-1] + leg[1].start
+        x0, x1 = xs[0] + leg[2].start, xs[-1] + leg[2].start
         # Only a box of the largest radius around the tibia can hold ring voxels.
-        ys, xs = np.nonzero(tibia)
-        my = int(np.ceil(radii[-1] / spacing_yx[0])) + 1
-        mx = int(np.ceil(radii[-1] / spacing_yx[1])) + 1
-        box = (slice(max(0, ys.min() - my), min(tibia.shape[0], ys.max() + my + 1)),
-               slice(max(0, xs.min() - mx), min(tibia.shape[1], xs.max() + mx + 1)))
-        outside = ~fill_holes(tibia[box])
-        distance_mm = ndi.distance_transform_edt(outside, sampling=spacing_yx)
-        soft = classes[z][box] == SOFT
+        box = (slice(max(0, y0 - my), min(height, y1 + my + 1)),
+               slice(max(0, x0 - mx), min(width, x1 + mx + 1)))
+        labels = plane[box]
+        tibia = (labels == TIBIA_CLASSES[0]) | (labels == TIBIA_CLASSES[1])
+        nearest = ndi.distance_transform_edt(~fill_holes(tibia), sampling=spacing_yx,
+                                             return_distances=False, return_indices=True)
+        # Distances of soft-tissue pixels only, computed as scipy computes them for all.
+        soft = labels == SOFT
+        ys, xs = np.nonzero(soft)
+        dy = (nearest[0][soft] - ys).astype(np.float64) * spacing_yx[0]
+        dx = (nearest[1][soft] - xs).astype(np.float64) * spacing_yx[1]
+        del nearest
+        distance_mm = np.sqrt(dy * dy + dx * dx)
         k = np.searchsorted(radii, distance_mm, side="left") + 1  # d <= r_k -> index k
-        rings[z][box] = np.where(soft & (k <= radii.size), k, 0).astype(np.uint8)
+        k[k > radii.size] = 0
+        rings[z][box][soft] = k
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         list(pool.map(work, range(classes.shape[0])))
