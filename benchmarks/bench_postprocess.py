@@ -1,15 +1,21 @@
-"""Time and peak memory of post-processing one full-size scan (168 x 1600 x 1600).
+"""Time and peak memory of post-processing one full-size scan (168 x 1600 x 1600), per step.
 
 Usage: python benchmarks/bench_postprocess.py [--slices 168] [--size 1600] [--paper]
+       [--source phantom|disks] [--hu-dtype native|float32] [--workers 2]
 
 The input is either a full-size phantom (``--source phantom``, default: its true 5-class map
 stands in for a prediction) or a constructed leg of disks (``--source disks``); neither needs a
 trained model, and the work per voxel is the same as on a real prediction.
+
+Each step is reported with its wall time, its CPU time (all threads; on a shared machine the
+figure to compare, as other jobs stretch wall time but not CPU time) and the peak resident
+memory of the process during the step (Linux: the high-water mark is reset before each step).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -22,9 +28,62 @@ from _common import machine, peak_rss_gb
 from HRpQCTSegmenterLib.postprocess import (
     PAPER,
     PostprocessConfig,
+    clean_classes,
     distance_rings,
-    postprocess,
+    subdivide_soft_tissue,
 )
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's resident-memory high-water mark (Linux >= 4.0); False if not."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _current_peak_rss_gb() -> float:
+    """The high-water mark since the last reset (VmHWM), else the lifetime peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return peak_rss_gb()
+
+
+def _rss_gb() -> float:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def measure(name: str, fn, rows: list):
+    """Run ``fn()``; append (name, wall s, CPU s, RSS before GB, peak RSS GB) to ``rows``.
+
+    The step's own memory is the peak minus the RSS before (inputs, earlier results and the
+    interpreter).
+    """
+    _reset_peak_rss()
+    before = _rss_gb()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = usage.ru_utime + usage.ru_stime
+    t0 = time.perf_counter()
+    result = fn()
+    wall = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rows.append((name, wall, usage.ru_utime + usage.ru_stime - cpu0, before,
+                 _current_peak_rss_gb()))
+    return result
 
 
 def constructed_leg(n_slices: int, size: int, pixel_mm: float, seed: int = 0):
@@ -56,6 +115,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1600)
     parser.add_argument("--paper", action="store_true", help="the paper's rules (2D, raw HU)")
     parser.add_argument("--source", choices=("phantom", "disks"), default="phantom")
+    parser.add_argument("--hu-dtype", choices=("native", "float32"), default="native",
+                        help="HU as the source gives them (the phantom: int16) or float32")
+    parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     pixel_mm = 0.0607
     if args.source == "phantom":
@@ -67,20 +129,31 @@ def main() -> None:
         del phantom
     else:
         classes, hu = constructed_leg(args.slices, args.size, pixel_mm)
-    base_gb = peak_rss_gb()
+    if args.hu_dtype == "float32":
+        hu = np.asarray(hu, dtype=np.float32)
+    inputs_gb = (classes.nbytes + hu.nbytes) / 2**30
+    generation_peak_gb = peak_rss_gb()  # before the first reset of the high-water mark
     config = PAPER if args.paper else PostprocessConfig()
-    t0 = time.perf_counter()
-    result = postprocess(classes, hu, (pixel_mm,) * 3, config)
-    seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    distance_rings(result.classes, (pixel_mm,) * 3, config.ring_radii_mm)
-    ring_seconds = time.perf_counter() - t0
+    spacing = (pixel_mm,) * 3
+    rows: list = []
+    cleaned, _ = measure("clean-up (bone rules)", lambda: clean_classes(
+        classes, spacing, config, workers=args.workers), rows)
+    regions = measure("soft-tissue subdivision", lambda: subdivide_soft_tissue(
+        cleaned, hu, spacing, config, workers=args.workers), rows)
+    measure("distance rings (optional)", lambda: distance_rings(
+        cleaned, spacing, config.ring_radii_mm, workers=args.workers), rows)
     print(machine())
-    print(f"input ({args.source}) {args.slices} x {args.size} x {args.size}, preset "
-          f"{'paper' if args.paper else 'default'}: {seconds:.1f} s, peak RSS "
-          f"{peak_rss_gb():.2f} GB (inputs alone {base_gb:.2f} GB); distance rings "
-          f"(optional) {ring_seconds:.1f} s more")
-    print("regions present:", np.unique(result.regions).tolist())
+    print(f"input ({args.source}) {args.slices} x {args.size} x {args.size}, classes "
+          f"{classes.dtype} + HU {hu.dtype} = {inputs_gb:.2f} GB, preset "
+          f"{'paper' if args.paper else 'default'}, {args.workers} worker thread(s); peak RSS "
+          f"while making the input {generation_peak_gb:.2f} GB")
+    print(f"{'step':<28} {'wall s':>8} {'CPU s':>8} {'RSS before GB':>14} {'peak RSS GB':>12}")
+    for name, wall, cpu, before, peak in rows:
+        print(f"{name:<28} {wall:8.1f} {cpu:8.1f} {before:14.2f} {peak:12.2f}")
+    wall, cpu = (sum(r[i] for r in rows[:2]) for i in (1, 2))
+    print(f"{'post-processing (2 steps)':<28} {wall:8.1f} {cpu:8.1f} {'':>14} "
+          f"{max(r[4] for r in rows[:2]):12.2f}")
+    print("regions present:", np.unique(regions).tolist())
 
 
 if __name__ == "__main__":
