@@ -3,7 +3,8 @@
 Input: a full-size phantom (1600 x 1600 slices, 60.7 um, 7 regions). Three measurements:
 
 (a) **stock**: one ``RadiomicsFeatureExtractor.execute`` per region, serially, in this
-    process, as a user would call pyradiomics (``--stock-slices`` slices; 0 skips it);
+    process, as a user would call pyradiomics (``--stock-slices`` slices; 0 skips it), with
+    BLAS's default threads and with one BLAS thread;
 (b) **full**: the engine with every feature of the preset (939 for ``paper``);
 (c) **prediction**: the engine restricted to a classifier's features (``PREDICTION_FEATURES``:
     21 features of 4 regions from all 10 images and all feature classes incl. shape, a heavy
@@ -138,16 +139,23 @@ def main() -> None:
                  "scan_slices": args.scan_slices, "shape": list(hu.shape),
                  "region_pixels_slice0": np.bincount(labels[0].ravel(), minlength=8)[1:].tolist()}
 
-    # (a) stock pyradiomics, serial
+    # (a) stock pyradiomics, serial: as shipped (BLAS picks its thread count), and with one
+    # BLAS thread (the engine's setting; multi-threaded BLAS spins on GLCM's small MCC
+    # eigenproblems, which costs most when the cores are busy)
     if args.stock_slices > 0:
+        from threadpoolctl import threadpool_limits
+
         params = settings_for_mode(settings, "slice")
-        total = Timer()
-        total.wall = total.cpu = 0.0
-        for z in range(min(args.stock_slices, n)):
-            t = stock_slice(hu[z], labels[z], spacing, params)
-            total.wall += t.wall
-            total.cpu += t.cpu
-        per_slice(total, min(args.stock_slices, n), args.scan_slices, "stock_serial", out)
+        measured = min(args.stock_slices, n)
+        for name, limit in (("stock_serial", None), ("stock_serial_one_blas_thread", 1)):
+            total = Timer()
+            total.wall = total.cpu = 0.0
+            for z in range(measured):
+                with threadpool_limits(limits=limit):
+                    t = stock_slice(hu[z], labels[z], spacing, params)
+                total.wall += t.wall
+                total.cpu += t.cpu
+            per_slice(total, measured, args.scan_slices, name, out)
 
     # (b) full feature set: serial (CPU per slice), then the worker pool (wall)
     with Timer() as t:
