@@ -1,7 +1,8 @@
 """Cohort batches: many scans through :func:`.pipeline.run_scan`, locally or on a Dask cluster.
 
 * Input: a manifest CSV (column ``scan``; optional ``scan_id``, ``subject``, ``regions``;
-  relative paths are relative to the manifest) or a folder of scans.
+  relative paths are relative to the manifest; the ``manifest.csv`` of ``hrpqct cohort`` works
+  too) or a folder of scans.
 * Each scan gets its own folder ``OUT/<scan_id>/`` with its ``run.json`` record, so re-running
   the batch resumes: unchanged scans are skipped, changed ones (input file, settings, model,
   classifier) recomputed from the first stage that changed.
@@ -94,13 +95,20 @@ def read_manifest(path: str | Path) -> list[ScanJob]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = [h.strip() for h in reader.fieldnames or []]
-        if "scan" not in header:
+        # A cohort manifest of `hrpqct cohort` names its columns scan_path / subject_id (its
+        # regions_path is the phantom's truth, deliberately not used as regions here).
+        cohort = "scan" not in header and "scan_path" in header
+        if "scan" not in header and not cohort:
             raise InputFileError(
                 f"Manifest {path} needs a 'scan' column (optional: scan_id, subject, regions); "
                 f"it has {header}.")
         jobs = []
         for record in reader:
             record = {(k or "").strip(): (v or "").strip() for k, v in record.items()}
+            if cohort:
+                record = {"scan": record.get("scan_path", ""),
+                          "scan_id": record.get("subject_id", ""),
+                          "subject": record.get("subject_id", "")}
             if not record.get("scan"):
                 continue
             scan = Path(record["scan"])

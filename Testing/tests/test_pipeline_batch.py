@@ -148,3 +148,18 @@ def test_extract_on_cluster_equals_extract_features(radiomics_scan, local_cluste
                              radiomics_scan.spacing_mm, settings="paper",
                              features=list(BASIC_FEATURES), n_jobs=1, scan="s", subject="p")
     assert table_to_csv_text(remote) == table_to_csv_text(local)
+
+
+def test_a_cohort_manifest_is_read_by_its_own_column_names(tmp_path):
+    """`hrpqct cohort` writes scan_path/subject_id; its truth regions are not taken as input."""
+    from HRpQCTRadiomicsLib.batch import read_manifest
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("subject_id,osteoporosis,scan_path,regions_path\n"
+                        "sub-001,1,sub-001/sub-001.nii.gz,sub-001/sub-001_regions.nii.gz\n"
+                        "sub-002,0,sub-002/sub-002.nii.gz,sub-002/sub-002_regions.nii.gz\n")
+    jobs = read_manifest(manifest)
+    assert [(j.scan_id, j.subject) for j in jobs] == [("sub-001", "sub-001"),
+                                                      ("sub-002", "sub-002")]
+    assert jobs[0].scan == tmp_path / "sub-001" / "sub-001.nii.gz"
+    assert all(j.regions is None for j in jobs)
