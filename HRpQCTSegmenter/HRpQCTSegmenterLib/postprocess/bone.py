@@ -32,7 +32,7 @@ from .config import PostprocessConfig
 log = logging.getLogger(__name__)
 
 __all__ = ["BONES", "Bone", "largest_component", "keep_largest", "clean_classes", "disk",
-           "fill_holes", "holes"]
+           "fill_holes", "holes", "dilate_cross"]
 
 SOFT = class_by_name("soft_tissue").label
 
@@ -181,7 +181,10 @@ def _keep_largest_3d(mask: np.ndarray, slab: int | None = None,
         if n == 0:
             return z0, 0, None, None, None, None
         core = labels[z0 - start:]
-        sizes = np.bincount(core.ravel(), minlength=n + 1)[1:].astype(np.int64)
+        if n == 1:
+            sizes = np.array([np.count_nonzero(core)], np.int64)
+        else:  # slice by slice: bincount copies its input to int64
+            sizes = sum(np.bincount(plane.ravel(), minlength=n + 1) for plane in core)[1:]
         shared = labels[0].copy() if start < z0 else None
         # a slab of one component needs no labels later: its voxels are the mask's
         return z0, n, sizes, shared, labels[-1].copy(), _compact(core, n) if n > 1 else None
@@ -325,15 +328,30 @@ def holes(mask: np.ndarray) -> np.ndarray:
     return inside[labels]
 
 
+def dilate_cross(mask: np.ndarray) -> np.ndarray:
+    """Dilation of a 2D mask by the 4-neighbourhood cross (``binary_dilation`` with the cross).
+
+    Shifted ORs of views: several times faster than scipy's generic dilation on big slices.
+    """
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
 def _close_ring(cortical: np.ndarray, trabecular: np.ndarray, spacing_yx_mm, max_gap_mm: float
-                ) -> tuple[np.ndarray, bool]:
-    """Close gaps of a 2D cortical ring. Returns (cortex, closed_ok)."""
-    bone = cortical | trabecular
+                ) -> tuple[np.ndarray, bool, np.ndarray | None]:
+    """Close gaps of a 2D cortical ring.
+
+    Returns (cortex, closed_ok, the cortex with its holes filled if closed_ok else None).
+    """
     filled = fill_holes(cortical)
-    exposed = trabecular & ndi.binary_dilation(~bone, structure=_CROSS_2D)
-    open_ring = exposed.any() or (trabecular & ~filled).sum() > 0.01 * max(1, trabecular.sum())
-    if not open_ring:
-        return cortical, True
+    exposed = trabecular & dilate_cross(~(cortical | trabecular))
+    limit = 0.01 * max(1, np.count_nonzero(trabecular))
+    if not (exposed.any() or np.count_nonzero(trabecular & ~filled) > limit):
+        return cortical, True, filled
     step_mm = max(spacing_yx_mm)
     radius_mm = step_mm
     pad = int(np.ceil(max_gap_mm / min(spacing_yx_mm))) + 2
@@ -342,10 +360,10 @@ def _close_ring(cortical: np.ndarray, trabecular: np.ndarray, spacing_yx_mm, max
         closed = ndi.binary_closing(padded, structure=disk(radius_mm, spacing_yx_mm))
         closed = closed[pad:-pad, pad:-pad] | cortical
         inside = fill_holes(closed)
-        if (trabecular & ~inside).sum() <= 0.01 * max(1, trabecular.sum()):
-            return closed, True
+        if np.count_nonzero(trabecular & ~inside) <= limit:
+            return closed, True, inside
         radius_mm += step_mm
-    return cortical, False
+    return cortical, False, None
 
 
 def _clean_bone_slice(cort: np.ndarray, trab: np.ndarray, spacing_yx_mm, max_gap_mm: float
@@ -359,17 +377,16 @@ def _clean_bone_slice(cort: np.ndarray, trab: np.ndarray, spacing_yx_mm, max_gap
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
         main = labels == int(sizes.argmax())
-        inner = fill_holes(main) & ~main
-        islands = cort & ~main & inner
+        islands = cort & holes(main)
         cort = cort & ~islands
         trab = trab | islands
-    cort, ok = _close_ring(cort, trab, spacing_yx_mm, max_gap_mm)
+    del labels
+    cort, ok, filled = _close_ring(cort, trab, spacing_yx_mm, max_gap_mm)
     if not ok:
         # The ring stays open: never discard the network's trabecular bone because of it.
         # Keep it, and add what the bone as a whole encloses.
         return cort, (trab | fill_holes(cort | trab)) & ~cort, False
-    enclosed = fill_holes(cort) & ~cort
-    return cort, enclosed, ok
+    return cort, filled & ~cort, ok
 
 
 def clean_classes(classes: np.ndarray, spacing_mm: tuple[float, float, float],
