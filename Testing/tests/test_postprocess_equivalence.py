@@ -20,6 +20,7 @@ from HRpQCTSegmenterLib.postprocess import (
     distance_rings,
     subdivide_soft_tissue,
 )
+from HRpQCTSegmenterLib.postprocess.soft_tissue import smooth_within
 from HRpQCTSegmenterLib.regions import class_by_name, classes_to_regions, region_by_name
 
 TC, TT = class_by_name("tibial_cortical").label, class_by_name("tibial_trabecular").label
@@ -368,3 +369,12 @@ def test_the_largest_component_and_its_ties_match_whole_volume_labelling(monkeyp
     monkeypatch.setattr(bone, "SLAB_SLICES", 4)
     np.testing.assert_array_equal(bone.largest_component(mask),
                                   _reference.largest_component(mask, "3d"))
+
+
+def test_the_local_mean_matches_out_of_place_filtering(damaged):
+    classes, hu = damaged
+    soft = classes == SOFT
+    for window in ((3, 3, 3), (1, 5, 3)):
+        for hu_in in (hu, hu.astype(np.float32), hu.astype(np.float64)):
+            np.testing.assert_array_equal(smooth_within(hu_in, soft, window),
+                                          _reference.smooth_within(hu_in, soft, window))

@@ -74,7 +74,7 @@ def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
     """
     mask = np.asarray(mask)
     if mask.ndim == 3:
-        along_z = mask.reshape(mask.shape[0], -1).max(axis=1) if mask.size else mask
+        along_z = mask.max(axis=(1, 2)) if mask.size else mask
         if not along_z.any():
             return None
         plane = mask.max(axis=0)
@@ -95,6 +95,7 @@ def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
 #: Slices labelled at once by the slab-wise 3D connected components: bounds the int32 label
 #: array to a slab instead of the whole volume.
 SLAB_SLICES = 16
+
 
 def _compact(labels: np.ndarray, n: int) -> np.ndarray:
     """``labels`` in the narrowest unsigned type that holds ``n``."""
@@ -125,7 +126,10 @@ def _unique_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _join(n_nodes: int, pairs: np.ndarray | None) -> np.ndarray:
-    """Connected components of a graph given as node pairs: each node's smallest node id."""
+    """Connected components of a graph given as node pairs.
+
+    Returns, per node, the smallest node id of its component.
+    """
     component = np.arange(n_nodes)
     if pairs is None or pairs.size == 0:
         return component
@@ -213,13 +217,10 @@ def _keep_largest_3d(mask: np.ndarray, slab: int | None = None,
         return
     node_sizes = np.concatenate(sizes)
     component = _join(total + 1, np.concatenate(edges) if edges else None)
+    # Sizes by component, indexed by its smallest node id: the first of equally large
+    # components is the one seen first, which is the one scipy's argmax keeps.
     component_sizes = np.bincount(component[1:], weights=node_sizes[1:])
-    # Among equally large components, scipy's argmax keeps the one seen first.
-    biggest = np.flatnonzero(component_sizes == component_sizes.max())
-    first_node = np.full(component_sizes.size, total + 1)
-    np.minimum.at(first_node, component[1:], np.arange(1, total + 1))
-    winner = biggest[np.argmin(first_node[biggest])]
-    keep_node = component == winner
+    keep_node = component == int(np.argmax(component_sizes))
 
     def apply(entry) -> None:
         z0, offset, n, labels = entry
@@ -229,7 +230,7 @@ def _keep_largest_3d(mask: np.ndarray, slab: int | None = None,
             return
         if not keep.any():
             view[...] = False
-        elif keep.sum() == 1:
+        elif np.count_nonzero(keep) == 1:
             np.equal(labels, np.flatnonzero(keep)[0] + 1, out=view)
         else:
             view[...] = np.concatenate([[False], keep])[labels]
