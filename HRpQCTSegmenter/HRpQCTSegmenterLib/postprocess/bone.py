@@ -435,8 +435,7 @@ def _clean_in_place(out: np.ndarray, spacing_mm, config: PostprocessConfig,
 
     # Boxes of the four bone classes, found in one pass. The bones never overwrite each
     # other's classes below, so each box stays valid until its bone's turn.
-    class_boxes = ndi.find_objects(out, max_label=max(max(b.cortical, b.trabecular)
-                                                      for b in BONES))
+    class_boxes = _label_boxes(out, max(max(b.cortical, b.trabecular) for b in BONES), pool)
     for bone in BONES:
         # 2. largest component per class
         kept = []
@@ -518,3 +517,26 @@ def _union_box(parts: list[tuple[tuple[slice, ...], np.ndarray]], shape: tuple[i
         pad = margin if axis >= len(shape) - 2 else 0
         slices.append(slice(max(0, lo[axis] - pad), min(shape[axis], hi[axis] + pad)))
     return tuple(slices)
+
+
+def _label_boxes(labels: np.ndarray, max_label: int, pool: ThreadPoolExecutor | None
+                 ) -> list[tuple[slice, ...] | None]:
+    """``ndi.find_objects(labels, max_label)``, slab by slab in ``pool``."""
+    step = 4 * SLAB_SLICES
+
+    def find(z0: int) -> list:
+        return ndi.find_objects(labels[z0:z0 + step], max_label=max_label)
+
+    boxes: list = [None] * max_label
+    for z0, found in zip(range(0, labels.shape[0], step),
+                         _in_order(pool, find, range(0, labels.shape[0], step)), strict=True):
+        for i, box in enumerate(found):
+            if box is None:
+                continue
+            box = (slice(box[0].start + z0, box[0].stop + z0), *box[1:])
+            if boxes[i] is None:
+                boxes[i] = box
+            else:
+                boxes[i] = tuple(slice(min(a.start, b.start), max(a.stop, b.stop))
+                                 for a, b in zip(boxes[i], box, strict=True))
+    return boxes
