@@ -1,11 +1,13 @@
 """Time and peak memory of post-processing one full-size scan (168 x 1600 x 1600), per step.
 
 Usage: python benchmarks/bench_postprocess.py [--slices 168] [--size 1600] [--paper]
-       [--source phantom|disks] [--hu-dtype native|float32] [--workers 2]
+       [--source phantom|disks] [--hu-dtype native|float32] [--workers 2] [--speckle 1e-4]
 
 The input is either a full-size phantom (``--source phantom``, default: its true 5-class map
 stands in for a prediction) or a constructed leg of disks (``--source disks``); neither needs a
-trained model, and the work per voxel is the same as on a real prediction.
+trained model, and the work per voxel is the same as on a real prediction. A network's output
+also has specks and fragments, which the clean-up must remove: ``--speckle F`` sets a fraction
+F of the voxels to random classes (1..5) to include that work.
 
 Each step is reported with its wall time, its CPU time (all threads; on a shared machine the
 figure to compare, as other jobs stretch wall time but not CPU time) and the peak resident
@@ -118,6 +120,8 @@ def main() -> None:
     parser.add_argument("--hu-dtype", choices=("native", "float32"), default="native",
                         help="HU as the source gives them (the phantom: int16) or float32")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--speckle", type=float, default=0.0,
+                        help="fraction of voxels set to random classes (prediction errors)")
     args = parser.parse_args()
     pixel_mm = 0.0607
     if args.source == "phantom":
@@ -129,6 +133,11 @@ def main() -> None:
         del phantom
     else:
         classes, hu = constructed_leg(args.slices, args.size, pixel_mm)
+    if args.speckle > 0:
+        classes = np.ascontiguousarray(classes)
+        rng = np.random.default_rng(5)
+        where = rng.integers(0, classes.size, int(classes.size * args.speckle))
+        classes.reshape(-1)[where] = rng.integers(1, 6, where.size).astype(classes.dtype)
     if args.hu_dtype == "float32":
         hu = np.asarray(hu, dtype=np.float32)
     inputs_gb = (classes.nbytes + hu.nbytes) / 2**30
@@ -145,7 +154,8 @@ def main() -> None:
     print(machine())
     print(f"input ({args.source}) {args.slices} x {args.size} x {args.size}, classes "
           f"{classes.dtype} + HU {hu.dtype} = {inputs_gb:.2f} GB, preset "
-          f"{'paper' if args.paper else 'default'}, {args.workers} worker thread(s); peak RSS "
+          f"{'paper' if args.paper else 'default'}, speckle {args.speckle:g}, {args.workers} "
+          f"worker thread(s); peak RSS "
           f"while making the input {generation_peak_gb:.2f} GB")
     print(f"{'step':<28} {'wall s':>8} {'CPU s':>8} {'RSS before GB':>14} {'peak RSS GB':>12}")
     for name, wall, cpu, before, peak in rows:
