@@ -23,7 +23,7 @@ def test_register_adds_then_replaces_an_entry(tmp_path):
     first = register_artefact(tmp_path, "my-model", "models/w.bin", "model", "test")
     weights.write_bytes(b"second")
     second = register_artefact(tmp_path, "my-model", "models/w.bin", "model", "test")
-    entries = json.loads((tmp_path / "artefacts.json").read_text())["artefacts"]
+    entries = json.loads((tmp_path / "artefacts.json").read_text(encoding="utf-8"))["artefacts"]
     assert [e["name"] for e in entries] == ["my-model"]
     assert entries[0]["sha256"] == second.sha256 != first.sha256
     assert second.verify()

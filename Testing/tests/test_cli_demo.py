@@ -22,7 +22,7 @@ def test_demo_makes_reads_converts_segments_and_reports_the_example(tmp_path, ca
                  "--classifier", "none", "--progress", "none"]) == 0
     printed = capsys.readouterr().out
     assert "research use only" in printed and "report:" in printed
-    summary = json.loads((out / "demo_summary.json").read_text())
+    summary = json.loads((out / "demo_summary.json").read_text(encoding="utf-8"))
     converted = read_scan(summary["converted"])
     assert converted.shape == (2, 1600, 1600)
     assert (out / "example_regions.seg.nrrd").is_file()

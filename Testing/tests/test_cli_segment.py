@@ -75,7 +75,7 @@ def test_segment_with_a_model_folder_writes_labels_and_qc(phantom_files, tiny_mo
     labels = read_scan(out, units="hu").hu
     assert labels.shape == phantom_files["phantom"].scan.shape
     assert labels.max() <= 5
-    report = json.loads(qc.read_text())
+    report = json.loads(qc.read_text(encoding="utf-8"))
     assert len(report["slice_confidence"]) == 4
 
 
@@ -103,7 +103,7 @@ def test_evaluate_segmentation_prints_the_table_and_writes_json(phantom_files, t
     assert main(["evaluate-segmentation", str(pairs), "--json", str(scores)]) == 0
     printed = capsys.readouterr().out
     assert "Tibial cortical" in printed or "tibial_cortical" in printed
-    data = json.loads(scores.read_text())
+    data = json.loads(scores.read_text(encoding="utf-8"))
     # The truth's own classes against its 7-region map (collapsed to 5 classes): perfect.
     assert data["n_scans"] == 1
     assert data["mean_iou"]["mean"] == pytest.approx(1.0)

@@ -53,7 +53,7 @@ def test_cli_phantom_end_to_end(tmp_path, capsys):
     code = main(["phantom", str(tmp_path), "--small", "--slices", "2", "--seed", "2",
                  "--set", "tibia_bv_tv=0.15", "--motion-grade", "2", "--progress", "none"])
     assert code == 0
-    truth = json.loads((tmp_path / "phantom_truth.json").read_text())
+    truth = json.loads((tmp_path / "phantom_truth.json").read_text(encoding="utf-8"))
     assert truth["params"]["tibia_bv_tv"] == 0.15
     assert truth["params"]["motion_grade"] == 2
     assert (tmp_path / "phantom_regions.nii.gz").is_file()

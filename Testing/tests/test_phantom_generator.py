@@ -125,7 +125,7 @@ def test_written_files_read_back(tmp_path, small_phantom):
     assert np.array_equal(sitk.GetArrayFromImage(img), small_phantom.scan.hu)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(paths["regions"])))
     assert np.array_equal(labels, small_phantom.regions)
-    truth = json.loads(paths["truth"].read_text())
+    truth = json.loads(paths["truth"].read_text(encoding="utf-8"))
     assert truth["synthetic"] is True and truth["params"]["n_slices"] == 12
 
 

@@ -55,7 +55,7 @@ def test_batch_reports_a_corrupt_scan_and_finishes_the_others_then_resumes(
     features = _rows(out / "cohort_features.csv")
     assert {r["scan"] for r in features} == {"scan0", "scan1"}
     assert {r["subject"] for r in features} == {"subj0", "subj1"}
-    page = (out / "index.html").read_text()
+    page = (out / "index.html").read_text(encoding="utf-8")
     assert 'id="scans"' in page and 'id="failures"' in page
     assert 'href="scan0/scan0_report.html"' in page and "broken" in page
     assert (out / "batch.log").is_file()
@@ -73,7 +73,7 @@ def test_batch_reports_a_corrupt_scan_and_finishes_the_others_then_resumes(
     # a changed setting (another classifier) redoes the dependent steps of every scan
     assert main([*args[:4], "--classifier", str(tiny_classifiers["myotendinous"]),
                  *args[6:]]) == 0
-    record = json.loads((out / "scan0" / "run.json").read_text())
+    record = json.loads((out / "scan0" / "run.json").read_text(encoding="utf-8"))
     assert record["stages"]["classification"]["status"] == "ran"
 
 
@@ -117,8 +117,8 @@ def test_dask_cluster_gives_the_local_results(tmp_path, pipeline_scans, tiny_cla
     assert main(["batch", str(manifest), "--out", str(tmp_path / "dask"), "--scheduler",
                  local_cluster.scheduler_address, *common]) == 0
     for name in ("cohort_features.csv", "cohort_summary.csv"):
-        local = (tmp_path / "local" / name).read_text()
-        assert local == (tmp_path / "dask" / name).read_text()
+        local = (tmp_path / "local" / name).read_text(encoding="utf-8")
+        assert local == (tmp_path / "dask" / name).read_text(encoding="utf-8")
 
     # one scan, radiomics slice by slice as cluster tasks
     scan = pipeline_scans[2]
@@ -126,11 +126,12 @@ def test_dask_cluster_gives_the_local_results(tmp_path, pipeline_scans, tiny_cla
     assert main([*run, "--out", str(tmp_path / "one_local"), "--jobs", "1"]) == 0
     assert main([*run, "--out", str(tmp_path / "one_dask"), "--scheduler",
                  local_cluster.scheduler_address]) == 0
-    assert (tmp_path / "one_local" / "scan2_features.csv").read_text() == (
-        tmp_path / "one_dask" / "scan2_features.csv").read_text()
-    assert json.loads((tmp_path / "one_local" / "scan2_probability.json").read_text())[
-        "probability"] == json.loads((tmp_path / "one_dask" / "scan2_probability.json")
-                                     .read_text())["probability"]
+    assert (tmp_path / "one_local" / "scan2_features.csv").read_text(encoding="utf-8") == (
+        tmp_path / "one_dask" / "scan2_features.csv").read_text(encoding="utf-8")
+    local = tmp_path / "one_local" / "scan2_probability.json"
+    dask = tmp_path / "one_dask" / "scan2_probability.json"
+    assert (json.loads(local.read_text(encoding="utf-8"))["probability"]
+            == json.loads(dask.read_text(encoding="utf-8"))["probability"])
 
 
 def test_extract_on_cluster_equals_extract_features(radiomics_scan, local_cluster):

@@ -14,7 +14,7 @@ REPORT_SECTIONS = ("warnings", "probability", "regions", "features", "images", "
 
 
 def _record(folder):
-    return json.loads((folder / "run.json").read_text())
+    return json.loads((folder / "run.json").read_text(encoding="utf-8"))
 
 
 def _stages(folder):
@@ -39,19 +39,19 @@ def test_run_segments_extracts_and_reports(tmp_path, pipeline_scans, tiny_model_
                    "_profiles.png"):
         assert (out / f"scan0{suffix}").is_file(), suffix
     assert not (out / "scan0_probability.json").exists()
-    assert (out / "run.log").read_text().count("=== hrpqct") == 1
+    assert (out / "run.log").read_text(encoding="utf-8").count("=== hrpqct") == 1
     assert _stages(out) == {"segmentation": "ran", "radiomics": "ran",
                             "classification": "skipped", "report": "ran"}
-    page = (out / "scan0_report.html").read_text()
+    page = (out / "scan0_report.html").read_text(encoding="utf-8")
     for section in REPORT_SECTIONS:
         assert f'id="{section}"' in page
     images = re.findall(r'<img src="([^"]+)"', page)
     assert sorted(images) == ["scan0_overlay.png", "scan0_profiles.png"]
     assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in images)
-    qc = json.loads((out / "scan0_qc.json").read_text())
+    qc = json.loads((out / "scan0_qc.json").read_text(encoding="utf-8"))
     assert len(qc["regions"]) == 7 and len(qc["confidence"]["per_slice_foreground"]) == 3
     # the features CSV holds the basic set for the regions the (random) model produced
-    header = (out / "scan0_features.csv").read_text().splitlines()[0].split(",")
+    header = (out / "scan0_features.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
     assert "original_firstorder_Mean" in header and "original_shape2D_PixelSurface" in header
 
 
@@ -64,7 +64,7 @@ def test_run_resumes_skips_unchanged_and_redoes_changed(tmp_path, pipeline_scans
     base = ["run", str(local), "--out", str(out), "--regions", str(scan.truth), "--jobs", "1",
             "--progress", "none", "--units", "hu"]
     assert main([*base, "--classifier", str(tiny_classifiers["adipose"])]) == 0
-    probability = json.loads((out / "scan_probability.json").read_text())
+    probability = json.loads((out / "scan_probability.json").read_text(encoding="utf-8"))
     assert 0.0 <= probability["probability"] <= 1.0 and probability["n_slices"] == 3
     assert probability["regions"] == ["adipose"] and "research use" in probability["caveat"]
     first = _mtimes(out)
@@ -82,7 +82,7 @@ def test_run_resumes_skips_unchanged_and_redoes_changed(tmp_path, pipeline_scans
     assert main([*base, "--classifier", str(tiny_classifiers["myotendinous"])]) == 0
     assert _stages(out) == {"segmentation": "provided", "radiomics": "ran",
                             "classification": "ran", "report": "ran"}
-    assert json.loads((out / "scan_probability.json").read_text())["regions"] == [
+    assert json.loads((out / "scan_probability.json").read_text(encoding="utf-8"))["regions"] == [
         "myotendinous"]
 
     # a changed scan file: everything depending on it is redone
@@ -91,17 +91,18 @@ def test_run_resumes_skips_unchanged_and_redoes_changed(tmp_path, pipeline_scans
     changed = read_scan(local)
     changed = changed.with_array(np.asarray(changed.hu) + 10.0)
     write_scan(changed, local, dtype="int16")
-    before = (out / "scan_features.csv").read_text()
+    before = (out / "scan_features.csv").read_text(encoding="utf-8")
     assert main([*base, "--classifier", str(tiny_classifiers["myotendinous"])]) == 0
     assert _stages(out)["radiomics"] == "ran"
-    assert (out / "scan_features.csv").read_text() != before
+    assert (out / "scan_features.csv").read_text(encoding="utf-8") != before
 
     # an output edited by hand is not replaced silently when its step must be redone
     (out / "scan_probability.json").write_text("{}")
     assert main([*base, "--classifier", str(tiny_classifiers["adipose"])]) == 2
-    assert (out / "scan_probability.json").read_text() == "{}"
+    assert (out / "scan_probability.json").read_text(encoding="utf-8") == "{}"
     assert main([*base, "--classifier", str(tiny_classifiers["adipose"]), "--overwrite"]) == 0
-    assert json.loads((out / "scan_probability.json").read_text())["regions"] == ["adipose"]
+    probability = json.loads((out / "scan_probability.json").read_text(encoding="utf-8"))
+    assert probability["regions"] == ["adipose"]
 
 
 def test_run_refuses_foreign_files_and_missing_inputs(tmp_path, pipeline_scans):
@@ -112,7 +113,7 @@ def test_run_refuses_foreign_files_and_missing_inputs(tmp_path, pipeline_scans):
     args = ["run", str(scan.scan), "--out", str(out), "--regions", str(scan.truth),
             "--classifier", "none", "--jobs", "1", "--progress", "none"]
     assert main(args) == 2
-    assert (out / "scan0_features.csv").read_text() == "mine\n"
+    assert (out / "scan0_features.csv").read_text(encoding="utf-8") == "mine\n"
     assert main(["run", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "o"),
                  "--classifier", "none", "--progress", "none"]) == 3
     assert main(["run", str(scan.scan), "--out", str(tmp_path / "o"), "--model",

@@ -106,7 +106,7 @@ def test_saved_classifier_round_trip(tmp_path, kind):
     columns = [data.feature_names.index(n) for n in saved.features]
     X = data.X[:, columns]
     assert np.array_equal(saved.predict_proba(X), result.predict_proba(X))
-    payload = json.loads(path.read_text())
+    payload = json.loads(path.read_text(encoding="utf-8"))
     assert payload["output"] == "osteoporosis probability"
     assert "not a diagnosis" in payload["caveat"]
     assert payload["radiomics_settings"]["sha256"] == load_settings("paper").sha256
@@ -120,7 +120,7 @@ def test_tampered_classifier_is_refused(tmp_path):
     data = _subject_data(subject_signal=False, label_signal=1.5)
     result = train_classifier(data, ["adipose"], cv_folds=2, n_boot=10)
     path = save_classifier(tmp_path / "m.json", result, load_settings("paper"))
-    payload = json.loads(path.read_text())
+    payload = json.loads(path.read_text(encoding="utf-8"))
     payload["model"]["intercept"] += 1.0
     path.write_text(json.dumps(payload))
     with pytest.raises(ArtefactError, match="checksum"):

@@ -50,7 +50,7 @@ def test_save_and_load_round_trip(random_b0, tmp_path):
     save_model(random_b0, tmp_path, extra_metadata={"training": {"epochs": 3}},
                preprocessing=preprocessing)
     assert {p.name for p in tmp_path.iterdir()} == {WEIGHTS_FILE, CONFIG_FILE, METADATA_FILE}
-    meta = json.loads((tmp_path / METADATA_FILE).read_text())
+    meta = json.loads((tmp_path / METADATA_FILE).read_text(encoding="utf-8"))
     assert meta["variant"] == "b0"
     assert meta["class_names"] == [c.name for c in NETWORK_CLASSES]
     assert meta["training"] == {"epochs": 3}
@@ -166,7 +166,7 @@ def test_models_saved_with_transformers_4_names_load(random_b0, tmp_path):
     save_model(random_b0, tmp_path)
     save_file({k: v.contiguous() for k, v in old_names.items()}, str(tmp_path / WEIGHTS_FILE),
               metadata={"format": "pt"})
-    meta = json.loads((tmp_path / METADATA_FILE).read_text())
+    meta = json.loads((tmp_path / METADATA_FILE).read_text(encoding="utf-8"))
     meta["weights_sha256"] = sha256_file(tmp_path / WEIGHTS_FILE)
     (tmp_path / METADATA_FILE).write_text(json.dumps(meta))
     loaded = load_model(tmp_path)

@@ -93,7 +93,7 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path, arc
     model = load_model(tmp_path / "model")
     if architecture == "unet":
         assert isinstance(model, UNet)
-    meta = json.loads((tmp_path / "model" / "hrpqct_model.json").read_text())
+    meta = json.loads((tmp_path / "model" / "hrpqct_model.json").read_text(encoding="utf-8"))
     assert meta["training"]["training_config"]["architecture"] == architecture
 
 
