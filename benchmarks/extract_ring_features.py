@@ -9,7 +9,7 @@ extraction as a region (paper preset). One CSV per subject, in the schema of
 the region model).
 
 Usage: python benchmarks/extract_ring_features.py COHORT/manifest.csv OUT_DIR
-       [--radii 2,5,10,15,20] [--slices 6] [--subjects N]
+       [--radii 2,5,10,15,20] [--slices 6] [--subjects N] [--reverse]
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--radii", default="2,5,10,15,20")
     parser.add_argument("--slices", default="6")
     parser.add_argument("--subjects", type=int)
+    parser.add_argument("--reverse", action="store_true",
+                        help="subjects in reverse order (run a second process beside the first)")
     args = parser.parse_args()
     radii = [float(r) for r in args.radii.split(",")]
     slices = [int(s) for s in args.slices.split(",")]
@@ -46,6 +48,8 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with open(args.manifest, newline="", encoding="utf-8") as fh:
         records = list(csv.DictReader(fh))[: args.subjects]
+    if args.reverse:
+        records.reverse()
     root = args.manifest.parent
     for record in records:
         subject = record["subject_id"]
