@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.rings:
         ring_rows = read_feature_csv(sorted(args.rings.glob("*.csv")))
-        radii = sorted({r["region"] for r in ring_rows.ids})
+        radii = sorted({r["region"] for r in ring_rows.ids},
+                       key=lambda name: float(name.removeprefix("ring_").removesuffix("mm")))
         print("\n## Soft tissue within r mm of the tibia (patient level)\n")
         print("| ring | subjects | accuracy | AUROC |")
         print("|---|---|---|---|")
