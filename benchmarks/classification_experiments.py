@@ -63,6 +63,13 @@ def oof_repeated(data: Dataset, folds: int, repeats: int) -> np.ndarray:
     return np.mean(probabilities, axis=0)
 
 
+def finite_columns(data: Dataset) -> Dataset:
+    """``data`` without the features that are NaN/infinite in any sample (degenerate regions)."""
+    finite = np.isfinite(data.X).all(axis=0)
+    names = [n for n, keep in zip(data.feature_names, finite, strict=True) if keep]
+    return Dataset(data.X[:, finite], data.y, data.groups, names, data.sample_ids)
+
+
 def morphometric_dataset(manifest: list[dict[str, str]], root: Path,
                          samples: list[tuple[str, str]], labels: dict[str, int]) -> Dataset:
     """Standard morphometrics at the same (scan, slice) samples as the radiomics."""
@@ -125,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| region | slices (subjects) | accuracy | F1 | AUROC |")
     print("|---|---|---|---|---|")
     for region in REGIONS:
-        data = assemble_dataset(rows, [region.key], labels)
-        finite = np.isfinite(data.X).all(axis=0)
-        data = Dataset(data.X[:, finite], data.y, data.groups,
-                       [n for n, k in zip(data.feature_names, finite, strict=True) if k],
-                       data.sample_ids)
+        data = finite_columns(assemble_dataset(rows, [region.key], labels))
         r = run(data)
         results["image_level"][region.key] = r
         print(f"| {region.name} | {r['n_samples']} ({r['n_subjects']}) | "
@@ -143,11 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     morph = morphometric_dataset(manifest, args.manifest.parent, reference.sample_ids, labels)
     models = {"standard morphometrics (non-radiomics)": morph}
     for name, regions in PATIENT_MODELS.items():
-        data = assemble_dataset(rows, regions, labels)
-        finite = np.isfinite(data.X).all(axis=0)
-        models[name] = Dataset(data.X[:, finite], data.y, data.groups,
-                               [n for n, k in zip(data.feature_names, finite, strict=True) if k],
-                               data.sample_ids)
+        models[name] = finite_columns(assemble_dataset(rows, regions, labels))
     for name, data in models.items():
         r = run(data)
         results["patient_level"][name] = r
