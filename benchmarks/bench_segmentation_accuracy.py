@@ -1,10 +1,12 @@
 """Segmentation accuracy on the held-out phantom test set, before and after post-processing.
 
 For each model given, every test scan is segmented, scored against the 5-class truth as the
-network predicts it ("raw"), and again after post-processing with 3D and with 2D connectivity
-(the 7-region result collapsed back to 5 classes). The 7-region result is also scored against
-the phantom's tissue truth (skin, myotendinous, adipose). Prints tables in the layout of the
-paper's segmentation table and writes all scores as JSON.
+network predicts it ("raw"), and again after post-processing (the 7-region result collapsed
+back to 5 classes) with the default settings, with the default settings but the network's
+surfaces kept (no surface refinement), and with the paper's preset (2D components, raw HU).
+The 7-region result is also scored against the phantom's tissue truth (skin, myotendinous,
+adipose). Prints tables in the layout of the paper's segmentation table and writes all scores
+as JSON.
 
 Usage:
   python benchmarks/make_test_set.py /tmp/test_set
@@ -19,6 +21,7 @@ import csv
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine
 
 from HRpQCTSegmenterLib.io import read_scan
-from HRpQCTSegmenterLib.postprocess import PostprocessConfig, postprocess
+from HRpQCTSegmenterLib.postprocess import DEFAULT, PAPER, postprocess
 from HRpQCTSegmenterLib.regions import REGIONS, regions_to_classes
 from HRpQCTSegmenterLib.segmentation.inference import prepare_segmenter, run_segmentation
 from HRpQCTSegmenterLib.segmentation.metrics import (
@@ -58,8 +61,11 @@ def main() -> None:
     manifest = Path(args.manifest)
     with open(manifest, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))[: args.limit]
-    variants = {"post-processed (3D)": PostprocessConfig(connectivity="3d"),
-                "post-processed (2D)": PostprocessConfig(connectivity="2d")}
+    variants = {"post-processed (default)": DEFAULT,
+                "post-processed, surfaces as predicted": replace(
+                    DEFAULT, leg_opening_mm=0.0, skin_surface_band_mm=0.0,
+                    periosteal_band_mm=0.0),
+                "post-processed (paper preset)": PAPER}
     results: dict = {"machine": machine(), "scans": len(rows), "models": {}}
     comparison = {}
     for spec in args.model:

@@ -1,7 +1,8 @@
 """Post-processing: clean the network's five classes and split soft tissue into seven regions.
 
 Entry point: :func:`postprocess`. Settings: :class:`PostprocessConfig` (presets ``PAPER`` and
-``DEFAULT``). Bone rules live in :mod:`.bone`, soft-tissue rules and distance rings in
+``DEFAULT``). Bone rules live in :mod:`.bone`, the refinement of the skin and periosteal
+surfaces to the scan's HU edges in :mod:`.surfaces`, soft-tissue rules and distance rings in
 :mod:`.soft_tissue`.
 """
 
@@ -16,11 +17,13 @@ from ..progress import CancelToken, ProgressCallback, check, report
 from .bone import clean_classes
 from .config import DEFAULT, PAPER, PostprocessConfig, preset
 from .soft_tissue import distance_rings, subdivide_soft_tissue
+from .surfaces import refine_surfaces
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT", "PAPER", "PostprocessConfig", "PostprocessResult", "postprocess",
-           "preset", "clean_classes", "subdivide_soft_tissue", "distance_rings"]
+           "preset", "clean_classes", "refine_surfaces", "subdivide_soft_tissue",
+           "distance_rings"]
 
 
 @dataclass
@@ -73,18 +76,21 @@ def postprocess(classes: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, fl
         raise ValueError(
             f"Label values up to {classes.max()} found: post-processing takes the network's "
             "5-class map (0..5), not a 7-region map")
-    report(progress, 0, 3, "post-processing")
+    report(progress, 0, 4, "post-processing")
     cleaned, warnings = clean_classes(classes, spacing_mm, config, workers=workers)
     for message in warnings:
         log.warning(message)
     check(cancel)
-    report(progress, 1, 3, "post-processing")
+    report(progress, 1, 4, "post-processing")
+    refine_surfaces(cleaned, hu, spacing_mm, config, workers=workers, cancel=cancel)
+    check(cancel)
+    report(progress, 2, 4, "post-processing")
     regions = subdivide_soft_tissue(cleaned, hu, spacing_mm, config, workers=workers,
                                     cancel=cancel)
-    report(progress, 2, 3, "post-processing")
+    report(progress, 3, 4, "post-processing")
     rings = None
     if with_rings:
         check(cancel)
         rings = distance_rings(cleaned, spacing_mm, config.ring_radii_mm, workers=workers)
-    report(progress, 3, 3, "post-processing")
+    report(progress, 4, 4, "post-processing")
     return PostprocessResult(regions=regions, classes=cleaned, rings=rings, warnings=warnings)

@@ -22,6 +22,25 @@ class PostprocessConfig:
         A bone whose mean cross-section is below this is reported missing (e.g. a fibula
         outside the field of view) instead of being kept as a speck.
 
+    Surfaces (see :mod:`.surfaces`; this project's addition, off in ``PAPER``)
+    --------------------------------------------------------------------------
+    leg_opening_mm:
+        Attachments of the leg thinner than twice this (a holder shell touching the skin, a
+        strap) are cut off; 0 = off.
+    skin_surface_band_mm:
+        Within this distance of the predicted leg surface, the surface moves to where the
+        local mean HU crosses ``skin_surface_hu``; 0 = off.
+    skin_surface_hu:
+        The air | skin level: half-way between air (-1000 HU) and skin (about 0 HU).
+    skin_surface_window_mm:
+        Side of the square over which HU are averaged for the skin surface.
+    periosteal_band_mm:
+        Within this distance of each bone's predicted outer surface, cortical and soft-tissue
+        pixels follow the half-way level between the slice's cortex and the soft tissue
+        around it; 0 = off.
+    periosteal_window_mm:
+        Side of the square over which HU are averaged for the periosteal surface.
+
     Soft tissue
     -----------
     skin_width_mm:
@@ -48,6 +67,12 @@ class PostprocessConfig:
     connectivity: str = "3d"
     max_cortical_gap_mm: float = 1.0
     min_bone_area_mm2: float = 5.0
+    leg_opening_mm: float = 0.75
+    skin_surface_band_mm: float = 0.75
+    skin_surface_hu: float = -500.0
+    skin_surface_window_mm: float = 0.3
+    periosteal_band_mm: float = 0.13
+    periosteal_window_mm: float = 0.18
     skin_width_mm: float = 2.0
     tendon_seed_hu: tuple[float, float] = (100.0, 600.0)
     fat_seed_hu: tuple[float, float] = (-600.0, -200.0)
@@ -60,7 +85,9 @@ class PostprocessConfig:
         if self.connectivity not in ("2d", "3d"):
             raise ValueError(f"connectivity must be '2d' or '3d', got {self.connectivity!r}")
         for name in ("max_cortical_gap_mm", "min_bone_area_mm2", "skin_width_mm",
-                     "seed_growth_mm", "smoothing_window_mm"):
+                     "seed_growth_mm", "smoothing_window_mm", "leg_opening_mm",
+                     "skin_surface_band_mm", "skin_surface_window_mm", "periosteal_band_mm",
+                     "periosteal_window_mm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("tendon_seed_hu", "fat_seed_hu"):
@@ -80,9 +107,12 @@ class PostprocessConfig:
         return cls(**data)
 
 
-#: The paper's rules exactly: raw HU, slice-by-slice components.
-PAPER = PostprocessConfig(connectivity="2d", smoothing_window_mm=0.0, seed_growth_mm=0.25)
-#: This project's default (the paper's thresholds, plus 3D components and a local HU mean).
+#: The paper's rules exactly: raw HU, slice-by-slice components, the network's surfaces.
+PAPER = PostprocessConfig(connectivity="2d", smoothing_window_mm=0.0, seed_growth_mm=0.25,
+                          leg_opening_mm=0.0, skin_surface_band_mm=0.0,
+                          periosteal_band_mm=0.0)
+#: This project's default (the paper's thresholds, plus 3D components, surfaces refined to
+#: the HU edges and a local HU mean).
 DEFAULT = PostprocessConfig()
 
 
