@@ -21,7 +21,6 @@ import csv
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +61,7 @@ def main() -> None:
     with open(manifest, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))[: args.limit]
     variants = {"post-processed (default)": DEFAULT,
-                "post-processed, surfaces as predicted": replace(
-                    DEFAULT, leg_opening_mm=0.0, skin_surface_band_mm=0.0,
-                    periosteal_band_mm=0.0),
+                "post-processed, surfaces as predicted": DEFAULT.without_surface_refinement(),
                 "post-processed (paper preset)": PAPER}
     results: dict = {"machine": machine(), "scans": len(rows), "models": {}}
     comparison = {}

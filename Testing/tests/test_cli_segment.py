@@ -54,6 +54,37 @@ def test_postprocess_truth_classes_gives_seven_regions_in_a_seg_nrrd(phantom_fil
     assert read_scan(rings, units="hu").hu.max() >= 1
 
 
+def test_keep_surfaces_switches_the_surface_refinement_off(tmp_path):
+    """A prediction whose leg is 2 pixels too big: refined by default, kept on request."""
+    from scipy import ndimage as ndi
+
+    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+    from HRpQCTSegmenterLib.postprocess import DEFAULT, postprocess
+
+    # 0.24 mm pixels: fine enough for the 0.75 mm band of the skin surface to span 3 pixels
+    phantom = generate_phantom(PhantomParams().small(400, 2), 5)
+    scan_path = tmp_path / "scan.nii.gz"
+    write_scan(phantom.scan, scan_path)
+    classes = phantom.classes.copy()
+    grown = np.stack([ndi.binary_dilation(p > 0, iterations=2) for p in classes])
+    classes[grown & (classes == 0)] = 5
+    classes_path = tmp_path / "grown.nii.gz"
+    write_label_map(classes, phantom.scan, classes_path)
+    outputs = {}
+    for name, extra in (("default", []), ("kept", ["--keep-surfaces"])):
+        outputs[name] = tmp_path / f"{name}.nii.gz"
+        assert main(["postprocess", str(scan_path), str(classes_path),
+                     str(outputs[name]), "--progress", "none", *extra]) == 0
+    scan = read_scan(scan_path)
+    for name, config in (("default", DEFAULT), ("kept", DEFAULT.without_surface_refinement())):
+        expected = postprocess(classes, scan.hu, scan.spacing_mm, config).regions
+        np.testing.assert_array_equal(read_scan(outputs[name], units="hu").hu, expected)
+    leg_truth = phantom.classes > 0
+    errors = {name: np.count_nonzero((read_scan(path, units="hu").hu > 0) != leg_truth)
+              for name, path in outputs.items()}
+    assert errors["default"] < errors["kept"] / 3
+
+
 def test_existing_output_is_never_replaced_without_overwrite(phantom_files, tmp_path, capsys):
     out = tmp_path / "regions.nii.gz"
     out.write_bytes(b"my edited segmentation")

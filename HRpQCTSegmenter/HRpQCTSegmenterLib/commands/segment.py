@@ -82,9 +82,16 @@ def write_labels(labels: np.ndarray, reference, path: Path, *, regions: bool) ->
 # ------------------------------------------------------------------------------------------
 # segment
 # ------------------------------------------------------------------------------------------
+def _postprocess_config(args: argparse.Namespace):
+    from ..postprocess import preset
+
+    config = preset(args.preset)
+    return config.without_surface_refinement() if args.keep_surfaces else config
+
+
 def run_segment(args: argparse.Namespace) -> int:
     from ..io import read_scan, write_label_map
-    from ..postprocess import postprocess, preset
+    from ..postprocess import postprocess
     from ..segmentation.inference import run_segmentation
 
     output = Path(args.output)
@@ -99,7 +106,7 @@ def run_segment(args: argparse.Namespace) -> int:
                            fast=not args.no_fast, engine=args.engine, progress=progress)
     labels, warnings = seg.labels, []
     if not args.classes_only:
-        config = preset(args.preset)
+        config = _postprocess_config(args)
         result = postprocess(seg.labels, scan.hu, scan.spacing_mm, config,
                              with_rings=bool(args.rings), progress=progress)
         labels, warnings = result.regions, result.warnings
@@ -127,14 +134,14 @@ def run_segment(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------
 def run_postprocess(args: argparse.Namespace) -> int:
     from ..io import read_scan, write_label_map
-    from ..postprocess import postprocess, preset
+    from ..postprocess import postprocess
 
     output = Path(args.output)
     _output_kind(output)
     check_can_write([output] + ([Path(args.rings)] if args.rings else []), args.overwrite)
     scan = read_scan(args.scan, units=args.units, calibration=calibration_from_args(args))
     classes = _read_labels(args.classes, scan)
-    config = preset(args.preset)
+    config = _postprocess_config(args)
     result = postprocess(classes, scan.hu, scan.spacing_mm, config, with_rings=bool(args.rings),
                          progress=progress_from_args(args))
     write_labels(result.regions, scan, output, regions=True)
@@ -280,6 +287,9 @@ def register(subparsers) -> None:
                    help="write the network's 5 classes, without post-processing")
     p.add_argument("--preset", choices=("default", "paper"), default="default",
                    help="post-processing settings (paper: the paper's rules exactly)")
+    p.add_argument("--keep-surfaces", action="store_true",
+                   help="keep the network's skin and bone surfaces (no refinement to the HU "
+                        "edges; the paper preset never refines them)")
     p.add_argument("--rings", metavar="PATH", help="also write soft-tissue distance rings")
     p.add_argument("--qc-json", metavar="PATH", help="write per-slice confidence and warnings")
     add_units_options(p)
@@ -297,6 +307,9 @@ def register(subparsers) -> None:
     p.add_argument("classes", help="5-class label volume on the scan's grid")
     p.add_argument("output", help=".seg.nrrd, .nii.gz, .nrrd or .mha")
     p.add_argument("--preset", choices=("default", "paper"), default="default")
+    p.add_argument("--keep-surfaces", action="store_true",
+                   help="keep the network's skin and bone surfaces (no refinement to the HU "
+                        "edges; the paper preset never refines them)")
     p.add_argument("--rings", metavar="PATH", help="also write soft-tissue distance rings")
     add_units_options(p)
     add_progress_option(p)

@@ -95,6 +95,11 @@ class PostprocessConfig:
             if lo > hi:
                 raise ValueError(f"{name} must be (low, high), got {(lo, hi)}")
 
+    def without_surface_refinement(self) -> PostprocessConfig:
+        """These settings with the network's surfaces kept as predicted (see :mod:`.surfaces`)."""
+        return replace(self, leg_opening_mm=0.0, skin_surface_band_mm=0.0,
+                       periosteal_band_mm=0.0)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

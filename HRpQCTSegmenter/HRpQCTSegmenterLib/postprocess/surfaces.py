@@ -107,12 +107,11 @@ def refine_skin_surface(plane: np.ndarray, hu: np.ndarray, spacing_yx_mm: tuple[
         band &= (plane == 0) | (plane == SOFT)
         window = _odd_pixels(config.skin_surface_window_mm, min(spacing_yx_mm))
         local = _local_mean(hu, window)
-        # Only where the slice shows the edge: air outside, tissue inside (not, e.g., an
+        # Only where the band shows the edge, with both air and tissue in it (not, e.g., an
         # image of zeros, or a leg that fills the field of view).
-        outside, inside = band & ~new_leg, band & new_leg
-        if (outside.any() and inside.any()
-                and np.median(local[outside]) < config.skin_surface_hu
-                < np.median(local[inside])):
+        if band.any():
+            low, high = np.percentile(local[band], (10, 90))
+        if band.any() and low < config.skin_surface_hu < high:
             new_leg = np.where(band, local > config.skin_surface_hu, new_leg)
             new_leg = fill_holes(_largest(new_leg))
     plane[new_leg & (plane == 0)] = SOFT
