@@ -107,11 +107,11 @@ def refine_skin_surface(plane: np.ndarray, hu: np.ndarray, spacing_yx_mm: tuple[
         band &= (plane == 0) | (plane == SOFT)
         window = _odd_pixels(config.skin_surface_window_mm, min(spacing_yx_mm))
         local = _local_mean(hu, window)
+        values = local[band]
         # Only where the band shows the edge, with both air and tissue in it (not, e.g., an
         # image of zeros, or a leg that fills the field of view).
-        if band.any():
-            low, high = np.percentile(local[band], (10, 90))
-        if band.any() and low < config.skin_surface_hu < high:
+        if values.size and (np.percentile(values, 10) < config.skin_surface_hu
+                            < np.percentile(values, 90)):
             new_leg = np.where(band, local > config.skin_surface_hu, new_leg)
             new_leg = fill_holes(_largest(new_leg))
     plane[new_leg & (plane == 0)] = SOFT
@@ -129,7 +129,7 @@ def refine_periosteum(plane: np.ndarray, hu: np.ndarray, spacing_yx_mm: tuple[fl
     band_mm = config.periosteal_band_mm
     if band_mm <= 0:
         return
-    local = None
+    window = _odd_pixels(config.periosteal_window_mm, min(spacing_yx_mm))
     # Reference zones: the cortex beyond the band (from the surface), and soft tissue just
     # beyond the band outside; each about as wide again as the band.
     ref_near, ref_far = band_mm + min(spacing_yx_mm), 2.5 * band_mm + 2 * min(spacing_yx_mm)
@@ -150,10 +150,7 @@ def refine_periosteum(plane: np.ndarray, hu: np.ndarray, spacing_yx_mm: tuple[fl
         cortex_ref, soft_ref = cortex & in_ref, soft & out_ref
         if cortex_ref.sum() < 20 or soft_ref.sum() < 20:
             continue
-        if local is None:
-            local = _local_mean(hu, _odd_pixels(config.periosteal_window_mm,
-                                                min(spacing_yx_mm)))
-        sub_local = local[box]
+        sub_local = _local_mean(hu[box], window)
         cortex_hu = float(np.median(sub_local[cortex_ref]))
         soft_hu = float(np.median(sub_local[soft_ref]))
         if cortex_hu - soft_hu < MIN_PERIOSTEAL_CONTRAST_HU:
