@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from ._common import (
     check_can_write,
     progress_from_args,
 )
+
+if TYPE_CHECKING:
+    from ..postprocess import PostprocessConfig
 
 ORDER = 20
 log = logging.getLogger("hrpqct")
@@ -82,11 +86,20 @@ def write_labels(labels: np.ndarray, reference, path: Path, *, regions: bool) ->
 # ------------------------------------------------------------------------------------------
 # segment
 # ------------------------------------------------------------------------------------------
-def _postprocess_config(args: argparse.Namespace):
+def _postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
     from ..postprocess import preset
 
     config = preset(args.preset)
     return config.without_surface_refinement() if args.keep_surfaces else config
+
+
+def _add_postprocess_options(p: argparse.ArgumentParser) -> None:
+    """``--preset`` and ``--keep-surfaces``, read back by :func:`_postprocess_config`."""
+    p.add_argument("--preset", choices=("default", "paper"), default="default",
+                   help="post-processing settings (paper: the paper's rules exactly)")
+    p.add_argument("--keep-surfaces", action="store_true",
+                   help="keep the network's skin and bone surfaces (no refinement to the HU "
+                        "edges; the paper preset never refines them)")
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -285,11 +298,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-fast", action="store_true", help="disable the exact folded decoder")
     p.add_argument("--classes-only", action="store_true",
                    help="write the network's 5 classes, without post-processing")
-    p.add_argument("--preset", choices=("default", "paper"), default="default",
-                   help="post-processing settings (paper: the paper's rules exactly)")
-    p.add_argument("--keep-surfaces", action="store_true",
-                   help="keep the network's skin and bone surfaces (no refinement to the HU "
-                        "edges; the paper preset never refines them)")
+    _add_postprocess_options(p)
     p.add_argument("--rings", metavar="PATH", help="also write soft-tissue distance rings")
     p.add_argument("--qc-json", metavar="PATH", help="write per-slice confidence and warnings")
     add_units_options(p)
@@ -306,10 +315,7 @@ def register(subparsers) -> None:
     p.add_argument("scan", help="the scan the labels belong to (HU needed for soft tissue)")
     p.add_argument("classes", help="5-class label volume on the scan's grid")
     p.add_argument("output", help=".seg.nrrd, .nii.gz, .nrrd or .mha")
-    p.add_argument("--preset", choices=("default", "paper"), default="default")
-    p.add_argument("--keep-surfaces", action="store_true",
-                   help="keep the network's skin and bone surfaces (no refinement to the HU "
-                        "edges; the paper preset never refines them)")
+    _add_postprocess_options(p)
     p.add_argument("--rings", metavar="PATH", help="also write soft-tissue distance rings")
     add_units_options(p)
     add_progress_option(p)

@@ -31,8 +31,8 @@ from .config import PostprocessConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BONES", "Bone", "largest_component", "keep_largest", "clean_classes", "disk",
-           "fill_holes", "holes", "dilate_cross"]
+__all__ = ["BONES", "Bone", "largest_component", "keep_largest", "keep_largest_in_plane",
+           "clean_classes", "disk", "fill_holes", "holes", "dilate_cross"]
 
 SOFT = class_by_name("soft_tissue").label
 
@@ -238,19 +238,20 @@ def _keep_largest_3d(mask: np.ndarray, slab: int | None = None,
     list(_in_order(pool, apply, stored))
 
 
-def _keep_largest_2d(mask: np.ndarray, pool: ThreadPoolExecutor | None = None) -> None:
-    """Reduce every slice of a 3D boolean mask, in place, to its largest 8-connected part."""
-
-    def one(z: int) -> None:
-        if not mask[z].any():
-            return
-        labels, n = ndi.label(mask[z], structure=_STRUCT_2D)
+def keep_largest_in_plane(plane: np.ndarray) -> np.ndarray:
+    """Reduce a 2D boolean mask, in place, to its largest 8-connected part; returns it."""
+    if plane.any():
+        labels, n = ndi.label(plane, structure=_STRUCT_2D)
         if n > 1:
             sizes = np.bincount(labels.ravel())
             sizes[0] = 0
-            np.equal(labels, int(sizes.argmax()), out=mask[z])
+            np.equal(labels, int(sizes.argmax()), out=plane)
+    return plane
 
-    list(_in_order(pool, one, range(mask.shape[0])))
+
+def _keep_largest_2d(mask: np.ndarray, pool: ThreadPoolExecutor | None = None) -> None:
+    """Reduce every slice of a 3D boolean mask, in place, to its largest 8-connected part."""
+    list(_in_order(pool, lambda z: keep_largest_in_plane(mask[z]), range(mask.shape[0])))
 
 
 def keep_largest(mask: np.ndarray, connectivity: str = "3d",

@@ -113,9 +113,8 @@ class PostprocessConfig:
 
 
 #: The paper's rules exactly: raw HU, slice-by-slice components, the network's surfaces.
-PAPER = PostprocessConfig(connectivity="2d", smoothing_window_mm=0.0, seed_growth_mm=0.25,
-                          leg_opening_mm=0.0, skin_surface_band_mm=0.0,
-                          periosteal_band_mm=0.0)
+PAPER = PostprocessConfig(connectivity="2d", smoothing_window_mm=0.0,
+                          seed_growth_mm=0.25).without_surface_refinement()
 #: This project's default (the paper's thresholds, plus 3D components, surfaces refined to
 #: the HU edges and a local HU mean).
 DEFAULT = PostprocessConfig()

@@ -35,32 +35,15 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..progress import CancelToken, check
-from .bone import BONES, SOFT, fill_holes
+from .bone import BONES, SOFT, fill_holes, keep_largest_in_plane
 from .config import PostprocessConfig
-from .soft_tissue import _within_of_outside
+from .soft_tissue import _window_voxels, _within_of_outside
 
 __all__ = ["refine_surfaces", "refine_skin_surface", "refine_periosteum"]
-
-_STRUCT_2D = np.ones((3, 3), dtype=bool)
 
 #: Below this difference between the slice's cortex and soft tissue (HU) the periosteal surface
 #: is left as predicted: there is no edge to follow.
 MIN_PERIOSTEAL_CONTRAST_HU = 300.0
-
-
-def _odd_pixels(length_mm: float, spacing_mm: float) -> int:
-    """The odd number of pixels closest to ``length_mm``."""
-    return max(1, 2 * round(length_mm / spacing_mm / 2) + 1)
-
-
-def _largest(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a 2D mask (the mask itself if it has <= 1)."""
-    labels, n = ndi.label(mask, structure=_STRUCT_2D)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
 
 
 def _near(mask: np.ndarray, width_mm: float, spacing_yx_mm: tuple[float, float]) -> np.ndarray:
@@ -70,7 +53,7 @@ def _near(mask: np.ndarray, width_mm: float, spacing_yx_mm: tuple[float, float])
     return _within_of_outside(outside, width_mm, spacing_yx_mm)[pad:-pad, pad:-pad]
 
 
-def _local_mean(hu: np.ndarray, window_px: int) -> np.ndarray:
+def _local_mean(hu: np.ndarray, window_px: tuple[int, int]) -> np.ndarray:
     return ndi.uniform_filter(np.asarray(hu, dtype=np.float32), window_px, mode="nearest")
 
 
@@ -98,14 +81,14 @@ def refine_skin_surface(plane: np.ndarray, hu: np.ndarray, spacing_yx_mm: tuple[
     if config.leg_opening_mm > 0:
         core = leg & ~_within_of_outside(leg, config.leg_opening_mm, spacing_yx_mm)
         if core.any():
-            core = _largest(core)
+            keep_largest_in_plane(core)
             # dilating the core back by the same radius: within reach of a core pixel
             new_leg = leg & _near(core, config.leg_opening_mm, spacing_yx_mm)
     if config.skin_surface_band_mm > 0:
         band = (_within_of_outside(new_leg, config.skin_surface_band_mm, spacing_yx_mm)
                 & _near(new_leg, config.skin_surface_band_mm, spacing_yx_mm))
         band &= (plane == 0) | (plane == SOFT)
-        window = _odd_pixels(config.skin_surface_window_mm, min(spacing_yx_mm))
+        window = _window_voxels(config.skin_surface_window_mm, spacing_yx_mm)
         local = _local_mean(hu, window)
         values = local[band]
         # Only where the band shows the edge, with both air and tissue in it (not, e.g., an
@@ -113,7 +96,7 @@ def refine_skin_surface(plane: np.ndarray, hu: np.ndarray, spacing_yx_mm: tuple[
         if values.size and (np.percentile(values, 10) < config.skin_surface_hu
                             < np.percentile(values, 90)):
             new_leg = np.where(band, local > config.skin_surface_hu, new_leg)
-            new_leg = fill_holes(_largest(new_leg))
+            new_leg = fill_holes(keep_largest_in_plane(new_leg))
     plane[new_leg & (plane == 0)] = SOFT
     plane[~new_leg] = 0
 
@@ -129,7 +112,7 @@ def refine_periosteum(plane: np.ndarray, hu: np.ndarray, spacing_yx_mm: tuple[fl
     band_mm = config.periosteal_band_mm
     if band_mm <= 0:
         return
-    window = _odd_pixels(config.periosteal_window_mm, min(spacing_yx_mm))
+    window = _window_voxels(config.periosteal_window_mm, spacing_yx_mm)
     # Reference zones: the cortex beyond the band (from the surface), and soft tissue just
     # beyond the band outside; each about as wide again as the band.
     ref_near, ref_far = band_mm + min(spacing_yx_mm), 2.5 * band_mm + 2 * min(spacing_yx_mm)
