@@ -1,6 +1,6 @@
 """3D Slicer module: per-region radiomic features of HR-pQCT scans and osteoporosis probability.
 
-Thin by design: the science lives in the Qt-free engine packages ``HRpQCTRadiomicsLib``
+Thin by design: the science lives in the Qt-free engine packages ``HRpQCTRadiomicsEngine``
 (features, classifiers, and :mod:`HRpQCTRadiomicsLib.slicer_radiomics`: the choices read
 from the parameter node, segment-to-region mapping, the worker-thread run started by
 ``start_radiomics``/``run_radiomics``, table nodes, CSV) and ``HRpQCTSegmenterLib`` (region
@@ -25,8 +25,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from HRpQCTCore.slicer_process import JobState, apply_button_state
 from HRpQCTRadiomicsLib.slicer_radiomics import MODE_CHOICES, MODE_FEATURES, MODE_PREDICTION
-from HRpQCTSegmenterLib.slicer_process import JobState, apply_button_state
 
 MODULE_NAME = "HRpQCTRadiomics"
 
@@ -319,9 +319,9 @@ class HRpQCTRadiomicsTest(ScriptedLoadableModuleTest):
         """
         import numpy as np
 
-        from HRpQCTRadiomicsLib.classification import Dataset, train_classifier
-        from HRpQCTRadiomicsLib.model_io import save_classifier
-        from HRpQCTRadiomicsLib.settings import load_settings
+        from HRpQCTRadiomicsEngine.classification import Dataset, train_classifier
+        from HRpQCTRadiomicsEngine.model_io import save_classifier
+        from HRpQCTRadiomicsEngine.settings import load_settings
 
         rng = np.random.default_rng(0)
         rows, labels, groups = [], [], []
@@ -342,10 +342,10 @@ class HRpQCTRadiomicsTest(ScriptedLoadableModuleTest):
 
         import numpy as np
 
+        from HRpQCTCore import regions, slicer_bridge
+        from HRpQCTCore.scan import Scan
+        from HRpQCTRadiomicsEngine.table import read_feature_csv
         from HRpQCTRadiomicsLib.slicer_radiomics import MODE_PREDICTION
-        from HRpQCTRadiomicsLib.table import read_feature_csv
-        from HRpQCTSegmenterLib import regions, slicer_bridge
-        from HRpQCTSegmenterLib.scan import Scan
 
         adipose = regions.region_by_name("adipose")
         rng = np.random.default_rng(0)

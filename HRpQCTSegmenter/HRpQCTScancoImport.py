@@ -5,7 +5,7 @@ Slicer finds a scripted file reader by its name: in a scripted module file ``<Mo
 with Slicer's IO manager when the module is set up. This module exists only for that (it is
 hidden, like the readers of other extensions); its test loads a written AIM file.
 
-The reading itself is the engine's (``HRpQCTSegmenterLib.io.read_scan`` through
+The reading itself is the engine's (``HRpQCTCore.io.read_scan`` through
 ``slicer_bridge.load_scan_file``: HU, header geometry, no patient fields), tested in CI
 against Slicer's real data model.
 """
@@ -54,12 +54,12 @@ class HRpQCTScancoImportFileReader:
         return SCANCO_FILE_TYPE
 
     def extensions(self):
-        from HRpQCTSegmenterLib.slicer_bridge import SCANCO_NAME_FILTERS
+        from HRpQCTCore.slicer_bridge import SCANCO_NAME_FILTERS
 
         return list(SCANCO_NAME_FILTERS)
 
     def canLoadFile(self, filePath):
-        from HRpQCTSegmenterLib.slicer_bridge import is_scanco_file
+        from HRpQCTCore.slicer_bridge import is_scanco_file
 
         return is_scanco_file(filePath)
 
@@ -70,9 +70,9 @@ class HRpQCTScancoImportFileReader:
     def load(self, properties):
         filePath = properties["fileName"]
         try:
+            from HRpQCTCore import slicer_bridge
+            from HRpQCTCore.slicer_process import SCANCO_DEPENDENCIES
             from HRpQCTSegmenter import HRpQCTSegmenterLogic
-            from HRpQCTSegmenterLib import slicer_bridge
-            from HRpQCTSegmenterLib.slicer_process import SCANCO_DEPENDENCIES
 
             if not HRpQCTSegmenterLogic().ensureDependencies(SCANCO_DEPENDENCIES):
                 raise RuntimeError("Reading Scanco files needs the 'aimio-py' Python package, "
@@ -106,10 +106,10 @@ class HRpQCTScancoImportTest(ScriptedLoadableModuleTest):
 
         import numpy as np
 
+        from HRpQCTCore import io, slicer_bridge
+        from HRpQCTCore.slicer_process import SCANCO_DEPENDENCIES
+        from HRpQCTPhantom import PhantomParams, generate_phantom
         from HRpQCTSegmenter import HRpQCTSegmenterLogic
-        from HRpQCTSegmenterLib import io, slicer_bridge
-        from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
-        from HRpQCTSegmenterLib.slicer_process import SCANCO_DEPENDENCIES
 
         self.assertTrue(HRpQCTSegmenterLogic().ensureDependencies(SCANCO_DEPENDENCIES,
                                                                   askConsent=False))

@@ -36,7 +36,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 # Light engine modules only (no torch, transformers or SimpleITK at import time).
-from HRpQCTSegmenterLib.slicer_process import (
+from HRpQCTCore.slicer_process import (
     CALIBRATED_UNITS,
     CALIBRATION_RANGES,
     DEVICE_CHOICES,
@@ -82,7 +82,7 @@ class HRpQCTSegmenter(ScriptedLoadableModule):
 def _loadTerminology():
     """Register the project's terminology so segments show readable coded meanings."""
     try:
-        from HRpQCTSegmenterLib import slicer_bridge
+        from HRpQCTCore import slicer_bridge
 
         slicer_bridge.load_terminology(slicer.modules.terminologies.logic())
     except Exception as exc:  # a broken terminology must not stop Slicer from starting
@@ -245,7 +245,7 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run.cancel()
             self.onPoll()
             return
-        from HRpQCTSegmenterLib.errors import CancelledError
+        from HRpQCTCore.errors import CancelledError
 
         parameters = self._parameterNode
         self.ui.logTextEdit.clear()
@@ -370,7 +370,7 @@ class HRpQCTSegmenterLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _installTorch():
-        from HRpQCTSegmenterLib.errors import HRpQCTError
+        from HRpQCTCore.errors import HRpQCTError
 
         try:
             import PyTorchUtils
@@ -430,7 +430,8 @@ class HRpQCTSegmenterLogic(ScriptedLoadableModuleLogic):
         """Generate (or reuse) the sample phantom in the cache and load it via Sample Data."""
         import SampleData
 
-        from HRpQCTSegmenterLib import sample_data, slicer_bridge
+        from HRpQCTCore import slicer_bridge
+        from HRpQCTSegmenterLib import sample_data
 
         if source is None:
             source = SampleData.SampleDataLogic().sourceForSampleName(sample_data.SAMPLE_NAME)
@@ -472,7 +473,7 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
         self.test_whole_flow()
 
     def test_module_loads_and_terminology_is_registered(self):
-        from HRpQCTSegmenterLib import regions
+        from HRpQCTCore import regions
 
         self.assertTrue(os.path.isfile(
             os.path.join(os.path.dirname(__file__), "Resources", "UI", f"{MODULE_NAME}.ui")))
@@ -485,8 +486,8 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
     def test_label_map_becomes_seven_named_segments(self):
         import numpy as np
 
-        from HRpQCTSegmenterLib import regions, slicer_bridge
-        from HRpQCTSegmenterLib.scan import Scan
+        from HRpQCTCore import regions, slicer_bridge
+        from HRpQCTCore.scan import Scan
 
         labels = np.zeros((4, 10, 12), dtype=np.uint8)
         for region in regions.REGIONS:
@@ -503,7 +504,7 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
 
     def test_parameter_node_gives_the_command_line(self):
         """Panel choices (real parameter node) -> engine parameters -> calibration options."""
-        from HRpQCTSegmenterLib.slicer_process import build_segment_command
+        from HRpQCTCore.slicer_process import build_segment_command
 
         parameterNode = HRpQCTSegmenterLogic().getParameterNode()
         previous = {name: getattr(parameterNode, name) for name in (
@@ -532,8 +533,8 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
 
         The tiny model only exercises the flow (its regions are noise); the test says so.
         """
-        from HRpQCTSegmenterLib.commands.segment import resolve_model_folder
-        from HRpQCTSegmenterLib.errors import ArtefactError
+        from HRpQCTCore.errors import ArtefactError
+        from HRpQCTPipeline.commands.segment import resolve_model_folder
 
         try:
             resolve_model_folder(None)
@@ -541,8 +542,8 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
         except ArtefactError:
             import tempfile
 
-            from HRpQCTSegmenterLib.segmentation.model import build_model, save_model
-            from HRpQCTSegmenterLib.segmentation.preprocessing import PreprocessingConfig
+            from HRpQCTSegmentationEngine.model import build_model, save_model
+            from HRpQCTSegmentationEngine.preprocessing import PreprocessingConfig
 
             self.delayDisplay("No bundled model in this build: testing the flow with an "
                               "untrained tiny model (its result is meaningless).")
@@ -552,9 +553,9 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
             return SegmenterParameters(model="folder", model_folder=folder, device="cpu")
 
     def test_whole_flow(self):
-        from HRpQCTSegmenterLib import regions, slicer_bridge
-        from HRpQCTSegmenterLib.errors import CancelledError
-        from HRpQCTSegmenterLib.slicer_bridge import OutputState
+        from HRpQCTCore import regions, slicer_bridge
+        from HRpQCTCore.errors import CancelledError
+        from HRpQCTCore.slicer_bridge import OutputState
         from HRpQCTSegmenterLib.slicer_segmenter import CANCEL, NEW_NODE
 
         logic = HRpQCTSegmenterLogic()
@@ -604,9 +605,9 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         import HRpQCTRadiomics
+        from HRpQCTCore import regions, slicer_bridge
+        from HRpQCTRadiomicsEngine.table import read_feature_csv
         from HRpQCTRadiomicsLib.slicer_radiomics import MODE_PREDICTION
-        from HRpQCTRadiomicsLib.table import read_feature_csv
-        from HRpQCTSegmenterLib import regions, slicer_bridge
 
         self.delayDisplay("Radiomics of the edited segmentation")
         labels = slicer_bridge.labels_from_segmentation_node(

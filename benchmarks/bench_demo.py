@@ -42,7 +42,7 @@ def main() -> int:
     args = parser.parse_args()
 
     out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_demo_")) / "d"
-    command = [sys.executable, "-m", "HRpQCTSegmenterLib.cli", "demo", "--out", str(out),
+    command = [sys.executable, "-m", "HRpQCTPipeline.cli", "demo", "--out", str(out),
                "--slices", str(args.slices), "--progress", "none"]
     if args.keep:
         command.append("--overwrite")

@@ -43,7 +43,7 @@ def _peak_rss_mb() -> float:
 def _model(variant: str):
     import torch
 
-    from HRpQCTSegmenterLib.segmentation.model import build_model
+    from HRpQCTSegmentationEngine.model import build_model
 
     model = build_model(variant, seed=0)
     bn = model.decode_head.batch_norm
@@ -54,7 +54,7 @@ def _model(variant: str):
 
 
 def _segmenter(model, engine: str, input_yx):
-    from HRpQCTSegmenterLib.segmentation.fast import FastSegformer, OnnxSegmenter
+    from HRpQCTSegmentationEngine.fast import FastSegformer, OnnxSegmenter
 
     if engine == "stock":
         return model, False
@@ -79,7 +79,7 @@ def _synthetic_scan(n_slices: int, size: int, dtype: str):
 def run_model(args) -> dict:
     import torch
 
-    from HRpQCTSegmenterLib.segmentation.preprocessing import PreprocessingConfig
+    from HRpQCTSegmentationEngine.preprocessing import PreprocessingConfig
 
     input_yx = PreprocessingConfig().input_yx
     model = _model(args.variant)
@@ -101,13 +101,13 @@ def run_model(args) -> dict:
 
 
 def run_pipeline(args) -> dict:
-    from HRpQCTSegmenterLib.segmentation.inference import run_segmentation
+    from HRpQCTSegmentationEngine.inference import run_segmentation
 
     model = _model(args.variant)
     volume = _synthetic_scan(args.slices, args.size, args.dtype)
     engine = "onnx" if args.engine == "onnx" else "torch"
     t0 = time.perf_counter()
-    from HRpQCTSegmenterLib.segmentation.inference import prepare_segmenter
+    from HRpQCTSegmentationEngine.inference import prepare_segmenter
 
     runner, config = prepare_segmenter(model, device="cpu", fast=args.engine != "stock",
                                        engine=engine)

@@ -20,8 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, peak_rss_gb
 
-from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom, write_phantom
-from HRpQCTSegmenterLib.regions import REGIONS
+from HRpQCTCore.regions import REGIONS
+from HRpQCTPhantom import PhantomParams, generate_phantom, write_phantom
 
 FIGURES = Path(__file__).parent / "figures"
 

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, peak_rss_gb
 
-from HRpQCTSegmenterLib.postprocess import (
+from HRpQCTSegmentationEngine.postprocess import (
     PAPER,
     PostprocessConfig,
     clean_classes,
@@ -126,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     pixel_mm = 0.0607
     if args.source == "phantom":
-        from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+        from HRpQCTPhantom import PhantomParams, generate_phantom
 
         phantom = generate_phantom(PhantomParams(n_slices=args.slices, field_px=args.size),
                                    seed=11)

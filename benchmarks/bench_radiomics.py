@@ -112,9 +112,9 @@ def per_slice(t: Timer, n_slices: int, scan_slices: int, prefix: str, out: dict,
 
 
 def main() -> None:
-    from HRpQCTRadiomicsLib.extraction import extract_features
-    from HRpQCTRadiomicsLib.settings import load_settings, settings_for_mode
-    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+    from HRpQCTPhantom import PhantomParams, generate_phantom
+    from HRpQCTRadiomicsEngine.extraction import extract_features
+    from HRpQCTRadiomicsEngine.settings import load_settings, settings_for_mode
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,16 +28,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine
 
-from HRpQCTSegmenterLib.io import read_scan
-from HRpQCTSegmenterLib.postprocess import DEFAULT, PAPER, postprocess
-from HRpQCTSegmenterLib.regions import REGIONS, regions_to_classes
-from HRpQCTSegmenterLib.segmentation.inference import prepare_segmenter, run_segmentation
-from HRpQCTSegmenterLib.segmentation.metrics import (
+from HRpQCTCore.io import read_scan
+from HRpQCTCore.regions import REGIONS, regions_to_classes
+from HRpQCTSegmentationEngine.inference import prepare_segmenter, run_segmentation
+from HRpQCTSegmentationEngine.metrics import (
     format_class_table,
     format_comparison_table,
     scores_from_labels,
     summarise_scores,
 )
+from HRpQCTSegmentationEngine.postprocess import DEFAULT, PAPER, postprocess
 
 
 def region_dice(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:

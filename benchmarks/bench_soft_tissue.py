@@ -18,10 +18,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine
 
-from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
-from HRpQCTSegmenterLib.postprocess import DEFAULT, PAPER, PostprocessConfig
-from HRpQCTSegmenterLib.postprocess.soft_tissue import subdivide_soft_tissue
-from HRpQCTSegmenterLib.regions import SOFT_TISSUE_REGIONS
+from HRpQCTCore.regions import SOFT_TISSUE_REGIONS
+from HRpQCTPhantom import PhantomParams, generate_phantom
+from HRpQCTSegmentationEngine.postprocess import DEFAULT, PAPER, PostprocessConfig
+from HRpQCTSegmentationEngine.postprocess.soft_tissue import subdivide_soft_tissue
 
 NOISE_LEVELS_HU = (100.0, 150.0, 200.0)
 

@@ -34,16 +34,16 @@ from pathlib import Path
 
 import numpy as np
 
-from HRpQCTRadiomicsLib.classification import (
+from HRpQCTCore.regions import REGIONS
+from HRpQCTRadiomicsEngine.classification import (
     Dataset,
     assemble_dataset,
     cross_validate,
     evaluate,
 )
-from HRpQCTRadiomicsLib.inputs import read_region_map
-from HRpQCTRadiomicsLib.morphometrics import MORPHOMETRIC_NAMES, scan_morphometrics
-from HRpQCTRadiomicsLib.table import read_feature_csv
-from HRpQCTSegmenterLib.regions import REGIONS
+from HRpQCTRadiomicsEngine.inputs import read_region_map
+from HRpQCTRadiomicsEngine.morphometrics import MORPHOMETRIC_NAMES, scan_morphometrics
+from HRpQCTRadiomicsEngine.table import read_feature_csv
 
 PATIENT_MODELS = {
     "tibial radiomics": ["tibial_cortical", "tibial_trabecular"],
@@ -73,7 +73,7 @@ def finite_columns(data: Dataset) -> Dataset:
 def morphometric_dataset(manifest: list[dict[str, str]], root: Path,
                          samples: list[tuple[str, str]], labels: dict[str, int]) -> Dataset:
     """Standard morphometrics at the same (scan, slice) samples as the radiomics."""
-    from HRpQCTSegmenterLib import io
+    from HRpQCTCore import io
 
     wanted: dict[str, list[int]] = {}
     for scan, z in samples:

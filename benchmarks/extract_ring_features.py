@@ -1,7 +1,7 @@
 """Radiomics of soft tissue within r mm of the tibia, for the paper's distance ablation.
 
 For each subject of a cohort manifest (``hrpqct cohort``), the 5-class truth gives the
-soft tissue and the tibia; :func:`HRpQCTSegmenterLib.postprocess.distance_rings` gives, per
+soft tissue and the tibia; :func:`HRpQCTSegmentationEngine.postprocess.distance_rings` gives, per
 radius, the soft tissue within that in-plane distance of the tibia's outer surface (rings are
 nested: the 10 mm ring contains the 5 mm ring). Each ring mask goes through the same
 extraction as a region (paper preset). One CSV per subject, in the schema of
@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from HRpQCTRadiomicsLib.extraction import STATUS_OK, extract_slice_features
-from HRpQCTRadiomicsLib.inputs import read_region_map
-from HRpQCTRadiomicsLib.settings import load_settings
-from HRpQCTRadiomicsLib.table import ID_COLUMNS
-from HRpQCTSegmenterLib import io
-from HRpQCTSegmenterLib.atomic import write_text_atomic
-from HRpQCTSegmenterLib.postprocess.soft_tissue import distance_rings
-from HRpQCTSegmenterLib.regions import regions_to_classes
+from HRpQCTCore import io
+from HRpQCTCore.atomic import write_text_atomic
+from HRpQCTCore.regions import regions_to_classes
+from HRpQCTRadiomicsEngine.extraction import STATUS_OK, extract_slice_features
+from HRpQCTRadiomicsEngine.inputs import read_region_map
+from HRpQCTRadiomicsEngine.settings import load_settings
+from HRpQCTRadiomicsEngine.table import ID_COLUMNS
+from HRpQCTSegmentationEngine.postprocess.soft_tissue import distance_rings
 
 
 def main() -> None:

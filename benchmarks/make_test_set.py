@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom, write_phantom
+from HRpQCTPhantom import PhantomParams, generate_phantom, write_phantom
 
 TEST_SEED_BASE = 9000
 NOISE_LEVELS_HU = (100.0, 150.0, 200.0)

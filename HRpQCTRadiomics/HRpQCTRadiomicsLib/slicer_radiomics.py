@@ -8,11 +8,11 @@ plain Python with ``slicer-core``:
   is shared, e.g. cortical bone of tibia vs fibula), then by segment name or region key
   (case-insensitive); missing regions, unknown and duplicate segments are reported in words.
 * :func:`region_labels_from_mapping` -- the mapped segments as the engine's region label map
-  on the volume's voxel grid (through :mod:`HRpQCTSegmenterLib.slicer_bridge`).
+  on the volume's voxel grid (through :mod:`HRpQCTCore.slicer_bridge`).
 * :class:`RadiomicsParameters` -- mode (``prediction``: only what the classifiers need;
   ``features``: full export), classifier files, settings, region/slice subsets.
 * :class:`RadiomicsRun` -- extraction in a worker thread with progress and a
-  :class:`~HRpQCTSegmenterLib.progress.CancelToken`, polled from the GUI (a ``QTimer``);
+  :class:`~HRpQCTCore.progress.CancelToken`, polled from the GUI (a ``QTimer``);
   results go into table nodes in the caller's (GUI) thread.
 * :func:`fill_feature_table_node`, :func:`fill_probability_table_node`,
   :func:`write_features_csv` -- results in MRML tables (the CSV schema of :mod:`.table`) and
@@ -43,11 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from HRpQCTSegmenterLib import slicer_bridge
-from HRpQCTSegmenterLib.errors import CancelledError, HRpQCTError
-from HRpQCTSegmenterLib.progress import CancelToken
-from HRpQCTSegmenterLib.regions import REGIONS, LabelDefinition, region_by_label, region_by_name
-from HRpQCTSegmenterLib.slicer_process import JobState
+from HRpQCTCore import slicer_bridge
+from HRpQCTCore.errors import CancelledError, HRpQCTError
+from HRpQCTCore.progress import CancelToken
+from HRpQCTCore.regions import REGIONS, LabelDefinition, region_by_label, region_by_name
+from HRpQCTCore.slicer_process import JobState
 
 __all__ = [
     "MODE_CHOICES",
@@ -220,7 +220,7 @@ def region_labels_from_mapping(segmentations_logic: Any, segmentation_node: Any,
                                volume_node: Any, mapping: SegmentMapping) -> np.ndarray:
     """The mapped segments as a ``[z, y, x]`` uint8 region label map on the volume's grid.
 
-    Rasterised by :func:`~HRpQCTSegmenterLib.slicer_bridge.labels_from_segmentation_node`
+    Rasterised by :func:`~HRpQCTCore.slicer_bridge.labels_from_segmentation_node`
     with each region named as its segment is. Two segments with one name would be ambiguous
     there, so that is refused with what to do.
     """
@@ -244,7 +244,7 @@ def bundled_classifier_paths() -> list[Path]:
 
     Used in prediction mode when the user chose no classifier file.
     """
-    from .model_io import bundled_classifier_path
+    from HRpQCTRadiomicsEngine.model_io import bundled_classifier_path
 
     path = bundled_classifier_path()
     return [] if path is None else [path]
@@ -333,7 +333,7 @@ def feature_request(classifiers: Sequence[Any]) -> tuple[dict[int, list[str]], A
     All classifiers must have been trained with the same radiomics settings (one extraction
     serves them all).
     """
-    from .classification import split_qualified_name
+    from HRpQCTRadiomicsEngine.classification import split_qualified_name
 
     if not classifiers:
         raise HRpQCTError("No classifier given: prediction needs one.")
@@ -356,7 +356,7 @@ def feature_request(classifiers: Sequence[Any]) -> tuple[dict[int, list[str]], A
 # ------------------------------------------------------------------------------------------
 def _csv_records(table: Any) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the engine's CSV text (the one schema for files and table nodes)."""
-    from .table import table_to_csv_text
+    from HRpQCTRadiomicsEngine.table import table_to_csv_text
 
     reader = csv.reader(io.StringIO(table_to_csv_text(table)))
     header = next(reader)
@@ -371,7 +371,7 @@ def fill_feature_table_node(table_node: Any, table: Any) -> Any:
     """
     import vtk
 
-    from .table import ID_COLUMNS
+    from HRpQCTRadiomicsEngine.table import ID_COLUMNS
 
     header, records = _csv_records(table)
     vtk_table = vtk.vtkTable()
@@ -394,7 +394,7 @@ def fill_feature_table_node(table_node: Any, table: Any) -> Any:
 
 
 def _feature_rows(table: Any) -> Any:
-    from .table import ID_COLUMNS, FeatureRows
+    from HRpQCTRadiomicsEngine.table import ID_COLUMNS, FeatureRows
 
     header, records = _csv_records(table)
     id_index = [header.index(c) for c in ID_COLUMNS]
@@ -423,7 +423,7 @@ def probability_rows(table: Any, classifiers: Sequence[Any]) -> list[Probability
     Overall: the unweighted mean of the classifiers' probabilities (with one classifier, the
     same number) -- a summary, not a validated combined model.
     """
-    from .classification import aggregate_by_subject, assemble_dataset
+    from HRpQCTRadiomicsEngine.classification import aggregate_by_subject, assemble_dataset
 
     rows = _feature_rows(table)
     out = []
@@ -451,7 +451,7 @@ def probability_rows(table: Any, classifiers: Sequence[Any]) -> list[Probability
 
 def probability_caveat() -> str:
     """The caveat shown with every probability (the classifiers' model-card text)."""
-    from .classification import CAVEAT
+    from HRpQCTRadiomicsEngine.classification import CAVEAT
 
     return CAVEAT
 
@@ -494,7 +494,7 @@ def fill_probability_table_node(table_node: Any, rows: Sequence[ProbabilityRow])
 
 def write_features_csv(path: str | Path, table: Any) -> Path:
     """Write the features with the engine's CSV writer (atomic: temporary file, rename)."""
-    from .table import write_feature_csv
+    from HRpQCTRadiomicsEngine.table import write_feature_csv
 
     return write_feature_csv(path, table)
 
@@ -527,7 +527,7 @@ class RadiomicsRun:
                  segmentation_node: Any, parameters: RadiomicsParameters | None = None, *,
                  table_node: Any = None, probability_table_node: Any = None,
                  scan_name: str = "") -> None:
-        from .model_io import load_classifier
+        from HRpQCTRadiomicsEngine.model_io import load_classifier
 
         if volume_node is None or segmentation_node is None:
             raise HRpQCTError("Select an input volume and its HR-pQCT region segmentation.")
@@ -575,7 +575,7 @@ class RadiomicsRun:
         self._progress = (done, total, stage)  # read by poll() in the caller's thread
 
     def _work(self) -> None:
-        from .extraction import extract_features
+        from HRpQCTRadiomicsEngine.extraction import extract_features
 
         try:
             self.table = extract_features(

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import ArtefactError
-from .progress import CancelToken, ProgressCallback
-from .scan import Scan
+from HRpQCTCore.atomic import atomic_path
+from HRpQCTCore.errors import ArtefactError
+from HRpQCTCore.progress import CancelToken, ProgressCallback
+from HRpQCTCore.scan import Scan
 
 __all__ = [
     "SAMPLE_NAME",
@@ -147,8 +147,8 @@ def write_raw_nrrd(scan: Scan, path: str | Path, dtype: str = "int16",
 def generate_sample_scan(progress: ProgressCallback | None = None,
                          cancel: CancelToken | None = None) -> Scan:
     """The sample phantom (``hrpqct demo``'s parameters and seed, :data:`SAMPLE_SLICES`)."""
-    from .commands.demo import EXAMPLE_SEED, example_params
-    from .phantom import generate_phantom
+    from HRpQCTPhantom import generate_phantom
+    from HRpQCTPipeline.commands.demo import EXAMPLE_SEED, example_params
 
     phantom = generate_phantom(example_params(SAMPLE_SLICES), seed=EXAMPLE_SEED,
                                progress=progress, cancel=cancel)
@@ -167,7 +167,7 @@ def write_sample_scan(folder: str | Path, *, verify: bool = True,
         If ``verify`` and the file's SHA256 differs from :data:`SAMPLE_SHA256` (the file is
         removed so a later call starts afresh).
     """
-    from .artefacts import sha256_file
+    from HRpQCTCore.artefacts import sha256_file
 
     path = Path(folder) / SAMPLE_FILE_NAME
     if path.is_file() and sha256_file(path) == SAMPLE_SHA256:

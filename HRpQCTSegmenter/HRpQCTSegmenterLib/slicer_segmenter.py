@@ -29,10 +29,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import slicer_bridge
-from .errors import CancelledError, HRpQCTError
-from .slicer_bridge import OutputState
-from .slicer_process import (
+from HRpQCTCore import slicer_bridge
+from HRpQCTCore.errors import CancelledError, HRpQCTError
+from HRpQCTCore.slicer_bridge import OutputState
+from HRpQCTCore.slicer_process import (
     LOADING_SPAN,
     BackgroundProcess,
     JobState,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from HRpQCTSegmenterLib.scan import Calibration, Scan
+from HRpQCTCore.scan import Calibration, Scan
 
 PLANTED_NAME = "ZZTESTPATIENT^SECRETNAME"
 PLANTED_ID = "PID-93817264"

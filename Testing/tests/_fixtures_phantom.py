@@ -6,7 +6,7 @@ import pytest
 @pytest.fixture(scope="session")
 def small_phantom():
     """Whole leg at 0.2428 mm in a 400 x 400 field, 12 slices, default (normal) parameters."""
-    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+    from HRpQCTPhantom import PhantomParams, generate_phantom
 
     params = PhantomParams(fibula_gap_mm=1.5, cast=True, rotation_deg=12.0).small(400, 12)
     return generate_phantom(params, 11)
@@ -15,7 +15,7 @@ def small_phantom():
 @pytest.fixture(scope="session")
 def tibia_patch():
     """Full-resolution (60.7 um) 36 mm field around the whole tibia, 32 slices, noise-free."""
-    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+    from HRpQCTPhantom import PhantomParams, generate_phantom
 
     params = PhantomParams(field_px=600, n_slices=32, field_center="tibia", noise_sd_hu=0.0)
     return generate_phantom(params, 5)

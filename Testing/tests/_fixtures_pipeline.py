@@ -22,8 +22,8 @@ class PipelineScan:
 def write_small_scan(folder: Path, name: str, seed: int, motion_grade: int = 1,
                      n_slices: int = 3) -> PipelineScan:
     """A small phantom written as ``<name>.nii.gz`` with ``<name>_truth.nii.gz``."""
-    from HRpQCTSegmenterLib import io
-    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+    from HRpQCTCore import io
+    from HRpQCTPhantom import PhantomParams, generate_phantom
 
     phantom = generate_phantom(
         PhantomParams(motion_grade=motion_grade).small(n_slices=n_slices), seed=seed)
@@ -45,8 +45,8 @@ def pipeline_scans(tmp_path_factory) -> list[PipelineScan]:
 @pytest.fixture(scope="session")
 def tiny_model_folder(tmp_path_factory) -> Path:
     """A random SegFormer-B0 saved as a model folder (crop 400 x 400, network input 64 x 64)."""
-    from HRpQCTSegmenterLib.segmentation.model import build_model, save_model
-    from HRpQCTSegmenterLib.segmentation.preprocessing import PreprocessingConfig
+    from HRpQCTSegmentationEngine.model import build_model, save_model
+    from HRpQCTSegmentationEngine.preprocessing import PreprocessingConfig
 
     folder = tmp_path_factory.mktemp("tiny_model") / "model"
     save_model(build_model("b0", seed=1).eval(), folder,
@@ -56,11 +56,11 @@ def tiny_model_folder(tmp_path_factory) -> Path:
 
 def _train_classifier(folder: Path, name: str, region: str, features: list[str],
                       seed: int) -> Path:
-    from HRpQCTRadiomicsLib.extraction import FeatureTable, RegionFeatures
-    from HRpQCTRadiomicsLib.settings import load_settings
-    from HRpQCTRadiomicsLib.table import write_feature_csv
-    from HRpQCTSegmenterLib.cli import main
-    from HRpQCTSegmenterLib.regions import region_by_name
+    from HRpQCTCore.regions import region_by_name
+    from HRpQCTPipeline.cli import main
+    from HRpQCTRadiomicsEngine.extraction import FeatureTable, RegionFeatures
+    from HRpQCTRadiomicsEngine.settings import load_settings
+    from HRpQCTRadiomicsEngine.table import write_feature_csv
 
     rng = np.random.default_rng(seed)
     provenance = load_settings("paper").provenance()

@@ -16,7 +16,7 @@ class SmallScan:
 @pytest.fixture(scope="session")
 def radiomics_scan() -> SmallScan:
     """3 slices of 70 x 80 pixels (0.24 mm) around the fibula: several regions, fast."""
-    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+    from HRpQCTPhantom import PhantomParams, generate_phantom
 
     phantom = generate_phantom(PhantomParams(n_slices=3, field_px=400, voxel_mm=0.0607 * 4),
                                seed=1)

@@ -6,7 +6,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_preprocessing():
     """Crop 64 x 64, network input 32 x 32 (logits 8 x 8): the paper's pipeline, shrunk."""
-    from HRpQCTSegmenterLib.segmentation.preprocessing import PreprocessingConfig
+    from HRpQCTSegmentationEngine.preprocessing import PreprocessingConfig
 
     return PreprocessingConfig(crop_yx=(64, 64), input_yx=(32, 32))
 
@@ -28,7 +28,7 @@ def randomise_batch_norm(model, seed: int = 0) -> None:
 @pytest.fixture(scope="session")
 def random_b0():
     """A randomly initialised one-channel six-class SegFormer-B0 in eval mode."""
-    from HRpQCTSegmenterLib.segmentation.model import build_model
+    from HRpQCTSegmentationEngine.model import build_model
 
     model = build_model("b0", seed=1234)
     randomise_batch_norm(model)

@@ -78,7 +78,7 @@ def build_headless_slicer(share_dir: Path) -> HeadlessSlicer:
     """Create a scene, the application logic and the module logics (see module docstring)."""
     import slicer
 
-    from HRpQCTSegmenterLib import regions
+    from HRpQCTCore import regions
 
     share_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(regions.terminology_file_path(), share_dir / regions.TERMINOLOGY_FILE)
@@ -149,10 +149,10 @@ CLI_CHILD = """
     import json, sys
     from pathlib import Path
     import numpy as np
-    from HRpQCTSegmenterLib.cli import build_parser
-    from HRpQCTSegmenterLib.commands._common import calibration_from_args
-    from HRpQCTSegmenterLib.io import read_scan
-    from HRpQCTSegmenterLib.io.segnrrd import write_seg_nrrd
+    from HRpQCTPipeline.cli import build_parser
+    from HRpQCTCore.cli_options import calibration_from_args
+    from HRpQCTCore.io import read_scan
+    from HRpQCTCore.io.segnrrd import write_seg_nrrd
 
     args = build_parser().parse_args(sys.argv[1:])
     scan = read_scan(args.input, units=args.units, calibration=calibration_from_args(args))
@@ -167,7 +167,7 @@ CLI_CHILD = """
 def cli_launcher(folder: Path, regions: np.ndarray):
     """A launcher running :data:`CLI_CHILD` on the module's command line (argv from
     ``segment``); the commands it was given are in its ``commands`` attribute."""
-    from HRpQCTSegmenterLib.slicer_process import popen_launcher
+    from HRpQCTCore.slicer_process import popen_launcher
 
     script = folder / "cli_child.py"
     script.write_text(textwrap.dedent(CLI_CHILD), encoding="utf-8")
@@ -192,9 +192,9 @@ def tiny_classifier(path: Path, region_key: str, features: Sequence[str]) -> Pat
 
     Trained on random numbers (no real data): it only exercises the probability path.
     """
-    from HRpQCTRadiomicsLib.classification import Dataset, train_classifier
-    from HRpQCTRadiomicsLib.model_io import save_classifier
-    from HRpQCTRadiomicsLib.settings import load_settings
+    from HRpQCTRadiomicsEngine.classification import Dataset, train_classifier
+    from HRpQCTRadiomicsEngine.model_io import save_classifier
+    from HRpQCTRadiomicsEngine.settings import load_settings
 
     rng = np.random.default_rng(0)
     rows, labels, groups = [], [], []

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from HRpQCTSegmenterLib.artefacts import list_artefacts, register_artefact
-from HRpQCTSegmenterLib.errors import ArtefactError
+from HRpQCTCore.artefacts import list_artefacts, register_artefact
+from HRpQCTCore.errors import ArtefactError
 
 
 def test_every_bundled_artefact_is_present_and_intact():

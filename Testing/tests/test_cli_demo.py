@@ -1,18 +1,18 @@
 """The README's main command, `hrpqct demo`, runs end to end (on fewer slices here).
 
-The demo's third step is `hrpqct run` (the pipeline of HRpQCTRadiomicsLib): regions, features
+The demo's third step is `hrpqct run` (the pipeline of HRpQCTRadiomicsEngine): regions, features
 and the QC report land in the demo folder.
 """
 
 import json
 
-from HRpQCTSegmenterLib.cli import main
-from HRpQCTSegmenterLib.io import read_scan
+from HRpQCTCore.io import read_scan
+from HRpQCTPipeline.cli import main
 
 
 def test_demo_makes_reads_converts_segments_and_reports_the_example(tmp_path, capsys):
-    from HRpQCTSegmenterLib.segmentation.model import build_model, save_model
-    from HRpQCTSegmenterLib.segmentation.preprocessing import PreprocessingConfig
+    from HRpQCTSegmentationEngine.model import build_model, save_model
+    from HRpQCTSegmentationEngine.preprocessing import PreprocessingConfig
 
     model = tmp_path / "model"
     save_model(build_model("b0", seed=1).eval(), model,

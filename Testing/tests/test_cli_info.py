@@ -2,7 +2,7 @@
 
 import json
 
-from HRpQCTSegmenterLib.cli import build_parser, main
+from HRpQCTPipeline.cli import build_parser, main
 
 
 def test_info_json_lists_versions_devices_and_artefacts(capsys):

@@ -6,16 +6,16 @@ import json
 import numpy as np
 import pytest
 
-from HRpQCTSegmenterLib.cli import main
-from HRpQCTSegmenterLib.io import read_scan, write_label_map, write_scan
-from HRpQCTSegmenterLib.io.segnrrd import read_seg_nrrd
-from HRpQCTSegmenterLib.regions import REGIONS
+from HRpQCTCore.io import read_scan, write_label_map, write_scan
+from HRpQCTCore.io.segnrrd import read_seg_nrrd
+from HRpQCTCore.regions import REGIONS
+from HRpQCTPipeline.cli import main
 
 
 @pytest.fixture(scope="module")
 def phantom_files(tmp_path_factory):
     """A small phantom written as a user would have it: scan, 5-class and 7-region truth."""
-    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+    from HRpQCTPhantom import PhantomParams, generate_phantom
 
     folder = tmp_path_factory.mktemp("phantom")
     phantom = generate_phantom(PhantomParams().small(128, 4), 5)
@@ -31,8 +31,8 @@ def phantom_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A random B0 with a small preprocessing: fast; its predictions are noise."""
-    from HRpQCTSegmenterLib.segmentation.model import build_model, save_model
-    from HRpQCTSegmenterLib.segmentation.preprocessing import PreprocessingConfig
+    from HRpQCTSegmentationEngine.model import build_model, save_model
+    from HRpQCTSegmentationEngine.preprocessing import PreprocessingConfig
 
     folder = tmp_path_factory.mktemp("model")
     save_model(build_model("b0", seed=3).eval(), folder,
@@ -58,8 +58,8 @@ def test_keep_surfaces_switches_the_surface_refinement_off(tmp_path):
     """A prediction whose leg is 2 pixels too big: refined by default, kept on request."""
     from scipy import ndimage as ndi
 
-    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
-    from HRpQCTSegmenterLib.postprocess import DEFAULT, postprocess
+    from HRpQCTPhantom import PhantomParams, generate_phantom
+    from HRpQCTSegmentationEngine.postprocess import DEFAULT, postprocess
 
     # 0.24 mm pixels: fine enough for the 0.75 mm band of the skin surface to span 3 pixels
     phantom = generate_phantom(PhantomParams().small(400, 2), 5)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from _fixtures_io import TEST_CALIBRATION, make_hu_volume
 
-from HRpQCTSegmenterLib.scan import Calibration, Units, from_hu, to_hu
+from HRpQCTCore.scan import Calibration, Units, from_hu, to_hu
 
 MU_SCALING, MU_WATER = 8192.0, 0.2409
 SLOPE, INTERCEPT = 1603.51904, -391.209015

@@ -1,13 +1,13 @@
-"""``hrpqct convert`` end to end through HRpQCTSegmenterLib.cli.main."""
+"""``hrpqct convert`` end to end through HRpQCTPipeline.cli.main."""
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from _fixtures_io import TEST_CALIBRATION, make_hu_volume, write_aim_with_identifiers
 
-from HRpQCTSegmenterLib.cli import main
-from HRpQCTSegmenterLib.io import read_scan, write_scan
-from HRpQCTSegmenterLib.scan import Scan
+from HRpQCTCore.io import read_scan, write_scan
+from HRpQCTCore.scan import Scan
+from HRpQCTPipeline.cli import main
 
 
 def test_convert_aim_to_nifti_prints_summary(tmp_path, capsys):

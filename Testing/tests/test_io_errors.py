@@ -8,15 +8,15 @@ import pytest
 import SimpleITK as sitk
 from _fixtures_io import TEST_CALIBRATION, make_hu_volume, write_minimal_isq
 
-from HRpQCTSegmenterLib.errors import (
+from HRpQCTCore.errors import (
     CalibrationError,
     CorruptFileError,
     InputFileError,
     InvalidScanError,
     UnsupportedFormatError,
 )
-from HRpQCTSegmenterLib.io import read_scan, write_scan, write_scan_aim
-from HRpQCTSegmenterLib.scan import Scan
+from HRpQCTCore.io import read_scan, write_scan, write_scan_aim
+from HRpQCTCore.scan import Scan
 
 
 def test_missing_path(tmp_path):

@@ -5,13 +5,13 @@ import pytest
 import SimpleITK as sitk
 from _fixtures_io import SPACING_MM, make_hu_volume, write_dicom_series
 
-from HRpQCTSegmenterLib.io import (
+from HRpQCTCore.io import (
     read_scan,
     resample_to_spacing,
     write_label_map,
     write_scan,
 )
-from HRpQCTSegmenterLib.scan import Scan
+from HRpQCTCore.scan import Scan
 
 
 def assert_same_geometry(a: Scan, b: Scan) -> None:
@@ -76,7 +76,7 @@ def test_label_map_is_uint8_on_the_reference_grid(tmp_path, hu_scan):
 
 
 def test_label_map_rejects_wrong_shape_and_values(tmp_path, hu_scan):
-    from HRpQCTSegmenterLib.errors import InvalidScanError, UnsupportedFormatError
+    from HRpQCTCore.errors import InvalidScanError, UnsupportedFormatError
 
     with pytest.raises(InvalidScanError, match="shape"):
         write_label_map(np.zeros((2, 2, 2), np.uint8), hu_scan, tmp_path / "l.nii.gz")

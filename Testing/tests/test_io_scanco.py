@@ -15,10 +15,10 @@ from _fixtures_io import (
     write_minimal_isq,
 )
 
-from HRpQCTSegmenterLib.cli import main
-from HRpQCTSegmenterLib.errors import CalibrationError
-from HRpQCTSegmenterLib.io import read_scan, write_scan, write_scan_aim
-from HRpQCTSegmenterLib.scan import Calibration
+from HRpQCTCore.errors import CalibrationError
+from HRpQCTCore.io import read_scan, write_scan, write_scan_aim
+from HRpQCTCore.scan import Calibration
+from HRpQCTPipeline.cli import main
 
 NATIVE_STEP_HU = 1000.0 / (TEST_CALIBRATION.mu_water * TEST_CALIBRATION.mu_scaling)  # ~0.51
 
@@ -79,7 +79,7 @@ def test_char_mask_aims_read_compressed(tmp_path, aim_scan, values):
     for i, v in enumerate(values[1:], start=1):
         mask[:, 4 * i:4 * i + 6, 10:50] = v
     path = tmp_path / "mask.aim"
-    from HRpQCTSegmenterLib.io import scanco
+    from HRpQCTCore.io import scanco
 
     scanco.write_aim(path, mask, aim_scan.spacing_mm, aim_scan.origin_mm, None)
     assert path.stat().st_size < mask.size  # compressed on disk

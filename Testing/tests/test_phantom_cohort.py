@@ -4,8 +4,8 @@ import csv
 
 import numpy as np
 
-from HRpQCTSegmenterLib.phantom.cohort import MANIFEST_COLUMNS, sample_cohort
-from HRpQCTSegmenterLib.phantom.params import BONE_HEALTH_LOADINGS
+from HRpQCTPhantom.cohort import MANIFEST_COLUMNS, sample_cohort
+from HRpQCTPhantom.params import BONE_HEALTH_LOADINGS
 
 
 def test_groups_balanced_overlapping_and_different_on_average():
@@ -29,7 +29,7 @@ def test_cohort_is_deterministic():
 
 
 def test_cli_cohort_writes_manifest_and_scans(tmp_path):
-    from HRpQCTSegmenterLib.cli import main
+    from HRpQCTPipeline.cli import main
 
     out = tmp_path / "cohort"
     code = main(["cohort", str(out), "--subjects", "2", "--small", "--field-px", "200",
@@ -48,7 +48,7 @@ def test_cli_cohort_writes_manifest_and_scans(tmp_path):
 def test_cli_phantom_end_to_end(tmp_path, capsys):
     import json
 
-    from HRpQCTSegmenterLib.cli import main
+    from HRpQCTPipeline.cli import main
 
     code = main(["phantom", str(tmp_path), "--small", "--slices", "2", "--seed", "2",
                  "--set", "tibia_bv_tv=0.15", "--motion-grade", "2", "--progress", "none"])

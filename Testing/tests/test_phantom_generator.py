@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from HRpQCTSegmenterLib.regions import region_by_name, regions_to_classes
+from HRpQCTCore.regions import region_by_name, regions_to_classes
 
 TIB_CORT = region_by_name("tibial_cortical").label
 TIB_TRAB = region_by_name("tibial_trabecular").label
@@ -100,7 +100,7 @@ def _digests(paths):
 
 
 def test_same_seed_same_bytes(tmp_path):
-    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom, write_phantom
+    from HRpQCTPhantom import PhantomParams, generate_phantom, write_phantom
 
     params = PhantomParams(motion_grade=3).small(200, 3)
     a = write_phantom(generate_phantom(params, 3, n_threads=2), tmp_path / "a", "p")
@@ -117,7 +117,7 @@ def test_written_files_read_back(tmp_path, small_phantom):
 
     import SimpleITK as sitk
 
-    from HRpQCTSegmenterLib.phantom import write_phantom
+    from HRpQCTPhantom import write_phantom
 
     paths = write_phantom(small_phantom, tmp_path, "leg")
     img = sitk.ReadImage(str(paths["scan"]))
@@ -130,7 +130,7 @@ def test_written_files_read_back(tmp_path, small_phantom):
 
 
 def test_motion_changes_image_not_labels():
-    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+    from HRpQCTPhantom import PhantomParams, generate_phantom
 
     still = generate_phantom(PhantomParams(noise_sd_hu=0).small(200, 2), 9)
     moved = generate_phantom(PhantomParams(noise_sd_hu=0, motion_grade=5).small(200, 2), 9)
@@ -140,7 +140,7 @@ def test_motion_changes_image_not_labels():
 
 
 def test_invalid_params_are_rejected():
-    from HRpQCTSegmenterLib.phantom import PhantomParams
+    from HRpQCTPhantom import PhantomParams
 
     with pytest.raises(ValueError, match="motion_grade"):
         PhantomParams(motion_grade=7)

@@ -10,7 +10,7 @@ box holds few trabeculae); total areas (whole leg, coarse voxels) tibia +-10 %, 
 import numpy as np
 import pytest
 
-from HRpQCTSegmenterLib.phantom.morphometry import ridge_thickness_mm, thickness_2d_mm
+from HRpQCTPhantom.morphometry import ridge_thickness_mm, thickness_2d_mm
 
 
 def test_local_thickness_of_slabs_is_exact_within_half_a_voxel():
@@ -38,7 +38,7 @@ def test_full_resolution_truth_matches_parameters(tibia_patch):
 
 
 def test_osteoporotic_bone_is_sparser_and_thinner(tibia_patch):
-    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+    from HRpQCTPhantom import PhantomParams, generate_phantom
 
     params = PhantomParams(field_px=600, n_slices=32, field_center="tibia", noise_sd_hu=0.0,
                            tibia_bv_tv=0.14, tibia_ct_th_mm=0.9, tibia_ct_po=0.10,

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from HRpQCTSegmenterLib.cli import main
+from HRpQCTPipeline.cli import main
 
 
 def _rows(path):
@@ -82,7 +82,7 @@ def test_batch_folder_input_and_bad_manifest(tmp_path, pipeline_scans):
     folder.mkdir()
     shutil.copy(pipeline_scans[0].scan, folder / "a.nii.gz")
     (folder / "notes.txt").write_text("not a scan")
-    from HRpQCTRadiomicsLib.batch import jobs_from_folder
+    from HRpQCTPipeline.batch import jobs_from_folder
 
     assert [j.scan_id for j in jobs_from_folder(folder)] == ["a"]
     manifest = tmp_path / "m.csv"
@@ -137,9 +137,9 @@ def test_dask_cluster_gives_the_local_results(tmp_path, pipeline_scans, tiny_cla
 def test_extract_on_cluster_equals_extract_features(radiomics_scan, local_cluster):
     from dask.distributed import Client
 
-    from HRpQCTRadiomicsLib.extraction import extract_features
-    from HRpQCTRadiomicsLib.pipeline import BASIC_FEATURES, extract_on_cluster
-    from HRpQCTRadiomicsLib.table import table_to_csv_text
+    from HRpQCTPipeline.pipeline import BASIC_FEATURES, extract_on_cluster
+    from HRpQCTRadiomicsEngine.extraction import extract_features
+    from HRpQCTRadiomicsEngine.table import table_to_csv_text
 
     with Client(local_cluster) as client:
         remote = extract_on_cluster(client, radiomics_scan.hu, radiomics_scan.regions,
@@ -153,7 +153,7 @@ def test_extract_on_cluster_equals_extract_features(radiomics_scan, local_cluste
 
 def test_a_cohort_manifest_is_read_by_its_own_column_names(tmp_path):
     """`hrpqct cohort` writes scan_path/subject_id; its truth regions are not taken as input."""
-    from HRpQCTRadiomicsLib.batch import read_manifest
+    from HRpQCTPipeline.batch import read_manifest
 
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("subject_id,osteoporosis,scan_path,regions_path\n"

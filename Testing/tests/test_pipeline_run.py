@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from HRpQCTSegmenterLib.cli import main
+from HRpQCTPipeline.cli import main
 
 REPORT_SECTIONS = ("warnings", "probability", "regions", "features", "images", "outputs",
                    "provenance")
@@ -86,7 +86,7 @@ def test_run_resumes_skips_unchanged_and_redoes_changed(tmp_path, pipeline_scans
         "myotendinous"]
 
     # a changed scan file: everything depending on it is redone
-    from HRpQCTSegmenterLib.io import read_scan, write_scan
+    from HRpQCTCore.io import read_scan, write_scan
 
     changed = read_scan(local)
     changed = changed.with_array(np.asarray(changed.hu) + 10.0)
@@ -124,8 +124,8 @@ def test_run_without_bundled_artefacts_skips_those_steps(tmp_path, pipeline_scan
                                                         monkeypatch):
     """An installation without bundled model and classifier: the run says so and still
     reports the scan (the artefact names are pointed at nothing)."""
-    from HRpQCTRadiomicsLib import pipeline
-    from HRpQCTSegmenterLib.commands import segment
+    from HRpQCTPipeline import pipeline
+    from HRpQCTPipeline.commands import segment
 
     monkeypatch.setattr(segment, "BUNDLED_MODEL", "no-such-model")
     monkeypatch.setattr(pipeline, "BUNDLED_CLASSIFIER", "no-such-classifier")
@@ -139,7 +139,7 @@ def test_run_without_bundled_artefacts_skips_those_steps(tmp_path, pipeline_scan
 
 
 def test_quality_warnings_catch_missing_fibula_small_regions_and_low_confidence():
-    from HRpQCTRadiomicsLib import qc
+    from HRpQCTPipeline import qc
 
     regions = np.zeros((4, 60, 60), dtype=np.uint8)
     regions[:, 5:55, 5:55] = 7
@@ -163,8 +163,8 @@ def test_quality_warnings_catch_missing_fibula_small_regions_and_low_confidence(
 
 
 def test_motion_index_separates_still_and_moved_scans():
-    from HRpQCTRadiomicsLib.qc import QCThresholds, motion_index
-    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+    from HRpQCTPhantom import PhantomParams, generate_phantom
+    from HRpQCTPipeline.qc import QCThresholds, motion_index
 
     values = {}
     for grade, seed in ((1, 1), (5, 2)):

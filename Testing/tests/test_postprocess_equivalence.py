@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from HRpQCTSegmenterLib.postprocess import (
+from HRpQCTCore.regions import class_by_name, classes_to_regions, region_by_name
+from HRpQCTSegmentationEngine.postprocess import (
     PAPER,
     PostprocessConfig,
     bone,
@@ -20,8 +21,7 @@ from HRpQCTSegmenterLib.postprocess import (
     distance_rings,
     subdivide_soft_tissue,
 )
-from HRpQCTSegmenterLib.postprocess.soft_tissue import smooth_within
-from HRpQCTSegmenterLib.regions import class_by_name, classes_to_regions, region_by_name
+from HRpQCTSegmentationEngine.postprocess.soft_tissue import smooth_within
 
 TC, TT = class_by_name("tibial_cortical").label, class_by_name("tibial_trabecular").label
 FC, FT = class_by_name("fibular_cortical").label, class_by_name("fibular_trabecular").label

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from HRpQCTSegmenterLib.postprocess import (
+from HRpQCTCore.regions import class_by_name, region_by_name
+from HRpQCTSegmentationEngine.postprocess import (
     PAPER,
     PostprocessConfig,
     clean_classes,
@@ -11,7 +12,6 @@ from HRpQCTSegmenterLib.postprocess import (
     postprocess,
     subdivide_soft_tissue,
 )
-from HRpQCTSegmenterLib.regions import class_by_name, region_by_name
 
 TC, TT = class_by_name("tibial_cortical").label, class_by_name("tibial_trabecular").label
 FC, FT = class_by_name("fibular_cortical").label, class_by_name("fibular_trabecular").label

@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from HRpQCTSegmenterLib.postprocess import PAPER, PostprocessConfig, postprocess, refine_surfaces
-from HRpQCTSegmenterLib.postprocess.bone import fill_holes
-from HRpQCTSegmenterLib.regions import class_by_name
+from HRpQCTCore.regions import class_by_name
+from HRpQCTSegmentationEngine.postprocess import (
+    PAPER,
+    PostprocessConfig,
+    postprocess,
+    refine_surfaces,
+)
+from HRpQCTSegmentationEngine.postprocess.bone import fill_holes
 
 TC, TT = class_by_name("tibial_cortical").label, class_by_name("tibial_trabecular").label
 SOFT = class_by_name("soft_tissue").label

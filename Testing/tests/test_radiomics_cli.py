@@ -5,10 +5,10 @@ import csv
 import numpy as np
 import pytest
 
-from HRpQCTRadiomicsLib.extraction import FeatureTable, RegionFeatures
-from HRpQCTRadiomicsLib.settings import load_settings
-from HRpQCTRadiomicsLib.table import ID_COLUMNS, LONG_COLUMNS, read_feature_csv
-from HRpQCTSegmenterLib.cli import main
+from HRpQCTPipeline.cli import main
+from HRpQCTRadiomicsEngine.extraction import FeatureTable, RegionFeatures
+from HRpQCTRadiomicsEngine.settings import load_settings
+from HRpQCTRadiomicsEngine.table import ID_COLUMNS, LONG_COLUMNS, read_feature_csv
 
 
 def _write_inputs(tmp_path, scan):
@@ -83,7 +83,7 @@ def _synthetic_tables(n_subjects=12, slices=6, seed=0):
 
 
 def test_train_and_classify_commands(tmp_path, radiomics_scan):
-    from HRpQCTRadiomicsLib.table import write_feature_csv
+    from HRpQCTRadiomicsEngine.table import write_feature_csv
 
     tables, labels = _synthetic_tables()
     features = write_feature_csv(tmp_path / "train.csv", tables)
@@ -116,7 +116,7 @@ def test_train_and_classify_commands(tmp_path, radiomics_scan):
 
 
 def test_train_refuses_one_class_and_foreign_settings(tmp_path):
-    from HRpQCTRadiomicsLib.table import write_feature_csv
+    from HRpQCTRadiomicsEngine.table import write_feature_csv
 
     tables, labels = _synthetic_tables(n_subjects=6)
     features = write_feature_csv(tmp_path / "train.csv", tables)

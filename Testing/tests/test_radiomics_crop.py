@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from _fixtures_radiomics import direct_pyradiomics
 
-from HRpQCTRadiomicsLib.extraction import STATUS_OK, _exact_crop, extract_slice_features
-from HRpQCTRadiomicsLib.settings import load_settings, parse_settings, settings_for_mode
+from HRpQCTRadiomicsEngine.extraction import STATUS_OK, _exact_crop, extract_slice_features
+from HRpQCTRadiomicsEngine.settings import load_settings, parse_settings, settings_for_mode
 
 _POINT_FILTERS_ONLY = """
 setting:

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from _fixtures_radiomics import direct_pyradiomics
 
-from HRpQCTRadiomicsLib.extraction import (
+from HRpQCTRadiomicsEngine.extraction import (
     STATUS_OK,
     STATUS_SKIPPED,
     extract_features,
     extract_slice_features,
 )
-from HRpQCTRadiomicsLib.settings import load_settings, parse_settings, settings_for_mode
+from HRpQCTRadiomicsEngine.settings import load_settings, parse_settings, settings_for_mode
 
 
 def _assert_same(ours: dict, theirs: dict) -> None:
@@ -152,7 +152,7 @@ def test_scan_mode_is_3d_and_equals_direct_call(radiomics_scan):
 
 
 def test_bad_inputs_raise_clear_errors(radiomics_scan):
-    from HRpQCTSegmenterLib.errors import HRpQCTError, InvalidScanError
+    from HRpQCTCore.errors import HRpQCTError, InvalidScanError
 
     s = radiomics_scan
     with pytest.raises(InvalidScanError, match="same shape"):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from HRpQCTRadiomicsLib.glcm_coefficients import calculate_glcm_coefficients, mcc_feature_value
+from HRpQCTRadiomicsEngine.glcm_coefficients import calculate_glcm_coefficients, mcc_feature_value
 
 
 def _both(p_glcm: np.ndarray, gray_levels: np.ndarray) -> tuple[dict, dict]:
@@ -86,8 +86,8 @@ def test_glcms_of_the_paper_images(radiomics_scan):
     from radiomics import imageoperations
     from radiomics.glcm import RadiomicsGLCM
 
-    from HRpQCTRadiomicsLib.extraction import _filtered_images
-    from HRpQCTRadiomicsLib.settings import load_settings, settings_for_mode
+    from HRpQCTRadiomicsEngine.extraction import _filtered_images
+    from HRpQCTRadiomicsEngine.settings import load_settings, settings_for_mode
 
     s = radiomics_scan
     params = settings_for_mode(load_settings("paper"), "slice")

@@ -5,13 +5,13 @@ import math
 import numpy as np
 import pytest
 
-from HRpQCTRadiomicsLib.morphometrics import (
+from HRpQCTCore.regions import region_by_name
+from HRpQCTCore.scan import DEFAULT_CALIBRATION
+from HRpQCTRadiomicsEngine.morphometrics import (
     MORPHOMETRIC_NAMES,
     scan_morphometrics,
     slice_morphometrics,
 )
-from HRpQCTSegmenterLib.regions import region_by_name
-from HRpQCTSegmenterLib.scan import DEFAULT_CALIBRATION
 
 
 def _ring_slice(pixel_mm: float, outer_mm: float = 6.0, inner_mm: float = 4.5, n: int = 400):

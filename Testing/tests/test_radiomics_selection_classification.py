@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from HRpQCTRadiomicsLib.classification import (
+from HRpQCTCore.errors import ArtefactError, HRpQCTError
+from HRpQCTRadiomicsEngine.classification import (
     Dataset,
     binary_metrics,
     check_no_leakage,
@@ -14,10 +15,9 @@ from HRpQCTRadiomicsLib.classification import (
     grouped_splits,
     train_classifier,
 )
-from HRpQCTRadiomicsLib.model_io import load_classifier, save_classifier
-from HRpQCTRadiomicsLib.selection import PaperFeatureSelector
-from HRpQCTRadiomicsLib.settings import load_settings
-from HRpQCTSegmenterLib.errors import ArtefactError, HRpQCTError
+from HRpQCTRadiomicsEngine.model_io import load_classifier, save_classifier
+from HRpQCTRadiomicsEngine.selection import PaperFeatureSelector
+from HRpQCTRadiomicsEngine.settings import load_settings
 
 
 def test_selection_steps_on_constructed_data():

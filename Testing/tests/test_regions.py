@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from HRpQCTSegmenterLib import regions
+from HRpQCTCore import regions
 
 
 def test_network_classes_are_background_plus_the_papers_five():

@@ -7,25 +7,25 @@ import pytest
 import torch
 from _fixtures_segmentation import randomise_batch_norm
 
-from HRpQCTSegmenterLib.errors import CancelledError, InvalidScanError
-from HRpQCTSegmenterLib.progress import CancelToken
-from HRpQCTSegmenterLib.regions import NETWORK_CLASSES
-from HRpQCTSegmenterLib.segmentation import inference
-from HRpQCTSegmenterLib.segmentation.fast import (
+from HRpQCTCore.errors import CancelledError, InvalidScanError
+from HRpQCTCore.progress import CancelToken
+from HRpQCTCore.regions import NETWORK_CLASSES
+from HRpQCTSegmentationEngine import inference
+from HRpQCTSegmentationEngine.fast import (
     FastSegformer,
     OnnxSegmenter,
     fold_decoder,
     onnx_available,
 )
-from HRpQCTSegmenterLib.segmentation.inference import run_segmentation, segment_volume
-from HRpQCTSegmenterLib.segmentation.model import (
+from HRpQCTSegmentationEngine.inference import run_segmentation, segment_volume
+from HRpQCTSegmentationEngine.model import (
     WEIGHTS_FILE,
     CorruptModelError,
     ModelChecksumError,
     build_model,
     save_model,
 )
-from HRpQCTSegmenterLib.segmentation.preprocessing import (
+from HRpQCTSegmentationEngine.preprocessing import (
     crop_box_for_scan,
     logits_to_labels_batch,
     preprocess_slices,

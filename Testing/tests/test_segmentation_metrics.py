@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from HRpQCTSegmenterLib.regions import NETWORK_CLASSES
-from HRpQCTSegmenterLib.segmentation.metrics import (
+from HRpQCTCore.regions import NETWORK_CLASSES
+from HRpQCTSegmentationEngine.metrics import (
     confusion_matrix,
     f1_from_confusion,
     format_class_table,

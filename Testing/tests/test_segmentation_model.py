@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-from HRpQCTSegmenterLib.errors import ArtefactError
-from HRpQCTSegmenterLib.regions import NETWORK_CLASSES
-from HRpQCTSegmenterLib.segmentation.model import (
+from HRpQCTCore.errors import ArtefactError
+from HRpQCTCore.regions import NETWORK_CLASSES
+from HRpQCTSegmentationEngine.model import (
     CONFIG_FILE,
     METADATA_FILE,
     SEGFORMER_VARIANTS,
@@ -23,7 +23,7 @@ from HRpQCTSegmenterLib.segmentation.model import (
     read_model_metadata,
     save_model,
 )
-from HRpQCTSegmenterLib.segmentation.preprocessing import PreprocessingConfig
+from HRpQCTSegmentationEngine.preprocessing import PreprocessingConfig
 
 
 def test_variants_are_data():
@@ -155,8 +155,8 @@ def test_models_saved_with_transformers_4_names_load(random_b0, tmp_path):
     decode_head.linear_c...); a folder written under 4.x must load under 5.x."""
     from safetensors.torch import save_file
 
-    from HRpQCTSegmenterLib.artefacts import sha256_file
-    from HRpQCTSegmenterLib.segmentation.model import _KEYS_4_TO_5, _KEYS_5_TO_4, _rename_keys
+    from HRpQCTCore.artefacts import sha256_file
+    from HRpQCTSegmentationEngine.model import _KEYS_4_TO_5, _KEYS_5_TO_4, _rename_keys
 
     state = random_b0.state_dict()
     old_names = _rename_keys(state, _KEYS_5_TO_4)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from HRpQCTSegmenterLib.errors import InvalidScanError
-from HRpQCTSegmenterLib.regions import NETWORK_CLASSES
-from HRpQCTSegmenterLib.segmentation.preprocessing import (
+from HRpQCTCore.errors import InvalidScanError
+from HRpQCTCore.regions import NETWORK_CLASSES
+from HRpQCTSegmentationEngine.preprocessing import (
     CropBox,
     PreprocessingConfig,
     crop_box_for_scan,

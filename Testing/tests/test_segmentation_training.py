@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from HRpQCTSegmenterLib.errors import HRpQCTError
-from HRpQCTSegmenterLib.segmentation import training
-from HRpQCTSegmenterLib.segmentation.losses import ce_dice_loss, soft_dice_loss
-from HRpQCTSegmenterLib.segmentation.training import (
+from HRpQCTCore.errors import HRpQCTError
+from HRpQCTSegmentationEngine import training
+from HRpQCTSegmentationEngine.losses import ce_dice_loss, soft_dice_loss
+from HRpQCTSegmentationEngine.training import (
     SliceDataset,
     TrainingCase,
     TrainingConfig,
@@ -18,7 +18,7 @@ from HRpQCTSegmenterLib.segmentation.training import (
     lr_factor,
     split_by_subject,
 )
-from HRpQCTSegmenterLib.segmentation.unet import UNet
+from HRpQCTSegmentationEngine.unet import UNet
 
 
 def _toy_slices(n: int, size: int = 32, seed: int = 0) -> SliceDataset:
@@ -77,7 +77,7 @@ def test_augmented_patches_keep_image_and_labels_aligned():
 
 @pytest.mark.parametrize("architecture", ["segformer", "unet"])
 def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path, architecture):
-    from HRpQCTSegmenterLib.segmentation.model import load_model
+    from HRpQCTSegmentationEngine.model import load_model
 
     train_data, val_data = _toy_slices(12, size=64, seed=1), _toy_slices(4, size=64, seed=2)
     config = TrainingConfig(architecture=architecture, crop_px=64, batch_size=4, epochs=4,

@@ -28,18 +28,18 @@ import numpy as np
 import pytest
 from _fixtures_slicer import child_report, cli_launcher, tiny_classifier
 
-from HRpQCTRadiomicsLib import slicer_radiomics as sr
-from HRpQCTRadiomicsLib.classification import CAVEAT
-from HRpQCTRadiomicsLib.table import ID_COLUMNS, read_feature_csv
-from HRpQCTSegmenterLib import regions, slicer_bridge
-from HRpQCTSegmenterLib.scan import Scan
-from HRpQCTSegmenterLib.slicer_bridge import OutputState
-from HRpQCTSegmenterLib.slicer_process import (
+from HRpQCTCore import regions, slicer_bridge
+from HRpQCTCore.scan import Scan
+from HRpQCTCore.slicer_bridge import OutputState
+from HRpQCTCore.slicer_process import (
     PARAMETER_NODE_FIELDS,
     JobState,
     SegmenterParameters,
     engine_environment,
 )
+from HRpQCTRadiomicsEngine.classification import CAVEAT
+from HRpQCTRadiomicsEngine.table import ID_COLUMNS, read_feature_csv
+from HRpQCTRadiomicsLib import slicer_radiomics as sr
 from HRpQCTSegmenterLib.slicer_segmenter import start_segmentation
 
 ENGINE_PARENT = Path(regions.__file__).resolve().parents[1]

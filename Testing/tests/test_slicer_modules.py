@@ -4,7 +4,7 @@ Only the module files (the top-level ``.py`` files of ``HRpQCTSegmenter/`` and
 ``HRpQCTRadiomics/``: the two panels and the hidden Scanco reader module) may use Slicer's
 application layer (``slicer.app``, ``slicer.modules``, ``slicer.util``, ``qt``, ``ctk``). The
 engine packages run in plain Python (command line, CI, workers without a display). Two engine
-modules, :mod:`HRpQCTSegmenterLib.slicer_bridge` and :mod:`HRpQCTRadiomicsLib.slicer_radiomics`,
+modules, :mod:`HRpQCTCore.slicer_bridge` and :mod:`HRpQCTRadiomicsLib.slicer_radiomics`,
 talk to Slicer's Qt-free data model: they may import ``slicer``/``vtk`` *inside functions* (so
 the engine imports without Slicer), and still never the application layer.
 
@@ -49,9 +49,13 @@ LOGIC_CALLS = {
         "exportCsv": "write_features_csv",
     },
 }
-ENGINE_PACKAGES = ["HRpQCTSegmenter/HRpQCTSegmenterLib", "HRpQCTRadiomics/HRpQCTRadiomicsLib"]
-#: Engine modules allowed to import Slicer's Qt-free core (slicer, vtk) lazily.
-SLICER_CORE_BRIDGES = {"HRpQCTSegmenter/HRpQCTSegmenterLib/slicer_bridge.py",
+#: Every Python package of the two module folders (the core, the engines, the pipeline and
+#: the modules' Qt-free logic): none of them may import the GUI.
+ENGINE_PACKAGES = sorted(p.parent.relative_to(REPO_ROOT).as_posix()
+                         for folder in ("HRpQCTSegmenter", "HRpQCTRadiomics")
+                         for p in (REPO_ROOT / folder).glob("*/__init__.py"))
+#: Modules allowed to import Slicer's Qt-free core (slicer, vtk) lazily.
+SLICER_CORE_BRIDGES = {"HRpQCTSegmenter/HRpQCTCore/slicer_bridge.py",
                        "HRpQCTRadiomics/HRpQCTRadiomicsLib/slicer_radiomics.py"}
 
 GUI_MODULES = {"qt", "ctk", "PythonQt", "PyQt5", "PyQt6", "PySide2", "PySide6", "qSlicerBaseQTGUI",
@@ -213,7 +217,8 @@ def test_engine_imports_without_slicer_or_qt(repo_root):
     # A fresh interpreter with slicer/qt imports blocked must still import every engine module.
     modules = []
     for path in _engine_files(repo_root):
-        package_root = next(p for p in path.parents if p.name.endswith("Lib")).parent
+        package_root = next(p for p in path.parents if p.name in ("HRpQCTSegmenter",
+                                                                 "HRpQCTRadiomics"))
         dotted = path.relative_to(package_root).with_suffix("").as_posix().replace("/", ".")
         modules.append(dotted.removesuffix(".__init__"))
     script = (

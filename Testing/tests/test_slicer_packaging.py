@@ -11,8 +11,13 @@ from pathlib import Path
 
 import pytest
 
-#: module folder -> its engine package (installed next to the module file).
-MODULES = {"HRpQCTSegmenter": "HRpQCTSegmenterLib", "HRpQCTRadiomics": "HRpQCTRadiomicsLib"}
+#: module folder -> the Python packages it installs next to its module file (see
+#: docs/architecture.md for what each is).
+MODULES = {
+    "HRpQCTSegmenter": ("HRpQCTCore", "HRpQCTPhantom", "HRpQCTSegmentationEngine",
+                        "HRpQCTPipeline", "HRpQCTSegmenterLib"),
+    "HRpQCTRadiomics": ("HRpQCTRadiomicsEngine", "HRpQCTRadiomicsLib"),
+}
 
 
 def _cmake_list(text: str, variable: str, module: str) -> list[str]:
@@ -30,7 +35,8 @@ def _listed(repo_root: Path, module: str) -> tuple[list[str], list[str]]:
             _cmake_list(text, "MODULE_PYTHON_RESOURCES", module))
 
 
-def _expected(repo_root: Path, module: str, package: str) -> tuple[set[str], set[str]]:
+def _expected(repo_root: Path, module: str, packages: tuple[str, ...]
+              ) -> tuple[set[str], set[str]]:
     module_dir = repo_root / module
 
     def visible(path: Path) -> bool:
@@ -39,19 +45,21 @@ def _expected(repo_root: Path, module: str, package: str) -> tuple[set[str], set
 
     # Every top-level .py file is a scripted module of its own (e.g. a hidden file-reader module).
     scripts = {f"{module}.py"} | {p.name for p in module_dir.glob("*.py") if visible(p)} | {
-        p.relative_to(module_dir).as_posix() for p in (module_dir / package).rglob("*.py")
-        if visible(p)}
+        p.relative_to(module_dir).as_posix() for package in packages
+        for p in (module_dir / package).rglob("*.py")
+        if visible(p) and "resources" not in p.relative_to(module_dir).parts}
+    bases = [module_dir / package / "resources" for package in packages]
     resources = {
         p.relative_to(module_dir).as_posix()
-        for base in (module_dir / package / "resources", module_dir / "Resources")
+        for base in [*bases, module_dir / "Resources"]
         if base.is_dir() for p in base.rglob("*") if visible(p)}
     return scripts, resources
 
 
-@pytest.mark.parametrize(("module", "package"), MODULES.items())
-def test_module_cmake_lists_every_file(repo_root, module, package):
+@pytest.mark.parametrize(("module", "packages"), MODULES.items())
+def test_module_cmake_lists_every_file(repo_root, module, packages):
     scripts, resources = _listed(repo_root, module)
-    wanted_scripts, wanted_resources = _expected(repo_root, module, package)
+    wanted_scripts, wanted_resources = _expected(repo_root, module, packages)
     cmake_file = f"{module}/CMakeLists.txt"
     problems = []
     for missing in sorted(wanted_scripts - set(scripts)):
@@ -105,7 +113,11 @@ def test_installed_paths_do_not_collide_between_modules(repo_root):
                 problems.append(f"resource name {name} is used by {resource_names[name]} "
                                 f"and {module}")
             resource_names[name] = module
-    assert len(set(MODULES.values())) == len(MODULES)
+    packages = [package for owned in MODULES.values() for package in owned]
+    assert len(set(packages)) == len(packages), "a package name is used by both modules"
+    on_disk = {p.parent.name for module in MODULES
+               for p in (repo_root / module).glob("*/__init__.py")}
+    assert on_disk == set(packages), "MODULES must list every package of the module folders"
     assert not problems, "\n".join(problems)
 
 

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from _fixtures_slicer import tiny_classifier
 
+from HRpQCTCore import regions, slicer_bridge
+from HRpQCTCore.errors import HRpQCTError
+from HRpQCTCore.scan import Scan
+from HRpQCTCore.slicer_process import JobState
+from HRpQCTRadiomicsEngine.classification import CAVEAT
+from HRpQCTRadiomicsEngine.extraction import extract_features
+from HRpQCTRadiomicsEngine.table import ID_COLUMNS, read_feature_csv
 from HRpQCTRadiomicsLib import slicer_radiomics as sr
-from HRpQCTRadiomicsLib.classification import CAVEAT
-from HRpQCTRadiomicsLib.extraction import extract_features
-from HRpQCTRadiomicsLib.table import ID_COLUMNS, read_feature_csv
-from HRpQCTSegmenterLib import regions, slicer_bridge
-from HRpQCTSegmenterLib.errors import HRpQCTError
-from HRpQCTSegmenterLib.scan import Scan
-from HRpQCTSegmenterLib.slicer_process import JobState
 
 FEATURES = ["original_firstorder_Mean", "original_firstorder_Median",
             "original_shape2D_PixelSurface"]
@@ -131,7 +131,7 @@ def test_parameters_come_from_the_parameter_node(tmp_path):
 @pytest.fixture
 def no_bundled_classifier(monkeypatch):
     """An installation without a bundled classifier (the artefact name points nowhere)."""
-    from HRpQCTRadiomicsLib import model_io
+    from HRpQCTRadiomicsEngine import model_io
 
     monkeypatch.setattr(model_io, "BUNDLED_CLASSIFIER", "no-such-classifier")
 
@@ -147,7 +147,7 @@ def test_blocking_run_raises_what_to_do(nodes, no_bundled_classifier):
 
 
 def test_prediction_without_a_chosen_file_uses_the_bundled_classifier():
-    from HRpQCTRadiomicsLib.model_io import bundled_classifier_path, load_classifier
+    from HRpQCTRadiomicsEngine.model_io import bundled_classifier_path, load_classifier
 
     bundled = bundled_classifier_path()
     assert bundled is not None and sr.bundled_classifier_paths() == [bundled]

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from HRpQCTSegmenterLib import sample_data, slicer_bridge
-from HRpQCTSegmenterLib.errors import ArtefactError
-from HRpQCTSegmenterLib.scan import Scan
-from HRpQCTSegmenterLib.slicer_process import (
+from HRpQCTCore import slicer_bridge
+from HRpQCTCore.errors import ArtefactError
+from HRpQCTCore.scan import Scan
+from HRpQCTCore.slicer_process import (
     CALIBRATION_RANGES,
     DEVICE_CHOICES,
     MODEL_CHOICES,
@@ -27,6 +27,7 @@ from HRpQCTSegmenterLib.slicer_process import (
     UNITS_CHOICES,
     SegmenterParameters,
 )
+from HRpQCTSegmenterLib import sample_data
 
 MODULE_FILE = "HRpQCTSegmenter/HRpQCTSegmenter.py"
 READER_FILE = "HRpQCTSegmenter/HRpQCTScancoImport.py"
@@ -39,8 +40,8 @@ UI_FILE = "HRpQCTSegmenter/Resources/UI/HRpQCTSegmenter.ui"
 @pytest.fixture(scope="module")
 def small_aim(tmp_path_factory) -> tuple[Path, Scan]:
     """A small phantom written as a Scanco AIM (native units + calibration in the header)."""
-    from HRpQCTSegmenterLib import io
-    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+    from HRpQCTCore import io
+    from HRpQCTPhantom import PhantomParams, generate_phantom
 
     scan = generate_phantom(PhantomParams(rotation_deg=7.0).small(128, 3), 4).scan
     path = tmp_path_factory.mktemp("aim") / "PHANTOM.AIM"
@@ -113,7 +114,7 @@ def test_raw_nrrd_bytes_depend_only_on_voxels_and_geometry(mrml_scene, tmp_path)
 
 @pytest.mark.slow
 def test_generated_sample_scan_matches_its_recorded_checksum(tmp_path):
-    from HRpQCTSegmenterLib.artefacts import sha256_file
+    from HRpQCTCore.artefacts import sha256_file
 
     path = sample_data.write_sample_scan(tmp_path)
     assert path.name == sample_data.SAMPLE_FILE_NAME
@@ -287,7 +288,7 @@ def test_module_file_imports_no_heavy_dependency_at_import_time(repo_root, relat
     import subprocess
     import sys
 
-    script = ("import sys, HRpQCTSegmenterLib.slicer_process\n"
+    script = ("import sys, HRpQCTCore.slicer_process\n"
               f"bad = sorted(m for m in {sorted(heavy)!r} if m in sys.modules)\n"
               "assert not bad, bad\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from _fixtures_slicer import child_report, cli_launcher
 
-from HRpQCTSegmenterLib import regions, slicer_bridge
-from HRpQCTSegmenterLib.errors import ArtefactError, CancelledError, HRpQCTError
-from HRpQCTSegmenterLib.io.segnrrd import write_seg_nrrd
-from HRpQCTSegmenterLib.progress import PROGRESS_PREFIX
-from HRpQCTSegmenterLib.scan import Scan
-from HRpQCTSegmenterLib.slicer_bridge import OutputState
-from HRpQCTSegmenterLib.slicer_process import (
+from HRpQCTCore import regions, slicer_bridge
+from HRpQCTCore.errors import ArtefactError, CancelledError, HRpQCTError
+from HRpQCTCore.io.segnrrd import write_seg_nrrd
+from HRpQCTCore.progress import PROGRESS_PREFIX
+from HRpQCTCore.scan import Scan
+from HRpQCTCore.slicer_bridge import OutputState
+from HRpQCTCore.slicer_process import (
     CALIBRATION_RANGES,
     ENGINE_DEPENDENCIES,
     PARAMETER_NODE_FIELDS,
@@ -150,7 +150,7 @@ def test_command_line_carries_every_choice(tmp_path):
                                      device="gpu")
     command = build_segment_command("/opt/Slicer/bin/PythonSlicer", "in.nrrd", "out.seg.nrrd",
                                     parameters)
-    assert command[:6] == ["/opt/Slicer/bin/PythonSlicer", "-m", "HRpQCTSegmenterLib",
+    assert command[:6] == ["/opt/Slicer/bin/PythonSlicer", "-m", "HRpQCTPipeline",
                            "segment", "in.nrrd", "out.seg.nrrd"]
     pairs = dict(itertools.pairwise(command))
     assert pairs["--progress"] == "machine"
@@ -197,8 +197,8 @@ def test_parameters_come_from_the_parameter_node():
 
 @pytest.mark.parametrize("units", ["native", "density"])
 def test_command_line_carries_the_calibration_and_the_command_reads_it_back(units):
-    from HRpQCTSegmenterLib.cli import build_parser
-    from HRpQCTSegmenterLib.commands._common import calibration_from_args
+    from HRpQCTCore.cli_options import calibration_from_args
+    from HRpQCTPipeline.cli import build_parser
 
     node = _parameter_node(inputUnits=units, muScaling=4096.0, muWater=0.23470000000000002,
                            densitySlope=1603.51904, densityIntercept=-391.209015)
@@ -447,7 +447,7 @@ def test_run_loads_the_result_with_regions_geometry_and_study(mrml_scene, volume
     assert run.fraction == 1.0 and run.message.startswith("Done")
     # The command the module built: machine progress, the written input, units.
     command = launcher.commands[0]
-    assert command[1:4] == ["-m", "HRpQCTSegmenterLib", "segment"]
+    assert command[1:4] == ["-m", "HRpQCTPipeline", "segment"]
     assert "--progress" in command and command[command.index("--progress") + 1] == "machine"
     assert not Path(command[4]).exists(), "temporary input not removed"
 
@@ -544,7 +544,7 @@ def test_edits_made_while_the_process_runs_are_protected(mrml_scene, volume_in_s
 @pytest.mark.parametrize("units", ["native", "density"])
 def test_a_volume_in_native_or_density_units_is_converted_with_the_panel_calibration(
         mrml_scene, small_scan, tmp_path, units):
-    from HRpQCTSegmenterLib.scan import Calibration
+    from HRpQCTCore.scan import Calibration
 
     # The scanner's own constants, unlike the defaults: a wrong calibration shows.
     scanner = Calibration(mu_scaling=4096.0, mu_water=0.2347, density_slope=1600.0,
@@ -623,8 +623,8 @@ def test_cancelled_run_leaves_the_scene_alone(mrml_scene, volume_in_study, tmp_p
 @pytest.fixture(scope="module")
 def tiny_model_folder(tmp_path_factory) -> Path:
     """A randomly initialised B0 with a small preprocessing (fast; its output is noise)."""
-    from HRpQCTSegmenterLib.segmentation.model import build_model, save_model
-    from HRpQCTSegmenterLib.segmentation.preprocessing import PreprocessingConfig
+    from HRpQCTSegmentationEngine.model import build_model, save_model
+    from HRpQCTSegmentationEngine.preprocessing import PreprocessingConfig
 
     folder = tmp_path_factory.mktemp("tiny-model")
     save_model(build_model("b0", seed=7).eval(), folder,
@@ -634,7 +634,7 @@ def tiny_model_folder(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_real_segment_command_in_a_background_process(mrml_scene, tiny_model_folder):
-    from HRpQCTSegmenterLib.phantom import PhantomParams, generate_phantom
+    from HRpQCTPhantom import PhantomParams, generate_phantom
 
     phantom = generate_phantom(PhantomParams().small(128, 4), 5)
     volume = slicer_bridge.array_to_volume_node(mrml_scene.scene, phantom.scan.hu,

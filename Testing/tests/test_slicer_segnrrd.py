@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from HRpQCTSegmenterLib import regions, slicer_bridge
-from HRpQCTSegmenterLib.io.segnrrd import read_seg_nrrd, write_seg_nrrd
-from HRpQCTSegmenterLib.scan import Scan
+from HRpQCTCore import regions, slicer_bridge
+from HRpQCTCore.io.segnrrd import read_seg_nrrd, write_seg_nrrd
+from HRpQCTCore.scan import Scan
 
 
 def _seven_region_labels() -> np.ndarray:

@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from HRpQCTSegmenterLib import artefacts, regions, terminology
+from HRpQCTCore import artefacts, regions, terminology
 
 
 def test_terminology_file_on_disk_equals_the_generated_one():
     on_disk = regions.terminology_file_path().read_text(encoding="utf-8")
     assert on_disk == terminology.terminology_json_text(), (
         f"{regions.terminology_file_path()} is stale: regenerate it with "
-        "`python -m HRpQCTSegmenterLib.terminology` and update its sha256 in artefacts.json")
+        "`python -m HRpQCTCore.terminology` and update its sha256 in artefacts.json")
 
 
 def test_terminology_context_holds_every_category_and_type_of_the_region_model():

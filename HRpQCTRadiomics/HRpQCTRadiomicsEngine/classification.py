@@ -1,0 +1,441 @@
+"""Osteoporosis classifiers on radiomic features, evaluated without subject leakage.
+
+* :func:`assemble_dataset` -- samples (one per scan and slice) from feature tables: the
+  features of the chosen regions side by side (``<region>:<feature>``), labels per subject.
+* :func:`make_pipeline` -- selection (:class:`~.selection.PaperFeatureSelector`) ->
+  standardisation -> classifier: logistic regression (default), SVM, random forest, gradient
+  boosting (XGBoost when installed, else scikit-learn's HistGradientBoosting) or k-NN.
+* :func:`grouped_splits` -- cross-validation folds and the train/test split grouped by
+  subject (StratifiedGroupKFold): no slice of a test subject is ever seen in training;
+  :func:`check_no_leakage` asserts it for every fold.
+* :func:`evaluate` -- image-level and patient-level (slice probabilities averaged per
+  subject) accuracy, F1, sensitivity, specificity, AUROC with bootstrap confidence
+  intervals; the bootstrap resamples subjects (all their slices together) at both levels,
+  because slices of one subject are not independent.
+* :func:`train_classifier` -- held-out test evaluation, cross-validation on the training
+  subjects, and the final model refitted on all training subjects.
+
+Results on synthetic phantoms say nothing about patients: the outputs are an "osteoporosis
+probability" for research use only, not a diagnosis.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from HRpQCTCore.errors import HRpQCTError
+from HRpQCTCore.regions import region_by_name
+from HRpQCTRadiomicsEngine.selection import PaperFeatureSelector
+from HRpQCTRadiomicsEngine.table import FeatureRows
+
+__all__ = [
+    "MODEL_KINDS",
+    "DEFAULT_MODEL",
+    "CAVEAT",
+    "Dataset",
+    "assemble_dataset",
+    "make_pipeline",
+    "grouped_splits",
+    "check_no_leakage",
+    "aggregate_by_subject",
+    "binary_metrics",
+    "bootstrap_metrics",
+    "evaluate",
+    "cross_validate",
+    "TrainingResult",
+    "train_classifier",
+]
+
+log = logging.getLogger("hrpqct")
+
+MODEL_KINDS: tuple[str, ...] = ("logistic", "svm", "random_forest", "boosting", "knn")
+DEFAULT_MODEL = "logistic"
+
+#: Shown with every probability the classifier outputs.
+CAVEAT = ("Osteoporosis probability for research use only: not a diagnosis. The bundled or "
+          "phantom-trained classifiers were trained on synthetic phantoms and have no "
+          "clinical validity.")
+
+FEATURE_SEPARATOR = ":"
+
+
+@dataclass
+class Dataset:
+    """Samples for classification.
+
+    Attributes
+    ----------
+    X:
+        ``(samples, features)`` float64.
+    y:
+        0/1 labels (1 = osteoporosis), one per sample (copied from the subject).
+    groups:
+        Subject of each sample.
+    feature_names:
+        ``<region>:<pyradiomics name>`` per column.
+    sample_ids:
+        ``(scan, slice)`` per sample.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray
+    feature_names: list[str]
+    sample_ids: list[tuple[str, str]]
+
+
+def qualified_name(region_key: str, feature: str) -> str:
+    """Column name of a region's feature in a dataset: ``<region>:<feature>``."""
+    return f"{region_key}{FEATURE_SEPARATOR}{feature}"
+
+
+def split_qualified_name(name: str) -> tuple[str, str]:
+    """Inverse of :func:`qualified_name`."""
+    region, sep, feature = name.partition(FEATURE_SEPARATOR)
+    if not sep:
+        raise HRpQCTError(f"Feature {name!r} has no region prefix (<region>:<feature>).")
+    return region, feature
+
+
+def _region_keys(regions: Sequence[str]) -> list[str]:
+    try:
+        return [region_by_name(r).key for r in regions]
+    except KeyError as exc:
+        raise HRpQCTError(str(exc)) from None
+
+
+def assemble_dataset(rows: FeatureRows, regions: Sequence[str],
+                     labels: Mapping[str, int] | None = None,
+                     feature_names: Sequence[str] | None = None) -> Dataset:
+    """Samples from feature rows: per (scan, slice), the chosen regions' features side by side.
+
+    Samples where a chosen region is not ``ok`` are left out. ``labels`` maps subject ->
+    0/1 (omit for prediction: ``y`` is then -1). ``feature_names`` (qualified names) selects
+    and orders the columns; missing ones raise an error naming them.
+    """
+    keys = _region_keys(regions)
+    by_sample: dict[tuple[str, str], dict[str, int]] = {}
+    subject_of: dict[tuple[str, str], str] = {}
+    for i, ids in enumerate(rows.ids):
+        if ids["region"] not in keys:
+            continue
+        sample = (ids["scan"], ids["slice"])
+        by_sample.setdefault(sample, {})
+        subject_of[sample] = ids["subject"]
+        if ids["status"] == "ok":
+            by_sample[sample][ids["region"]] = i
+    available = [qualified_name(k, n) for k in keys for n in rows.feature_names]
+    wanted = list(available if feature_names is None else feature_names)
+    column_of = {n: j for j, n in enumerate(rows.feature_names)}
+    missing = []
+    for name in wanted:
+        region, feature = split_qualified_name(name)
+        if region not in keys or feature not in column_of:
+            missing.append(name)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more"
+                                           if len(missing) > 10 else "")
+        raise HRpQCTError(
+            f"The feature table lacks {len(missing)} feature(s) the classifier needs: {shown}. "
+            "Extract them with the radiomics settings the classifier was trained with "
+            "(see `hrpqct classify --help`).")
+    samples = [s for s in by_sample if all(k in by_sample[s] for k in keys)]
+    dropped = len(by_sample) - len(samples)
+    if dropped:
+        log.info("%d slice(s) left out: a chosen region was skipped there", dropped)
+    X = np.empty((len(samples), len(wanted)), dtype=np.float64)
+    for j, name in enumerate(wanted):
+        region, feature = split_qualified_name(name)
+        col = column_of[feature]
+        X[:, j] = [rows.values[by_sample[s][region], col] for s in samples]
+    groups = np.array([subject_of[s] for s in samples], dtype=object)
+    if labels is None:
+        y = np.full(len(samples), -1, dtype=int)
+    else:
+        unknown = sorted({g for g in groups if g not in labels})
+        if unknown:
+            raise HRpQCTError(
+                f"No label for subject(s) {unknown[:10]}: add them to the labels file, or "
+                "check the subject column of the feature table.")
+        y = np.array([int(labels[g]) for g in groups], dtype=int)
+    return Dataset(X, y, groups, wanted, samples)
+
+
+def check_training_data(data: Dataset) -> None:
+    """Refuse data a classifier cannot be trained on, saying what to do."""
+    if data.X.shape[0] == 0:
+        raise HRpQCTError("No samples to train on: every slice lacks a chosen region. Check "
+                          "--regions and the status column of the feature table.")
+    bad_labels = sorted(set(np.unique(data.y)) - {0, 1})
+    if bad_labels:
+        raise HRpQCTError(f"Labels must be 0 (control) or 1 (osteoporosis); found {bad_labels}.")
+    classes = np.unique(data.y)
+    if classes.size < 2:
+        raise HRpQCTError(
+            f"All training samples have label {int(classes[0])}: a classifier needs both "
+            "osteoporosis (1) and control (0) subjects.")
+    check_finite(data.X, data.feature_names)
+
+
+def check_finite(X: np.ndarray, names: Sequence[str]) -> None:
+    """Raise naming the features that hold NaN or infinite values."""
+    bad = ~np.isfinite(X)
+    if bad.any():
+        cols = np.flatnonzero(bad.any(axis=0))
+        shown = ", ".join(f"{names[c]} ({int(bad[:, c].sum())} rows)" for c in cols[:10])
+        raise HRpQCTError(
+            f"{len(cols)} feature(s) hold NaN/infinite values: {shown}. pyradiomics gives NaN "
+            "for degenerate regions; leave those features out (train-classifier "
+            "--drop-nonfinite) or those slices.")
+
+
+def make_pipeline(kind: str = DEFAULT_MODEL, random_state: int = 0,
+                  selector: PaperFeatureSelector | None = None):
+    """Selection -> standardisation -> classifier, as a scikit-learn Pipeline."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return Pipeline([
+        ("select", selector or PaperFeatureSelector(random_state=random_state)),
+        ("scale", StandardScaler()),
+        ("model", make_classifier(kind, random_state)),
+    ])
+
+
+def make_classifier(kind: str, random_state: int = 0):
+    """The classifier of a pipeline (on standardised, selected features)."""
+    if kind == "logistic":
+        from sklearn.linear_model import LogisticRegression
+
+        return LogisticRegression(max_iter=5000)
+    if kind == "svm":
+        from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.svm import SVC
+
+        # Platt scaling for probabilities (SVC(probability=True) is deprecated).
+        return CalibratedClassifierCV(SVC(kernel="rbf"), method="sigmoid", cv=3,
+                                      ensemble=False)
+    if kind == "random_forest":
+        from sklearn.ensemble import RandomForestClassifier
+
+        return RandomForestClassifier(n_estimators=300, random_state=random_state, n_jobs=1)
+    if kind == "boosting":
+        try:
+            from xgboost import XGBClassifier
+        except ImportError:
+            from sklearn.ensemble import HistGradientBoostingClassifier
+
+            return HistGradientBoostingClassifier(random_state=random_state)
+        return XGBClassifier(n_estimators=200, max_depth=3, learning_rate=0.1,
+                             random_state=random_state, n_jobs=1)
+    if kind == "knn":
+        from sklearn.neighbors import KNeighborsClassifier
+
+        return KNeighborsClassifier(n_neighbors=15)
+    raise HRpQCTError(f"Unknown model {kind!r}: use one of {', '.join(MODEL_KINDS)}.")
+
+
+# --- splits ---------------------------------------------------------------------------------
+
+def grouped_splits(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int = 0,
+                   grouped: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds; with ``grouped`` (always, except to demonstrate leakage) by subject."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    n_subjects = len(np.unique(groups))
+    if grouped:
+        if n_subjects < n_splits:
+            raise HRpQCTError(
+                f"{n_subjects} subjects cannot be split into {n_splits} subject-grouped folds; "
+                "use fewer folds or more subjects.")
+        cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        return [(tr, te) for tr, te in cv.split(np.zeros(len(y)), y, groups)]
+    cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return [(tr, te) for tr, te in cv.split(np.zeros(len(y)), y)]
+
+
+def check_no_leakage(splits: Sequence[tuple[np.ndarray, np.ndarray]], groups: np.ndarray) -> None:
+    """Raise if any subject has samples on both sides of any split."""
+    for i, (train, test) in enumerate(splits):
+        shared = set(groups[train]) & set(groups[test])
+        if shared:
+            raise RuntimeError(
+                f"Subject leakage in split {i}: {len(shared)} subject(s) in both training and "
+                f"test ({sorted(shared)[:5]}...)")
+
+
+def train_test_split_grouped(y, groups, test_fraction: float, seed: int = 0):
+    """One stratified, subject-grouped train/test split (about ``test_fraction`` of subjects)."""
+    if not 0 < test_fraction < 1:
+        raise HRpQCTError("The test fraction must be between 0 and 1.")
+    n_splits = max(2, round(1.0 / test_fraction))
+    train, test = grouped_splits(y, groups, n_splits, seed)[0]
+    check_no_leakage([(train, test)], groups)
+    return train, test
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+def aggregate_by_subject(probabilities: np.ndarray, groups: np.ndarray, y: np.ndarray | None = None,
+                         how: str = "mean"):
+    """Per-subject probability (mean, or median, of its slices) and label."""
+    subjects = list(dict.fromkeys(groups.tolist()))
+    reducer = {"mean": np.mean, "median": np.median}.get(how)
+    if reducer is None:
+        raise HRpQCTError(f"Unknown aggregation {how!r}: use mean or median.")
+    probs = np.array([reducer(probabilities[groups == s]) for s in subjects])
+    labels = None if y is None else np.array([int(y[groups == s][0]) for s in subjects])
+    return np.array(subjects, dtype=object), probs, labels
+
+
+def binary_metrics(y_true: np.ndarray, probabilities: np.ndarray,
+                   threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy, F1, sensitivity, specificity and AUROC (NaN where undefined)."""
+    from sklearn.metrics import roc_auc_score
+
+    y_true = np.asarray(y_true).astype(int)
+    pred = (np.asarray(probabilities) >= threshold).astype(int)
+    tp = int(((pred == 1) & (y_true == 1)).sum())
+    tn = int(((pred == 0) & (y_true == 0)).sum())
+    fp = int(((pred == 1) & (y_true == 0)).sum())
+    fn = int(((pred == 0) & (y_true == 1)).sum())
+    n = len(y_true)
+    sens = tp / (tp + fn) if tp + fn else float("nan")
+    spec = tn / (tn + fp) if tn + fp else float("nan")
+    f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else float("nan")
+    auc = (float(roc_auc_score(y_true, probabilities)) if len(np.unique(y_true)) == 2
+           else float("nan"))
+    return {"accuracy": (tp + tn) / n if n else float("nan"), "f1": f1, "sensitivity": sens,
+            "specificity": spec, "auroc": auc, "n": n}
+
+
+def bootstrap_metrics(y_true, probabilities, groups, n_boot: int = 1000, seed: int = 0,
+                      level: str = "image", threshold: float = 0.5,
+                      confidence: float = 0.95) -> dict[str, list[float]]:
+    """Percentile confidence intervals, resampling subjects with replacement.
+
+    ``level="image"``: every drawn subject brings all its slices; ``"patient"``: the
+    per-subject probabilities (already aggregated: pass one row per subject).
+    """
+    rng = np.random.default_rng(seed)
+    subjects = np.array(list(dict.fromkeys(np.asarray(groups).tolist())), dtype=object)
+    index_of = {s: np.flatnonzero(groups == s) for s in subjects}
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        chosen = rng.choice(subjects, size=len(subjects), replace=True)
+        idx = np.concatenate([index_of[s] for s in chosen])
+        m = binary_metrics(y_true[idx], probabilities[idx], threshold)
+        for k, v in m.items():
+            if k != "n":
+                draws.setdefault(k, []).append(v)
+    alpha = (1 - confidence) / 2
+    out = {}
+    for k, values in draws.items():
+        arr = np.array(values, dtype=float)
+        arr = arr[np.isfinite(arr)]
+        out[k] = ([float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))]
+                  if arr.size else [float("nan"), float("nan")])
+    return out
+
+
+def evaluate(y_true: np.ndarray, probabilities: np.ndarray, groups: np.ndarray,
+             n_boot: int = 1000, seed: int = 0, aggregation: str = "mean") -> dict[str, Any]:
+    """Image- and patient-level metrics with bootstrap confidence intervals."""
+    image = binary_metrics(y_true, probabilities)
+    image_ci = bootstrap_metrics(y_true, probabilities, groups, n_boot, seed, "image")
+    subjects, p_subject, y_subject = aggregate_by_subject(probabilities, groups, y_true,
+                                                          aggregation)
+    patient = binary_metrics(y_subject, p_subject)
+    patient_ci = bootstrap_metrics(y_subject, p_subject, subjects, n_boot, seed, "patient")
+    return {"image": {"metrics": image, "ci95": image_ci},
+            "patient": {"metrics": patient, "ci95": patient_ci, "aggregation": aggregation}}
+
+
+def cross_validate(data: Dataset, kind: str = DEFAULT_MODEL, n_splits: int = 5, seed: int = 0,
+                   grouped: bool = True) -> tuple[np.ndarray, list]:
+    """Out-of-fold probabilities; the whole pipeline (selection too) is refitted per fold."""
+    splits = grouped_splits(data.y, data.groups, n_splits, seed, grouped=grouped)
+    if grouped:
+        check_no_leakage(splits, data.groups)
+    oof = np.full(len(data.y), np.nan)
+    for train, test in splits:
+        model = fit_pipeline(data.X[train], data.y[train], data.groups[train], kind, seed)
+        oof[test] = model.predict_proba(data.X[test])[:, 1]
+    return oof, splits
+
+
+def fit_pipeline(X, y, groups, kind: str = DEFAULT_MODEL, seed: int = 0):
+    """Fit selection + scaling + classifier on training data (LASSO folds by subject)."""
+    if len(np.unique(y)) < 2:
+        raise HRpQCTError("A training fold holds one class only; use fewer folds.")
+    pipeline = make_pipeline(kind, seed)
+    pipeline.fit(X, y, select__groups=groups)
+    return pipeline
+
+
+@dataclass
+class TrainingResult:
+    """A trained classifier with its evaluation."""
+
+    kind: str
+    regions: list[str]
+    feature_names: list[str]  # selected, qualified names, in model input order
+    model: Any  # fitted Pipeline(scale, model) on the selected features
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def predict_proba(self, X_selected: np.ndarray) -> np.ndarray:
+        """Osteoporosis probability per sample (columns in ``feature_names`` order)."""
+        return self.model.predict_proba(np.asarray(X_selected, dtype=np.float64))[:, 1]
+
+
+def _deployable(pipeline, names: Sequence[str]) -> tuple[list[str], Any]:
+    from sklearn.pipeline import Pipeline
+
+    support = pipeline.named_steps["select"].get_support()
+    selected = [n for n, keep in zip(names, support, strict=True) if keep]
+    return selected, Pipeline(pipeline.steps[1:])
+
+
+def train_classifier(data: Dataset, regions: Sequence[str], kind: str = DEFAULT_MODEL,
+                     test_fraction: float = 0.2, cv_folds: int = 5, seed: int = 0,
+                     n_boot: int = 1000) -> TrainingResult:
+    """Split subjects, cross-validate on the training subjects, test once, refit.
+
+    The reported test metrics come from a model fitted on the training subjects only;
+    the returned model is refitted on the training subjects (the test subjects stay unseen).
+    """
+    check_training_data(data)
+    train, test = train_test_split_grouped(data.y, data.groups, test_fraction, seed)
+    train_data = Dataset(data.X[train], data.y[train], data.groups[train], data.feature_names,
+                         [data.sample_ids[i] for i in train])
+    report: dict[str, Any] = {
+        "model": kind, "regions": list(regions), "seed": seed,
+        "subjects": {"train": sorted(set(data.groups[train])),
+                     "test": sorted(set(data.groups[test]))},
+        "samples": {"train": len(train), "test": len(test)},
+    }
+    n_train_subjects = len(set(data.groups[train]))
+    folds = min(cv_folds, n_train_subjects)
+    if folds >= 2:
+        oof, _ = cross_validate(train_data, kind, folds, seed)
+        report["cross_validation"] = {"folds": folds,
+                                      **evaluate(train_data.y, oof, train_data.groups,
+                                                 n_boot, seed)}
+    pipeline = fit_pipeline(train_data.X, train_data.y, train_data.groups, kind, seed)
+    p_test = pipeline.predict_proba(data.X[test])[:, 1]
+    report["test"] = evaluate(data.y[test], p_test, data.groups[test], n_boot, seed)
+    selected, deployable = _deployable(pipeline, data.feature_names)
+    selector = pipeline.named_steps["select"]
+    report["selection"] = {
+        "n_input": len(data.feature_names),
+        "after_variance": int(selector.variance_support_.sum()),
+        "after_correlation": int(selector.correlation_support_.sum()),
+        "after_lasso": len(selected), "lasso_alpha": selector.alpha_,
+        "lasso_fallback": bool(selector.lasso_fallback_),
+    }
+    return TrainingResult(kind, list(regions), selected, deployable, report)

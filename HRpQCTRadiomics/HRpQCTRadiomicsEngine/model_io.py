@@ -1,0 +1,309 @@
+"""Saved classifiers: safe to load, readable by people, checked before use. No pickle.
+
+A classifier is one JSON file (format ``hrpqct-classifier``, version 1) holding:
+
+* ``model``: the kind, and for logistic regression (the default) the whole fitted model in
+  plain numbers: the standardisation's means and scales, coefficients and intercept, in
+  the order of ``features``. Other kinds (SVM, random forest, gradient boosting, k-NN) are
+  stored next to the JSON as a skops file (``<name>.skops``), loaded with an explicit list of
+  trusted types (:data:`SKOPS_TRUSTED_TYPES`): skops refuses anything else, so loading
+  cannot run arbitrary code. Its SHA256 is in the JSON.
+* ``features``: the input features (``<region>:<pyradiomics name>``), i.e. what prediction
+  mode must extract; ``regions``; the aggregation of slice probabilities per subject.
+* ``radiomics_settings``: name, SHA256 and full YAML text of the settings that produced the
+  features, so prediction extracts them identically.
+* ``versions`` of the packages; the training ``report``; the caveat text.
+* ``sha256``: SHA256 of the canonical JSON of everything else. :func:`load_classifier`
+  verifies it (and the skops file's) and refuses a file that was changed or damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from HRpQCTCore.artefacts import sha256_file
+from HRpQCTCore.atomic import write_bytes_atomic, write_text_atomic
+from HRpQCTCore.errors import ArtefactError, HRpQCTError, InputFileError
+from HRpQCTRadiomicsEngine.classification import CAVEAT, TrainingResult, check_finite
+from HRpQCTRadiomicsEngine.settings import RadiomicsSettings
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SKOPS_TRUSTED_TYPES",
+    "SavedClassifier",
+    "save_classifier",
+    "load_classifier",
+    "BUNDLED_CLASSIFIER",
+    "bundled_classifier_path",
+]
+
+#: Name of the bundled classifier in ``resources/radiomics-artefacts.json``: logistic
+#: regression on soft-tissue radiomics (skin, myotendinous, adipose), trained on synthetic
+#: phantoms (its JSON holds the training report and the caveat).
+BUNDLED_CLASSIFIER = "osteoporosis-classifier"
+
+FORMAT_NAME = "hrpqct-classifier"
+FORMAT_VERSION = 1
+
+#: Types a skops classifier file may contain beyond skops' own defaults, per model kind.
+#: Only these are trusted on load; a file holding anything else is refused.
+SKOPS_TRUSTED_TYPES: dict[str, list[str]] = {
+    "svm": [],
+    "random_forest": ["sklearn.tree._tree.Tree"],
+    "boosting": ["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"],
+    "knn": ["sklearn.metrics._dist_metrics.EuclideanDistance64",
+            "sklearn.neighbors._kd_tree.KDTree", "sklearn.neighbors._ball_tree.BallTree"],
+}
+
+_VERSIONED = ("hrpqct-segmenter", "numpy", "scikit-learn", "pyradiomics-bhklab", "skops",
+              "SimpleITK", "PyWavelets", "scikit-image")
+
+
+def _versions() -> dict[str, str | None]:
+    out = {}
+    for dist in _VERSIONED:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _canonical(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"),
+                      allow_nan=True).encode("utf-8")
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return None if math.isnan(v) else v
+    return value
+
+
+@dataclass
+class SavedClassifier:
+    """A loaded classifier, ready to predict from its features."""
+
+    kind: str
+    features: list[str]
+    regions: list[str]
+    model: Any
+    settings: dict[str, Any]
+    aggregation: str = "mean"
+    threshold: float = 0.5
+    report: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def radiomics_settings(self) -> RadiomicsSettings:
+        """The radiomics settings the classifier was trained with (from the stored YAML)."""
+        from HRpQCTRadiomicsEngine.settings import parse_settings
+
+        return parse_settings(self.settings["text"], f"classifier:{self.path}",
+                              self.settings.get("name", "classifier"))
+
+    def predict_proba(self, X: np.ndarray, feature_names: list[str] | None = None) -> np.ndarray:
+        """Osteoporosis probability per row of ``X``.
+
+        If ``feature_names`` is given, columns are matched by name (extra ones ignored);
+        otherwise ``X`` must hold exactly :attr:`features` in order.
+        """
+        X = np.asarray(X, dtype=np.float64)
+        if feature_names is not None:
+            index = {n: i for i, n in enumerate(feature_names)}
+            missing = [n for n in self.features if n not in index]
+            if missing:
+                raise HRpQCTError(
+                    f"The features offered lack {len(missing)} the classifier needs: "
+                    f"{', '.join(missing[:10])}. Extract them with the classifier's radiomics "
+                    f"settings ({self.settings.get('name')}).")
+            X = X[:, [index[n] for n in self.features]]
+        if X.ndim != 2 or X.shape[1] != len(self.features):
+            raise HRpQCTError(f"Expected {len(self.features)} feature columns, got "
+                              f"{X.shape[1] if X.ndim == 2 else X.shape}.")
+        check_finite(X, self.features)
+        return self.model.predict_proba(X)[:, 1]
+
+
+def _logistic_to_json(model) -> dict[str, Any]:
+    scaler, clf = model.named_steps["scale"], model.named_steps["model"]
+    return {
+        "kind": "logistic",
+        "scaler_mean": scaler.mean_.tolist(),
+        "scaler_scale": scaler.scale_.tolist(),
+        "coefficients": clf.coef_[0].tolist(),
+        "intercept": float(clf.intercept_[0]),
+        "classes": [int(c) for c in clf.classes_],
+        "formula": "p = 1 / (1 + exp(-(intercept + sum(coefficients * (x - scaler_mean) / "
+                   "scaler_scale))))",
+    }
+
+
+def _logistic_from_json(data: dict[str, Any], n_features: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler()
+    scaler.mean_ = np.asarray(data["scaler_mean"], dtype=np.float64)
+    scaler.scale_ = np.asarray(data["scaler_scale"], dtype=np.float64)
+    scaler.var_ = scaler.scale_**2
+    scaler.n_features_in_ = n_features
+    scaler.n_samples_seen_ = 0
+    clf = LogisticRegression()
+    clf.coef_ = np.asarray(data["coefficients"], dtype=np.float64).reshape(1, -1)
+    clf.intercept_ = np.asarray([data["intercept"]], dtype=np.float64)
+    clf.classes_ = np.asarray(data["classes"])
+    clf.n_features_in_ = n_features
+    if not (scaler.mean_.size == scaler.scale_.size == clf.coef_.size == n_features):
+        raise ArtefactError("The classifier's parameter lists do not match its feature list.")
+    return Pipeline([("scale", scaler), ("model", clf)])
+
+
+def save_classifier(path: str | Path, result: TrainingResult,
+                    settings: RadiomicsSettings) -> Path:
+    """Write ``result`` as a classifier JSON (plus ``.skops`` for non-linear kinds)."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        raise HRpQCTError(f"A classifier is saved as .json; got {path.name}.")
+    payload: dict[str, Any] = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "caveat": CAVEAT,
+        "output": "osteoporosis probability",
+        "kind": result.kind,
+        "features": list(result.feature_names),
+        "regions": list(result.regions),
+        "aggregation": "mean", "threshold": 0.5,
+        "radiomics_settings": {**settings.provenance(), "text": settings.text},
+        "versions": _versions(),
+        "report": _jsonable(result.report),
+    }
+    if result.kind == "logistic":
+        payload["model"] = _logistic_to_json(result.model)
+    else:
+        if result.kind not in SKOPS_TRUSTED_TYPES:
+            raise HRpQCTError(f"Cannot save a {result.kind!r} model.")
+        type_name = type(result.model.named_steps["model"]).__module__
+        if type_name.startswith("xgboost"):
+            raise HRpQCTError(
+                "Saving XGBoost models is not supported (skops cannot load them safely). "
+                "Train with xgboost uninstalled (scikit-learn's HistGradientBoosting) or use "
+                "the logistic model.")
+        try:
+            import skops.io as sio
+        except ImportError:
+            raise HRpQCTError("Saving a non-linear classifier needs skops (pip install "
+                              "skops); the logistic model saves without it.") from None
+        skops_path = path.with_suffix(".skops")
+        write_bytes_atomic(skops_path, sio.dumps(result.model))
+        payload["model"] = {"kind": result.kind, "file": skops_path.name,
+                            "file_sha256": sha256_file(skops_path),
+                            "trusted_types": SKOPS_TRUSTED_TYPES[result.kind]}
+    payload["sha256"] = hashlib.sha256(_canonical(payload)).hexdigest()
+    write_text_atomic(path, json.dumps(payload, indent=1, allow_nan=True) + "\n")
+    return path
+
+
+def load_classifier(path: str | Path) -> SavedClassifier:
+    """Load and verify a classifier JSON (and its skops file).
+
+    Raises
+    ------
+    InputFileError
+        If the file does not exist or is not JSON.
+    ArtefactError
+        If it is not a classifier file, or a checksum does not match, or the skops file
+        holds types outside the trusted list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"Classifier file {path} does not exist.")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(f"{path} is not a classifier JSON file ({exc}).") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise ArtefactError(f"{path} is not an {FORMAT_NAME} file.")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise ArtefactError(f"{path} has format version {payload.get('format_version')}; this "
+                            f"version of the software reads version {FORMAT_VERSION}.")
+    stored = payload.pop("sha256", None)
+    actual = hashlib.sha256(_canonical(payload)).hexdigest()
+    if stored != actual:
+        raise ArtefactError(
+            f"Classifier {path} fails its checksum (stored {str(stored)[:12]}..., computed "
+            f"{actual[:12]}...): the file was edited or damaged. Use the original file.")
+    features = list(payload["features"])
+    model_info = payload["model"]
+    kind = payload["kind"]
+    if kind == "logistic":
+        model = _logistic_from_json(model_info, len(features))
+    else:
+        model = _load_skops(path, model_info, kind)
+    settings = payload["radiomics_settings"]
+    text_hash = hashlib.sha256(settings["text"].encode("utf-8")).hexdigest()
+    if text_hash != settings.get("sha256"):
+        raise ArtefactError(f"Classifier {path}: stored radiomics settings fail their checksum.")
+    return SavedClassifier(kind=kind, features=features, regions=list(payload["regions"]),
+                           model=model, settings=settings,
+                           aggregation=payload.get("aggregation", "mean"),
+                           threshold=float(payload.get("threshold", 0.5)),
+                           report=payload.get("report", {}),
+                           versions=payload.get("versions", {}), path=path)
+
+
+def _load_skops(path: Path, info: dict[str, Any], kind: str):
+    try:
+        import skops.io as sio
+    except ImportError:
+        raise ArtefactError("This classifier is stored with skops; install it (pip install "
+                            "skops).") from None
+    skops_path = path.parent / info["file"]
+    if not skops_path.is_file():
+        raise ArtefactError(f"Classifier model file {skops_path} is missing; keep it next to "
+                            f"{path.name}.")
+    if sha256_file(skops_path) != info["file_sha256"]:
+        raise ArtefactError(f"Classifier model file {skops_path} fails its checksum.")
+    trusted = SKOPS_TRUSTED_TYPES.get(kind)
+    if trusted is None:
+        raise ArtefactError(f"Unknown classifier kind {kind!r} in {path}.")
+    untrusted = sio.get_untrusted_types(file=skops_path)
+    refused = sorted(set(untrusted) - set(trusted))
+    if refused:
+        raise ArtefactError(f"{skops_path} contains types that are not trusted: {refused}. "
+                            "It was not made by this software; refusing to load it.")
+    return sio.load(skops_path, trusted=trusted)
+
+
+def bundled_classifier_path() -> Path | None:
+    """The bundled classifier's file after its checksum check; None if none is bundled.
+
+    Raises
+    ------
+    ArtefactError
+        If the classifier is listed but missing or damaged (a broken installation is an
+        error, not "no classifier").
+    """
+    from HRpQCTCore.artefacts import list_artefacts, verified_path
+
+    if not any(a.name == BUNDLED_CLASSIFIER for a in list_artefacts()):
+        return None
+    return verified_path(BUNDLED_CLASSIFIER)

@@ -1,0 +1,293 @@
+"""Scanco AIM/ISQ access, kept behind this one module so the library can be swapped.
+
+The engine uses ``aimio-py`` (module ``py_aimio``, bindings to Numerics88 AimIO); see
+``docs/scanco-io.md`` for why. Nothing outside this module imports ``py_aimio``.
+
+What the rest of the engine sees is a :class:`ScancoVolume`: the voxel array exactly as stored
+(int16 native values for grey AIMs and ISQs, int8 for char masks), the geometry in the
+engine's conventions, the calibration found in the header (or ``None``) and an allow-listed set
+of acquisition facts. Patient name, patient/measurement index, dates, scanner serial number and
+the free-text processing log are never copied: headers are read through an allow-list, so a
+field this module does not know cannot leak.
+
+Notes on the formats (found while testing; see ``docs/scanco-io.md``):
+
+* AIM stores the origin as an integer voxel ``position``; an origin that is not a whole number of
+  voxels is rounded when written. AIM has no direction matrix (identity is assumed).
+* ISQ voxel data are little-endian int16 right after ``(data_offset + 1) * 512`` header bytes.
+  aimio-py 0.4.1 sizes the data from the header's ``nr_of_bytes`` field, which some writers
+  (ITK's) fill differently, so the voxels are read here with numpy from the computed offset and
+  only the header is taken from aimio-py.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from HRpQCTCore.errors import CorruptFileError, UnsupportedFormatError
+from HRpQCTCore.scan import DEFAULT_CALIBRATION, Calibration
+
+__all__ = ["ScancoVolume", "read_aim", "read_isq", "write_aim", "backend_name"]
+
+_ISQ_MAGIC = b"CTDATA-HEADER_V1"
+_NUMBER = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"
+_LOG_CALIBRATION = {
+    "mu_scaling": re.compile(r"^Mu_Scaling\s+" + _NUMBER, re.MULTILINE),
+    "mu_water": re.compile(r"^HU:\s*mu water\s+" + _NUMBER, re.MULTILINE),
+    "density_slope": re.compile(r"^Density:\s*slope\s+" + _NUMBER, re.MULTILINE),
+    "density_intercept": re.compile(r"^Density:\s*intercept\s+" + _NUMBER, re.MULTILINE),
+}
+# Processing-log keys that describe the acquisition without identifying anyone. Everything
+# else (Patient Name, Index Patient, Index Measurement, dates, Scanner ID, free text) is dropped.
+_LOG_FACT_KEYS = (
+    "Site", "Scanner type", "Energy [V]", "Intensity [uA]", "Mu_Scaling", "Calibration Data",
+    "HU: mu water", "Density: unit", "Density: slope", "Density: intercept",
+    "Orig-ISQ-Dim-p", "Orig-ISQ-Dim-um", "No. samples", "No. projections per 180",
+    "Integration time [us]", "Scan Distance [um]", "Reconstruction-Alg.",
+)
+# ISQ header fields (aimio-py names) that are acquisition facts, not identifiers.
+_ISQ_FACT_KEYS = (
+    "site", "scanner_type", "energy", "intensity", "mu_scaling", "nr_of_samples",
+    "nr_of_projections", "scandist_um", "sampletime_us", "slice_thickness_um",
+    "slice_increment_um", "recon_alg", "mu_water", "rescale_units",
+)
+
+
+def backend_name() -> str:
+    """Name and version of the library doing the Scanco I/O (for provenance)."""
+    try:
+        from importlib.metadata import version
+
+        return f"aimio-py {version('aimio-py')}"
+    except Exception:  # pragma: no cover - metadata missing in odd installs
+        return "aimio-py"
+
+
+@dataclass
+class ScancoVolume:
+    """An AIM or ISQ volume as stored, with geometry, calibration and safe facts.
+
+    Attributes
+    ----------
+    array:
+        Voxels ``[z, y, x]`` with the file's own dtype (int16 native, int8 mask, float32).
+    spacing_mm:
+        Voxel size ``(z, y, x)`` in mm.
+    origin_mm:
+        Position ``(x, y, z)`` of voxel ``[0, 0, 0]`` in mm (AIM: ``position * element_size``).
+    calibration:
+        Calibration from the header, or ``None`` when the header has none.
+    kind:
+        ``"grey"`` (short/float data) or ``"mask"`` (char data).
+    facts:
+        Allow-listed, non-identifying header facts.
+    """
+
+    array: np.ndarray
+    spacing_mm: tuple[float, float, float]
+    origin_mm: tuple[float, float, float]
+    calibration: Calibration | None
+    kind: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def _aimio():
+    try:
+        import py_aimio
+    except ImportError:  # pragma: no cover - dependency missing
+        raise UnsupportedFormatError(
+            "Reading Scanco AIM/ISQ files needs the 'aimio-py' package; install it with "
+            "'pip install aimio-py', or export the scan to NIfTI/DICOM first.") from None
+    return py_aimio
+
+
+def _finite_or_none(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _calibration(mu_scaling: float | None, mu_water: float | None,
+                 density_slope: float | None, density_intercept: float | None
+                 ) -> Calibration | None:
+    """A header calibration, or ``None`` if the HU constants are absent or unusable.
+
+    Density constants missing from an otherwise calibrated header take the XtremeCT II defaults,
+    and ``source`` says so.
+    """
+    if not (mu_scaling and mu_scaling > 1 and mu_water and mu_water > 0):
+        return None
+    source = "header"
+    if not (density_slope and density_slope > 0) or density_intercept is None:
+        density_slope = DEFAULT_CALIBRATION.density_slope
+        density_intercept = DEFAULT_CALIBRATION.density_intercept
+        source = "header (density constants: default)"
+    return Calibration(mu_scaling=float(mu_scaling), mu_water=float(mu_water),
+                       density_slope=float(density_slope),
+                       density_intercept=float(density_intercept), source=source)
+
+
+def _log_facts(log: str) -> dict[str, str]:
+    facts = {}
+    for line in log.splitlines():
+        if line.startswith("!"):
+            continue
+        parts = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+        if len(parts) == 2 and parts[0] in _LOG_FACT_KEYS:
+            facts[parts[0]] = parts[1].strip()
+    return facts
+
+
+def _raise_read_error(path: Path, kind: str, exc: Exception) -> None:
+    raise CorruptFileError(
+        f"Cannot read {path} as a Scanco {kind} file ({exc}). The file is probably truncated "
+        f"(an interrupted copy) or not really an {kind}: copy it again from the scanner, or "
+        "export it to NIfTI/DICOM.") from exc
+
+
+def read_aim(path: str | Path) -> ScancoVolume:
+    """Read a Scanco AIM (v010/v020/v030; short, float, char and compressed char types).
+
+    Raises
+    ------
+    CorruptFileError
+        If the file is truncated or not an AIM.
+    """
+    path = Path(path)
+    pa = _aimio()
+    try:
+        array, meta = pa._aimio.read_aim(str(path))  # raw values + header; no unit conversion
+    except Exception as exc:  # AimIO raises RuntimeError for any I/O or format problem
+        _raise_read_error(path, "AIM", exc)
+    log = meta.get("processing_log") or ""
+    if not isinstance(log, str):
+        log = ""
+    found = {name: _finite_or_none(m.group(1)) if (m := rx.search(log)) else None
+             for name, rx in _LOG_CALIBRATION.items()}
+    calibration = _calibration(found["mu_scaling"], found["mu_water"],
+                               found["density_slope"], found["density_intercept"])
+    element_size = [float(v) for v in meta.get("element_size", (0.0, 0.0, 0.0))]
+    if not all(s > 0 and math.isfinite(s) for s in element_size):
+        element_size = [1.0, 1.0, 1.0]
+        missing_spacing = True
+    else:
+        missing_spacing = False
+    position = [int(v) for v in meta.get("position", (0, 0, 0))]
+    # float32 in the header: round to 0.1 µm so 0.0607 reads back as 0.0607.
+    element_size = [round(s, 7) for s in element_size]
+    kind = "mask" if array.dtype.itemsize == 1 else "grey"
+    facts: dict[str, Any] = {"aim_version": int(meta.get("version", 0)),
+                             "aim_type": hex(int(meta.get("aim_type", 0))),
+                             "processing_log": _log_facts(log)}
+    if missing_spacing:
+        facts["missing_spacing"] = True
+    return ScancoVolume(
+        array=array,
+        spacing_mm=(element_size[2], element_size[1], element_size[0]),
+        origin_mm=tuple(p * s for p, s in zip(position, element_size, strict=True)),  # type: ignore[arg-type]
+        calibration=calibration,
+        kind=kind,
+        facts=facts,
+    )
+
+
+def read_isq(path: str | Path) -> ScancoVolume:
+    """Read a Scanco ISQ reconstruction (int16 native values).
+
+    The header (dimensions, physical size, mu_scaling and, when present, the calibration block
+    with mu_water and the density rescale) comes from aimio-py; the voxels are read with numpy
+    from ``(data_offset + 1) * 512`` (see the module notes).
+
+    Raises
+    ------
+    CorruptFileError
+        If the header is not an ISQ header or the file is shorter than its header says.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        magic = fh.read(16)
+    if magic != _ISQ_MAGIC:
+        raise CorruptFileError(
+            f"{path} does not start with the ISQ signature {_ISQ_MAGIC.decode()}; it is not a "
+            "Scanco ISQ file (or its header is damaged). Export it again from the scanner.")
+    pa = _aimio()
+    try:
+        meta = pa.isq_info(str(path))
+    except Exception as exc:
+        _raise_read_error(path, "ISQ", exc)
+    nx, ny, nz = (int(v) for v in meta["dimensions_p"])
+    if min(nx, ny, nz) <= 0:
+        raise CorruptFileError(f"ISQ header of {path} gives dimensions {nx}x{ny}x{nz}; the "
+                               "header is damaged.")
+    data_start = int(meta.get("data_offset", 512))  # aimio-py gives bytes: (blocks + 1) * 512
+    expected = data_start + nx * ny * nz * 2
+    size = path.stat().st_size
+    if size < expected:
+        raise CorruptFileError(
+            f"{path} is truncated: its header announces {nx}x{ny}x{nz} int16 voxels "
+            f"({expected} bytes with the header) but the file has {size} bytes. Copy the "
+            "file again from the scanner.")
+    array = np.fromfile(path, dtype="<i2", count=nx * ny * nz, offset=data_start)
+    array = array.reshape(nz, ny, nx)
+    dims_um = [float(v) for v in meta["dimensions_um"]]
+    spacing_xyz = [(um / n / 1000.0) if um > 0 else 1.0
+                   for um, n in zip(dims_um, (nx, ny, nz), strict=True)]
+    slope = _finite_or_none(meta.get("rescale_slope"))
+    mu_scaling = _finite_or_none(meta.get("mu_scaling"))
+    # The ISQ rescale slope is per native unit (~0.2) in aimio-py's reading; a value in the
+    # hundreds is already per mu (like the AIM log's ~1600). Accept both.
+    density_slope = None
+    if slope and slope > 0 and mu_scaling:
+        density_slope = slope * mu_scaling if slope < 50 else slope
+    calibration = _calibration(mu_scaling, _finite_or_none(meta.get("mu_water")), density_slope,
+                               _finite_or_none(meta.get("rescale_intercept")))
+    facts = {k: meta[k] for k in _ISQ_FACT_KEYS if k in meta and meta[k] not in ("", None)}
+    missing = {"missing_spacing": True} if any(um <= 0 for um in dims_um) else {}
+    return ScancoVolume(array=array,
+                        spacing_mm=(spacing_xyz[2], spacing_xyz[1], spacing_xyz[0]),
+                        origin_mm=(0.0, 0.0, 0.0), calibration=calibration, kind="grey",
+                        facts={**facts, **missing})
+
+
+def _processing_log(calibration: Calibration | None, creator: str) -> str:
+    """A minimal IPL-style processing log carrying only the calibration."""
+    lines = ["! Processing Log", "!",
+             "!" + "-" * 79,
+             f"{'Created by':<30}{creator}"]
+    if calibration is not None:
+        lines += [
+            f"{'Mu_Scaling':<30}{round(calibration.mu_scaling):>23d}",
+            f"{'HU: mu water':<30}{calibration.mu_water:>23.6f}",
+            f"{'Density: unit':<30}mg HA/ccm",
+            f"{'Density: slope':<30}{calibration.density_slope:>23.6f}",
+            f"{'Density: intercept':<30}{calibration.density_intercept:>23.6f}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_aim(path: str | Path, array: np.ndarray, spacing_mm: tuple[float, float, float],
+              origin_mm: tuple[float, float, float], calibration: Calibration | None,
+              creator: str = "HRpQCTSegmenter") -> None:
+    """Write ``array`` (int16, int8 or float32, ``[z, y, x]``) as an AIM v3 file.
+
+    The header carries element size, the origin as an integer voxel position (rounded), and a
+    processing log with only the calibration constants. int8 data are written compressed by
+    AimIO (binary or run-length char types). Not atomic: callers write to a temporary name.
+    """
+    dtype = np.dtype(array.dtype)
+    if dtype not in (np.dtype(np.int16), np.dtype(np.int8), np.dtype(np.float32)):
+        raise TypeError(f"AIM holds int16, int8 or float32 voxels, not {dtype}")
+    pa = _aimio()
+    sz, sy, sx = (float(s) for s in spacing_mm)
+    position = tuple(round(o / s) for o, s in zip(origin_mm, (sx, sy, sz), strict=True))
+    meta = {"element_size": (sx, sy, sz), "position": position,
+            "processing_log": _processing_log(calibration, creator)}
+    pa._aimio.write_aim(str(path), np.ascontiguousarray(array), meta)

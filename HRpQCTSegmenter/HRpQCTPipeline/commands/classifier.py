@@ -1,0 +1,246 @@
+"""``hrpqct train-classifier`` and ``hrpqct classify``: osteoporosis probability from features."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from HRpQCTCore.atomic import write_text_atomic
+from HRpQCTCore.cli_options import (
+    EXAMPLES_FORMATTER,
+    add_overwrite_option,
+    add_progress_option,
+    add_units_options,
+    calibration_from_args,
+    check_can_write,
+    progress_from_args,
+)
+from HRpQCTCore.errors import HRpQCTError, InputFileError
+from HRpQCTPipeline.commands.radiomics import add_settings_options
+
+ORDER = 45
+
+log = logging.getLogger("hrpqct")
+
+_EPILOG_TRAIN = """examples:
+  hrpqct train-classifier features/*.csv --labels cohort/manifest.csv --regions adipose \\
+      -o adipose_logistic.json --report adipose_report.json
+  hrpqct train-classifier f.csv --labels labels.csv --label-column osteoporosis \\
+      --regions myotendinous,adipose --model random_forest -o soft_rf.json
+
+Labels: a CSV with a subject column (default subject_id) and a 0/1 label column (default
+osteoporosis), e.g. the manifest.csv of `hrpqct cohort`. Feature rows without a subject
+use the scan identifier as subject. Splits and cross-validation are grouped by subject.
+"""
+
+_EPILOG_CLASSIFY = """examples:
+  hrpqct classify model.json --features features.csv -o predictions.csv
+  hrpqct classify model.json --scan scan.nii.gz --regions-map regions.seg.nrrd -o p.csv
+
+With --scan, only the features the classifier uses are extracted (prediction mode), with
+the radiomics settings stored in the classifier.
+"""
+
+
+# --- train --------------------------------------------------------------------------------
+
+def read_labels(path: str | Path, subject_column: str, label_column: str) -> dict[str, int]:
+    """Subject -> 0/1 label from a CSV."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"Labels file {path} does not exist.")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        missing = [c for c in (subject_column, label_column) if c not in header]
+        if missing:
+            raise InputFileError(
+                f"{path} lacks column(s) {missing}; it has {header}. Use --subject-column / "
+                "--label-column.")
+        labels: dict[str, int] = {}
+        for record in reader:
+            text = (record[label_column] or "").strip()
+            try:
+                value = int(float(text))
+            except ValueError:
+                raise InputFileError(f"{path}: label {text!r} of subject "
+                                     f"{record[subject_column]!r} is not 0 or 1.") from None
+            labels[record[subject_column].strip()] = value
+    return labels
+
+
+def _rows_with_subjects(paths):
+    from HRpQCTRadiomicsEngine.table import read_feature_csv
+
+    rows = read_feature_csv(paths)
+    for ids in rows.ids:
+        if not ids["subject"]:
+            ids["subject"] = ids["scan"]
+    return rows
+
+
+def _settings_of_rows(rows, settings):
+    hashes = {ids["settings_sha256"] for ids in rows.ids}
+    if hashes != {settings.sha256}:
+        raise HRpQCTError(
+            f"The feature tables were made with radiomics settings {sorted(hashes)} "
+            f"(sha256), not with {settings.name} ({settings.sha256[:12]}...). Pass the same "
+            "--preset/--params that `hrpqct radiomics` used.")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from HRpQCTRadiomicsEngine.classification import CAVEAT, assemble_dataset, train_classifier
+    from HRpQCTRadiomicsEngine.model_io import save_classifier
+    from HRpQCTRadiomicsEngine.settings import load_settings
+
+    output = Path(args.output)
+    outputs = [output] + ([Path(args.report)] if args.report else [])
+    check_can_write(outputs, args.overwrite)
+    settings = load_settings(args.params or args.preset)
+    rows = _rows_with_subjects(args.features)
+    _settings_of_rows(rows, settings)
+    labels = read_labels(args.labels, args.subject_column, args.label_column)
+    regions = [r.strip() for r in args.regions.split(",") if r.strip()]
+    data = assemble_dataset(rows, regions, labels)
+    if args.drop_nonfinite:
+        finite = np.isfinite(data.X).all(axis=0)
+        if not finite.all():
+            log.info("Leaving out %d feature(s) with NaN/infinite values", int((~finite).sum()))
+            data.X = data.X[:, finite]
+            data.feature_names = [n for n, ok in zip(data.feature_names, finite, strict=True)
+                                  if ok]
+    result = train_classifier(data, regions, args.model, args.test_fraction, args.cv,
+                              args.seed, args.bootstrap)
+    save_classifier(output, result, settings)
+    if args.report:
+        from HRpQCTRadiomicsEngine.model_io import _jsonable
+
+        write_text_atomic(args.report, json.dumps(_jsonable(result.report), indent=1) + "\n")
+    test = result.report["test"]
+    print(f"{args.model} on {', '.join(regions)}: {len(result.feature_names)} feature(s) "
+          "selected")
+    for level in ("image", "patient"):
+        m, ci = test[level]["metrics"], test[level]["ci95"]
+        print(f"  test {level:7s} AUROC {m['auroc']:.3f} [{ci['auroc'][0]:.3f}, "
+              f"{ci['auroc'][1]:.3f}]  accuracy {m['accuracy']:.3f}  F1 {m['f1']:.3f}  "
+              f"sensitivity {m['sensitivity']:.3f}  specificity {m['specificity']:.3f}  "
+              f"(n={m['n']})")
+    print(f"Saved {output}. {CAVEAT}")
+    return 0
+
+
+# --- classify -----------------------------------------------------------------------------
+
+def run_classify(args: argparse.Namespace) -> int:
+    from HRpQCTRadiomicsEngine.classification import CAVEAT
+    from HRpQCTRadiomicsEngine.model_io import load_classifier
+    from HRpQCTRadiomicsEngine.prediction import predict_rows
+
+    output = Path(args.output)
+    check_can_write([output], args.overwrite)
+    model = load_classifier(args.model)
+    if bool(args.features) == bool(args.scan):
+        raise HRpQCTError("Give either --features CSV or --scan with --regions-map.")
+    if args.features:
+        rows = _rows_with_subjects(args.features)
+        hashes = {ids["settings_sha256"] for ids in rows.ids}
+        if hashes != {model.settings["sha256"]}:
+            log.warning("The feature table's radiomics settings differ from the classifier's "
+                        "(%s): probabilities may be meaningless.", model.settings.get("name"))
+    else:
+        if not args.regions_map:
+            raise HRpQCTError("--scan needs --regions-map (the scan's 7-region label map).")
+        rows = _extract_for_model(model, args)
+    prediction = predict_rows(model, rows)
+    lines = [["scan", "subject", "level", "slice", "osteoporosis_probability"]]
+    for (scan, slice_), subject, p in zip(prediction.sample_ids, prediction.groups,
+                                          prediction.probabilities, strict=True):
+        lines.append([scan, subject, "image", slice_, repr(float(p))])
+    for subject, p in zip(prediction.subjects, prediction.subject_probabilities, strict=True):
+        lines.append(["", subject, "subject", model.aggregation, repr(float(p))])
+        print(f"{subject}: osteoporosis probability {p:.3f} ({model.aggregation} of "
+              f"{prediction.slices_of(subject)} slice(s))")
+    text = "\n".join(",".join(str(c) for c in line) for line in lines) + "\n"
+    write_text_atomic(output, text)
+    print(CAVEAT)
+    return 0
+
+
+def _extract_for_model(model, args):
+    from HRpQCTCore.io import read_scan
+    from HRpQCTRadiomicsEngine.extraction import extract_features
+    from HRpQCTRadiomicsEngine.inputs import read_region_map, scan_id_from_path
+    from HRpQCTRadiomicsEngine.prediction import features_by_region
+    from HRpQCTRadiomicsEngine.table import read_feature_csv, write_feature_csv
+
+    scan = read_scan(args.scan, units=args.units, calibration=calibration_from_args(args))
+    regions_map = read_region_map(args.regions_map, scan.hu.shape)
+    settings = model.radiomics_settings()
+    table = extract_features(scan.hu, regions_map, scan.spacing_mm, settings=settings,
+                             features=features_by_region(model.features),
+                             n_jobs=args.jobs, scan=scan_id_from_path(args.scan),
+                             subject=args.subject or scan_id_from_path(args.scan),
+                             progress=progress_from_args(args))
+    # Round-trip through the CSV reader so both input paths share one code path.
+    tmp = Path(args.output).with_suffix(".features.tmp.csv")
+    try:
+        write_feature_csv(tmp, table)
+        return read_feature_csv(tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def register(subparsers) -> None:
+    from HRpQCTRadiomicsEngine.classification import DEFAULT_MODEL, MODEL_KINDS
+
+    t = subparsers.add_parser(
+        "train-classifier", help="train an osteoporosis classifier on radiomic features",
+        description="Feature selection (variance 0.02 -> |r| > 0.9 -> LASSO) and a classifier, "
+                    "trained and evaluated with subject-grouped splits; image- and "
+                    "patient-level metrics with bootstrap confidence intervals. Research use; "
+                    "not a diagnostic device.",
+        epilog=_EPILOG_TRAIN, formatter_class=EXAMPLES_FORMATTER)
+    t.add_argument("features", nargs="+", help="feature CSV(s) from `hrpqct radiomics`")
+    t.add_argument("--labels", required=True, help="CSV with subject and 0/1 label columns")
+    t.add_argument("--subject-column", default="subject_id", help="default %(default)s")
+    t.add_argument("--label-column", default="osteoporosis", help="default %(default)s")
+    t.add_argument("--regions", required=True,
+                   help="comma-separated regions whose features are used (e.g. adipose)")
+    t.add_argument("--model", choices=MODEL_KINDS, default=DEFAULT_MODEL,
+                   help="classifier (default %(default)s)")
+    t.add_argument("-o", "--output", required=True, help="classifier file (.json)")
+    t.add_argument("--report", help="also write the evaluation report (JSON)")
+    t.add_argument("--test-fraction", type=float, default=0.2,
+                   help="fraction of subjects held out for testing (default %(default)s)")
+    t.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
+    t.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for confidence intervals (default 1000)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--drop-nonfinite", action="store_true",
+                   help="leave out features with NaN/infinite values instead of stopping")
+    add_settings_options(t)
+    add_overwrite_option(t)
+    t.set_defaults(func=run_train)
+
+    c = subparsers.add_parser(
+        "classify", help="osteoporosis probability from a scan or a feature table",
+        description="Apply a trained classifier: per-slice and per-subject osteoporosis "
+                    "probability. Research use only, not a diagnosis; the bundled/phantom "
+                    "classifiers are trained on synthetic data.",
+        epilog=_EPILOG_CLASSIFY, formatter_class=EXAMPLES_FORMATTER)
+    c.add_argument("model", help="classifier file (.json) from train-classifier")
+    c.add_argument("--features", nargs="+", help="feature CSV(s) from `hrpqct radiomics`")
+    c.add_argument("--scan", help="scan file: extract the needed features first")
+    c.add_argument("--regions-map", help="7-region label map of --scan")
+    c.add_argument("--subject", help="subject identifier (default: scan file name)")
+    c.add_argument("--jobs", type=int, default=None, help="worker processes for extraction")
+    c.add_argument("-o", "--output", required=True, help="predictions CSV")
+    add_units_options(c)
+    add_progress_option(c)
+    add_overwrite_option(c)
+    c.set_defaults(func=run_classify)

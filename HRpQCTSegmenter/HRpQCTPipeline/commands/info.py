@@ -1,0 +1,84 @@
+"""``hrpqct info``: versions, compute devices and bundled artefacts."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+
+ORDER = 0
+
+_DISTRIBUTIONS = (
+    "hrpqct-segmenter", "numpy", "scipy", "SimpleITK", "scikit-image", "scikit-learn",
+    "torch", "transformers", "safetensors", "pyradiomics-bhklab", "pyradiomics",
+    "aimio-py", "onnxruntime", "slicer-core",
+)
+
+
+def collect_info() -> dict:
+    """Versions, devices and artefact status as a JSON-ready dict."""
+    from HRpQCTCore.artefacts import list_artefacts
+
+    versions = {}
+    for dist in _DISTRIBUTIONS:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    devices: dict = {"cpu": {"threads": None}}
+    try:
+        import torch
+
+        devices["cpu"]["threads"] = torch.get_num_threads()
+        devices["cuda"] = (
+            [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
+        mps = getattr(torch.backends, "mps", None)
+        devices["mps"] = bool(mps and mps.is_available())
+    except ImportError:
+        devices["torch"] = "not installed"
+    artefacts = [
+        {"name": a.name, "kind": a.kind, "file": str(a.path), "present": a.present,
+         "checksum_ok": a.verify(), "description": a.description}
+        for a in list_artefacts()
+    ]
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "devices": devices,
+        "artefacts": artefacts,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"Python {info['python']} on {info['platform']}")
+    print("Packages:")
+    for name, version in info["versions"].items():
+        print(f"  {name:20s} {version or '-'}")
+    dev = info["devices"]
+    print("Devices:")
+    print(f"  cpu     threads={dev['cpu']['threads']}")
+    if "cuda" in dev:
+        print(f"  cuda    {', '.join(dev['cuda']) or 'not available'}")
+        print(f"  mps     {'available' if dev['mps'] else 'not available'}")
+    print("Bundled artefacts:")
+    for a in info["artefacts"]:
+        status = "ok" if a["checksum_ok"] else ("CHECKSUM MISMATCH" if a["present"] else "MISSING")
+        print(f"  {a['name']:28s} {a['kind']:12s} {status}")
+    bad = [a for a in info["artefacts"] if not a["checksum_ok"]]
+    return 6 if bad else 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "info", help="show versions, devices and bundled artefacts",
+        description="Show package versions, compute devices and the bundled artefacts with "
+                    "their checksum status. Exit code 6 if an artefact fails its checksum.")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=run)

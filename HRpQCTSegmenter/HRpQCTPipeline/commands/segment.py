@@ -1,0 +1,372 @@
+"""``hrpqct segment``, ``postprocess``, ``train-segmenter`` and ``evaluate-segmentation``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from HRpQCTCore.cli_options import (
+    EXAMPLES_FORMATTER,
+    add_overwrite_option,
+    add_progress_option,
+    add_units_options,
+    calibration_from_args,
+    check_can_write,
+    progress_from_args,
+)
+from HRpQCTCore.errors import ArtefactError, HRpQCTError, InputFileError
+
+if TYPE_CHECKING:
+    from HRpQCTSegmentationEngine.postprocess import PostprocessConfig
+
+ORDER = 20
+log = logging.getLogger("hrpqct")
+
+#: Name of the bundled SegFormer in resources/segmentation-artefacts.json.
+BUNDLED_MODEL = "segformer-b0-phantoms"
+#: Further artefacts of the bundled model folder, named ``<BUNDLED_MODEL>:<part>``.
+BUNDLED_MODEL_PARTS = ("config", "weights")
+
+LABEL_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def resolve_model_folder(model: str | None) -> Path:
+    """The model folder to use: the user's, or the bundled one after its checksum check."""
+    if model:
+        folder = Path(model)
+        if not folder.is_dir():
+            raise ArtefactError(
+                f"Model folder {folder} does not exist. Pass a folder written by "
+                "'hrpqct train-segmenter', or omit --model to use the bundled model.")
+        return folder
+    from HRpQCTCore.artefacts import verified_path
+
+    try:
+        # the folder's metadata, config and weights are separate artefacts: check all three
+        folder = verified_path(BUNDLED_MODEL).parent
+        for part in BUNDLED_MODEL_PARTS:
+            verified_path(f"{BUNDLED_MODEL}:{part}")
+        return folder
+    except ArtefactError as exc:
+        raise ArtefactError(
+            f"{exc}. No bundled segmentation model is available in this installation; train "
+            "one with 'hrpqct train-segmenter' and pass it with --model.") from None
+
+
+def _output_kind(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in LABEL_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    raise HRpQCTError(
+        f"Cannot tell the output format of {path}: use one of {', '.join(LABEL_SUFFIXES)}")
+
+
+def write_labels(labels: np.ndarray, reference, path: Path, *, regions: bool) -> None:
+    """Write a label volume as ``.seg.nrrd`` (Slicer segmentation) or a plain label map."""
+    from HRpQCTCore.io import write_label_map
+
+    kind = _output_kind(path)
+    if kind == ".seg.nrrd":
+        from HRpQCTCore.io.segnrrd import write_seg_nrrd
+        from HRpQCTCore.regions import NETWORK_CLASSES, REGIONS
+
+        defs = REGIONS if regions else NETWORK_CLASSES[1:]
+        write_seg_nrrd(labels, reference, path, regions=defs)
+    else:
+        write_label_map(labels, reference, path)
+
+
+# ------------------------------------------------------------------------------------------
+# segment
+# ------------------------------------------------------------------------------------------
+def _postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
+    from HRpQCTSegmentationEngine.postprocess import preset
+
+    config = preset(args.preset)
+    return config.without_surface_refinement() if args.keep_surfaces else config
+
+
+def _add_postprocess_options(p: argparse.ArgumentParser) -> None:
+    """``--preset`` and ``--keep-surfaces``, read back by :func:`_postprocess_config`."""
+    p.add_argument("--preset", choices=("default", "paper"), default="default",
+                   help="post-processing settings (paper: the paper's rules exactly)")
+    p.add_argument("--keep-surfaces", action="store_true",
+                   help="keep the network's skin and bone surfaces (no refinement to the HU "
+                        "edges; the paper preset never refines them)")
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from HRpQCTCore.io import read_scan, write_label_map
+    from HRpQCTSegmentationEngine.inference import run_segmentation
+    from HRpQCTSegmentationEngine.postprocess import postprocess
+
+    output = Path(args.output)
+    outputs = [output] + ([Path(args.rings)] if args.rings else []) + (
+        [Path(args.qc_json)] if args.qc_json else [])
+    _output_kind(output)
+    check_can_write(outputs, args.overwrite)
+    folder = resolve_model_folder(args.model)
+    progress = progress_from_args(args)
+    scan = read_scan(args.input, units=args.units, calibration=calibration_from_args(args))
+    seg = run_segmentation(scan.hu, folder, batch_size=args.batch_size, device=args.device,
+                           fast=not args.no_fast, engine=args.engine, progress=progress)
+    labels, warnings = seg.labels, []
+    if not args.classes_only:
+        config = _postprocess_config(args)
+        result = postprocess(seg.labels, scan.hu, scan.spacing_mm, config,
+                             with_rings=bool(args.rings), progress=progress)
+        labels, warnings = result.regions, result.warnings
+        if args.rings:
+            write_label_map(result.rings, scan, Path(args.rings))
+    write_labels(labels, scan, output, regions=not args.classes_only)
+    if args.qc_json:
+        from HRpQCTCore.atomic import write_text_atomic
+
+        qc = {"model": str(folder), "device": seg.device, "engine": seg.engine,
+              "seconds": seg.seconds, "warnings": warnings,
+              "slice_confidence": [float(v) for v in seg.slice_confidence],
+              "slice_foreground_confidence": [
+                  None if np.isnan(v) else float(v) for v in seg.slice_foreground_confidence]}
+        write_text_atomic(Path(args.qc_json), json.dumps(qc, indent=2))
+    for message in warnings:
+        log.warning(message)
+    log.info("Segmented %s in %.1f s on %s (%s) -> %s", args.input, seg.seconds, seg.device,
+             seg.engine, output)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# postprocess
+# ------------------------------------------------------------------------------------------
+def run_postprocess(args: argparse.Namespace) -> int:
+    from HRpQCTCore.io import read_scan, write_label_map
+    from HRpQCTSegmentationEngine.postprocess import postprocess
+
+    output = Path(args.output)
+    _output_kind(output)
+    check_can_write([output] + ([Path(args.rings)] if args.rings else []), args.overwrite)
+    scan = read_scan(args.scan, units=args.units, calibration=calibration_from_args(args))
+    classes = _read_labels(args.classes, scan)
+    config = _postprocess_config(args)
+    result = postprocess(classes, scan.hu, scan.spacing_mm, config, with_rings=bool(args.rings),
+                         progress=progress_from_args(args))
+    write_labels(result.regions, scan, output, regions=True)
+    if args.rings:
+        write_label_map(result.rings, scan, Path(args.rings))
+    for message in result.warnings:
+        log.warning(message)
+    return 0
+
+
+def _read_labels(path: str | Path, reference) -> np.ndarray:
+    """Read a label volume and check it lies on the reference scan's grid."""
+    path = Path(path)
+    if path.name.lower().endswith(".seg.nrrd"):
+        from HRpQCTCore.io.segnrrd import read_seg_nrrd
+
+        labels, _ = read_seg_nrrd(path)
+    else:
+        from HRpQCTCore.io import read_scan
+
+        labels = read_scan(path, units="hu").hu
+    labels = np.asarray(labels)
+    if labels.shape != reference.hu.shape:
+        raise InputFileError(
+            f"Label volume {path} has shape {labels.shape}, the scan {reference.hu.shape}: "
+            "they must share one grid")
+    if labels.min() < 0 or labels.max() > 255 or not np.all(np.equal(np.mod(labels, 1), 0)):
+        raise InputFileError(f"{path} does not hold integer labels 0..255")
+    return labels.astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------
+# train-segmenter
+# ------------------------------------------------------------------------------------------
+def run_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from HRpQCTSegmentationEngine.training import (
+        TrainingConfig,
+        read_training_manifest,
+        train_segmenter,
+    )
+
+    cases = read_training_manifest(args.manifest)
+    config = TrainingConfig()
+    overrides = {k: getattr(args, k) for k in (
+        "architecture", "variant", "crop_px", "batch_size", "epochs", "steps_per_epoch",
+        "learning_rate", "slices_per_scan", "seed", "validation_fraction")
+        if getattr(args, k) is not None}
+    config = replace(config, **overrides)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise HRpQCTError(
+            f"Model folder {out} is not empty. Pass --resume to continue its training, "
+            "--overwrite to replace it, or choose another folder.")
+    result = train_segmenter(
+        cases, out, config=config, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+        init_from=args.init_from, device=args.device, max_steps=args.max_steps,
+        progress=progress_from_args(args))
+    best = result["best"]
+    print(json.dumps({"step": result["step"], "total_steps": result["total_steps"],
+                      "finished": result["finished"], "best": best}, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# evaluate-segmentation
+# ------------------------------------------------------------------------------------------
+def run_evaluate(args: argparse.Namespace) -> int:
+    from HRpQCTSegmentationEngine.metrics import (
+        format_class_table,
+        scores_from_labels,
+        summarise_scores,
+    )
+
+    rows = _read_eval_manifest(Path(args.manifest))
+    scores = []
+    for row in rows:
+        truth = _read_any_labels(row["truth"])
+        pred = _read_any_labels(row["prediction"])
+        if truth.shape != pred.shape:
+            raise InputFileError(
+                f"{row['prediction']} has shape {pred.shape}, its truth {truth.shape}")
+        if args.labels == "classes" and truth.max() > 5:
+            from HRpQCTCore.regions import regions_to_classes
+
+            truth = regions_to_classes(truth)
+        scores.append(scores_from_labels(truth, pred))
+    summary = summarise_scores(scores)
+    print(format_class_table(summary))
+    if args.json:
+        from HRpQCTCore.atomic import write_text_atomic
+
+        write_text_atomic(Path(args.json), json.dumps(summary.to_dict(), indent=2))
+    return 0
+
+
+def _read_eval_manifest(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise InputFileError(f"Manifest {path} does not exist")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not {"prediction", "truth"} <= set(reader.fieldnames or ()):
+            raise InputFileError(f"Manifest {path} needs columns 'prediction' and 'truth'")
+        rows = [{k: str(path.parent / v) if k in ("prediction", "truth") else v
+                 for k, v in row.items()} for row in reader]
+    if not rows:
+        raise InputFileError(f"Manifest {path} lists no scans")
+    return rows
+
+
+def _read_any_labels(path: str) -> np.ndarray:
+    if path.lower().endswith(".seg.nrrd"):
+        from HRpQCTCore.io.segnrrd import read_seg_nrrd
+
+        return np.asarray(read_seg_nrrd(path)[0], dtype=np.uint8)
+    from HRpQCTCore.io import read_scan
+
+    return np.asarray(read_scan(path, units="hu").hu).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------
+# registration
+# ------------------------------------------------------------------------------------------
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "segment", help="segment a scan into the 7 regions (or the 5 network classes)",
+        formatter_class=EXAMPLES_FORMATTER,
+        description=(
+            "Segment every slice with the SegFormer, then post-process into the seven regions "
+            "(tibial/fibular cortical and trabecular bone, skin, myotendinous and adipose "
+            "tissue). The bundled model is trained on synthetic phantoms: research use only.\n\n"
+            "examples:\n"
+            "  hrpqct segment scan.AIM scan_regions.seg.nrrd      # open in 3D Slicer\n"
+            "  hrpqct segment scan.nii.gz regions.nii.gz --model my_model/ --device cuda\n"
+            "  hrpqct segment scan.nii.gz classes.nii.gz --classes-only"))
+    p.add_argument("input", help="scan (AIM, ISQ, NIfTI, NRRD, MHA, DICOM folder)")
+    p.add_argument("output", help="label output: .seg.nrrd (Slicer), .nii.gz, .nrrd or .mha")
+    p.add_argument("--model", help="model folder (default: the bundled model)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default auto)")
+    p.add_argument("--batch-size", type=int,
+                   help="slices per forward pass (default: 1 on CPU, 4 on GPU)")
+    p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
+                   help="auto: ONNX Runtime on the CPU when installed (fastest), else torch")
+    p.add_argument("--no-fast", action="store_true", help="disable the exact folded decoder")
+    p.add_argument("--classes-only", action="store_true",
+                   help="write the network's 5 classes, without post-processing")
+    _add_postprocess_options(p)
+    p.add_argument("--rings", metavar="PATH", help="also write soft-tissue distance rings")
+    p.add_argument("--qc-json", metavar="PATH", help="write per-slice confidence and warnings")
+    add_units_options(p)
+    add_progress_option(p)
+    add_overwrite_option(p)
+    p.set_defaults(func=run_segment)
+
+    p = subparsers.add_parser(
+        "postprocess", help="clean a 5-class prediction and split soft tissue into 7 regions",
+        formatter_class=EXAMPLES_FORMATTER,
+        description=("Apply the post-processing rules to a 5-class label volume.\n\n"
+                     "example:\n  hrpqct postprocess scan.nii.gz classes.nii.gz "
+                     "regions.seg.nrrd --rings rings.nii.gz"))
+    p.add_argument("scan", help="the scan the labels belong to (HU needed for soft tissue)")
+    p.add_argument("classes", help="5-class label volume on the scan's grid")
+    p.add_argument("output", help=".seg.nrrd, .nii.gz, .nrrd or .mha")
+    _add_postprocess_options(p)
+    p.add_argument("--rings", metavar="PATH", help="also write soft-tissue distance rings")
+    add_units_options(p)
+    add_progress_option(p)
+    add_overwrite_option(p)
+    p.set_defaults(func=run_postprocess)
+
+    p = subparsers.add_parser(
+        "train-segmenter", help="train the SegFormer (or U-Net baseline) on labelled scans",
+        formatter_class=EXAMPLES_FORMATTER,
+        description=(
+            "Train on image + 5-class label volumes listed in a CSV (columns subject, image, "
+            "labels; a phantom cohort's manifest.csv also works). Validation uses whole "
+            "subjects never seen in training. Interrupted runs continue with --resume.\n\n"
+            "examples:\n"
+            "  hrpqct train-segmenter --manifest cohort/manifest.csv --out my_model\n"
+            "  hrpqct train-segmenter --manifest mine.csv --out m --checkpoint-dir /scratch/ck "
+            "--resume --max-steps 500"))
+    p.add_argument("--manifest", required=True, help="CSV of training scans")
+    p.add_argument("--out", required=True, help="folder for the best model")
+    p.add_argument("--checkpoint-dir", help="resumable state (default OUT/checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--architecture", choices=("segformer", "unet"))
+    p.add_argument("--variant", help="SegFormer variant b0..b5 (default b0)")
+    p.add_argument("--init-from", help="3-channel pretrained SegFormer folder (HF format)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--crop-px", type=int, help="training patch size (800 = whole slices)")
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--slices-per-scan", type=int)
+    p.add_argument("--validation-fraction", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps in this call")
+    p.add_argument("--device", default="auto")
+    add_progress_option(p)
+    add_overwrite_option(p)
+    p.set_defaults(func=run_train)
+
+    p = subparsers.add_parser(
+        "evaluate-segmentation", help="per-class IoU and F1 (mean ± SD over scans)",
+        formatter_class=EXAMPLES_FORMATTER,
+        description=("Compare predicted label volumes with ground truth; prints the table in "
+                     "the layout of the paper's segmentation table.\n\nexample:\n"
+                     "  hrpqct evaluate-segmentation pairs.csv --json scores.json\n"
+                     "(pairs.csv has columns prediction, truth)"))
+    p.add_argument("manifest", help="CSV with columns prediction, truth")
+    p.add_argument("--labels", choices=("classes", "regions"), default="classes",
+                   help="compare 5-class maps (7-region truth is collapsed) or 7-region maps")
+    p.add_argument("--json", metavar="PATH", help="write the scores as JSON")
+    p.set_defaults(func=run_evaluate)

@@ -1,0 +1,360 @@
+"""Segmenting a whole scan with a trained network, slice batch by slice batch.
+
+Memory stays bounded: the output is one ``uint8`` label volume; inputs are cropped, scaled and
+resized one batch at a time, and the full-resolution class scores of one slice at a time are
+reduced to labels at once (no per-class float volume). A 168 x 1600 x 1600 scan needs its own
+HU array, 0.43 GB of labels and a few hundred MB of working memory.
+
+Engines: ``"torch"`` (any device; with ``fast=True`` the decoder is folded exactly, see
+:mod:`.fast`) and ``"onnx"`` (ONNX Runtime on the CPU, fastest there; needs the ``fast``
+extra, i.e. ``onnx`` and ``onnxruntime``). ``"auto"`` (default) uses ONNX Runtime for a
+SegFormer on the CPU when both packages are installed and ``fast`` is set, else torch; if the
+export fails it falls back to torch with a warning. ``device="auto"`` picks CUDA, then Apple
+MPS, then the CPU; if the GPU runs out of memory the run continues on the CPU with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from HRpQCTCore.errors import HRpQCTError, InvalidScanError
+from HRpQCTCore.progress import CancelToken, ProgressCallback, check, report
+from HRpQCTCore.regions import BACKGROUND
+from HRpQCTSegmentationEngine.preprocessing import (
+    CropBox,
+    PreprocessingConfig,
+    crop_box_for_scan,
+    logits_to_labels_batch,
+    preprocess_slices,
+    validate_volume,
+)
+
+__all__ = [
+    "SegmentationResult",
+    "segment_volume",
+    "run_segmentation",
+    "prepare_segmenter",
+    "ENGINES",
+]
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "onnx")
+DEFAULT_GPU_BATCH = 4
+PROGRESS_STAGE = "segmenting slices"
+
+
+@dataclass
+class SegmentationResult:
+    """Output of :func:`run_segmentation`.
+
+    Attributes
+    ----------
+    labels:
+        ``uint8`` ``[z, y, x]`` network-class labels (values of
+        :data:`~HRpQCTCore.regions.NETWORK_CLASSES`), on the scan's grid.
+    slice_confidence:
+        Per slice, the mean over the low-resolution logit pixels inside the scan of the
+        largest softmax probability (1 = certain). For quality control.
+    slice_foreground_confidence:
+        The same restricted to pixels not predicted as background (NaN if none): air is easy,
+        so this is the more sensitive figure for the leg itself.
+    crop_box:
+        The crop window used for every slice.
+    device:
+        Where the network finally ran (``"cpu"`` after an out-of-memory fallback).
+    engine:
+        ``"torch"``, ``"torch-fast"`` or ``"onnx"``.
+    seconds:
+        Wall time of the run.
+    """
+
+    labels: np.ndarray
+    slice_confidence: np.ndarray
+    slice_foreground_confidence: np.ndarray
+    crop_box: CropBox
+    device: str
+    engine: str
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------
+# Model preparation and device handling
+# ------------------------------------------------------------------------------------------
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _move(tensor_or_module, device):
+    """Move to ``device`` (one place, so GPU transfers can be simulated in tests)."""
+    return tensor_or_module.to(device)
+
+
+class _TorchRunner:
+    """Calls a torch model on a device; falls back to the CPU when the GPU memory runs out."""
+
+    def __init__(self, model, device, engine: str) -> None:
+        self.model = _move(model, device)
+        self.device = device
+        self.engine = engine
+
+    def __call__(self, batch):
+        import torch
+
+        try:
+            return self._forward(batch)
+        except Exception as exc:
+            if self.device.type == "cpu" or not _is_oom(exc):
+                raise
+            log.warning("Out of %s memory (%s); continuing on the CPU (slower). Use a "
+                        "smaller batch size to stay on the GPU.", self.device.type,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.device = torch.device("cpu")
+            self.model = _move(self.model, self.device)
+            return self._forward(batch)
+
+    def _forward(self, batch):
+        out = self.model(_move(batch, self.device))
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits.float()  # stays on the device: upsampling and arg-max run there too
+
+
+class _OnnxRunner:
+    def __init__(self, segmenter) -> None:
+        self.segmenter = segmenter
+        self.engine = "onnx"
+        self.device = None
+
+    def __call__(self, batch):
+        return self.segmenter(batch)
+
+
+def prepare_segmenter(model_or_folder: Any, *, config: PreprocessingConfig | None = None,
+                      device: str | Any = "auto", fast: bool = True, engine: str = "auto",
+                      num_threads: int | None = None):
+    """Resolve a model (object or folder) into a runner and its preprocessing settings.
+
+    Returns ``(runner, config)``; ``runner(batch)`` maps ``[B, 1, H, W]`` float32 CPU tensors
+    to float32 logits ``[B, K, h, w]`` (on the runner's device). Building it once and passing it as
+    ``model_or_folder`` to :func:`run_segmentation` avoids repeating an ONNX export for many
+    scans.
+    """
+    from HRpQCTSegmentationEngine.fast import FastSegformer, OnnxSegmenter, onnx_available
+    from HRpQCTSegmentationEngine.model import load_model, read_model_metadata, resolve_device
+
+    if isinstance(model_or_folder, (_TorchRunner, _OnnxRunner)):
+        return model_or_folder, config or PreprocessingConfig()
+    if engine not in ENGINES:
+        raise HRpQCTError(f"Unknown inference engine {engine!r}; use one of {', '.join(ENGINES)}")
+    model = model_or_folder
+    if isinstance(model_or_folder, (str, Path)):
+        metadata = read_model_metadata(model_or_folder)
+        config = config or metadata.preprocessing
+        model = load_model(model_or_folder, device="cpu")
+    config = config or PreprocessingConfig()
+    if isinstance(model, OnnxSegmenter):
+        return _OnnxRunner(model), config
+    if not callable(model):
+        raise HRpQCTError(f"Not a model or model folder: {type(model_or_folder)!r}")
+    if hasattr(model, "eval"):
+        model.eval()
+    is_segformer = hasattr(model, "decode_head") and hasattr(model, "segformer")
+    torch_device = resolve_device(device)
+    if engine == "auto":
+        engine = "onnx" if (torch_device.type == "cpu" and is_segformer and fast
+                            and onnx_available()) else "torch"
+        if engine == "onnx":
+            try:
+                return _onnx_runner(model, config, num_threads), config
+            except Exception as exc:  # any export problem: the torch engine still works
+                log.warning("ONNX export failed (%s); using the torch engine instead.",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                engine = "torch"
+    if engine == "onnx":
+        return _onnx_runner(model, config, num_threads), config
+    if fast and is_segformer:
+        return _TorchRunner(FastSegformer(model), torch_device, "torch-fast"), config
+    return _TorchRunner(model, torch_device, "torch"), config
+
+
+def _onnx_runner(model, config: PreprocessingConfig, num_threads: int | None) -> _OnnxRunner:
+    from HRpQCTSegmentationEngine.fast import OnnxSegmenter
+
+    log.info("Exporting the model to ONNX for ONNX Runtime (CPU; takes a few seconds)")
+    return _OnnxRunner(OnnxSegmenter.from_model(model, input_yx=config.input_yx,
+                                                num_threads=num_threads))
+
+
+@contextmanager
+def _torch_threads(num_threads: int | None):
+    """Temporarily set torch's intra-op threads (restored after, not to disturb a host app)."""
+    import torch
+
+    if not num_threads:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(num_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _inside_scan_mask(box: CropBox, logits_yx: tuple[int, int],
+                      shape_yx: tuple[int, int]) -> np.ndarray:
+    """Low-resolution logit pixels whose centre falls inside the scan (not in padding)."""
+    masks = []
+    for start, size, n_low, n_scan in zip((box.y0, box.x0), box.shape, logits_yx, shape_yx,
+                                          strict=True):
+        centres = start + (np.arange(n_low) + 0.5) * (size / n_low) - 0.5
+        masks.append((centres >= -0.5) & (centres <= n_scan - 0.5))
+    return masks[0][:, None] & masks[1][None, :]
+
+
+def _confidences(logits, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    probabilities = torch.softmax(logits.float(), dim=1)
+    top, label = probabilities.max(dim=1)
+    top, label = top.numpy(), label.numpy()
+    if inside.shape != top.shape[1:]:
+        inside = np.ones(top.shape[1:], dtype=bool)
+    overall = np.empty(top.shape[0], dtype=np.float32)
+    foreground = np.empty(top.shape[0], dtype=np.float32)
+    for i in range(top.shape[0]):
+        overall[i] = top[i][inside].mean() if inside.any() else np.nan
+        fg = inside & (label[i] != BACKGROUND.label)
+        foreground[i] = top[i][fg].mean() if fg.any() else np.nan
+    return overall, foreground
+
+
+# ------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------
+def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
+                     config: PreprocessingConfig | None = None, batch_size: int | None = None,
+                     device: str | Any = "auto", fast: bool = True, engine: str = "auto",
+                     num_threads: int | None = None, progress: ProgressCallback | None = None,
+                     cancel: CancelToken | None = None) -> SegmentationResult:
+    """Segment a scan into the network's classes; see :func:`segment_volume` for parameters.
+
+    Returns
+    -------
+    SegmentationResult
+        Labels plus per-slice confidence, crop box, device and timing.
+    """
+    import torch
+
+    start = time.perf_counter()
+    volume = validate_volume(hu_volume)
+    if batch_size is not None and batch_size < 1:
+        raise HRpQCTError(f"batch_size must be at least 1, got {batch_size}")
+    runner, config = prepare_segmenter(model_or_folder, config=config, device=device,
+                                       fast=fast, engine=engine, num_threads=num_threads)
+    if batch_size is None:
+        # On the CPU larger batches only add memory; a GPU is used better with a few slices.
+        on_gpu = runner.device is not None and runner.device.type != "cpu"
+        batch_size = DEFAULT_GPU_BATCH if on_gpu else 1
+    nz, ny, nx = volume.shape
+    box = crop_box_for_scan(volume, config)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    confidence = np.full(nz, np.nan, dtype=np.float32)
+    foreground_confidence = np.full(nz, np.nan, dtype=np.float32)
+    inside = _inside_scan_mask(box, config.logits_yx, (ny, nx))
+    check_finite = not np.issubdtype(volume.dtype, np.integer)
+    report(progress, 0, nz, PROGRESS_STAGE)
+    with _torch_threads(num_threads), torch.inference_mode():
+        for z0 in range(0, nz, batch_size):
+            check(cancel)
+            z1 = min(z0 + batch_size, nz)
+            slices = volume[z0:z1]
+            if check_finite and not np.isfinite(slices).all():
+                raise InvalidScanError(
+                    f"Slices {z0}..{z1 - 1} contain NaN or infinite values; the scan is "
+                    "damaged or was converted wrongly. Re-export it, or replace the invalid "
+                    "voxels (e.g. with -1000 HU) before segmenting.")
+            pixel_values = preprocess_slices(slices, box, config)
+            logits = runner(pixel_values)
+            confidence[z0:z1], foreground_confidence[z0:z1] = _confidences(logits.cpu(), inside)
+            labels[z0:z1] = logits_to_labels_batch(logits, box, (ny, nx), config)
+            del pixel_values, logits
+            report(progress, z1, nz, PROGRESS_STAGE)
+    device_name = "cpu" if runner.device is None else str(runner.device)
+    return SegmentationResult(
+        labels=labels, slice_confidence=confidence,
+        slice_foreground_confidence=foreground_confidence, crop_box=box,
+        device=device_name, engine=runner.engine, seconds=time.perf_counter() - start)
+
+
+def segment_volume(hu_volume: Any, model_or_folder: Any, *,
+                   config: PreprocessingConfig | None = None, batch_size: int | None = None,
+                   device: str | Any = "auto", fast: bool = True, engine: str = "auto",
+                   num_threads: int | None = None, progress: ProgressCallback | None = None,
+                   cancel: CancelToken | None = None) -> np.ndarray:
+    """Segment a scan ``[z, y, x]`` in HU into the network's five classes plus background.
+
+    Parameters
+    ----------
+    hu_volume:
+        3D array in HU (or a :class:`~HRpQCTCore.scan.Scan`).
+    model_or_folder:
+        A model folder saved by :func:`.model.save_model`, a ``SegformerForSemanticSegmentation``
+        (or the project's U-Net, or a :class:`.fast.FastSegformer` /
+        :class:`.fast.OnnxSegmenter`), or a runner from :func:`prepare_segmenter` (then pass
+        the config it returned, too).
+    config:
+        Preprocessing; default: the model folder's saved settings, else the paper's.
+    batch_size:
+        Slices per forward pass; default 1 on the CPU (larger batches are not faster there
+        and need more memory), 4 on a GPU.
+    device:
+        ``"auto"`` (CUDA, MPS, CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
+    fast:
+        Fold the SegFormer decoder (exact; ~2x faster at 800 x 800 on a CPU). ``False``
+        runs the stock transformers model with torch (the reference).
+    engine:
+        ``"auto"`` (ONNX Runtime on the CPU if installed, else torch), ``"torch"``, or
+        ``"onnx"`` (ONNX Runtime, CPU only; exporting takes a few seconds per call -- reuse
+        a runner from :func:`prepare_segmenter` for many scans).
+    num_threads:
+        CPU threads for torch (restored afterwards) and ONNX Runtime during the run
+        (default: their own setting, one per physical core).
+    progress, cancel:
+        Progress callback (called after each batch) and cancellation token (checked before
+        each batch).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` label volume of the input's shape. Use :func:`run_segmentation` to also get
+        per-slice confidences.
+
+    Raises
+    ------
+    InvalidScanError
+        If the input is not a finite 3D grey-value volume.
+    ArtefactError
+        If a model folder is incomplete, damaged, or fails its checksum.
+    CancelledError
+        If ``cancel`` was set.
+    """
+    return run_segmentation(
+        hu_volume, model_or_folder, config=config, batch_size=batch_size, device=device,
+        fast=fast, engine=engine, num_threads=num_threads, progress=progress,
+        cancel=cancel).labels
+

@@ -1,0 +1,96 @@
+"""Post-processing: clean the network's five classes and split soft tissue into seven regions.
+
+Entry point: :func:`postprocess`. Settings: :class:`PostprocessConfig` (presets ``PAPER`` and
+``DEFAULT``). Bone rules live in :mod:`.bone`, the refinement of the skin and periosteal
+surfaces to the scan's HU edges in :mod:`.surfaces`, soft-tissue rules and distance rings in
+:mod:`.soft_tissue`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from HRpQCTCore.progress import CancelToken, ProgressCallback, check, report
+from HRpQCTSegmentationEngine.postprocess.bone import clean_classes
+from HRpQCTSegmentationEngine.postprocess.config import DEFAULT, PAPER, PostprocessConfig, preset
+from HRpQCTSegmentationEngine.postprocess.soft_tissue import distance_rings, subdivide_soft_tissue
+from HRpQCTSegmentationEngine.postprocess.surfaces import refine_surfaces
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT", "PAPER", "PostprocessConfig", "PostprocessResult", "postprocess",
+           "preset", "clean_classes", "refine_surfaces", "subdivide_soft_tissue",
+           "distance_rings"]
+
+
+@dataclass
+class PostprocessResult:
+    """What :func:`postprocess` returns.
+
+    Attributes
+    ----------
+    regions:
+        7-region label volume (uint8), the input's shape.
+    classes:
+        Cleaned 5-class label volume (uint8).
+    rings:
+        Soft-tissue distance-ring index volume (see :func:`distance_rings`) or None.
+    warnings:
+        Messages a reader must see (missing fibula, open cortex, ...).
+    """
+
+    regions: np.ndarray
+    classes: np.ndarray
+    rings: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def postprocess(classes: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, float, float],
+                config: PostprocessConfig | None = None, *, with_rings: bool = False,
+                workers: int = 2, progress: ProgressCallback | None = None,
+                cancel: CancelToken | None = None) -> PostprocessResult:
+    """Clean a 5-class prediction and subdivide soft tissue into the 7 regions.
+
+    Parameters
+    ----------
+    classes:
+        Network prediction ``[z, y, x]`` with values 0..5.
+    hu:
+        The scan in HU on the same grid.
+    spacing_mm:
+        Voxel size ``(z, y, x)`` in mm.
+    config:
+        Settings; default :data:`DEFAULT`.
+    with_rings:
+        Also compute the soft-tissue distance rings around the tibia.
+    """
+    config = config or DEFAULT
+    classes = np.asarray(classes)
+    if classes.ndim != 3 or hu.shape != classes.shape:
+        raise ValueError(
+            f"Expected 3D labels and image of one shape, got {classes.shape} and {hu.shape}")
+    if classes.size and classes.max() > 5:
+        raise ValueError(
+            f"Label values up to {classes.max()} found: post-processing takes the network's "
+            "5-class map (0..5), not a 7-region map")
+    report(progress, 0, 4, "post-processing")
+    cleaned, warnings = clean_classes(classes, spacing_mm, config, workers=workers)
+    for message in warnings:
+        log.warning(message)
+    check(cancel)
+    report(progress, 1, 4, "post-processing")
+    refine_surfaces(cleaned, hu, spacing_mm, config, workers=workers, cancel=cancel)
+    check(cancel)
+    report(progress, 2, 4, "post-processing")
+    regions = subdivide_soft_tissue(cleaned, hu, spacing_mm, config, workers=workers,
+                                    cancel=cancel)
+    report(progress, 3, 4, "post-processing")
+    rings = None
+    if with_rings:
+        check(cancel)
+        rings = distance_rings(cleaned, spacing_mm, config.ring_radii_mm, workers=workers)
+    report(progress, 4, 4, "post-processing")
+    return PostprocessResult(regions=regions, classes=cleaned, rings=rings, warnings=warnings)

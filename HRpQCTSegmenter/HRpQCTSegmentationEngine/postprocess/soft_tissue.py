@@ -1,0 +1,386 @@
+"""Soft tissue -> skin, myotendinous tissue and adipose tissue; distance rings around the tibia.
+
+The paper's rules, in physical units (all settings in :class:`.config.PostprocessConfig`):
+
+1. **skin**: soft tissue within ``skin_width_mm`` (2 mm) of the leg surface, measured in-plane
+   with the real pixel spacing (exact Euclidean distance, per slice);
+2. **seeds**: in the remaining soft tissue, voxels in the tendon window (100..600 HU) seed
+   myotendinous tissue and voxels in the fat window (-600..-200 HU) seed adipose tissue;
+3. **growth**: seeds grow competitively (one voxel ring per step, both kinds at once; ties go
+   by the split threshold) through unassigned soft tissue for ``seed_growth_mm``;
+4. **split**: voxels still unassigned are myotendinous above ``split_hu`` (-50 HU) and adipose
+   at or below.
+
+Optionally (this project's default) the HU used by rules 2-4 are first replaced by their mean
+over a cube of ``smoothing_window_mm`` restricted to soft tissue (normalised convolution, so
+bone and air do not bleed in). The work is done slab by slab and slice by slice in threads:
+memory stays bounded by a slab (two float32 arrays), not the scan.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from HRpQCTCore.progress import CancelToken, ProgressCallback, check, report
+from HRpQCTCore.regions import BONE_REGIONS, class_by_name, classes_to_regions, region_by_name
+from HRpQCTSegmentationEngine.postprocess.bone import dilate_cross, fill_holes
+from HRpQCTSegmentationEngine.postprocess.config import PostprocessConfig
+
+__all__ = ["subdivide_soft_tissue", "distance_rings", "smooth_within"]
+
+SOFT = class_by_name("soft_tissue").label
+SKIN = region_by_name("skin").label
+MYOTENDINOUS = region_by_name("myotendinous").label
+ADIPOSE = region_by_name("adipose").label
+TIBIA_CLASSES = (class_by_name("tibial_cortical").label, class_by_name("tibial_trabecular").label)
+
+_CROSS_2D = ndi.generate_binary_structure(2, 1)
+
+
+def _slab_bounds(n: int, slab: int, halo: int):
+    for z0 in range(0, n, slab):
+        z1 = min(n, z0 + slab)
+        yield z0, z1, max(0, z0 - halo), min(n, z1 + halo)
+
+
+def _window_voxels(window_mm: float, spacing_mm) -> tuple[int, ...]:
+    """Odd window sizes (in voxels) closest to ``window_mm`` along each axis."""
+    return tuple(max(1, 2 * round(window_mm / float(s) / 2) + 1) for s in spacing_mm)
+
+
+def _box_sums(hu: np.ndarray, mask: np.ndarray, window_vox: tuple[int, int, int],
+              num: np.ndarray, den: np.ndarray, pool: ThreadPoolExecutor | None = None) -> None:
+    """Box means of ``hu * mask`` into ``num`` and of ``mask`` into ``den`` (float32, in place).
+
+    The two filters run side by side when a ``pool`` is given. In-place filtering gives the
+    same bits as scipy's out-of-place call (scipy filters axes 1 and 2 in place itself).
+    """
+    np.copyto(num, hu, casting="unsafe")
+    np.copyto(num, 0, where=~mask)
+    np.copyto(den, mask)
+
+    def run(a: np.ndarray) -> None:
+        ndi.uniform_filter(a, window_vox, mode="nearest", output=a)
+
+    if pool is None:
+        run(num)
+        run(den)
+    else:
+        list(pool.map(run, (num, den)))
+
+
+def smooth_within(hu: np.ndarray, mask: np.ndarray, window_vox: tuple[int, int, int]
+                  ) -> np.ndarray:
+    """Mean of ``hu`` over a box window using only voxels inside ``mask``.
+
+    Normalised convolution: ``box(hu * mask) / box(mask)``. Returns float32 with the local mean
+    inside ``mask`` and the raw value outside.
+    """
+    num = np.empty(hu.shape, dtype=np.float32)
+    den = np.empty(hu.shape, dtype=np.float32)
+    _box_sums(hu, mask, window_vox, num, den)
+    out = np.asarray(hu, dtype=np.float32).copy()
+    inside = mask & (den > _MIN_WEIGHT)
+    np.divide(num, den, out=out, where=inside)
+    return out
+
+
+#: Below this fraction of soft tissue in the window the local mean is not used (raw HU).
+_MIN_WEIGHT = 1e-3
+
+
+def _tie_at(width_mm: float, spacing_yx) -> bool:
+    """Whether some pixel offset lies (numerically) exactly ``width_mm`` away.
+
+    Only then can the rounding of a distance decide ``distance <= width``; otherwise every
+    exact method gives the same band as scipy's Euclidean distance transform.
+    """
+    sy, sx = spacing_yx
+    dy = np.arange(int(width_mm / sy) + 2, dtype=np.float64)[:, None] * sy
+    dx = np.arange(int(width_mm / sx) + 2, dtype=np.float64)[None, :] * sx
+    gap = np.abs(dy * dy + dx * dx - width_mm * width_mm)
+    return bool((gap <= 1e-9 * max(width_mm * width_mm, 1e-12)).any())
+
+
+def _half_widths(width_mm: float, spacing_yx) -> np.ndarray:
+    """For a row offset ``g`` (pixels), the largest column offset still within ``width_mm``.
+
+    Entry ``g`` for small ``g``; ``-big`` where no column offset is (the last entry stands for
+    every larger ``g``).
+    """
+    sy, sx = spacing_yx
+    rows = int(width_mm / sy) + 1
+    out = np.full(rows + 2, -(2**30), dtype=np.int64)
+    for g in range(rows + 1):
+        rest = width_mm * width_mm - (g * sy) ** 2
+        if rest < 0:
+            continue
+        k = int(np.sqrt(rest) / sx)
+        while k > 0 and (k * sx) ** 2 > rest:
+            k -= 1
+        while ((k + 1) * sx) ** 2 <= rest:
+            k += 1
+        out[g] = k
+    return out
+
+
+def _within_of_outside(inside: np.ndarray, width_mm: float, spacing_yx) -> np.ndarray:
+    """Pixels within ``width_mm`` (in-plane Euclidean) of a pixel not in ``inside``.
+
+    Everything beyond the array counts as outside. Exact: a column pass finds, per pixel, the
+    row distance ``g`` to the nearest outside pixel of its column; a pixel is then within reach
+    iff some pixel of its row at column distance ``d`` has ``(sy g)^2 + (sx d)^2 <= width^2``,
+    a union of intervals found with a running maximum and minimum along the rows. About four
+    times faster than a distance transform, and no float64 distance image.
+    """
+    h, w = inside.shape
+    half = _half_widths(width_mm, spacing_yx)
+    # int16 where it holds every index: the running extrema are 2-3x faster than on int32
+    itype = np.int16 if max(h, w) < 2**14 else np.int32
+    half = np.maximum(half, -(w + 1)).astype(itype)  # "none" still reaches no column
+    rows = np.arange(h, dtype=itype)[:, None]
+    above = np.where(inside, itype(-1), rows)
+    np.maximum.accumulate(above, axis=0, out=above)
+    below = np.where(inside, itype(h), rows)
+    np.minimum.accumulate(below[::-1], axis=0, out=below[::-1])
+    np.subtract(rows, above, out=above)
+    np.subtract(below, rows, out=below)
+    g = np.minimum(above, below, out=above)
+    np.minimum(g, half.size - 1, out=g)
+    reach = half[g]  # columns reached each way
+    del above, below, g
+    cols = np.arange(w, dtype=itype)
+    right = reach + cols
+    np.maximum.accumulate(right, axis=1, out=right)
+    within = right >= cols
+    left = np.subtract(cols, reach, out=reach)
+    np.minimum.accumulate(left[:, ::-1], axis=1, out=left[:, ::-1])
+    within |= left <= cols
+    # the outside beyond the left and right edges (row offset 0)
+    within[:, :max(0, min(w, int(half[0])))] = True
+    within[:, max(0, w - int(half[0])):] = True
+    return within
+
+
+def _skin_band(leg: np.ndarray, width_mm: float, spacing_yx, touches_edge: bool) -> np.ndarray:
+    """Pixels of ``leg`` within ``width_mm`` of the outside (beyond the image counts as
+    outside only if ``touches_edge``; otherwise ``leg`` has a margin of outside pixels)."""
+    if _tie_at(width_mm, spacing_yx):
+        # A pixel offset lies exactly at the width: keep scipy's distance transform and its
+        # rounding, so results never depend on which method ran.
+        if touches_edge:
+            distance_mm = ndi.distance_transform_edt(np.pad(leg, 1),
+                                                     sampling=spacing_yx)[1:-1, 1:-1]
+        else:
+            distance_mm = ndi.distance_transform_edt(leg, sampling=spacing_yx)
+        return distance_mm <= width_mm
+    # Beyond the array is outside either way: without touching, the margin is nearer.
+    return _within_of_outside(leg, width_mm, spacing_yx)
+
+
+def _label_slice(classes2d: np.ndarray, hu2d: np.ndarray, num2d: np.ndarray | None,
+                 den2d: np.ndarray | None, view2d: np.ndarray, spacing_yx, config,
+                 growth_steps: int) -> None:
+    """Write the region labels of one slice's soft tissue into ``view2d`` (0 there before).
+
+    ``num2d``/``den2d``: the slice of the box sums when smoothing (else None).
+    """
+    soft_full = classes2d == SOFT
+    if not soft_full.any():
+        return
+    # Work in the leg's bounding box plus a one-voxel margin of air, so that every array is as
+    # small as it can be.
+    ys = np.flatnonzero(classes2d.any(axis=1))
+    xs = np.flatnonzero(classes2d.any(axis=0))
+    box = (slice(max(0, ys[0] - 1), ys[-1] + 2), slice(max(0, xs[0] - 1), xs[-1] + 2))
+    height, width = soft_full.shape
+    touches_edge = bool(ys[0] == 0 or xs[0] == 0 or ys[-1] == height - 1 or xs[-1] == width - 1)
+    classes2d, view = classes2d[box], view2d[box]
+    soft = soft_full[box]
+    del soft_full
+    leg = fill_holes(classes2d > 0)
+    skin = _skin_band(leg, config.skin_width_mm, spacing_yx, touches_edge)
+    skin &= soft
+    del leg
+    inner = soft & ~skin
+    view[skin] = SKIN
+
+    if num2d is None:
+        hu = np.asarray(hu2d[box], dtype=np.float32)
+    else:
+        # the local mean where the window holds enough soft tissue, the raw value elsewhere
+        hu = np.array(hu2d[box], dtype=np.float32)
+        den = den2d[box]
+        np.divide(num2d[box], den, out=hu, where=soft & (den > _MIN_WEIGHT))
+    above = hu > config.split_hu
+    tlo, thi = config.tendon_seed_hu
+    flo, fhi = config.fat_seed_hu
+    if growth_steps == 0 and tlo > config.split_hu and fhi <= config.split_hu:
+        # Without growth, and with the tendon window above the split and the fat window at or
+        # below it, the seeds change nothing: the split alone decides.
+        view[inner & above] = MYOTENDINOUS
+        view[inner & ~above] = ADIPOSE
+        return
+    tendon = inner & (hu >= tlo) & (hu <= thi)
+    fat = inner & (hu >= flo) & (hu <= fhi)
+    free = inner & ~tendon & ~fat
+    for _ in range(growth_steps):
+        t_new = dilate_cross(tendon) & free
+        f_new = dilate_cross(fat) & free
+        both = t_new & f_new
+        t_new &= ~both | above
+        f_new &= ~both | ~above
+        if not (t_new.any() or f_new.any()):
+            break
+        tendon |= t_new
+        fat |= f_new
+        free &= ~(t_new | f_new)
+    view[tendon | (free & above)] = MYOTENDINOUS
+    view[fat | (free & ~above)] = ADIPOSE
+
+
+def _leg_box(classes: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """All slices, and the in-plane bounding box of labelled voxels with a one-voxel margin."""
+    if classes.size == 0:
+        return None
+    plane = classes.max(axis=0) if classes.dtype.kind in "ub" else (classes != 0).any(axis=0)
+    rows = np.flatnonzero(plane.any(axis=1))
+    cols = np.flatnonzero(plane.any(axis=0))
+    if rows.size == 0:
+        return None
+    return (slice(None), slice(max(0, rows[0] - 1), rows[-1] + 2),
+            slice(max(0, cols[0] - 1), cols[-1] + 2))
+
+
+_BONE_LABELS = sorted(d.label for d in BONE_REGIONS)
+_BONE_LABELS_FROM_ONE = list(range(1, len(_BONE_LABELS) + 1)) == _BONE_LABELS
+
+
+def _bone_regions(classes: np.ndarray, out: np.ndarray) -> None:
+    """:func:`classes_to_regions` into ``out``, without a lookup per voxel (labels 1..4)."""
+    if classes.dtype != np.uint8 or not _BONE_LABELS_FROM_ONE:
+        out[...] = classes_to_regions(classes)
+        return
+    np.copyto(out, classes)
+    out[out > len(_BONE_LABELS)] = 0
+
+
+def subdivide_soft_tissue(classes: np.ndarray, hu: np.ndarray,
+                          spacing_mm: tuple[float, float, float], config: PostprocessConfig,
+                          *, slab_slices: int = 32, workers: int = 2,
+                          progress: ProgressCallback | None = None,
+                          cancel: CancelToken | None = None) -> np.ndarray:
+    """Turn a cleaned 5-class volume and its HU into the 7-region label volume.
+
+    Parameters
+    ----------
+    classes:
+        Cleaned network classes ``[z, y, x]`` (uint8).
+    hu:
+        The scan in HU, same shape.
+    spacing_mm:
+        Voxel size ``(z, y, x)`` in mm.
+
+    Memory beyond the result: two float32 slabs of ``slab_slices`` (plus the window's halo)
+    over the leg's bounding box when smoothing, and per-slice arrays. ``slab_slices`` sets
+    where the smoothing restarts along z, which can move a local mean by rounding: keep it.
+    """
+    if classes.shape != hu.shape:
+        raise ValueError(f"Label shape {classes.shape} differs from image shape {hu.shape}")
+    box = _leg_box(classes)
+    if box is None:
+        return classes_to_regions(classes)
+    # Outside the box there are no labels: only the box needs converting and subdividing.
+    regions = np.zeros(classes.shape, dtype=np.uint8)
+    classes, hu, regions_view = classes[box], hu[box], regions[box]
+    spacing_yx = (float(spacing_mm[1]), float(spacing_mm[2]))
+    window_vox = _window_voxels(config.smoothing_window_mm, spacing_mm)
+    smoothing = config.smoothing_window_mm > 0
+    halo = window_vox[0] // 2 if smoothing else 0
+    growth_steps = round(config.seed_growth_mm / min(spacing_yx))
+    n = classes.shape[0]
+    buffers = None
+    if smoothing:
+        shape = (min(n, slab_slices + 2 * halo), *classes.shape[1:])
+        buffers = (np.empty(shape, np.float32), np.empty(shape, np.float32))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for z0, z1, h0, h1 in _slab_bounds(n, slab_slices, halo):
+            check(cancel)
+            _bone_regions(classes[z0:z1], regions_view[z0:z1])
+            num = den = None
+            if smoothing:
+                soft = classes[h0:h1] == SOFT
+                if soft.any():
+                    num, den = (b[:h1 - h0] for b in buffers)
+                    _box_sums(hu[h0:h1], soft, window_vox, num, den,
+                              pool if workers > 1 else None)
+                del soft
+            offset = z0 - h0
+
+            def work(k: int, offset=offset, z0=z0, num=num, den=den) -> None:
+                z = z0 + k
+                _label_slice(classes[z], hu[z],
+                             None if num is None else num[offset + k],
+                             None if den is None else den[offset + k],
+                             regions_view[z], spacing_yx, config, growth_steps)
+
+            list(pool.map(work, range(z1 - z0)))  # each slice writes its own plane
+            report(progress, z1, n, "soft-tissue subdivision")
+    return regions
+
+
+def distance_rings(classes: np.ndarray, spacing_mm: tuple[float, float, float],
+                   radii_mm: tuple[float, ...], *, workers: int = 2) -> np.ndarray:
+    """Soft tissue by distance from the tibia's outer surface, for the paper's ablation.
+
+    Returns a uint8 volume where soft-tissue voxels hold the 1-based index ``k`` of the smallest
+    radius in ``radii_mm`` (sorted ascending) within which they lie, and 0 elsewhere. The ring
+    mask for radius ``radii_mm[k-1]`` (all soft tissue within that distance) is
+    ``(rings > 0) & (rings <= k)``. Distances are in-plane, with the real pixel spacing.
+    """
+    radii = np.sort(np.asarray(radii_mm, dtype=np.float64))
+    if radii.size == 0 or radii[0] <= 0:
+        raise ValueError("Ring radii must be positive")
+    spacing_yx = (float(spacing_mm[1]), float(spacing_mm[2]))
+    rings = np.zeros(classes.shape, dtype=np.uint8)
+    leg = _leg_box(classes)
+    if leg is None:
+        return rings
+    height, width = classes.shape[1:]
+    my = int(np.ceil(radii[-1] / spacing_yx[0])) + 1
+    mx = int(np.ceil(radii[-1] / spacing_yx[1])) + 1
+
+    def work(z: int) -> None:
+        plane = classes[z]
+        near = plane[leg[1:]]
+        tibia = (near == TIBIA_CLASSES[0]) | (near == TIBIA_CLASSES[1])
+        ys = np.flatnonzero(tibia.any(axis=1))
+        if ys.size == 0:
+            return
+        xs = np.flatnonzero(tibia.any(axis=0))
+        y0, y1 = ys[0] + leg[1].start, ys[-1] + leg[1].start
+        x0, x1 = xs[0] + leg[2].start, xs[-1] + leg[2].start
+        # Only a box of the largest radius around the tibia can hold ring voxels.
+        box = (slice(max(0, y0 - my), min(height, y1 + my + 1)),
+               slice(max(0, x0 - mx), min(width, x1 + mx + 1)))
+        labels = plane[box]
+        tibia = (labels == TIBIA_CLASSES[0]) | (labels == TIBIA_CLASSES[1])
+        nearest = ndi.distance_transform_edt(~fill_holes(tibia), sampling=spacing_yx,
+                                             return_distances=False, return_indices=True)
+        # Distances of soft-tissue pixels only, computed as scipy computes them for all.
+        soft = labels == SOFT
+        ys, xs = np.nonzero(soft)
+        dy = (nearest[0][soft] - ys).astype(np.float64) * spacing_yx[0]
+        dx = (nearest[1][soft] - xs).astype(np.float64) * spacing_yx[1]
+        del nearest
+        distance_mm = np.sqrt(dy * dy + dx * dx)
+        k = np.searchsorted(radii, distance_mm, side="left") + 1  # d <= r_k -> index k
+        k[k > radii.size] = 0
+        rings[z][box][soft] = k
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(work, range(classes.shape[0])))
+    return rings

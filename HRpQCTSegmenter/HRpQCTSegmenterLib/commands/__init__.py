@@ -1,4 +1,0 @@
-"""Subcommands of ``hrpqct``: one module per command group, each with ``register(subparsers)``.
-
-See :mod:`HRpQCTSegmenterLib.cli` for how they are discovered.
-"""
