@@ -1,17 +1,9 @@
 """HR-pQCT radiomics and osteoporosis classification engine (Qt-free).
 
-Per-region radiomic features (pyradiomics), the paper's three-stage feature selection and the
-classifiers. The region model comes from :mod:`HRpQCTCore.regions`.
-
-Public API (modules are imported lazily; pyradiomics and scikit-learn load on first use):
-
-* :func:`.extraction.extract_features` -- arrays (HU, 7-region labels, spacing) -> FeatureTable,
-  per slice or per scan, with a prediction mode (``features=``) and parallel workers.
-* :func:`.settings.load_settings` -- the YAML presets ``paper`` (939) and ``complete`` (1311).
-* :func:`.table.write_feature_csv` / :func:`.table.read_feature_csv` -- the CSV schema.
-* :class:`.selection.PaperFeatureSelector` -- variance -> correlation -> LASSO.
-* :mod:`.classification` -- datasets, subject-grouped CV, metrics, :func:`train_classifier`.
-* :func:`.model_io.save_classifier` / :func:`.model_io.load_classifier` -- no-pickle format.
+Per-region radiomic features with pyradiomics' values, the paper's three-stage feature
+selection, classifiers and their safe (no-pickle) files. It uses only :mod:`HRpQCTCore`;
+pyradiomics and scikit-learn are imported on first use, so importing the package is cheap.
+The names below are loaded lazily from their modules.
 """
 
 __version__ = "0.1.0"

@@ -1,19 +1,10 @@
 """Osteoporosis classifiers on radiomic features, evaluated without subject leakage.
 
-* :func:`assemble_dataset` -- samples (one per scan and slice) from feature tables: the
-  features of the chosen regions side by side (``<region>:<feature>``), labels per subject.
-* :func:`make_pipeline` -- selection (:class:`~.selection.PaperFeatureSelector`) ->
-  standardisation -> classifier: logistic regression (default), SVM, random forest, gradient
-  boosting (XGBoost when installed, else scikit-learn's HistGradientBoosting) or k-NN.
-* :func:`grouped_splits` -- cross-validation folds and the train/test split grouped by
-  subject (StratifiedGroupKFold): no slice of a test subject is ever seen in training;
-  :func:`check_no_leakage` asserts it for every fold.
-* :func:`evaluate` -- image-level and patient-level (slice probabilities averaged per
-  subject) accuracy, F1, sensitivity, specificity, AUROC with bootstrap confidence
-  intervals; the bootstrap resamples subjects (all their slices together) at both levels,
-  because slices of one subject are not independent.
-* :func:`train_classifier` -- held-out test evaluation, cross-validation on the training
-  subjects, and the final model refitted on all training subjects.
+A sample is one scan slice (the features of the chosen regions side by side,
+``<region>:<feature>``), but slices of one subject are not independent: every split
+(cross-validation folds, the held-out test) is grouped by subject, :func:`check_no_leakage`
+asserts it for every fold, and the bootstrap intervals resample subjects, at image level
+and at patient level (slice probabilities averaged per subject) alike.
 
 Results on synthetic phantoms say nothing about patients: the outputs are an "osteoporosis
 probability" for research use only, not a diagnosis.

@@ -3,10 +3,6 @@
 The paper's data are private; training, tests, the demo and benchmarks use these phantoms.
 They are synthetic: plausible anatomy, intensities and artefacts from public figures (see
 ``PhantomParams``), not a model of any population.
-
-* :func:`generate_phantom` -- one scan (HU, 5-class and 7-region labels, truth dict).
-* :func:`write_phantom` -- write it as NIfTI (and AIM when available) with its truth JSON.
-* :func:`generate_cohort` -- N subjects, osteoporotic and control, with a manifest CSV.
 """
 
 from HRpQCTPhantom.generator import TISSUES, Phantom, generate_phantom
