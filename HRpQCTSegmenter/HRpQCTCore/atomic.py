@@ -16,14 +16,6 @@ from pathlib import Path
 __all__ = ["atomic_path", "write_text_atomic", "write_bytes_atomic"]
 
 
-def _suffix(path: Path) -> str:
-    name = path.name
-    for compound in (".seg.nrrd", ".nii.gz", ".tar.gz"):
-        if name.lower().endswith(compound):
-            return name[-len(compound):]
-    return path.suffix
-
-
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -36,10 +28,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     On an exception the temporary file is removed and ``path`` is left untouched.
     """
+    # Imported here: the io package's writers use this module (a cycle at import time).
+    from HRpQCTCore.io.suffixes import compound_suffix
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{_suffix(path)}",
-                                    dir=path.parent)
+    suffix = f".tmp{compound_suffix(path)}"  # writers choose the format from the extension
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -1,47 +1,24 @@
 """The whole job for one scan: 7 regions, features, probability and a QC report, resumable.
 
-:func:`run_scan` is what ``hrpqct run``, ``hrpqct batch`` and ``hrpqct demo`` call. It reuses
-the engine's stages (no logic of its own beyond bookkeeping):
-
-1. **segmentation** -- :func:`HRpQCTSegmentationEngine.inference.run_segmentation` and
-   :func:`HRpQCTSegmentationEngine.postprocess.postprocess`; written as a Slicer ``.seg.nrrd``
-   and a NIfTI label map (or skipped when the job brings its own 7-region map, e.g. one corrected in
-   Slicer);
-2. **radiomics** -- :func:`HRpQCTRadiomicsEngine.extraction.extract_features` (locally with
-   joblib, or slice by slice on a Dask cluster), written by
-   :func:`HRpQCTRadiomicsEngine.table.write_feature_csv`;
-3. **classification** -- :func:`HRpQCTRadiomicsEngine.prediction.predict_rows` with a saved
-   classifier;
-4. **report** -- :mod:`.qc` (region sizes, confidence, motion) and :mod:`.report` (PNG, HTML).
-
-**Resume.** ``run.json`` in the output folder records, per stage, a key (SHA256 of the input
-file's content, the settings, the model and classifier files, and the keys of the stages it
-depends on) and the SHA256 of every file the stage wrote. A later call reuses a stage whose key
-is unchanged and whose files are unchanged; anything else is recomputed, and only what depends
-on it. A file the record does not know (not written by a previous run) is never replaced without
-``overwrite``, and neither is a recorded output that was changed since (e.g. edited by hand).
+:func:`run_scan` is what ``hrpqct run``, ``hrpqct batch`` and ``hrpqct demo`` call. It only
+orchestrates: every stage is the engines' work (segmentation and post-processing, radiomics, a
+saved classifier, the checks of :mod:`.qc` and the pages of :mod:`.report`), and
+:mod:`.record` decides from ``run.json`` which stages must run again. A job may bring its own
+7-region map (e.g. one corrected in Slicer): then it replaces the segmentation.
 
 **Missing artefacts.** Without a bundled segmentation model (and no ``--model``) or without a
 bundled classifier (and no ``--classifier``) the stage is skipped with a message saying so; the
 other stages still run where they can.
-
-**Feature sets** (``RunSettings.features``): ``classifier`` (only what the classifier uses:
-prediction mode), ``basic`` (shape and first-order features of the original image, every
-region; cheap), ``full`` (the whole preset: slow), ``none``; ``auto`` is ``classifier`` when a
-classifier is used, else ``basic``. The classifier's features are always added to the set.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +29,30 @@ from HRpQCTCore.atomic import write_text_atomic
 from HRpQCTCore.errors import ArtefactError, HRpQCTError, InputFileError
 from HRpQCTCore.progress import CancelToken, ProgressCallback, check, report
 from HRpQCTCore.regions import REGIONS, region_by_name
+from HRpQCTPipeline.features import (
+    BASIC_FEATURES,
+    FEATURE_SETS,
+    extract_on_cluster,
+    feature_request,
+)
+from HRpQCTPipeline.record import (
+    RECORD_FORMAT,
+    RECORD_NAME,
+    RECORD_VERSION,
+    STAGE_FILES,
+    STAGE_VERSIONS,
+    STAGES,
+    dump_json,
+    fingerprint,
+    model_sha256,
+    plan_stages,
+    previous_record,
+    read_record,
+    stage_files,
+    stage_key,
+    write_record,
+)
+from HRpQCTPipeline.runlog import scan_log
 from HRpQCTRadiomicsEngine.model_io import BUNDLED_CLASSIFIER
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "RunSettings",
     "ScanJob",
     "ScanResult",
+    "RunContext",
     "output_paths",
     "run_scan",
     "read_record",
@@ -71,29 +73,11 @@ __all__ = [
 
 log = logging.getLogger("hrpqct")
 
-FEATURE_SETS = ("auto", "classifier", "basic", "full", "none")
-#: The ``basic`` set: 2D shape and first-order statistics of the original image (27 per
-#: region and slice; a subset of the paper preset).
-BASIC_FEATURES: tuple[str, ...] = tuple(
-    [f"original_shape2D_{n}" for n in (
-        "Elongation", "MajorAxisLength", "MaximumDiameter", "MeshSurface", "MinorAxisLength",
-        "Perimeter", "PerimeterSurfaceRatio", "PixelSurface", "Sphericity")]
-    + [f"original_firstorder_{n}" for n in (
-        "10Percentile", "90Percentile", "Energy", "Entropy", "InterquartileRange", "Kurtosis",
-        "Maximum", "MeanAbsoluteDeviation", "Mean", "Median", "Minimum", "Range",
-        "RobustMeanAbsoluteDeviation", "RootMeanSquared", "Skewness", "TotalEnergy",
-        "Uniformity", "Variance")])
 #: Features shown per region in the report when no classifier chooses them.
 REPORT_FEATURES = ("original_shape2D_PixelSurface", "original_firstorder_Mean",
                    "original_firstorder_10Percentile", "original_firstorder_90Percentile",
                    "original_firstorder_Entropy")
-RECORD_NAME = "run.json"
 LOG_NAME = "run.log"
-RECORD_FORMAT = "hrpqct-run"
-RECORD_VERSION = 1
-#: Bumped when a stage's output would change for the same inputs (invalidates old records).
-STAGE_VERSIONS = {"segmentation": 1, "radiomics": 1, "classification": 1, "report": 1}
-STAGES = ("segmentation", "radiomics", "classification", "report")
 
 
 # --- settings and jobs ---------------------------------------------------------------------
@@ -110,7 +94,7 @@ class RunSettings:
         Classifier JSON; None: the bundled one (stage skipped if there is none); ``"none"``:
         no classification.
     features:
-        One of :data:`FEATURE_SETS` (see the module docstring).
+        One of :data:`FEATURE_SETS` (see :mod:`.features`).
     preset, params:
         Radiomics settings for ``basic``/``full`` (preset name or YAML file); with a
         classifier, its own stored settings are used and must match for ``full``.
@@ -252,329 +236,83 @@ def output_paths(out_dir: str | Path, scan_id: str) -> dict[str, Path]:
     return {k: out_dir / f"{scan_id}{v}" for k, v in names.items()}
 
 
-_STAGE_FILES = {
-    "segmentation": ("regions_seg_nrrd", "regions_nifti", "segmentation_qc"),
-    "radiomics": ("features",),
-    "classification": ("probability",),
-    "report": ("qc", "report", "overlay_png", "profiles_png"),
-}
+# --- the context the steps share -------------------------------------------------------------
 
+@dataclass
+class RunContext:
+    """What the steps of one :func:`run_scan` share; each step fills in its part.
 
-# --- hashing and the record ----------------------------------------------------------------
-
-def _key(payload: Any) -> str:
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _fingerprint(path: Path, previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Size, mtime and SHA256 of a file or folder (content hash reused if size/mtime match)."""
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        size = sum(p.stat().st_size for p in files)
-        mtime = max((p.stat().st_mtime_ns for p in files), default=0)
-    else:
-        stat = path.stat()
-        size, mtime, files = stat.st_size, stat.st_mtime_ns, [path]
-    if previous and previous.get("size") == size and previous.get("mtime_ns") == mtime \
-            and previous.get("sha256"):
-        digest = previous["sha256"]
-    elif path.is_dir():
-        h = hashlib.sha256()
-        for p in files:
-            h.update(p.relative_to(path).as_posix().encode())
-            h.update(sha256_file(p).encode())
-        digest = h.hexdigest()
-    else:
-        digest = sha256_file(path)
-    return {"size": size, "mtime_ns": mtime, "sha256": digest}
-
-
-def _model_sha256(folder: Path) -> str:
-    from HRpQCTSegmentationEngine.model import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
-
-    h = hashlib.sha256()
-    for name in (WEIGHTS_FILE, CONFIG_FILE, METADATA_FILE):
-        if (folder / name).is_file():
-            h.update(name.encode())
-            h.update(sha256_file(folder / name).encode())
-    return h.hexdigest()
-
-
-def read_record(out_dir: str | Path) -> dict[str, Any] | None:
-    """The ``run.json`` of a previous run in ``out_dir`` (None if absent or unreadable)."""
-    path = Path(out_dir) / RECORD_NAME
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        log.warning("Ignoring the unreadable %s (outputs will be recomputed)", path)
-        return None
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-        return None
-    return record
-
-
-def _recorded_file(record: dict | None, name: str) -> dict | None:
-    if not record:
-        return None
-    for stage in (record.get("stages") or {}).values():
-        entry = (stage.get("files") or {}).get(name)
-        if entry:
-            return entry
-    return None
-
-
-def _file_unchanged(path: Path, entry: dict | None) -> bool:
-    if entry is None or not path.is_file():
-        return False
-    return _fingerprint(path, entry)["sha256"] == entry.get("sha256")
-
-
-# --- logging ---------------------------------------------------------------------------------
-
-class _ThreadFilter(logging.Filter):
-    def __init__(self) -> None:
-        super().__init__()
-        self.thread = threading.get_ident()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread == self.thread
-
-
-_LOGGERS = ("hrpqct", "HRpQCTCore", "HRpQCTPhantom", "HRpQCTSegmentationEngine",
-            "HRpQCTRadiomicsEngine", "HRpQCTPipeline")
-_log_lock = threading.Lock()
-_log_users = 0
-_saved_levels: dict[str, int] = {}
-
-
-@contextmanager
-def scan_log(path: str | Path) -> Iterator[Path]:
-    """Append the engine's log messages of this thread to ``path`` while the block runs.
-
-    The engine's loggers are lowered to INFO for the duration if they were quieter (the
-    console keeps its own level only if its handler has one; the command line sets it).
+    Attributes
+    ----------
+    job, out_dir, settings, overwrite, client, progress, cancel:
+        The arguments of :func:`run_scan`.
+    start_s:
+        ``time.perf_counter()`` when the run began.
+    paths:
+        Output name -> path (:func:`output_paths`).
+    previous:
+        The record of an earlier run of this scan here (None: none).
+    skipped:
+        Why stages are skipped, in the order found.
+    input_fp, regions_fp:
+        Fingerprints of the scan and of a provided region map (see :mod:`.record`).
+    model_folder, classifier:
+        The resolved artefacts (None: stage skipped or not needed).
+    rad_settings, request, feature_set:
+        What radiomics extracts (:func:`.features.feature_request`).
+    keys:
+        Stage -> resume key (None: the stage cannot run).
+    plan:
+        Stage -> ``"ran"``, ``"reused"``, ``"skipped"`` or ``"provided"``.
+    files:
+        Stage -> output name -> recorded fingerprint, for the new record.
+    scan, regions, seg_qc, probability_info, qc:
+        The data the stages pass on.
     """
-    global _log_users
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_ThreadFilter())
-    root = logging.getLogger()
-    with _log_lock:
-        if _log_users == 0:
-            for name in _LOGGERS:
-                logger = logging.getLogger(name)
-                if logger.getEffectiveLevel() > logging.INFO:
-                    _saved_levels[name] = logger.level
-                    logger.setLevel(logging.INFO)
-        _log_users += 1
-        root.addHandler(handler)
-    try:
-        yield path
-    finally:
-        with _log_lock:
-            root.removeHandler(handler)
-            _log_users -= 1
-            if _log_users == 0:
-                for name, level in _saved_levels.items():
-                    logging.getLogger(name).setLevel(level)
-                _saved_levels.clear()
-        handler.close()
 
+    job: ScanJob
+    out_dir: Path
+    settings: RunSettings
+    overwrite: bool = False
+    client: Any = None
+    progress: ProgressCallback | None = None
+    cancel: CancelToken | None = None
+    start_s: float = field(default_factory=time.perf_counter)
+    paths: dict[str, Path] = field(default_factory=dict)
+    previous: dict[str, Any] | None = None
+    skipped: list[str] = field(default_factory=list)
+    input_fp: dict[str, Any] = field(default_factory=dict)
+    regions_fp: dict[str, Any] | None = None
+    model_folder: Path | None = None
+    classifier: Any = None
+    rad_settings: Any = None
+    request: dict[int, list[str]] | None = None
+    feature_set: str = "none"
+    keys: dict[str, str | None] = field(default_factory=dict)
+    plan: dict[str, str] = field(default_factory=dict)
+    files: dict[str, dict[str, dict]] = field(default_factory=dict)
+    scan: Any = None
+    regions: np.ndarray | None = None
+    seg_qc: dict[str, Any] = field(default_factory=dict)
+    probability_info: dict[str, Any] | None = None
+    qc: dict[str, Any] = field(default_factory=dict)
 
-# --- stage helpers -----------------------------------------------------------------------------
+    @property
+    def subject(self) -> str:
+        """The subject identifier (the scan id when the job names none)."""
+        return self.job.subject or self.job.scan_id
 
-_runner_lock = threading.Lock()
-_runners: dict[tuple, tuple[Any, Any]] = {}
+    def runs(self, stage: str) -> bool:
+        """Whether ``stage`` is computed in this run."""
+        return self.plan[stage] == "ran"
 
-
-def _segmenter(folder: Path, settings: RunSettings):
-    """A prepared model runner, kept per process so a batch loads (and exports) it once."""
-    from HRpQCTSegmentationEngine.inference import prepare_segmenter
-
-    key = (str(folder.resolve()), _model_sha256(folder), settings.device, settings.engine,
-           settings.fast)
-    with _runner_lock:
-        if key not in _runners:
-            _runners.clear()  # one model at a time: they are large
-            _runners[key] = prepare_segmenter(folder, device=settings.device,
-                                              fast=settings.fast, engine=settings.engine)
-        return _runners[key]
-
-
-def _resolve_model(settings: RunSettings) -> tuple[Path | None, str | None]:
-    from HRpQCTPipeline.commands.segment import resolve_model_folder
-
-    try:
-        return resolve_model_folder(settings.model), None
-    except ArtefactError as exc:
-        if settings.model:
-            raise
-        return None, f"segmentation skipped: {exc}"
-
-
-def _resolve_classifier(settings: RunSettings) -> tuple[Any, str | None]:
-    from HRpQCTRadiomicsEngine.model_io import load_classifier
-
-    if settings.classifier and settings.classifier.lower() == "none":
-        return None, "classification skipped: disabled (--classifier none)"
-    if settings.classifier:
-        return load_classifier(settings.classifier), None
-    from HRpQCTCore.artefacts import verified_path
-
-    try:
-        path = verified_path(BUNDLED_CLASSIFIER)
-    except ArtefactError as exc:
-        return None, (f"classification skipped: {exc}. No bundled classifier is available in "
-                      "this installation; train one with 'hrpqct train-classifier' and pass it "
-                      "with --classifier.")
-    return load_classifier(path), None
-
-
-#: pyradiomics' parameter validation (pykwalify) is not thread-safe: scans running in threads
-#: of one Dask worker parse their settings one at a time.
-_settings_lock = threading.Lock()
-
-
-def _feature_request(settings: RunSettings, classifier) -> tuple[Any, Any, str]:
-    """(radiomics settings, request for extract_features' ``features=``, set name).
-
-    The request is None for the full preset, else a mapping region label -> names.
-    """
-    with _settings_lock:
-        return _feature_request_unlocked(settings, classifier)
-
-
-def _feature_request_unlocked(settings: RunSettings, classifier) -> tuple[Any, Any, str]:
-    from HRpQCTRadiomicsEngine.prediction import features_by_region
-    from HRpQCTRadiomicsEngine.settings import load_settings
-
-    chosen = settings.features
-    if chosen == "auto":
-        chosen = "classifier" if classifier is not None else "basic"
-    if chosen == "none":
-        return None, None, "none"
-    if chosen == "classifier" and classifier is None:
-        raise HRpQCTError("--features classifier needs a classifier: pass --classifier FILE, "
-                          "or choose --features basic or full.")
-    if classifier is not None:
-        rad_settings = classifier.radiomics_settings()
-        if chosen in ("basic", "full") and (settings.params or settings.preset):
-            own = load_settings(settings.params or settings.preset)
-            if own.sha256 != rad_settings.sha256:
-                raise HRpQCTError(
-                    f"The classifier was trained with radiomics settings "
-                    f"{classifier.settings.get('name')!r}, not {own.name!r}: extract with the "
-                    "classifier's settings (--features classifier) or pass the same "
-                    "--preset/--params.")
-    else:
-        rad_settings = load_settings(settings.params or settings.preset)
-    if chosen == "full":
-        return rad_settings, None, "full"
-    request: dict[int, list[str]] = {}
-    if chosen == "basic":
-        request = {d.label: list(BASIC_FEATURES) for d in REGIONS}
-    if classifier is not None:
-        for label, names in features_by_region(classifier.features).items():
-            request.setdefault(label, [])
-            request[label] += [n for n in names if n not in request[label]]
-    return rad_settings, request, chosen
-
-
-def extract_on_cluster(client, hu: np.ndarray, regions_map: np.ndarray,
-                       spacing_mm: tuple[float, float, float], *, settings,
-                       features=None, slices=None, scan: str = "", subject: str = "",
-                       progress: ProgressCallback | None = None,
-                       cancel: CancelToken | None = None):
-    """``extract_features`` (per slice) with one Dask task per slice.
-
-    Gives the same :class:`.extraction.FeatureTable` as the local function (each task calls
-    the public :func:`.extraction.extract_slice_features`).
-    """
-    from dask.distributed import as_completed
-
-    from HRpQCTRadiomicsEngine.extraction import FeatureTable, extract_slice_features
-    from HRpQCTRadiomicsEngine.settings import load_settings
-
-    settings = load_settings(settings)
-    regions_map = np.asarray(regions_map, dtype=np.uint8)
-    indices = list(range(hu.shape[0])) if slices is None else [int(s) for s in slices]
-    stage = "radiomics (slices, cluster)"
-    report(progress, 0, len(indices), stage)
-    spacing_mm = tuple(float(s) for s in spacing_mm)
-    futures = {}
-    for z in indices:
-        future = client.submit(extract_slice_features, np.asarray(hu[z], dtype=np.float32),
-                               regions_map[z], spacing_mm, settings=settings, regions=None,
-                               features=features, slice_index=z, pure=False,
-                               key=f"hrpqct-radiomics-{scan}-{z}-{time.time_ns()}")
-        futures[future] = z
-    by_slice: dict[int, list] = {}
-    try:
-        for done, future in enumerate(as_completed(list(futures)), start=1):
-            by_slice[futures[future]] = future.result()
-            report(progress, done, len(indices), stage)
-            check(cancel)
-    finally:
-        for future in futures:
-            if not future.done():
-                future.cancel()
-    rows = [row for z in indices for row in by_slice[z]]
-    names: dict[str, None] = {}
-    for row in rows:
-        for name in row.features:
-            names.setdefault(name, None)
-    return FeatureTable(rows=rows, feature_names=list(names), mode="slice",
-                        settings=settings.provenance(), scan=scan, subject=subject)
-
-
-def _mean_features(rows, wanted: dict[str, list[str]]) -> dict[str, dict[str, float]]:
-    """Region key -> feature -> mean over the region's ok slices (for the report)."""
-    column = {n: j for j, n in enumerate(rows.feature_names)}
-    out: dict[str, dict[str, float]] = {}
-    for region_key, names in wanted.items():
-        mask = rows.where(region=region_key, status="ok")
-        values = {}
-        for name in names:
-            if name in column and mask.any():
-                col = rows.values[mask, column[name]]
-                col = col[np.isfinite(col)]
-                values[name] = float(col.mean()) if col.size else math.nan
-        if values:
-            out[region_by_name(region_key).name] = values
-    return out
+    def record_output(self, stage: str, name: str) -> None:
+        """Note the file ``name`` just written by ``stage`` for the new record."""
+        self.files[stage][name] = {"path": self.paths[name].name,
+                                   **fingerprint(self.paths[name])}
 
 
 # --- the pipeline ------------------------------------------------------------------------------
-
-def _check_not_foreign(paths: dict[str, Path], record: dict | None, overwrite: bool) -> None:
-    if overwrite:
-        return
-    foreign = [str(p) for name, p in paths.items()
-               if p.exists() and _recorded_file(record, name) is None]
-    if foreign:
-        raise HRpQCTError(
-            f"Output already exists and was not written by a previous hrpqct run here: "
-            f"{', '.join(foreign)}. Choose another output folder, or pass --overwrite to "
-            "replace it.")
-
-
-def _check_replaceable(names, paths: dict[str, Path], record: dict | None,
-                       overwrite: bool) -> None:
-    if overwrite:
-        return
-    edited = [str(paths[n]) for n in names if paths[n].exists()
-              and not _file_unchanged(paths[n], _recorded_file(record, n))]
-    if edited:
-        raise HRpQCTError(
-            f"{', '.join(edited)} changed after hrpqct wrote it (edited by hand?) and would be "
-            "recomputed. Move it away to keep it, or pass --overwrite to replace it.")
-
 
 def run_scan(job: ScanJob, out_dir: str | Path, settings: RunSettings | None = None, *,
              overwrite: bool = False, client: Any = None,
@@ -613,8 +351,10 @@ def run_scan(job: ScanJob, out_dir: str | Path, settings: RunSettings | None = N
     out_dir.mkdir(parents=True, exist_ok=True)
     with scan_log(out_dir / LOG_NAME):
         log.info("=== hrpqct %s: scan %s (%s) -> %s", _version(), job.scan_id, job.scan, out_dir)
+        context = RunContext(job=job, out_dir=out_dir, settings=settings, overwrite=overwrite,
+                             client=client, progress=progress, cancel=cancel)
         try:
-            return _run_scan(job, out_dir, settings, overwrite, client, progress, cancel)
+            return _run_scan(context)
         except Exception as exc:
             log.error("failed: %s: %s", type(exc).__name__, exc)
             raise
@@ -626,220 +366,231 @@ def _version() -> str:
     return __version__
 
 
-def _run_scan(job: ScanJob, out_dir: Path, settings: RunSettings, overwrite: bool, client,
-              progress, cancel) -> ScanResult:
-    start = time.perf_counter()
-    scan_path = Path(job.scan)
-    if not scan_path.exists():
-        raise InputFileError(f"Scan {scan_path} does not exist: check the path.")
-    if job.regions is not None and not Path(job.regions).exists():
-        raise InputFileError(f"Region map {job.regions} does not exist: check the path.")
-    paths = output_paths(out_dir, job.scan_id)
-    previous = read_record(out_dir)
-    if previous is not None and previous.get("scan_id") != job.scan_id:
-        previous = None
-    _check_not_foreign(paths, previous, overwrite)
-    subject = job.subject or job.scan_id
-    skipped: list[str] = []
-
-    # --- keys ------------------------------------------------------------------------------
-    input_fp = _fingerprint(scan_path, (previous or {}).get("input"))
-    regions_fp = (_fingerprint(Path(job.regions), (previous or {}).get("regions_input"))
-                  if job.regions else None)
-    calibration = None if settings.calibration is None else settings.calibration.to_dict()
-    input_key = _key({"scan": input_fp["sha256"], "units": settings.units,
-                      "calibration": calibration})
-    model_folder, message = (None, None) if job.regions else _resolve_model(settings)
-    if message:
-        skipped.append(message)
-    if job.regions:
-        seg_key = _key({"input": input_key, "provided_regions": regions_fp["sha256"]})
-    elif model_folder is not None:
-        seg_key = _key({"input": input_key, "model": _model_sha256(model_folder),
-                        "postprocess": settings.postprocess,
-                        "version": STAGE_VERSIONS["segmentation"]})
-    else:
-        seg_key = None
-    classifier, message = _resolve_classifier(settings)
-    if message:
-        skipped.append(message)
-    rad_settings, request, feature_set = _feature_request(settings, classifier)
-    if feature_set == "none":
-        skipped.append("radiomics skipped: --features none")
-    rad_key = cls_key = None
-    if seg_key and feature_set != "none":
-        rad_key = _key({"seg": seg_key, "settings": rad_settings.sha256,
-                        "request": None if request is None else sorted(request.items()),
-                        "step": settings.slice_step, "subject": subject,
-                        "version": STAGE_VERSIONS["radiomics"]})
-        if classifier is not None:
-            cls_key = _key({"rad": rad_key, "classifier": sha256_file(classifier.path),
-                            "version": STAGE_VERSIONS["classification"]})
-    report_key = (_key({"keys": [seg_key, rad_key, cls_key], "input": input_key,
-                        "version": STAGE_VERSIONS["report"]}) if settings.report else None)
-    keys = {"segmentation": seg_key, "radiomics": rad_key, "classification": cls_key,
-            "report": report_key}
-
-    def up_to_date(stage: str) -> bool:
-        if overwrite or previous is None or keys[stage] is None:
-            return False
-        entry = (previous.get("stages") or {}).get(stage) or {}
-        if entry.get("key") != keys[stage]:
-            return False
-        return all(_file_unchanged(out_dir / f["path"], f)
-                   for f in (entry.get("files") or {}).values())
-
-    plan = {stage: ("skipped" if keys[stage] is None else
-                    "reused" if up_to_date(stage) else "ran") for stage in STAGES}
-    if job.regions:
-        plan["segmentation"] = "provided"
-    for stage, what in plan.items():
-        if what == "ran":
-            _check_replaceable(_STAGE_FILES[stage], paths, previous, overwrite)
-    stage_files: dict[str, dict[str, dict]] = {
-        s: dict(((previous or {}).get("stages") or {}).get(s, {}).get("files") or {})
-        if plan[s] == "reused" else {} for s in STAGES}
-
-    for stage in STAGES:
-        if plan[stage] not in ("skipped", "provided"):
-            continue
-        for name in _STAGE_FILES[stage]:
-            entry = _recorded_file(previous, name)
-            if entry is None or not paths[name].exists():
-                continue
-            if _file_unchanged(paths[name], entry) or overwrite:
-                paths[name].unlink()  # our own output of an earlier run, now out of date
-                log.info("removed %s: its step is not run any more", paths[name].name)
-            else:
-                stage_files[stage][name] = entry  # edited by hand: kept, and known
-
-    def recorded(stage: str, name: str) -> None:
-        stage_files[stage][name] = {"path": paths[name].name, **_fingerprint(paths[name])}
-
-    # --- scan and regions ------------------------------------------------------------------
-    need_scan = any(plan[s] == "ran" for s in STAGES)
-    scan = regions = None
-    seg_qc: dict[str, Any] = {}
-    if need_scan:
-        from HRpQCTCore.io import read_scan
-
-        scan = read_scan(scan_path, units=settings.units, calibration=settings.calibration)
-        log.info("read %s: %s voxels of %s mm", scan_path.name, scan.shape, scan.spacing_mm)
-    check(cancel)
-    if plan["segmentation"] == "ran":
-        regions, seg_qc = _segment(scan, model_folder, settings, paths, progress, cancel)
-        for name in _STAGE_FILES["segmentation"]:
-            recorded("segmentation", name)
-    elif need_scan and seg_key is not None:
-        from HRpQCTRadiomicsEngine.inputs import read_region_map
-
-        source = job.regions if job.regions else paths["regions_nifti"]
-        regions = read_region_map(source, scan.hu.shape)
-        if not job.regions and paths["segmentation_qc"].is_file():
-            seg_qc = json.loads(paths["segmentation_qc"].read_text(encoding="utf-8"))
-    elif paths["segmentation_qc"].is_file() and not job.regions:
-        seg_qc = json.loads(paths["segmentation_qc"].read_text(encoding="utf-8"))
-    check(cancel)
-
-    # --- radiomics -------------------------------------------------------------------------
-    if plan["radiomics"] == "ran":
-        from HRpQCTRadiomicsEngine.extraction import extract_features
-        from HRpQCTRadiomicsEngine.table import write_feature_csv
-
-        step = int(settings.slice_step)
-        slices = None if step == 1 else list(range(0, scan.n_slices, step))
-        common = dict(settings=rad_settings, features=request, slices=slices,
-                      scan=job.scan_id, subject=subject, progress=progress, cancel=cancel)
-        if client is not None:
-            table = extract_on_cluster(client, scan.hu, regions, scan.spacing_mm, **common)
-        else:
-            table = extract_features(scan.hu, regions, scan.spacing_mm, mode="slice",
-                                     n_jobs=settings.jobs, **common)
-        write_feature_csv(paths["features"], table)
-        recorded("radiomics", "features")
-        log.info("radiomics (%s set, settings %s): %d region-slice rows, %d ok, %d feature(s)",
-                 feature_set, rad_settings.name, len(table.rows), len(table.ok_rows()),
-                 len(table.feature_names))
-    check(cancel)
-
-    # --- classification --------------------------------------------------------------------
-    probability_info = None
-    if plan["classification"] == "ran":
-        probability_info = _classify(classifier, paths, job.scan_id, subject)
-        recorded("classification", "probability")
-    elif plan["classification"] == "reused" and paths["probability"].is_file():
-        probability_info = json.loads(paths["probability"].read_text(encoding="utf-8"))
-
-    # --- QC and report ---------------------------------------------------------------------
-    if plan["report"] == "ran":
-        qc = _report(job, scan, regions, seg_qc, probability_info, classifier, skipped,
-                     plan, paths, settings, feature_set, progress)
-        for name in _STAGE_FILES["report"]:
-            if paths[name].exists():
-                recorded("report", name)
-    elif paths["qc"].is_file():
-        qc = json.loads(paths["qc"].read_text(encoding="utf-8"))
-    else:
-        qc = {}
-
-    outputs = {}
-    for stage in STAGES:
-        if plan[stage] in ("skipped", "provided"):
-            continue
-        for name, entry in stage_files[stage].items():
-            outputs[name] = str(out_dir / entry["path"])
-    if job.regions:
-        outputs["regions_input"] = str(job.regions)
-    probability = None if probability_info is None else probability_info.get("probability")
-    result = ScanResult(
-        scan_id=job.scan_id, subject=subject, out_dir=out_dir, stages=plan, skipped=skipped,
-        warnings=list(qc.get("warnings") or []), outputs=outputs, probability=probability,
-        volumes_mm3={r["key"]: r["volume_mm3"] for r in qc.get("regions") or []},
-        seconds=time.perf_counter() - start)
-    record = {
-        "format": RECORD_FORMAT, "format_version": RECORD_VERSION,
-        "scan_id": job.scan_id, "subject": subject, "input": {"path": str(scan_path),
-                                                              **input_fp},
-        "regions_input": None if regions_fp is None else {"path": str(job.regions),
-                                                          **regions_fp},
-        "settings": settings.describe(), "feature_set": feature_set,
-        "software": {"hrpqct": _version()},
-        "stages": {s: {"key": keys[s], "status": plan[s], "files": stage_files[s]}
-                   for s in STAGES},
-        "skipped": skipped, "summary": result.summary_row(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    write_text_atomic(out_dir / RECORD_NAME, _dump(record))
-    for message in skipped:
-        log.info("%s: %s", job.scan_id, message)
-    log.info("%s: %s (%.1f s)", job.scan_id, result.action, result.seconds)
+def _run_scan(ctx: RunContext) -> ScanResult:
+    # the record: what exists, what it was made from, what must run again
+    _check_inputs(ctx)
+    ctx.previous = previous_record(ctx.out_dir, ctx.job.scan_id, ctx.paths, ctx.overwrite)
+    _fingerprint_inputs(ctx)
+    _resolve_artefacts(ctx)
+    ctx.keys = _stage_keys(ctx)
+    ctx.plan = plan_stages(ctx.keys, ctx.previous, ctx.out_dir, ctx.paths,
+                           overwrite=ctx.overwrite, provided_regions=bool(ctx.job.regions))
+    ctx.files = stage_files(ctx.plan, ctx.previous, ctx.paths, ctx.overwrite)
+    # the stages
+    _load_scan(ctx)
+    _segmentation_stage(ctx)
+    _radiomics_stage(ctx)
+    _classification_stage(ctx)
+    _report_stage(ctx)
+    # the outcome
+    result = _result(ctx)
+    write_record(ctx.out_dir, _record(ctx, result))
+    for message in ctx.skipped:
+        log.info("%s: %s", ctx.job.scan_id, message)
+    log.info("%s: %s (%.1f s)", ctx.job.scan_id, result.action, result.seconds)
     return result
 
 
-def _segment(scan, model_folder: Path, settings: RunSettings, paths: dict[str, Path],
-             progress, cancel) -> tuple[np.ndarray, dict[str, Any]]:
+# --- record and plan steps ---------------------------------------------------------------------
+
+def _check_inputs(ctx: RunContext) -> None:
+    scan_path = Path(ctx.job.scan)
+    if not scan_path.exists():
+        raise InputFileError(f"Scan {scan_path} does not exist: check the path.")
+    if ctx.job.regions is not None and not Path(ctx.job.regions).exists():
+        raise InputFileError(f"Region map {ctx.job.regions} does not exist: check the path.")
+    ctx.paths = output_paths(ctx.out_dir, ctx.job.scan_id)
+
+
+def _fingerprint_inputs(ctx: RunContext) -> None:
+    previous = ctx.previous or {}
+    ctx.input_fp = fingerprint(Path(ctx.job.scan), previous.get("input"))
+    if ctx.job.regions:
+        ctx.regions_fp = fingerprint(Path(ctx.job.regions), previous.get("regions_input"))
+
+
+def _resolve_artefacts(ctx: RunContext) -> None:
+    """The model (unless the job brings its regions), the classifier, the feature request."""
+    if not ctx.job.regions:
+        ctx.model_folder, message = _resolve_model(ctx.settings)
+        if message:
+            ctx.skipped.append(message)
+    ctx.classifier, message = _resolve_classifier(ctx.settings)
+    if message:
+        ctx.skipped.append(message)
+    ctx.rad_settings, ctx.request, ctx.feature_set = feature_request(ctx.settings,
+                                                                     ctx.classifier)
+    if ctx.feature_set == "none":
+        ctx.skipped.append("radiomics skipped: --features none")
+
+
+def _resolve_model(settings: RunSettings) -> tuple[Path | None, str | None]:
+    from HRpQCTSegmentationEngine.bundled import resolve_model_folder
+
+    try:
+        return resolve_model_folder(settings.model), None
+    except ArtefactError as exc:
+        if settings.model:
+            raise
+        return None, f"segmentation skipped: {exc}"
+
+
+def _resolve_classifier(settings: RunSettings) -> tuple[Any, str | None]:
+    from HRpQCTRadiomicsEngine.model_io import load_classifier
+
+    if settings.classifier and settings.classifier.lower() == "none":
+        return None, "classification skipped: disabled (--classifier none)"
+    if settings.classifier:
+        return load_classifier(settings.classifier), None
+    from HRpQCTCore.artefacts import verified_path
+
+    try:
+        path = verified_path(BUNDLED_CLASSIFIER)
+    except ArtefactError as exc:
+        return None, (f"classification skipped: {exc}. No bundled classifier is available in "
+                      "this installation; train one with 'hrpqct train-classifier' and pass it "
+                      "with --classifier.")
+    return load_classifier(path), None
+
+
+def _stage_keys(ctx: RunContext) -> dict[str, str | None]:
+    """Stage -> resume key; each key includes the keys of the stages it depends on."""
+    settings = ctx.settings
+    calibration = None if settings.calibration is None else settings.calibration.to_dict()
+    input_key = stage_key({"scan": ctx.input_fp["sha256"], "units": settings.units,
+                           "calibration": calibration})
+    if ctx.job.regions:
+        seg_key = stage_key({"input": input_key, "provided_regions": ctx.regions_fp["sha256"]})
+    elif ctx.model_folder is not None:
+        seg_key = stage_key({"input": input_key, "model": model_sha256(ctx.model_folder),
+                             "postprocess": settings.postprocess,
+                             "version": STAGE_VERSIONS["segmentation"]})
+    else:
+        seg_key = None
+    rad_key = cls_key = None
+    if seg_key and ctx.feature_set != "none":
+        rad_key = stage_key({"seg": seg_key, "settings": ctx.rad_settings.sha256,
+                             "request": None if ctx.request is None
+                             else sorted(ctx.request.items()),
+                             "step": settings.slice_step, "subject": ctx.subject,
+                             "version": STAGE_VERSIONS["radiomics"]})
+        if ctx.classifier is not None:
+            cls_key = stage_key({"rad": rad_key, "classifier": sha256_file(ctx.classifier.path),
+                                 "version": STAGE_VERSIONS["classification"]})
+    report_key = (stage_key({"keys": [seg_key, rad_key, cls_key], "input": input_key,
+                             "version": STAGE_VERSIONS["report"]}) if settings.report else None)
+    return {"segmentation": seg_key, "radiomics": rad_key, "classification": cls_key,
+            "report": report_key}
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+def _load_scan(ctx: RunContext) -> None:
+    """Read the scan when any stage runs (reused stages need no voxels)."""
+    if any(ctx.runs(s) for s in STAGES):
+        from HRpQCTCore.io import read_scan
+
+        scan_path = Path(ctx.job.scan)
+        ctx.scan = read_scan(scan_path, units=ctx.settings.units,
+                             calibration=ctx.settings.calibration)
+        log.info("read %s: %s voxels of %s mm", scan_path.name, ctx.scan.shape,
+                 ctx.scan.spacing_mm)
+    check(ctx.cancel)
+
+
+def _segmentation_stage(ctx: RunContext) -> None:
+    """Segment, or read the regions (provided or from an earlier run) for later stages."""
+    if ctx.runs("segmentation"):
+        _segment(ctx)
+        for name in STAGE_FILES["segmentation"]:
+            ctx.record_output("segmentation", name)
+    elif ctx.scan is not None and ctx.keys["segmentation"] is not None:
+        from HRpQCTRadiomicsEngine.inputs import read_region_map
+
+        source = ctx.job.regions if ctx.job.regions else ctx.paths["regions_nifti"]
+        ctx.regions = read_region_map(source, ctx.scan.hu.shape)
+        if not ctx.job.regions:
+            ctx.seg_qc = _read_json_if_present(ctx.paths["segmentation_qc"])
+    elif not ctx.job.regions:
+        ctx.seg_qc = _read_json_if_present(ctx.paths["segmentation_qc"])
+    check(ctx.cancel)
+
+
+def _segment(ctx: RunContext) -> None:
     from HRpQCTCore.io import write_label_map
-    from HRpQCTPipeline.commands.segment import write_labels
     from HRpQCTSegmentationEngine.inference import run_segmentation
     from HRpQCTSegmentationEngine.postprocess import postprocess, preset
 
-    runner, config = _segmenter(model_folder, settings)
+    scan, settings, paths = ctx.scan, ctx.settings, ctx.paths
+    runner, config = _segmenter(ctx.model_folder, settings)
     seg = run_segmentation(scan.hu, runner, config=config, batch_size=settings.batch_size,
-                           progress=progress, cancel=cancel)
+                           progress=ctx.progress, cancel=ctx.cancel)
     log.info("segmented %d slices in %.1f s (%s, %s)", scan.n_slices, seg.seconds, seg.device,
              seg.engine)
     result = postprocess(seg.labels, scan.hu, scan.spacing_mm, preset(settings.postprocess),
-                         progress=progress, cancel=cancel)
-    write_labels(result.regions, scan, paths["regions_seg_nrrd"], regions=True)
+                         progress=ctx.progress, cancel=ctx.cancel)
+    write_label_map(result.regions, scan, paths["regions_seg_nrrd"])
     write_label_map(result.regions, scan, paths["regions_nifti"])
-    qc = {"model": str(model_folder), "model_sha256": _model_sha256(model_folder),
-          "device": seg.device, "engine": seg.engine, "seconds": seg.seconds,
-          "postprocess_preset": settings.postprocess, "warnings": list(result.warnings),
-          "slice_confidence": [float(v) for v in seg.slice_confidence],
-          "slice_foreground_confidence": [None if np.isnan(v) else float(v)
-                                          for v in seg.slice_foreground_confidence]}
-    write_text_atomic(paths["segmentation_qc"], _dump(qc))
-    return result.regions, qc
+    ctx.seg_qc = {
+        "model": str(ctx.model_folder), "model_sha256": model_sha256(ctx.model_folder),
+        "device": seg.device, "engine": seg.engine, "seconds": seg.seconds,
+        "postprocess_preset": settings.postprocess, "warnings": list(result.warnings),
+        "slice_confidence": [float(v) for v in seg.slice_confidence],
+        "slice_foreground_confidence": [None if np.isnan(v) else float(v)
+                                        for v in seg.slice_foreground_confidence]}
+    write_text_atomic(paths["segmentation_qc"], dump_json(ctx.seg_qc))
+    ctx.regions = result.regions
+
+
+_runner_lock = threading.Lock()
+_runners: dict[tuple, tuple[Any, Any]] = {}
+
+
+def _segmenter(folder: Path, settings: RunSettings):
+    """A prepared model runner, kept per process so a batch loads (and exports) it once."""
+    from HRpQCTSegmentationEngine.inference import prepare_segmenter
+
+    key = (str(folder.resolve()), model_sha256(folder), settings.device, settings.engine,
+           settings.fast)
+    with _runner_lock:
+        if key not in _runners:
+            _runners.clear()  # one model at a time: they are large
+            _runners[key] = prepare_segmenter(folder, device=settings.device,
+                                              fast=settings.fast, engine=settings.engine)
+        return _runners[key]
+
+
+def _radiomics_stage(ctx: RunContext) -> None:
+    if ctx.runs("radiomics"):
+        from HRpQCTRadiomicsEngine.extraction import extract_features
+        from HRpQCTRadiomicsEngine.table import write_feature_csv
+
+        scan, step = ctx.scan, int(ctx.settings.slice_step)
+        slices = None if step == 1 else list(range(0, scan.n_slices, step))
+        common = dict(settings=ctx.rad_settings, features=ctx.request, slices=slices,
+                      scan=ctx.job.scan_id, subject=ctx.subject, progress=ctx.progress,
+                      cancel=ctx.cancel)
+        if ctx.client is not None:
+            table = extract_on_cluster(ctx.client, scan.hu, ctx.regions, scan.spacing_mm,
+                                       **common)
+        else:
+            table = extract_features(scan.hu, ctx.regions, scan.spacing_mm, mode="slice",
+                                     n_jobs=ctx.settings.jobs, **common)
+        write_feature_csv(ctx.paths["features"], table)
+        ctx.record_output("radiomics", "features")
+        log.info("radiomics (%s set, settings %s): %d region-slice rows, %d ok, %d feature(s)",
+                 ctx.feature_set, ctx.rad_settings.name, len(table.rows), len(table.ok_rows()),
+                 len(table.feature_names))
+    check(ctx.cancel)
+
+
+def _classification_stage(ctx: RunContext) -> None:
+    if ctx.runs("classification"):
+        ctx.probability_info = _classify(ctx.classifier, ctx.paths, ctx.job.scan_id,
+                                         ctx.subject)
+        ctx.record_output("classification", "probability")
+    elif ctx.plan["classification"] == "reused" and ctx.paths["probability"].is_file():
+        ctx.probability_info = json.loads(ctx.paths["probability"].read_text(encoding="utf-8"))
 
 
 def _classify(classifier, paths: dict[str, Path], scan_id: str, subject: str) -> dict:
@@ -861,69 +612,127 @@ def _classify(classifier, paths: dict[str, Path], scan_id: str, subject: str) ->
                                                             strict=True)},
         "caveat": CAVEAT,
     }
-    write_text_atomic(paths["probability"], _dump(info))
+    write_text_atomic(paths["probability"], dump_json(info))
     log.info("%s: osteoporosis probability %.3f (%s of %d slices; research use only)",
              subject, p, prediction.aggregation, info["n_slices"])
     return info
 
 
-def _report(job: ScanJob, scan, regions, seg_qc: dict, probability_info, classifier,
-            skipped: list[str], plan: dict[str, str], paths: dict[str, Path],
-            settings: RunSettings, feature_set: str, progress) -> dict[str, Any]:
+def _report_stage(ctx: RunContext) -> None:
+    if ctx.runs("report"):
+        ctx.qc = _report(ctx)
+        for name in STAGE_FILES["report"]:
+            if ctx.paths[name].exists():
+                ctx.record_output("report", name)
+    else:
+        ctx.qc = _read_json_if_present(ctx.paths["qc"])
+
+
+def _read_json_if_present(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+# --- the QC report -----------------------------------------------------------------------------
+
+def _report(ctx: RunContext) -> dict[str, Any]:
+    """Write the QC record and the HTML report; returns the QC record."""
     from HRpQCTPipeline import qc as qc_module
     from HRpQCTPipeline import report as report_module
     from HRpQCTRadiomicsEngine.classification import CAVEAT
 
-    stage = "report"
-    report(progress, 0, 3, stage)
+    job, stage = ctx.job, "report"
+    report(ctx.progress, 0, 3, stage)
     info: dict[str, Any] = {
-        "scan_id": job.scan_id, "subject": job.subject or job.scan_id,
+        "scan_id": job.scan_id, "subject": ctx.subject,
         "input": Path(job.scan).name, "created": time.strftime("%Y-%m-%d %H:%M"),
-        "skipped": skipped, "caveat": CAVEAT,
+        "skipped": ctx.skipped, "caveat": CAVEAT,
     }
-    warnings: list[qc_module.QCWarning] = []
+    stats, warnings, confidence, motion = _quality(ctx, info, qc_module)
+    report(ctx.progress, 1, 3, stage)
+    if ctx.paths["features"].is_file() and ctx.plan["radiomics"] != "skipped":
+        info["key_features"] = _key_features(ctx)
+    figures = _figures(ctx, stats, warnings, confidence, motion, report_module)
+    info["figures"] = {k: str(v) for k, v in figures.items()}
+    report(ctx.progress, 2, 3, stage)
+    info["outputs"] = {k: str(v) for k, v in _report_outputs(ctx).items()}
+    info["provenance"] = _provenance(ctx)
+    qc_record = {k: info[k] for k in ("scan_id", "subject", "warnings", "confidence", "motion")}
+    qc_record["regions"] = [s.to_dict(per_slice=True) for s in stats]
+    write_text_atomic(ctx.paths["qc"], dump_json(qc_record))
+    report_module.write_scan_report(ctx.paths["report"], info)
+    report(ctx.progress, 3, 3, stage)
+    return qc_record
+
+
+def _quality(ctx: RunContext, info: dict[str, Any], qc_module) -> tuple[list, list, Any, Any]:
+    """Region statistics, confidence, motion and warnings; added to ``info``."""
+    warnings: list = []
     confidence = motion = None
-    if regions is not None:
-        stats = qc_module.region_stats(regions, scan.spacing_mm, scan.hu)
+    stats: list = []
+    if ctx.regions is not None:
+        scan, seg_qc = ctx.scan, ctx.seg_qc
+        stats = qc_module.region_stats(ctx.regions, scan.spacing_mm, scan.hu)
         if seg_qc.get("slice_foreground_confidence"):
             confidence = qc_module.confidence_summary(seg_qc["slice_confidence"],
                                                       seg_qc["slice_foreground_confidence"])
-        motion = qc_module.motion_index(scan.hu, regions, scan.spacing_mm)
+        motion = qc_module.motion_index(scan.hu, ctx.regions, scan.spacing_mm)
         warnings = qc_module.quality_warnings(
             stats, confidence=confidence, motion=motion,
             postprocess_warnings=seg_qc.get("warnings"))
         info["regions"] = [s.to_dict(per_slice=False) for s in stats]
-    else:
-        stats = []
     info["warnings"] = [w.to_dict() for w in warnings]
     info["confidence"] = confidence
     info["motion"] = motion
-    info["probability"] = probability_info
-    report(progress, 1, 3, stage)
+    info["probability"] = ctx.probability_info
+    return stats, warnings, confidence, motion
 
-    if paths["features"].is_file() and plan["radiomics"] != "skipped":
-        from HRpQCTRadiomicsEngine.table import read_feature_csv
 
-        rows = read_feature_csv(paths["features"])
-        if classifier is not None:
-            from HRpQCTRadiomicsEngine.classification import split_qualified_name
+def _key_features(ctx: RunContext) -> dict[str, dict[str, float]]:
+    """The classifier's first features (or :data:`REPORT_FEATURES`), averaged per region."""
+    from HRpQCTRadiomicsEngine.table import read_feature_csv
 
-            wanted: dict[str, list[str]] = {}
-            for name in classifier.features[:24]:
-                region, feature = split_qualified_name(name)
-                wanted.setdefault(region, []).append(feature)
-        else:
-            wanted = {d.key: [n for n in REPORT_FEATURES if n in rows.feature_names]
-                      for d in REGIONS}
-        info["key_features"] = _mean_features(rows, wanted)
+    rows = read_feature_csv(ctx.paths["features"])
+    if ctx.classifier is not None:
+        from HRpQCTRadiomicsEngine.classification import split_qualified_name
 
+        wanted: dict[str, list[str]] = {}
+        for name in ctx.classifier.features[:24]:
+            region, feature = split_qualified_name(name)
+            wanted.setdefault(region, []).append(feature)
+    else:
+        wanted = {d.key: [n for n in REPORT_FEATURES if n in rows.feature_names]
+                  for d in REGIONS}
+    return _mean_features(rows, wanted)
+
+
+def _mean_features(rows, wanted: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """Region key -> feature -> mean over the region's ok slices (for the report)."""
+    column = {n: j for j, n in enumerate(rows.feature_names)}
+    out: dict[str, dict[str, float]] = {}
+    for region_key, names in wanted.items():
+        mask = rows.where(region=region_key, status="ok")
+        values = {}
+        for name in names:
+            if name in column and mask.any():
+                col = rows.values[mask, column[name]]
+                col = col[np.isfinite(col)]
+                values[name] = float(col.mean()) if col.size else math.nan
+        if values:
+            out[region_by_name(region_key).name] = values
+    return out
+
+
+def _figures(ctx: RunContext, stats, warnings, confidence, motion,
+             report_module) -> dict[str, Path]:
+    """The report's PNG figures (none without matplotlib)."""
+    scan, job, paths = ctx.scan, ctx.job, ctx.paths
     figures = {}
-    n = scan.n_slices
     lowest = (confidence or {}).get("lowest_slice")
     low = any(w.code == "low_confidence" for w in warnings)
-    slices = report_module.representative_slices(n, extra=[lowest] if low else [])
+    slices = report_module.representative_slices(scan.n_slices, extra=[lowest] if low else [])
     captions = {lowest: "lowest confidence"} if low and lowest is not None else None
-    shown = regions if regions is not None else np.zeros(scan.hu.shape, dtype=np.uint8)
+    shown = (ctx.regions if ctx.regions is not None
+             else np.zeros(scan.hu.shape, dtype=np.uint8))
     figure = report_module.overlay_figure(scan.hu, shown, scan.spacing_mm, slices,
                                           paths["overlay_png"], title=job.scan_id,
                                           labels=captions)
@@ -937,54 +746,75 @@ def _report(job: ScanJob, scan, regions, seg_qc: dict, probability_info, classif
     if not figures:
         log.warning("matplotlib is not installed: the report has no figures "
                     "(pip install matplotlib).")
-    info["figures"] = {k: str(v) for k, v in figures.items()}
-    report(progress, 2, 3, stage)
+    return figures
+
+
+def _report_outputs(ctx: RunContext) -> dict[str, Path]:
+    """The files the report links to: this run's outputs and a provided region map."""
     outputs = {}
     for name in ("regions_seg_nrrd", "regions_nifti", "features", "probability",
                  "segmentation_qc", "qc"):
-        if name == "qc" or (paths[name].is_file() and plan[_stage_of(name)] != "skipped"):
-            outputs[name] = paths[name]
-    if job.regions:
-        outputs["regions (given)"] = Path(job.regions)
-    info["outputs"] = {k: str(v) for k, v in outputs.items()}
-    info["provenance"] = {
-        "hrpqct": _version(), "feature set": feature_set,
-        "segmentation": plan["segmentation"], "model": seg_qc.get("model", "–"),
+        path = ctx.paths[name]
+        if name == "qc" or (path.is_file() and ctx.plan[_stage_of(name)] != "skipped"):
+            outputs[name] = path
+    if ctx.job.regions:
+        outputs["regions (given)"] = Path(ctx.job.regions)
+    return outputs
+
+
+def _provenance(ctx: RunContext) -> dict[str, Any]:
+    seg_qc, classifier = ctx.seg_qc, ctx.classifier
+    return {
+        "hrpqct": _version(), "feature set": ctx.feature_set,
+        "segmentation": ctx.plan["segmentation"], "model": seg_qc.get("model", "–"),
         "model sha256": seg_qc.get("model_sha256", "–"),
         "inference": f"{seg_qc.get('device', '–')} / {seg_qc.get('engine', '–')}",
         "post-processing preset": seg_qc.get("postprocess_preset", "–"),
         "classifier": "–" if classifier is None else classifier.path.name,
-        "slice step (radiomics)": settings.slice_step,
+        "slice step (radiomics)": ctx.settings.slice_step,
     }
-    qc_record = {k: info[k] for k in ("scan_id", "subject", "warnings", "confidence", "motion")}
-    qc_record["regions"] = [s.to_dict(per_slice=True) for s in stats]
-    write_text_atomic(paths["qc"], _dump(qc_record))
-    report_module.write_scan_report(paths["report"], info)
-    report(progress, 3, 3, stage)
-    return qc_record
 
 
 def _stage_of(name: str) -> str:
-    for stage, names in _STAGE_FILES.items():
+    for stage, names in STAGE_FILES.items():
         if name in names:
             return stage
     raise KeyError(name)
 
 
-def _clean(value):
-    """JSON-ready copy: NaN/inf -> None, numpy scalars -> Python, paths -> str."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
+# --- the outcome -------------------------------------------------------------------------------
+
+def _result(ctx: RunContext) -> ScanResult:
+    outputs = {}
+    for stage in STAGES:
+        if ctx.plan[stage] in ("skipped", "provided"):
+            continue
+        for name, entry in ctx.files[stage].items():
+            outputs[name] = str(ctx.out_dir / entry["path"])
+    if ctx.job.regions:
+        outputs["regions_input"] = str(ctx.job.regions)
+    info = ctx.probability_info
+    return ScanResult(
+        scan_id=ctx.job.scan_id, subject=ctx.subject, out_dir=ctx.out_dir, stages=ctx.plan,
+        skipped=ctx.skipped, warnings=list(ctx.qc.get("warnings") or []), outputs=outputs,
+        probability=None if info is None else info.get("probability"),
+        volumes_mm3={r["key"]: r["volume_mm3"] for r in ctx.qc.get("regions") or []},
+        seconds=time.perf_counter() - ctx.start_s)
 
 
-def _dump(value) -> str:
-    return json.dumps(_clean(value), indent=1, default=str) + "\n"
+def _record(ctx: RunContext, result: ScanResult) -> dict[str, Any]:
+    """The new ``run.json``: inputs, settings, per-stage keys and files, the summary."""
+    job = ctx.job
+    return {
+        "format": RECORD_FORMAT, "format_version": RECORD_VERSION,
+        "scan_id": job.scan_id, "subject": ctx.subject,
+        "input": {"path": str(Path(job.scan)), **ctx.input_fp},
+        "regions_input": None if ctx.regions_fp is None else {"path": str(job.regions),
+                                                              **ctx.regions_fp},
+        "settings": ctx.settings.describe(), "feature_set": ctx.feature_set,
+        "software": {"hrpqct": _version()},
+        "stages": {s: {"key": ctx.keys[s], "status": ctx.plan[s], "files": ctx.files[s]}
+                   for s in STAGES},
+        "skipped": ctx.skipped, "summary": result.summary_row(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }

@@ -3,10 +3,10 @@
 Slicer's Sample Data module downloads a file from a URL and checks its SHA256. This project
 has no data hosting, and shipping ~80 MB of voxels in the extension would break the
 extension index's size limit, so the sample is made on the user's machine instead: the
-bundled phantom generator runs with fixed parameters and seed (those of ``hrpqct demo``,
-:func:`.commands.demo.example_params` and :data:`.commands.demo.EXAMPLE_SEED`, with fewer
-slices), the result is written as an uncompressed NRRD whose bytes depend only on the voxels
-and the geometry, and its SHA256 is compared with :data:`SAMPLE_SHA256`, recorded when the
+bundled phantom generator runs with the example's fixed parameters and seed
+(:mod:`HRpQCTPhantom.example`, also made by ``hrpqct demo``, here with fewer slices), the
+result is written as an uncompressed NRRD whose bytes depend only on the voxels and the
+geometry, and its SHA256 is compared with :data:`SAMPLE_SHA256`, recorded when the
 sample was defined.
 
 What the checksum does and does not promise: it proves the generated file is the very scan
@@ -146,9 +146,9 @@ def write_raw_nrrd(scan: Scan, path: str | Path, dtype: str = "int16",
 
 def generate_sample_scan(progress: ProgressCallback | None = None,
                          cancel: CancelToken | None = None) -> Scan:
-    """The sample phantom (``hrpqct demo``'s parameters and seed, :data:`SAMPLE_SLICES`)."""
+    """The sample phantom (the example's parameters and seed, :data:`SAMPLE_SLICES` slices)."""
     from HRpQCTPhantom import generate_phantom
-    from HRpQCTPipeline.commands.demo import EXAMPLE_SEED, example_params
+    from HRpQCTPhantom.example import EXAMPLE_SEED, example_params
 
     phantom = generate_phantom(example_params(SAMPLE_SLICES), seed=EXAMPLE_SEED,
                                progress=progress, cancel=cancel)

@@ -82,8 +82,10 @@ def test_label_map_rejects_wrong_shape_and_values(tmp_path, hu_scan):
         write_label_map(np.zeros((2, 2, 2), np.uint8), hu_scan, tmp_path / "l.nii.gz")
     with pytest.raises(InvalidScanError, match=r"0\.\.255"):
         write_label_map(np.full(hu_scan.shape, 300), hu_scan, tmp_path / "l.nii.gz")
-    with pytest.raises(UnsupportedFormatError, match="write_seg_nrrd"):
-        write_label_map(np.zeros(hu_scan.shape, np.uint8), hu_scan, tmp_path / "l.seg.nrrd")
+    with pytest.raises(UnsupportedFormatError, match="Cannot write"):
+        write_label_map(np.zeros(hu_scan.shape, np.uint8), hu_scan, tmp_path / "l.tif")
+    with pytest.raises(UnsupportedFormatError, match="write_label_map"):
+        write_scan(hu_scan, tmp_path / "s.seg.nrrd")  # a segmentation holds labels, not HU
     assert list(tmp_path.iterdir()) == []
 
 

@@ -125,9 +125,9 @@ def test_run_without_bundled_artefacts_skips_those_steps(tmp_path, pipeline_scan
     """An installation without bundled model and classifier: the run says so and still
     reports the scan (the artefact names are pointed at nothing)."""
     from HRpQCTPipeline import pipeline
-    from HRpQCTPipeline.commands import segment
+    from HRpQCTSegmentationEngine import bundled
 
-    monkeypatch.setattr(segment, "BUNDLED_MODEL", "no-such-model")
+    monkeypatch.setattr(bundled, "BUNDLED_MODEL", "no-such-model")
     monkeypatch.setattr(pipeline, "BUNDLED_CLASSIFIER", "no-such-classifier")
     out = tmp_path / "out"
     assert main(["run", str(pipeline_scans[0].scan), "--out", str(out), "--progress",

@@ -1,19 +1,16 @@
-"""Scan input/output: every format users bring, read into a :class:`~..scan.Scan` in HU.
+"""Scan and label-map input/output: every format users bring, with the same checks everywhere.
 
-Public API
-----------
-* :func:`read_scan` -- Scanco AIM/ISQ, NIfTI, NRRD, MetaImage, DICOM series -> Scan (float32 HU).
-* :func:`write_scan` -- Scan -> NIfTI/NRRD/MetaImage (float32 or int16 HU).
-* :func:`write_label_map` -- uint8 labels with a reference scan's geometry.
-* :func:`write_scan_aim` -- Scan -> Scanco AIM (int16 native + calibration).
-* :func:`resample_to_spacing` -- linear resampling to a voxel size.
-* :func:`detect_format`, :func:`hu_plausibility`, :func:`spacing_warning` -- the checks
-  :func:`read_scan` applies, for callers that want them separately.
-
-Slicer ``.seg.nrrd`` files: :mod:`.segnrrd`. Scanco library details: :mod:`.scanco`.
-Heavy libraries (SimpleITK, aimio-py) are imported only when a function needs them.
+Scans are read into a :class:`~HRpQCTCore.scan.Scan` in HU; label maps are Slicer ``.seg.nrrd``
+files or integer images on a scan's grid. Heavy libraries (SimpleITK, aimio-py) are imported
+only when a function needs them.
 """
 
+from HRpQCTCore.io.labelmaps import (
+    LABEL_MAP_SUFFIXES,
+    label_map_format,
+    read_label_map,
+    write_label_map,
+)
 from HRpQCTCore.io.readers import (
     HU_AIR_RANGE,
     HU_MAX_PLAUSIBLE,
@@ -24,10 +21,11 @@ from HRpQCTCore.io.readers import (
     spacing_warning,
 )
 from HRpQCTCore.io.resample import resample_to_spacing
+from HRpQCTCore.io.suffixes import compound_suffix
 from HRpQCTCore.io.writers import (
     WRITE_EXTENSIONS,
     output_format,
-    write_label_map,
+    write_label_image,
     write_scan,
     write_scan_aim,
 )
@@ -35,15 +33,20 @@ from HRpQCTCore.io.writers import (
 __all__ = [
     "read_scan",
     "write_scan",
+    "read_label_map",
     "write_label_map",
+    "write_label_image",
+    "label_map_format",
     "write_scan_aim",
     "resample_to_spacing",
+    "compound_suffix",
     "detect_format",
     "output_format",
     "hu_plausibility",
     "spacing_warning",
     "SCAN_EXTENSIONS",
     "WRITE_EXTENSIONS",
+    "LABEL_MAP_SUFFIXES",
     "HU_AIR_RANGE",
     "HU_MAX_PLAUSIBLE",
 ]

@@ -48,6 +48,7 @@ from HRpQCTCore.scan import XTREMECT1_VOXEL_MM, XTREMECT2_VOXEL_MM, Calibration,
 __all__ = [
     "read_scan",
     "detect_format",
+    "format_from_name",
     "hu_plausibility",
     "spacing_warning",
     "SCAN_EXTENSIONS",
@@ -117,6 +118,15 @@ def _magic(path: Path) -> str | None:
     return None
 
 
+def format_from_name(path: str | Path) -> str | None:
+    """The format :data:`SCAN_EXTENSIONS` gives the file name's ending (None: not known)."""
+    name = _strip_version(Path(path).name).lower()
+    for ending, fmt in SCAN_EXTENSIONS.items():
+        if name.endswith(ending):
+            return fmt
+    return None
+
+
 def detect_format(path: str | Path) -> str:
     """Return ``"aim"``, ``"isq"``, ``"nifti"``, ``"nrrd"``, ``"metaimage"`` or ``"dicom"``.
 
@@ -137,10 +147,9 @@ def detect_format(path: str | Path) -> str:
         raise InputFileError(
             f"Input file {path} is empty (0 bytes): the copy or export probably failed. "
             "Copy or export the scan again.")
-    name = _strip_version(path.name).lower()
-    for ending, fmt in SCAN_EXTENSIONS.items():
-        if name.endswith(ending):
-            return fmt
+    fmt = format_from_name(path)
+    if fmt is not None:
+        return fmt
     magic = _magic(path)
     if magic is not None:
         return magic

@@ -1,15 +1,9 @@
-"""Write scans (HU) and label maps with their geometry; every write is atomic.
-
-* :func:`write_scan` -- NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``) or MetaImage (``.mha``),
-  chosen by extension; HU as float32 (default) or int16 (rounded, clipped to the int16 range).
-* :func:`write_label_map` -- uint8 labels on a reference scan's grid (NIfTI/NRRD/MHA). Slicer
-  segmentation files (``.seg.nrrd``) are written by :mod:`.segnrrd`.
-* :func:`write_scan_aim` -- Scanco AIM (int16 native values with the calibration in the
-  processing log), like the AIMs scanners export; used by the phantom generator.
+"""Write scans (HU) and label images with their geometry; every write is atomic.
 
 Files go to a temporary name beside the target (keeping the extension, since SimpleITK picks
 the format from it) and are renamed over the target only when complete. Only geometry and
-voxels are written: no metadata from an input header is ever copied into an output.
+voxels are written: no metadata from an input header is ever copied into an output. Label maps
+in either form (Slicer ``.seg.nrrd`` or an image) go through :mod:`.labelmaps`.
 """
 
 from __future__ import annotations
@@ -21,13 +15,15 @@ import numpy as np
 
 from HRpQCTCore.atomic import atomic_path
 from HRpQCTCore.errors import InvalidScanError, UnsupportedFormatError
+from HRpQCTCore.io.suffixes import compound_suffix
 from HRpQCTCore.scan import DEFAULT_CALIBRATION, Calibration, Scan, Units
 
-__all__ = ["write_scan", "write_label_map", "write_scan_aim", "WRITE_EXTENSIONS", "output_format"]
+__all__ = ["write_scan", "write_label_image", "write_scan_aim", "WRITE_EXTENSIONS",
+           "output_format"]
 
 log = logging.getLogger(__name__)
 
-#: Extensions :func:`write_scan` and :func:`write_label_map` write.
+#: Extensions :func:`write_scan` and :func:`write_label_image` write.
 WRITE_EXTENSIONS = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".mha": "metaimage"}
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -38,16 +34,16 @@ def output_format(path: str | Path) -> str:
     Raises
     ------
     UnsupportedFormatError
-        For ``.seg.nrrd`` (use :func:`~.segnrrd.write_seg_nrrd`) and unknown extensions.
+        For ``.seg.nrrd`` (label maps only: :func:`~.labelmaps.write_label_map`) and unknown
+        extensions.
     """
-    name = Path(path).name.lower()
-    if name.endswith(".seg.nrrd"):
+    suffix = compound_suffix(path).lower()
+    if suffix == ".seg.nrrd":
         raise UnsupportedFormatError(
-            f"{path}: Slicer segmentation files are written by write_seg_nrrd "
-            "(HRpQCTCore.io.segnrrd); use .nii.gz or .nrrd for a plain image.")
-    for ending, fmt in WRITE_EXTENSIONS.items():
-        if name.endswith(ending):
-            return fmt
+            f"{path}: Slicer segmentation files hold labels and are written by write_label_map "
+            "(HRpQCTCore.io, through write_seg_nrrd); use .nii.gz or .nrrd for a plain image.")
+    if suffix in WRITE_EXTENSIONS:
+        return WRITE_EXTENSIONS[suffix]
     raise UnsupportedFormatError(
         f"Cannot write {path}: choose an output ending in {', '.join(WRITE_EXTENSIONS)} "
         "(NIfTI, NRRD or MetaImage).")
@@ -102,8 +98,8 @@ def write_scan(scan: Scan, path: str | Path, *, dtype: str = "float32") -> Path:
     return path
 
 
-def write_label_map(labels: np.ndarray, reference_scan: Scan, path: str | Path) -> Path:
-    """Write a label map as uint8 with the geometry of ``reference_scan``.
+def write_label_image(labels: np.ndarray, reference_scan: Scan, path: str | Path) -> Path:
+    """Write a label map as a uint8 image (NIfTI, NRRD, MHA) with ``reference_scan``'s geometry.
 
     Raises
     ------

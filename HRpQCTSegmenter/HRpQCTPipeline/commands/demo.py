@@ -1,15 +1,10 @@
 """``hrpqct demo``: run the main job on the bundled example scan.
 
-The example is a synthetic phantom defined by fixed parameters and a seed
-(:data:`EXAMPLE_SEED`, :func:`example_params`): the generator is bundled, so the example is made
-on the user's machine instead of shipping hundreds of MB of voxels. It is written as a Scanco
-AIM when the installed Scanco library can write one (else NIfTI), then read back like any user
-scan, so the demo exercises the same path as real data.
-
-Step 3 is ``hrpqct run`` (:func:`HRpQCTPipeline.pipeline.run_scan`) on that file: the seven
-regions, features, the probability and the QC report, in the same folder. Without the
-radiomics engine installed, only the segmentation runs. Missing bundled artefacts (model,
-classifier) are reported and their steps skipped.
+The example (:mod:`HRpQCTPhantom.example`) is written as a Scanco AIM when the installed Scanco
+library can write one (else NIfTI), then read back like any user scan, so the demo exercises the
+same path as real data. Step 3 is ``hrpqct run`` on that file. Without the radiomics engine
+installed, only the segmentation runs; missing bundled artefacts (model, classifier) are
+reported and their steps skipped.
 """
 
 from __future__ import annotations
@@ -26,24 +21,13 @@ from HRpQCTCore.cli_options import (
     add_progress_option,
     check_can_write,
 )
+from HRpQCTPhantom.example import EXAMPLE_SEED, EXAMPLE_SLICES, example_params
 
 ORDER = 1
 log = logging.getLogger("hrpqct")
 
-#: Seed of the bundled example scan.
-EXAMPLE_SEED = 20260311
-#: Number of slices of the example (a full HR-pQCT stack).
-EXAMPLE_SLICES = 168
 #: The demo extracts features on every n-th slice (a full scan's radiomics takes minutes).
 DEMO_SLICE_STEP = 4
-
-
-def example_params(n_slices: int = EXAMPLE_SLICES):
-    """Parameters of the bundled example: a right leg with normal bone, moderate noise."""
-    from HRpQCTPhantom import PhantomParams
-
-    return PhantomParams(n_slices=n_slices, side="right", noise_sd_hu=150.0, motion_grade=2,
-                         rotation_deg=8.0, translation_mm=(1.5, -1.0))
 
 
 def _step(title: str) -> float:
@@ -141,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 def _segment_only(args: argparse.Namespace, scan, out: Path, summary: dict) -> None:
     """Step 3 without the radiomics engine installed: segmentation only."""
     from HRpQCTCore.errors import ArtefactError
-    from HRpQCTPipeline.commands.segment import resolve_model_folder
+    from HRpQCTSegmentationEngine.bundled import resolve_model_folder
 
     t = _step("3. segmenting into the seven regions")
     try:
@@ -149,8 +133,8 @@ def _segment_only(args: argparse.Namespace, scan, out: Path, summary: dict) -> N
     except ArtefactError as exc:
         print(f"   skipped: {exc}")
         return
+    from HRpQCTCore.io import write_label_map
     from HRpQCTCore.regions import REGIONS
-    from HRpQCTPipeline.commands.segment import write_labels
     from HRpQCTSegmentationEngine.inference import run_segmentation
     from HRpQCTSegmentationEngine.postprocess import postprocess
 
@@ -158,7 +142,7 @@ def _segment_only(args: argparse.Namespace, scan, out: Path, summary: dict) -> N
     result = postprocess(seg.labels, scan.hu, scan.spacing_mm)
     seg_path = out / "example_regions.seg.nrrd"
     check_can_write([seg_path], args.overwrite)
-    write_labels(result.regions, scan, seg_path, regions=True)
+    write_label_map(result.regions, scan, seg_path)
     voxel_mm3 = float(scan.spacing_mm[0] * scan.spacing_mm[1] * scan.spacing_mm[2])
     counts = {r.key: int((result.regions == r.label).sum()) for r in REGIONS}
     summary["regions_seg_nrrd"] = str(seg_path)

@@ -20,72 +20,29 @@ from HRpQCTCore.cli_options import (
     check_can_write,
     progress_from_args,
 )
-from HRpQCTCore.errors import ArtefactError, HRpQCTError, InputFileError
+from HRpQCTCore.errors import HRpQCTError, InputFileError
+from HRpQCTSegmentationEngine.bundled import resolve_model_folder
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from HRpQCTCore.regions import LabelDefinition
     from HRpQCTSegmentationEngine.postprocess import PostprocessConfig
 
 ORDER = 20
 log = logging.getLogger("hrpqct")
 
-#: Name of the bundled SegFormer in resources/segmentation-artefacts.json.
-BUNDLED_MODEL = "segformer-b0-phantoms"
-#: Further artefacts of the bundled model folder, named ``<BUNDLED_MODEL>:<part>``.
-BUNDLED_MODEL_PARTS = ("config", "weights")
-
-LABEL_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
-
-
-def resolve_model_folder(model: str | None) -> Path:
-    """The model folder to use: the user's, or the bundled one after its checksum check."""
-    if model:
-        folder = Path(model)
-        if not folder.is_dir():
-            raise ArtefactError(
-                f"Model folder {folder} does not exist. Pass a folder written by "
-                "'hrpqct train-segmenter', or omit --model to use the bundled model.")
-        return folder
-    from HRpQCTCore.artefacts import verified_path
-
-    try:
-        # the folder's metadata, config and weights are separate artefacts: check all three
-        folder = verified_path(BUNDLED_MODEL).parent
-        for part in BUNDLED_MODEL_PARTS:
-            verified_path(f"{BUNDLED_MODEL}:{part}")
-        return folder
-    except ArtefactError as exc:
-        raise ArtefactError(
-            f"{exc}. No bundled segmentation model is available in this installation; train "
-            "one with 'hrpqct train-segmenter' and pass it with --model.") from None
-
-
-def _output_kind(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in LABEL_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    raise HRpQCTError(
-        f"Cannot tell the output format of {path}: use one of {', '.join(LABEL_SUFFIXES)}")
-
-
-def write_labels(labels: np.ndarray, reference, path: Path, *, regions: bool) -> None:
-    """Write a label volume as ``.seg.nrrd`` (Slicer segmentation) or a plain label map."""
-    from HRpQCTCore.io import write_label_map
-
-    kind = _output_kind(path)
-    if kind == ".seg.nrrd":
-        from HRpQCTCore.io.segnrrd import write_seg_nrrd
-        from HRpQCTCore.regions import NETWORK_CLASSES, REGIONS
-
-        defs = REGIONS if regions else NETWORK_CLASSES[1:]
-        write_seg_nrrd(labels, reference, path, regions=defs)
-    else:
-        write_label_map(labels, reference, path)
-
 
 # ------------------------------------------------------------------------------------------
 # segment
 # ------------------------------------------------------------------------------------------
+def _segments(classes_only: bool) -> Sequence[LabelDefinition]:
+    """The segments of a ``.seg.nrrd`` output: the seven regions, or the network's classes."""
+    from HRpQCTCore.regions import NETWORK_CLASSES, REGIONS
+
+    return NETWORK_CLASSES[1:] if classes_only else REGIONS
+
+
 def _postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
     from HRpQCTSegmentationEngine.postprocess import preset
 
@@ -103,14 +60,14 @@ def _add_postprocess_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from HRpQCTCore.io import read_scan, write_label_map
+    from HRpQCTCore.io import label_map_format, read_scan, write_label_image, write_label_map
     from HRpQCTSegmentationEngine.inference import run_segmentation
     from HRpQCTSegmentationEngine.postprocess import postprocess
 
     output = Path(args.output)
     outputs = [output] + ([Path(args.rings)] if args.rings else []) + (
         [Path(args.qc_json)] if args.qc_json else [])
-    _output_kind(output)
+    label_map_format(output)
     check_can_write(outputs, args.overwrite)
     folder = resolve_model_folder(args.model)
     progress = progress_from_args(args)
@@ -124,8 +81,8 @@ def run_segment(args: argparse.Namespace) -> int:
                              with_rings=bool(args.rings), progress=progress)
         labels, warnings = result.regions, result.warnings
         if args.rings:
-            write_label_map(result.rings, scan, Path(args.rings))
-    write_labels(labels, scan, output, regions=not args.classes_only)
+            write_label_image(result.rings, scan, Path(args.rings))
+    write_label_map(labels, scan, output, segments=_segments(args.classes_only))
     if args.qc_json:
         from HRpQCTCore.atomic import write_text_atomic
 
@@ -146,44 +103,29 @@ def run_segment(args: argparse.Namespace) -> int:
 # postprocess
 # ------------------------------------------------------------------------------------------
 def run_postprocess(args: argparse.Namespace) -> int:
-    from HRpQCTCore.io import read_scan, write_label_map
+    from HRpQCTCore.io import (
+        label_map_format,
+        read_label_map,
+        read_scan,
+        write_label_image,
+        write_label_map,
+    )
     from HRpQCTSegmentationEngine.postprocess import postprocess
 
     output = Path(args.output)
-    _output_kind(output)
+    label_map_format(output)
     check_can_write([output] + ([Path(args.rings)] if args.rings else []), args.overwrite)
     scan = read_scan(args.scan, units=args.units, calibration=calibration_from_args(args))
-    classes = _read_labels(args.classes, scan)
+    classes = read_label_map(args.classes, scan, name="Label volume")
     config = _postprocess_config(args)
     result = postprocess(classes, scan.hu, scan.spacing_mm, config, with_rings=bool(args.rings),
                          progress=progress_from_args(args))
-    write_labels(result.regions, scan, output, regions=True)
+    write_label_map(result.regions, scan, output)
     if args.rings:
-        write_label_map(result.rings, scan, Path(args.rings))
+        write_label_image(result.rings, scan, Path(args.rings))
     for message in result.warnings:
         log.warning(message)
     return 0
-
-
-def _read_labels(path: str | Path, reference) -> np.ndarray:
-    """Read a label volume and check it lies on the reference scan's grid."""
-    path = Path(path)
-    if path.name.lower().endswith(".seg.nrrd"):
-        from HRpQCTCore.io.segnrrd import read_seg_nrrd
-
-        labels, _ = read_seg_nrrd(path)
-    else:
-        from HRpQCTCore.io import read_scan
-
-        labels = read_scan(path, units="hu").hu
-    labels = np.asarray(labels)
-    if labels.shape != reference.hu.shape:
-        raise InputFileError(
-            f"Label volume {path} has shape {labels.shape}, the scan {reference.hu.shape}: "
-            "they must share one grid")
-    if labels.min() < 0 or labels.max() > 255 or not np.all(np.equal(np.mod(labels, 1), 0)):
-        raise InputFileError(f"{path} does not hold integer labels 0..255")
-    return labels.astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------
@@ -224,6 +166,7 @@ def run_train(args: argparse.Namespace) -> int:
 # evaluate-segmentation
 # ------------------------------------------------------------------------------------------
 def run_evaluate(args: argparse.Namespace) -> int:
+    from HRpQCTCore.io import read_label_map
     from HRpQCTSegmentationEngine.metrics import (
         format_class_table,
         scores_from_labels,
@@ -233,8 +176,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     rows = _read_eval_manifest(Path(args.manifest))
     scores = []
     for row in rows:
-        truth = _read_any_labels(row["truth"])
-        pred = _read_any_labels(row["prediction"])
+        truth = read_label_map(row["truth"])
+        pred = read_label_map(row["prediction"])
         if truth.shape != pred.shape:
             raise InputFileError(
                 f"{row['prediction']} has shape {pred.shape}, its truth {truth.shape}")
@@ -264,16 +207,6 @@ def _read_eval_manifest(path: Path) -> list[dict]:
     if not rows:
         raise InputFileError(f"Manifest {path} lists no scans")
     return rows
-
-
-def _read_any_labels(path: str) -> np.ndarray:
-    if path.lower().endswith(".seg.nrrd"):
-        from HRpQCTCore.io.segnrrd import read_seg_nrrd
-
-        return np.asarray(read_seg_nrrd(path)[0], dtype=np.uint8)
-    from HRpQCTCore.io import read_scan
-
-    return np.asarray(read_scan(path, units="hu").hu).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------
