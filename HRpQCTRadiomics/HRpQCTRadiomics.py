@@ -1,22 +1,21 @@
 """3D Slicer module: per-region radiomic features of HR-pQCT scans and osteoporosis probability.
 
-Thin by design: the science lives in the Qt-free engine packages ``HRpQCTRadiomicsEngine``
-(features, classifiers, and :mod:`HRpQCTRadiomicsLib.slicer_radiomics`: the choices read
-from the parameter node, segment-to-region mapping, the worker-thread run started by
-``start_radiomics``/``run_radiomics``, table nodes, CSV) and ``HRpQCTSegmenterLib`` (region
-model, Slicer bridge, the Apply button's state), all tested in CI against Slicer's real data
-model. This file holds the panel wiring, the parameter node, a Logic delegating to the
-engine, and the self-test.
+Thin by design: the science lives in the Qt-free packages ``HRpQCTRadiomicsEngine``
+(features, classifiers) and ``HRpQCTRadiomicsLib.slicer_radiomics`` (the choices, the one
+schema the parameter node below is generated from, segment-to-region mapping, the
+worker-thread run started by ``start_radiomics``/``run_radiomics``, table nodes, CSV), and
+``HRpQCTCore`` (region model, Slicer bridge, the run panel both modules share), all tested in
+CI against Slicer's real data model. This file holds the panel wiring, the parameter node, a
+Logic delegating to the engine, and the self-test.
 """
 
 import os
-from typing import Annotated
 
 import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -25,10 +24,13 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from HRpQCTCore.slicer_process import JobState, apply_button_state
-from HRpQCTRadiomicsLib.slicer_radiomics import MODE_CHOICES, MODE_FEATURES, MODE_PREDICTION
+from HRpQCTCore.background.panel import PanelView, RunPanel, status_style
+from HRpQCTCore.parameter_schema import Markers, parameter_node_base
+from HRpQCTRadiomicsLib.slicer_radiomics import MODE_PREDICTION, RadiomicsParameters
 
 MODULE_NAME = "HRpQCTRadiomics"
+#: Slicer's markers for the parameter node fields generated from the engine's schema.
+SLICER_MARKERS = Markers(choice=Choice, within_range=WithinRange, default=Default)
 
 
 class HRpQCTRadiomics(ScriptedLoadableModule):
@@ -43,9 +45,11 @@ class HRpQCTRadiomics(ScriptedLoadableModule):
         self.parent.helpText = (
             "Computes radiomic features (pyradiomics) in each of the seven HR-pQCT regions of a "
             "segmentation made by the HR-pQCT Segmenter module (corrections allowed: segments "
-            "are recognised by terminology, then by name) and, with a classifier file, an "
-            "osteoporosis probability for research use. Results go to table nodes; Export CSV "
-            "writes the features. "
+            "are recognised by terminology, then by name) and an osteoporosis probability for "
+            "research use: prediction mode uses the bundled classifier (osteoporosis-classifier, "
+            "trained on synthetic phantoms, so its probabilities mean nothing for patients) "
+            "unless you choose your own classifier file. Results go to table nodes; Export CSV "
+            "writes the features. Needs Slicer 5.10 or newer. "
             "See <a href='https://github.com/hrpqct/SlicerHRpQCT'>the project page</a>.")
         self.parent.acknowledgementText = (
             "For research use only; not for clinical use. The bundled models were trained on "
@@ -54,19 +58,21 @@ class HRpQCTRadiomics(ScriptedLoadableModule):
 
 
 @parameterNodeWrapper
-class HRpQCTRadiomicsParameterNode:
-    """The panel's choices, saved with the scene. Read by
-    ``RadiomicsParameters.from_parameter_node`` (which also holds the checks)."""
+class HRpQCTRadiomicsParameterNode(parameter_node_base(RadiomicsParameters, SLICER_MARKERS)):
+    """The panel's choices, saved with the scene.
+
+    The engine's choices (mode, classifier file) are generated from ``RadiomicsParameters``,
+    which also reads them back and checks them; only the panel's node selections are
+    declared here.
+    """
 
     inputVolume: vtkMRMLScalarVolumeNode
     inputSegmentation: vtkMRMLSegmentationNode
-    mode: Annotated[str, Choice(list(MODE_CHOICES))] = MODE_FEATURES
-    classifierPath: str = ""
     outputTable: vtkMRMLTableNode
 
 
 class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The module panel; extraction runs in a worker thread polled by a timer."""
+    """The module panel; extraction runs in a worker thread driven by ``RunPanel``."""
 
     POLL_INTERVAL_MS = 200
 
@@ -77,7 +83,7 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._run = None
+        self._panel = None
         self._lastTable = None
         self._timer = None
 
@@ -90,7 +96,12 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = HRpQCTRadiomicsLogic()
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_INTERVAL_MS)
-        self._timer.connect("timeout()", self.onPoll)
+        self._panel = RunPanel(
+            PanelView(set_status=self.setStatus, set_progress=self.setProgress,
+                      show_error=self.showError, start_timer=self._timer.start,
+                      stop_timer=self._timer.stop, refresh=self.updateGUI),
+            on_success=self.onRunDone, cancelling_text="Cancelling (after the current slice)...")
+        self._timer.connect("timeout()", self._panel.poll)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -100,8 +111,8 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
-        if self._run is not None:
-            self._run.cancel()
+        if self._panel is not None:
+            self._panel.cancel()
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()
@@ -116,8 +127,9 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
 
     def onSceneStartClose(self, caller, event):
-        if self._run is not None:
-            self._run.cancel()
+        if self._panel is not None:
+            self._panel.cancel()
+        self._lastTable = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -151,7 +163,7 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateGUI(self, caller=None, event=None):
         parameters = self._parameterNode
-        running = self._run is not None
+        running = self._panel is not None and self._panel.running
         self.ui.parametersCollapsibleButton.enabled = not running
         self.ui.exportCsvButton.enabled = not running and self._lastTable is not None
         if parameters and self.ui.classifierPathLineEdit.currentPath != parameters.classifierPath:
@@ -160,8 +172,10 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     else ["No parameter node."])
         if parameters and not (parameters.inputVolume and parameters.inputSegmentation):
             problems.insert(0, "Select an input volume and its region segmentation.")
-        state = apply_button_state(
-            problems, running=running,
+        if self._panel is None:
+            return
+        state = self._panel.button_state(
+            problems,
             ready_tooltip=("Compute the per-region radiomic features (and probabilities with "
                            "a classifier)."),
             cancel_tooltip="Stop the extraction; no table is changed.")
@@ -174,48 +188,25 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- running ---------------------------------------------------------------------------
     def onApplyButton(self):
-        if self._run is not None:
-            self.setStatus("Cancelling (after the current slice)...")
-            self._run.cancel()
-            return
-        parameters = self._parameterNode
-        self.ui.progressBar.value = 0
-        self.ui.probabilityLabel.text = ""
-        try:
-            self._run = self.logic.startRun(
-                parameters.inputVolume, parameters.inputSegmentation,
-                self.logic.parameters(parameters), tableNode=parameters.outputTable)
-        except Exception as exc:
-            self.showError(str(exc))
-            return
-        self.setStatus(self._run.warnings or self._run.status_text())
-        self._timer.start()
-        self.updateGUI()
+        # The first status names the segments that matched no region, if any.
+        self._panel.apply(self.startRun,
+                          first_status=lambda run: run.warnings or run.status_text())
 
-    def onPoll(self):
-        run = self._run
-        if run is None:
-            self._timer.stop()
-            return
-        state = run.poll()
-        self.ui.progressBar.value = round(100 * run.fraction)
-        if state == JobState.RUNNING:
-            self.setStatus(run.status_text())
-            return
-        self._timer.stop()
-        self._run = None
-        if state == JobState.SUCCEEDED:
-            self._lastTable = run.table
+    def startRun(self):
+        """Start the extraction (the parameter node's choices) in its worker thread."""
+        parameters = self._parameterNode
+        self.ui.probabilityLabel.text = ""
+        return self.logic.startRun(parameters.inputVolume, parameters.inputSegmentation,
+                                   self.logic.parameters(parameters),
+                                   tableNode=parameters.outputTable)
+
+    def onRunDone(self, run):
+        self._lastTable = run.table
+        if self._parameterNode:
             self._parameterNode.outputTable = run.table_node
-            slicer.util.getModuleLogic("Tables")  # make sure the Tables module is loaded
-            self.ui.probabilityLabel.text = run.probability_summary()
-            self.setStatus("\n".join(t for t in (run.message, run.warnings) if t))
-        elif state == JobState.CANCELLED:
-            self.ui.progressBar.value = 0
-            self.setStatus(run.message)
-        else:
-            self.showError(run.message)
-        self.updateGUI()
+        slicer.util.getModuleLogic("Tables")  # make sure the Tables module is loaded
+        self.ui.probabilityLabel.text = run.probability_summary()
+        self.setStatus("\n".join(t for t in (run.message, run.warnings) if t))
 
     def onExportCsvButton(self):
         if self._lastTable is None:
@@ -231,11 +222,14 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- messages --------------------------------------------------------------------------
     def setStatus(self, text, error=False):
         self.ui.statusLabel.text = text
-        self.ui.statusLabel.styleSheet = "color: #c0392b" if error else ""
+        self.ui.statusLabel.styleSheet = status_style(error)
 
-    def showError(self, message):
-        self.setStatus(message, error=True)
-        slicer.util.errorDisplay(message, windowTitle="HR-pQCT Radiomics")
+    def setProgress(self, percent):
+        self.ui.progressBar.value = percent
+
+    def showError(self, message, details=""):
+        slicer.util.errorDisplay(message, windowTitle="HR-pQCT Radiomics",
+                                 detailedText=details or None)
 
 
 class HRpQCTRadiomicsLogic(ScriptedLoadableModuleLogic):
@@ -289,8 +283,9 @@ class HRpQCTRadiomicsTest(ScriptedLoadableModuleTest):
     """Self-test run by Slicer (Developer mode: Reload and Test; CTest on the Factory).
 
     A small synthetic segmentation -> features table -> CSV -> probability (from a tiny
-    classifier trained here on synthetic numbers: none is bundled), through the Logic the
-    panel uses. HRpQCTSegmenter's self-test runs the same steps on its own segmentation.
+    classifier of the one region present, trained here on synthetic numbers: the bundled
+    classifier needs regions this small test has not), through the Logic the panel uses.
+    HRpQCTSegmenter's self-test runs the same steps on its own segmentation.
     """
 
     #: Features of the self-test classifier (few, so prediction mode extracts quickly).

@@ -34,7 +34,7 @@ class HRpQCTScancoImport(ScriptedLoadableModule):
         self.parent.helpText = (
             "Loads Scanco HR-pQCT .AIM and .ISQ files (also with a ';1' version suffix) as "
             "volumes in Hounsfield units, with the voxel size and position of the header. "
-            "Patient fields of the header are not copied.")
+            "Patient fields of the header are not copied. Needs Slicer 5.10 or newer.")
         self.parent.acknowledgementText = (
             "For research use only; not for clinical use. The extension's bundled models were "
             "trained on synthetic phantoms. Reading uses the aimio-py package.")
@@ -71,7 +71,7 @@ class HRpQCTScancoImportFileReader:
         filePath = properties["fileName"]
         try:
             from HRpQCTCore import slicer_bridge
-            from HRpQCTCore.slicer_process import SCANCO_DEPENDENCIES
+            from HRpQCTCore.background.dependencies import SCANCO_DEPENDENCIES
             from HRpQCTSegmenter import HRpQCTSegmenterLogic
 
             if not HRpQCTSegmenterLogic().ensureDependencies(SCANCO_DEPENDENCIES):
@@ -107,12 +107,18 @@ class HRpQCTScancoImportTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         from HRpQCTCore import io, slicer_bridge
-        from HRpQCTCore.slicer_process import SCANCO_DEPENDENCIES
+        from HRpQCTCore.background.dependencies import SCANCO_DEPENDENCIES, missing_dependencies
         from HRpQCTPhantom import PhantomParams, generate_phantom
-        from HRpQCTSegmenter import HRpQCTSegmenterLogic
 
-        self.assertTrue(HRpQCTSegmenterLogic().ensureDependencies(SCANCO_DEPENDENCIES,
-                                                                  askConsent=False))
+        missing = missing_dependencies(SCANCO_DEPENDENCIES)
+        if missing:  # a self-test never installs packages on the machine it runs on
+            message = ("Scanco reader test skipped: it needs "
+                       + ", ".join(d.requirement for d in missing) + ", which is not "
+                       "installed. Drop an .AIM file on Slicer once to install it, then run the "
+                       "test again.")
+            logging.warning(f"HRpQCTScancoImport self-test: {message}")
+            self.delayDisplay(message)
+            return
         scan = generate_phantom(PhantomParams().small(200, 4), 3).scan
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "PHANTOM.AIM")

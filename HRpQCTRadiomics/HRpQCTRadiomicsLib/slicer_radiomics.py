@@ -37,17 +37,18 @@ import io
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from HRpQCTCore import slicer_bridge
+from HRpQCTCore.background.process import JobState
 from HRpQCTCore.errors import CancelledError, HRpQCTError
+from HRpQCTCore.parameter_schema import node_field, values_from_node
 from HRpQCTCore.progress import CancelToken
 from HRpQCTCore.regions import REGIONS, LabelDefinition, region_by_label, region_by_name
-from HRpQCTCore.slicer_process import JobState
 
 __all__ = [
     "MODE_CHOICES",
@@ -250,9 +251,15 @@ def bundled_classifier_paths() -> list[Path]:
     return [] if path is None else [path]
 
 
+def _paths_from_node(path: str | None) -> list[str]:
+    """The node keeps one classifier path (empty: none); the run takes a list."""
+    return [str(path)] if path else []
+
+
 @dataclass
 class RadiomicsParameters:
-    """The user's choices for one run (the module's parameter node mirrors these).
+    """The user's choices for one run (the module's parameter node is generated from the
+    fields made with :func:`~HRpQCTCore.parameter_schema.node_field`).
 
     Attributes
     ----------
@@ -272,8 +279,11 @@ class RadiomicsParameters:
         Worker processes (None: CPU cores).
     """
 
-    mode: str = MODE_FEATURES
-    classifier_paths: list[str] = field(default_factory=list)
+    mode: str = node_field("mode", MODE_FEATURES, choices=MODE_CHOICES)
+    # node_field returns a dataclasses.field: the list is made per instance.
+    classifier_paths: list[str] = node_field(  # noqa: RUF009
+        "classifierPath", default_factory=list, node_type=str, node_default="",
+        from_node=_paths_from_node)
     settings: str = "paper"
     regions: list[int] | None = None
     slices: list[int] | None = None
@@ -282,18 +292,13 @@ class RadiomicsParameters:
     @classmethod
     def from_parameter_node(cls, parameter_node: Any = None,
                             **overrides: Any) -> RadiomicsParameters:
-        """The choices of the module's parameter node (``mode``, ``classifierPath``), or the
-        defaults without one, then ``overrides`` (field name -> value)."""
-        parameters = cls()
-        if parameter_node is not None:
-            parameters.mode = parameter_node.mode
-            path = parameter_node.classifierPath
-            parameters.classifier_paths = [path] if path else []
-        for name, value in overrides.items():
-            if not hasattr(parameters, name):
-                raise TypeError(f"RadiomicsParameters has no field {name!r}")
-            setattr(parameters, name, value)
-        return parameters
+        """The choices of the module's parameter node, or the defaults without one, then
+        ``overrides`` (field name -> value)."""
+        values = {} if parameter_node is None else values_from_node(cls, parameter_node)
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"RadiomicsParameters has no field {sorted(unknown)[0]!r}")
+        return cls(**{**values, **overrides})
 
     def problems(self) -> list[str]:
         """What is wrong with the choices, each with what to do (empty when valid)."""
@@ -301,9 +306,9 @@ class RadiomicsParameters:
         if self.mode not in MODE_CHOICES:
             found.append(f"Unknown mode {self.mode!r}: choose {' or '.join(MODE_CHOICES)}.")
         if self.mode == MODE_PREDICTION and not self.effective_classifier_paths():
-            found.append("Prediction needs a classifier file, and none is bundled with this "
-                         "version: choose one made by 'hrpqct train-classifier', or choose "
-                         "full feature export.")
+            found.append("Prediction needs a classifier file, and the bundled classifier is "
+                         "missing from this installation: choose one made by 'hrpqct "
+                         "train-classifier', or choose full feature export.")
         for path in self.classifier_paths:
             if not Path(path).is_file():
                 found.append(f"Classifier file {path} does not exist: choose the .json file "
@@ -562,7 +567,7 @@ class RadiomicsRun:
         self.probability_table_node = probability_table_node
         self.table: Any = None
         self.probabilities: list[ProbabilityRow] = []
-        self.state = "not started"
+        self.state = JobState.NOT_STARTED
         self.message = ""
         self._progress: tuple[int, int, str] | None = None
         self._cancel = CancelToken()
@@ -613,9 +618,9 @@ class RadiomicsRun:
         done, total, stage = self._progress
         return f"{stage[:1].upper()}{stage[1:]}: {done} of {total}"
 
-    def poll(self) -> str:
+    def poll(self) -> JobState:
         """The state; when the thread has ended, results go into the table nodes."""
-        if self._thread is None or self.state in JobState.FINISHED:
+        if self._thread is None or self.state.finished:
             return self.state
         if self._thread.is_alive():
             return self.state
@@ -627,7 +632,7 @@ class RadiomicsRun:
             self.state = JobState.FAILED
             self.message = (str(self._error) if isinstance(self._error, HRpQCTError) else
                             f"Feature extraction failed: {type(self._error).__name__}: "
-                            f"{self._error}. Please report this with the Python console log.")
+                            f"{self._error}. Please report this with its traceback (the details).")
         else:
             self._store_results()
         return self.state
@@ -657,9 +662,9 @@ class RadiomicsRun:
                         + (f", {skipped} skipped (see the status/reason columns)" if skipped
                            else "") + ".")
 
-    def wait(self, timeout_s: float | None = None, interval_s: float = 0.05) -> str:
+    def wait(self, timeout_s: float | None = None, interval_s: float = 0.05) -> JobState:
         """Block until the run ends (batch use and tests); returns the final state."""
-        if self._thread is None and self.state == "not started":
+        if self._thread is None and self.state == JobState.NOT_STARTED:
             raise RuntimeError("start() the run first")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while self.poll() == JobState.RUNNING:
@@ -672,6 +677,16 @@ class RadiomicsRun:
         """Ask the engine to stop at its next check (between slices); tables stay as they are."""
         if self.state == JobState.RUNNING:
             self._cancel.cancel()
+
+    def log_lines(self) -> list[str]:
+        """The worker's traceback when it failed unexpectedly (details for a bug report)."""
+        if self._error is None or isinstance(self._error, (CancelledError, HRpQCTError)):
+            return []
+        import traceback
+
+        text = "".join(traceback.format_exception(type(self._error), self._error,
+                                                  self._error.__traceback__))
+        return text.splitlines()
 
     def probability_summary(self) -> str:
         """One line per probability, with 'research use' and the caveat (for the panel)."""
@@ -739,5 +754,5 @@ def run_radiomics(scene: Any, segmentations_logic: Any, volume_node: Any,
     if state == JobState.CANCELLED:
         raise CancelledError(run.message)
     if state != JobState.SUCCEEDED:
-        raise HRpQCTError(run.message)
+        raise HRpQCTError("\n".join([run.message, *run.log_lines()[-20:]]))
     return run

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from HRpQCTCore.errors import HRpQCTError
 from HRpQCTCore.regions import REGIONS, LabelDefinition
 from HRpQCTCore.scan import Scan
 
@@ -226,32 +227,51 @@ def labels_from_segmentation_node(segmentations_logic: Any, segmentation_node: A
     numpy.ndarray
         ``[z, y, x]`` uint8 region label map with the reference volume's shape.
     """
-    import vtk
-
-    scene = segmentation_node.GetScene()
-    dims = reference_volume_node.GetImageData().GetDimensions()
-    labels = np.zeros(tuple(reversed(dims)), dtype=np.uint8)
+    image = reference_volume_node.GetImageData() if reference_volume_node is not None else None
+    if image is None:
+        raise HRpQCTError("The reference volume has no voxels: select the scan the "
+                          "segmentation was made on.")
+    labels = np.zeros(tuple(reversed(image.GetDimensions())), dtype=np.uint8)
     segmentation = segmentation_node.GetSegmentation()
     for definition in regions:
         segment_id = segmentation.GetSegmentIdBySegmentName(definition.name)
-        if not segment_id:
-            continue
-        ids = vtk.vtkStringArray()
-        ids.InsertNextValue(segment_id)
-        export_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__export__")
-        try:
-            if not segmentations_logic.ExportSegmentsToLabelmapNode(
-                    segmentation_node, ids, export_node, reference_volume_node):
-                raise RuntimeError(f"Slicer could not export segment {definition.name!r}")
-            mask = array_from_volume_node(export_node)
-        finally:
-            display = export_node.GetDisplayNode()
-            color_node = display.GetColorNode() if display is not None else None
-            scene.RemoveNode(export_node)
-            if color_node is not None and color_node.GetName() == "__export__ColorTable":
-                scene.RemoveNode(color_node)
-        labels[mask > 0] = definition.label
+        if segment_id:
+            mask = _export_segment_mask(segmentations_logic, segmentation_node, segment_id,
+                                        reference_volume_node)
+            labels[mask > 0] = definition.label
     return labels
+
+
+def _color_table_ids(scene: Any) -> set[str]:
+    return {scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode").GetID()
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))}
+
+
+def _export_segment_mask(segmentations_logic: Any, segmentation_node: Any, segment_id: str,
+                         reference_volume_node: Any) -> np.ndarray:
+    """One segment as a ``[z, y, x]`` mask on the reference grid; the scene is left as it was.
+
+    Slicer's export adds a label map node and a colour table named
+    ``<segmentation>_ColorTable[_n]`` to the scene: both are removed, the colour table(s) by
+    comparing the scene's colour tables before and after (never a table that was there).
+    """
+    import vtk
+
+    scene = segmentation_node.GetScene()
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    tables_before = _color_table_ids(scene)
+    export_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__export__")
+    try:
+        if not segmentations_logic.ExportSegmentsToLabelmapNode(
+                segmentation_node, ids, export_node, reference_volume_node):
+            name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+            raise RuntimeError(f"Slicer could not export segment {name!r}")
+        return array_from_volume_node(export_node)
+    finally:
+        scene.RemoveNode(export_node)
+        for table_id in _color_table_ids(scene) - tables_before:
+            scene.RemoveNode(scene.GetNodeByID(table_id))
 
 
 def load_terminology(terminologies_logic: Any) -> str:
@@ -367,8 +387,6 @@ def segmentation_fingerprint(segmentation_node: Any) -> str:
     """
     import hashlib
 
-    from vtkmodules.util import numpy_support
-
     segmentation = segmentation_node.GetSegmentation()
     digest = hashlib.blake2b(digest_size=20)
     digest.update(segmentation.GetSourceRepresentationName().encode()
@@ -381,12 +399,31 @@ def segmentation_fingerprint(segmentation_node: Any) -> str:
         digest.update(f"|{segment_id}|{segment.GetName()}|{segment.GetLabelValue()}|{layer}"
                       .encode())
     for layer in range(segmentation.GetNumberOfLayers()):
-        image = segmentation.GetLayerDataObject(layer)
-        digest.update(f"|layer{layer}|{tuple(image.GetExtent())}".encode())
-        scalars = image.GetPointData().GetScalars() if image is not None else None
-        if scalars is not None and scalars.GetNumberOfTuples():
-            digest.update(numpy_support.vtk_to_numpy(scalars).tobytes())
+        _digest_layer(digest, layer, segmentation.GetLayerDataObject(layer))
     return digest.hexdigest()
+
+
+def _digest_layer(digest: Any, layer: int, data: Any) -> None:
+    """Add one layer to the fingerprint: a labelmap's extent and voxels, or (closed-surface
+    source representation) a surface's points and cells; a missing layer counts as empty."""
+    from vtkmodules.util import numpy_support
+
+    if data is None:
+        digest.update(f"|layer{layer}|none".encode())
+        return
+    if hasattr(data, "GetExtent"):  # image data: labelmap layers
+        digest.update(f"|layer{layer}|{tuple(data.GetExtent())}".encode())
+        arrays = [data.GetPointData().GetScalars()]
+    else:  # poly data: a segmentation whose source representation is a closed surface
+        digest.update(f"|layer{layer}|{data.GetNumberOfPoints()}|{data.GetNumberOfCells()}"
+                      .encode())
+        points = data.GetPoints() if hasattr(data, "GetPoints") else None
+        polys = data.GetPolys() if hasattr(data, "GetPolys") else None
+        arrays = [points.GetData() if points is not None else None,
+                  polys.GetConnectivityArray() if polys is not None else None]
+    for array in arrays:
+        if array is not None and array.GetNumberOfTuples():
+            digest.update(numpy_support.vtk_to_numpy(array).tobytes())
 
 
 def mark_as_generated(segmentation_node: Any, source_volume_node: Any = None) -> str:

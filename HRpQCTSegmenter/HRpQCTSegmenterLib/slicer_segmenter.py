@@ -6,7 +6,8 @@
    without asking (``confirm_replace`` callback; without one, a new node is made instead);
 2. write the input volume to a temporary NRRD with Slicer's volume writer;
 3. start ``hrpqct segment ... --progress machine`` in a background process
-   (:class:`~.slicer_process.BackgroundProcess`; the launcher is injectable);
+   (:class:`~HRpQCTCore.background.process.BackgroundProcess`: its own process group, so
+   cancel stops the whole tree; the launcher is injectable);
 4. on :meth:`SegmentationRun.poll` (the module calls it from a ``QTimer``) collect progress;
    when the process succeeds, load the ``.seg.nrrd`` into the segmentation node (seven
    segments with names, colours and terminology), set the input as reference geometry, put
@@ -30,19 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from HRpQCTCore import slicer_bridge
-from HRpQCTCore.errors import CancelledError, HRpQCTError
-from HRpQCTCore.slicer_bridge import OutputState
-from HRpQCTCore.slicer_process import (
-    LOADING_SPAN,
+from HRpQCTCore.background.process import (
     BackgroundProcess,
     JobState,
     Launcher,
-    SegmenterParameters,
-    build_segment_command,
     engine_environment,
     popen_launcher,
     python_executable,
 )
+from HRpQCTCore.background.protocol import LOADING_SPAN
+from HRpQCTCore.errors import CancelledError, HRpQCTError
+from HRpQCTCore.slicer_bridge import OutputState
+from HRpQCTSegmenterLib.parameters import SegmenterParameters, build_segment_command
 
 __all__ = ["REPLACE", "NEW_NODE", "CANCEL", "ConfirmReplace", "SegmentationRun",
            "effective_units", "start_segmentation", "run_segmentation", "ReplaceQuestion",
@@ -114,7 +114,7 @@ class SegmentationRun:
                                     if self.target_node is not None else None)
         self.segmentation_node: Any = None
         self.process: BackgroundProcess | None = None
-        self.state = "not started"
+        self.state = JobState.NOT_STARTED
         self.message = ""
         self._work_dir: Path | None = None
 
@@ -183,10 +183,10 @@ class SegmentationRun:
             return self.message
         return f"{update.stage[:1].upper()}{update.stage[1:]}: {update.done} of {update.total}"
 
-    def poll(self) -> str:
+    def poll(self) -> JobState:
         """Collect progress; load the result when the process has succeeded. Never blocks
         on the process (loading the result takes a moment in the caller's thread)."""
-        if self.process is None or self.state in JobState.FINISHED:
+        if self.process is None or self.state.finished:
             return self.state
         state = self.process.poll()
         if state == JobState.RUNNING:
@@ -197,11 +197,15 @@ class SegmentationRun:
             else:
                 self.state = state
                 self.message = self.process.failure_message()
+        except BaseException as exc:  # e.g. the replace question raised: end, do not retry
+            self.state = JobState.FAILED
+            self.message = f"The segmentation finished but its result was not loaded: {exc}"
+            raise
         finally:
             self._cleanup()
         return self.state
 
-    def wait(self, timeout_s: float | None = None) -> str:
+    def wait(self, timeout_s: float | None = None) -> JobState:
         """Block until the run ends (batch use and tests); returns the final state."""
         if self.process is None:
             raise RuntimeError("start() the run first")
@@ -219,6 +223,7 @@ class SegmentationRun:
 
     # -- the result ------------------------------------------------------------------------
     def _load_result(self) -> None:
+        self.state = JobState.LOADING
         self.message = "Loading the result..."
         target = self.target_node
         if target is not None and target.GetScene() is None:

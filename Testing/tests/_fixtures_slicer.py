@@ -15,15 +15,18 @@ start-up is done here by hand:
 
 Also helpers shared by the Slicer tests: :func:`cli_launcher` (a stand-in for ``hrpqct
 segment`` run in the real background process, reading its input with the real command-line
-parser and reader) and :func:`tiny_classifier`.
+parser and reader), :func:`tiny_classifier` and :func:`wrapper_fields` (the fields of a
+module file's parameter node wrapper, generated and declared).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import sys
 import textwrap
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +170,7 @@ CLI_CHILD = """
 def cli_launcher(folder: Path, regions: np.ndarray):
     """A launcher running :data:`CLI_CHILD` on the module's command line (argv from
     ``segment``); the commands it was given are in its ``commands`` attribute."""
-    from HRpQCTCore.slicer_process import popen_launcher
+    from HRpQCTCore.background.process import popen_launcher
 
     script = folder / "cli_child.py"
     script.write_text(textwrap.dedent(CLI_CHILD), encoding="utf-8")
@@ -210,3 +213,55 @@ def tiny_classifier(path: Path, region_key: str, features: Sequence[str]) -> Pat
                    [(g, str(i)) for i, g in enumerate(groups)])
     result = train_classifier(data, [region_key], cv_folds=2, n_boot=10)
     return save_classifier(path, result, load_settings("paper"))
+
+
+@dataclass(frozen=True)
+class WrapperField:
+    """One field of a module's ``@parameterNodeWrapper`` class."""
+
+    name: str
+    type_name: str  # "float", "str", "bool", "vtkMRMLScalarVolumeNode", ...
+    generated: bool  # from the engine's schema (else declared in the class body)
+    choices: tuple | None = None
+    value_range: tuple | None = None
+    default: Any = None
+
+
+def wrapper_fields(repo_root: Path, relative: str, class_name: str,
+                   schema: type) -> dict[str, WrapperField]:
+    """The fields of ``class_name`` in the module file ``relative``.
+
+    The module file needs Slicer to import, so it is read as text: the class must be a
+    ``@parameterNodeWrapper`` deriving from ``parameter_node_base(<schema>, SLICER_MARKERS)``;
+    the fields that base generates are taken from the real schema (with the plain markers),
+    those of the class body from its annotations.
+    """
+    from HRpQCTCore.parameter_schema import (
+        PlainChoice,
+        PlainDefault,
+        PlainRange,
+        parameter_node_annotations,
+    )
+
+    tree = ast.parse((repo_root / relative).read_text(encoding="utf-8"))
+    wrapper = next(node for node in tree.body
+                   if isinstance(node, ast.ClassDef) and node.name == class_name)
+    assert "parameterNodeWrapper" in [getattr(d, "id", "") for d in wrapper.decorator_list]
+    assert [ast.unparse(b) for b in wrapper.bases] == [
+        f"parameter_node_base({schema.__name__}, SLICER_MARKERS)"], "not generated from the schema"
+    fields = {}
+    for name, annotation in parameter_node_annotations(schema).items():
+        node_type, *extras = typing.get_args(annotation)
+        by_kind = {type(extra): extra for extra in extras}
+        fields[name] = WrapperField(
+            name, node_type.__name__, True,
+            by_kind[PlainChoice].choices if PlainChoice in by_kind else None,
+            ((by_kind[PlainRange].low, by_kind[PlainRange].high) if PlainRange in by_kind
+             else None), by_kind[PlainDefault].value)
+    for node in wrapper.body:
+        if isinstance(node, ast.AnnAssign):
+            assert node.target.id not in fields, f"{node.target.id} declared twice"
+            fields[node.target.id] = WrapperField(
+                node.target.id, ast.unparse(node.annotation), False,
+                default=ast.literal_eval(node.value) if node.value is not None else None)
+    return fields

@@ -14,7 +14,7 @@ function the panel's Logic calls (``test_slicer_modules`` checks that the Logic 
 3. An edit in the Segment Editor's way (a segment's binary labelmap replaced).
 4. HR-pQCT Radiomics: its parameter node -> ``RadiomicsParameters`` -> ``start_radiomics``
    -> the feature table node (the edit shows) -> CSV -> a probability from a classifier
-   file (a tiny one trained here on synthetic numbers: none is bundled).
+   file (a tiny one of the edited region, trained here on synthetic numbers).
 """
 
 from __future__ import annotations
@@ -29,17 +29,14 @@ import pytest
 from _fixtures_slicer import child_report, cli_launcher, tiny_classifier
 
 from HRpQCTCore import regions, slicer_bridge
+from HRpQCTCore.background.process import JobState, engine_environment
+from HRpQCTCore.parameter_schema import node_fields
 from HRpQCTCore.scan import Scan
 from HRpQCTCore.slicer_bridge import OutputState
-from HRpQCTCore.slicer_process import (
-    PARAMETER_NODE_FIELDS,
-    JobState,
-    SegmenterParameters,
-    engine_environment,
-)
 from HRpQCTRadiomicsEngine.classification import CAVEAT
 from HRpQCTRadiomicsEngine.table import ID_COLUMNS, read_feature_csv
 from HRpQCTRadiomicsLib import slicer_radiomics as sr
+from HRpQCTSegmenterLib.parameters import SegmenterParameters
 from HRpQCTSegmenterLib.slicer_segmenter import start_segmentation
 
 ENGINE_PARENT = Path(regions.__file__).resolve().parents[1]
@@ -99,9 +96,8 @@ def test_scan_to_segmentation_to_edit_to_features_csv_and_probability(
     hierarchy.SetItemParent(hierarchy.CreateItem(study, volume), study)
 
     # 1. Segmenter panel: defaults (input units auto), Apply.
-    defaults = SegmenterParameters()
-    segmenter_node = SimpleNamespace(**{attribute: getattr(defaults, name)
-                                        for attribute, name in PARAMETER_NODE_FIELDS.items()})
+    segmenter_node = SimpleNamespace(**{node.node_name: node.default
+                                        for node in node_fields(SegmenterParameters)})
     launcher = cli_launcher(tmp_path, radiomics_scan.regions)
     run = start_segmentation(scene, volume, None,
                              SegmenterParameters.from_parameter_node(segmenter_node),

@@ -233,3 +233,47 @@ def test_engine_imports_without_slicer_or_qt(repo_root):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("relative", ALL_MODULE_FILES)
+def test_module_help_names_the_oldest_slicer_and_the_bundled_classifier(repo_root, relative):
+    # Slicer 5.8 ships Python 3.9, which the engine does not support.
+    source = (repo_root / relative).read_text(encoding="utf-8")
+    help_text = next(ast.unparse(node.value) for node in ast.walk(ast.parse(source))
+                     if isinstance(node, ast.Assign)
+                     and ast.unparse(node.targets[0]) == "self.parent.helpText")
+    assert "Slicer 5.10 or newer" in help_text
+    if Path(relative).stem in ("HRpQCTSegmenter", "HRpQCTRadiomics"):
+        assert "osteoporosis-classifier" in help_text
+
+
+@pytest.mark.parametrize("relative", [*ALL_MODULE_FILES,
+                                      "HRpQCTSegmenter/Resources/UI/HRpQCTSegmenter.ui",
+                                      "HRpQCTRadiomics/Resources/UI/HRpQCTRadiomics.ui"])
+def test_no_text_says_no_classifier_is_bundled(repo_root, relative):
+    text = (repo_root / relative).read_text(encoding="utf-8").lower()
+    assert "none is bundled" not in text and "no classifier is bundled" not in text
+
+
+@pytest.mark.parametrize("relative", ALL_MODULE_FILES)
+def test_self_tests_never_install_packages(repo_root, relative):
+    """A self-test on a test machine skips (with a message) what needs absent packages."""
+    name = Path(relative).stem
+    test_class = _classes(repo_root, relative)[f"{name}Test"]
+    body = ast.unparse(test_class)
+    for installer in ("ensureDependencies(", "ensure_dependencies(", "pip_install(",
+                      "pip_ensure(", "installTorch("):
+        assert installer not in body, f"{name}Test installs packages ({installer})"
+    if "DEPENDENCIES" in body:  # it needs optional packages: it checks for them first
+        assert "missing_dependencies(" in body and "delayDisplay(" in body
+
+
+@pytest.mark.parametrize("relative", MODULE_FILES)
+def test_both_widgets_run_through_the_shared_run_panel(repo_root, relative):
+    name = Path(relative).stem
+    widget = _classes(repo_root, relative)[f"{name}Widget"]
+    body = ast.unparse(widget)
+    assert "RunPanel(" in body and "PanelView(" in body
+    assert "_panel.poll" in body  # the widget's QTimer ticks the shared panel
+    # the polling, status and error flow is the panel's, not repeated in each widget
+    assert "onPoll" not in _methods(widget) and "JobState" not in body

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _fixtures_slicer import tiny_classifier
+from _fixtures_slicer import tiny_classifier, wrapper_fields
 
 from HRpQCTCore import regions, slicer_bridge
+from HRpQCTCore.background.process import JobState
 from HRpQCTCore.errors import HRpQCTError
 from HRpQCTCore.scan import Scan
-from HRpQCTCore.slicer_process import JobState
 from HRpQCTRadiomicsEngine.classification import CAVEAT
 from HRpQCTRadiomicsEngine.extraction import extract_features
 from HRpQCTRadiomicsEngine.table import ID_COLUMNS, read_feature_csv
@@ -139,7 +139,7 @@ def no_bundled_classifier(monkeypatch):
 def test_blocking_run_raises_what_to_do(nodes, no_bundled_classifier):
     headless, volume, segmentation, _ = nodes
     sr.check_pyradiomics()  # installed here: no complaint
-    with pytest.raises(HRpQCTError, match="none is bundled"):
+    with pytest.raises(HRpQCTError, match="bundled classifier is missing"):
         sr.run_radiomics(headless.scene, headless.segmentations_logic, volume, segmentation,
                          sr.RadiomicsParameters(mode=sr.MODE_PREDICTION))
     with pytest.raises(HRpQCTError, match="Select an input volume"):
@@ -160,10 +160,11 @@ def test_prediction_without_a_chosen_file_uses_the_bundled_classifier():
     assert saved.features and all(":" in name for name in saved.features)
 
 
-def test_prediction_without_a_classifier_says_none_is_bundled(no_bundled_classifier):
+def test_prediction_without_a_classifier_says_the_bundled_one_is_missing(no_bundled_classifier):
     assert sr.bundled_classifier_paths() == []
     problems = sr.RadiomicsParameters(mode=sr.MODE_PREDICTION).problems()
-    assert problems and "none is bundled" in problems[0] and "full feature export" in problems[0]
+    assert problems and "bundled classifier is missing" in problems[0]
+    assert "full feature export" in problems[0]
     assert sr.RadiomicsParameters(mode="everything").problems()
 
 
@@ -251,25 +252,31 @@ def test_prediction_mode_gives_probabilities_with_the_caveat(nodes, tmp_path):
 # module file <-> .ui
 # ------------------------------------------------------------------------------------------
 def test_every_parameter_widget_matches_the_radiomics_parameter_node(repo_root):
-    """The .ui's parameter widgets name fields of the parameter node, and the node has the
-    fields ``RadiomicsParameters.from_parameter_node`` reads."""
-    import ast
+    """The parameter node is generated from ``RadiomicsParameters`` (plus the panel's node
+    selections), the .ui's parameter widgets name its fields, and it reads back."""
     import xml.etree.ElementTree as ET
+    from types import SimpleNamespace
 
+    fields = wrapper_fields(repo_root, "HRpQCTRadiomics/HRpQCTRadiomics.py",
+                            "HRpQCTRadiomicsParameterNode", sr.RadiomicsParameters)
+    assert {name for name, f in fields.items() if f.generated} == {"mode", "classifierPath"}
+    assert {name for name, f in fields.items() if not f.generated} == {
+        "inputVolume", "inputSegmentation", "outputTable"}
+    assert fields["mode"].choices == sr.MODE_CHOICES
+    assert (fields["mode"].default, fields["classifierPath"].default) == (sr.MODE_FEATURES, "")
+    assert fields["classifierPath"].type_name == "str"
+    node = SimpleNamespace(**{name: f.default for name, f in fields.items()})
+    assert sr.RadiomicsParameters.from_parameter_node(node) == sr.RadiomicsParameters()
     source = (repo_root / "HRpQCTRadiomics/HRpQCTRadiomics.py").read_text(encoding="utf-8")
-    wrapper = next(node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)
-                   and node.name == "HRpQCTRadiomicsParameterNode")
-    fields = {node.target.id for node in wrapper.body if isinstance(node, ast.AnnAssign)}
-    assert {"mode", "classifierPath", "inputVolume", "inputSegmentation", "outputTable"} <= fields
     ui = ET.parse(repo_root / "HRpQCTRadiomics/Resources/UI/HRpQCTRadiomics.ui")
     connected = {}
     for widget in ui.iter("widget"):
         for prop in widget.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 connected[prop.findtext("string")] = widget.get("class")
-    assert set(connected) <= fields
-    assert connected["mode"] == "QComboBox" and "Choice(list(MODE_CHOICES))" in source
-    for parameter in fields - set(connected):  # wired by hand
+    assert set(connected) <= set(fields)
+    assert connected["mode"] == "QComboBox"
+    for parameter in set(fields) - set(connected):  # wired by hand
         assert f"parameters.{parameter}" in source or f"Node.{parameter}" in source
     widgets = {w.get("name"): w.get("class") for w in ui.iter("widget")}
     assert widgets["exportCsvButton"] == "QPushButton"

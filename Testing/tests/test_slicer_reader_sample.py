@@ -10,24 +10,27 @@ files (the panel and the hidden reader module ``HRpQCTScancoImport``) are checke
 from __future__ import annotations
 
 import ast
+import dataclasses
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from _fixtures_slicer import WrapperField, wrapper_fields
 
 from HRpQCTCore import slicer_bridge
 from HRpQCTCore.errors import ArtefactError
+from HRpQCTCore.parameter_schema import node_fields
 from HRpQCTCore.scan import Scan
-from HRpQCTCore.slicer_process import (
+from HRpQCTSegmenterLib import sample_data
+from HRpQCTSegmenterLib.parameters import (
     CALIBRATION_RANGES,
     DEVICE_CHOICES,
     MODEL_CHOICES,
-    PARAMETER_NODE_FIELDS,
     UNITS_CHOICES,
     SegmenterParameters,
 )
-from HRpQCTSegmenterLib import sample_data
 
 MODULE_FILE = "HRpQCTSegmenter/HRpQCTSegmenter.py"
 READER_FILE = "HRpQCTSegmenter/HRpQCTScancoImport.py"
@@ -174,20 +177,9 @@ def _module_tree(repo_root: Path, relative: str = MODULE_FILE) -> ast.Module:
     return ast.parse((repo_root / relative).read_text(encoding="utf-8"))
 
 
-def _parameter_node_fields(repo_root: Path) -> dict[str, ast.AnnAssign]:
-    wrapper = next(node for node in _module_tree(repo_root).body
-                   if isinstance(node, ast.ClassDef)
-                   and node.name == "HRpQCTSegmenterParameterNode")
-    assert "parameterNodeWrapper" in [getattr(d, "id", "") for d in wrapper.decorator_list]
-    return {node.target.id: node for node in wrapper.body if isinstance(node, ast.AnnAssign)}
-
-
-def _base_type(annotation: ast.expr) -> str:
-    """``float`` for ``Annotated[float, ...]``, else the annotation's text."""
-    if (isinstance(annotation, ast.Subscript) and getattr(annotation.value, "id", "")
-            == "Annotated"):
-        return ast.unparse(annotation.slice.elts[0])
-    return ast.unparse(annotation)
+def _parameter_node_fields(repo_root: Path) -> dict[str, WrapperField]:
+    return wrapper_fields(repo_root, MODULE_FILE, "HRpQCTSegmenterParameterNode",
+                          SegmenterParameters)
 
 
 def test_every_parameter_widget_matches_the_parameter_node(repo_root):
@@ -202,56 +194,60 @@ def test_every_parameter_widget_matches_the_parameter_node(repo_root):
                       "vtkMRMLSegmentationNode": "qMRMLNodeComboBox", "bool": "QCheckBox",
                       "float": "QDoubleSpinBox"}
     for parameter, (widget_name, widget_class) in connected.items():
-        annotation = ast.unparse(fields[parameter].annotation)
-        wanted = ("QComboBox" if "Choice" in annotation
-                  else expected_class.get(_base_type(fields[parameter].annotation)))
-        assert widget_class == wanted, f"{widget_name} cannot show {parameter}: {annotation}"
+        field = fields[parameter]
+        wanted = "QComboBox" if field.choices else expected_class.get(field.type_name)
+        assert widget_class == wanted, f"{widget_name} cannot show {parameter}: {field}"
     # Everything the user chooses is either connected or wired by hand in the module.
     source = (repo_root / MODULE_FILE).read_text(encoding="utf-8")
     for parameter in set(fields) - set(connected):
         assert f"self._parameterNode.{parameter}" in source, f"{parameter} is never set"
 
 
-def test_parameter_node_holds_what_the_engine_reads(repo_root):
+def test_parameter_node_is_generated_from_the_engine_schema(repo_root):
     fields = _parameter_node_fields(repo_root)
+    generated = {name: field for name, field in fields.items() if field.generated}
+    by_name = {node.field_name: node for node in node_fields(SegmenterParameters)}
+    assert set(by_name) == {f.name for f in dataclasses.fields(SegmenterParameters)}
     defaults = SegmenterParameters()
-    for attribute, name in PARAMETER_NODE_FIELDS.items():
-        assert attribute in fields, f"the parameter node lacks {attribute}"
-        default = fields[attribute].value
-        assert default is not None and f"_DEFAULTS.{name}" in ast.unparse(default), (
-            f"{attribute}'s default must be the engine's ({getattr(defaults, name)!r})")
-    for name in CALIBRATION_RANGES:  # the panel's limits are the engine's
-        attribute = next(a for a, n in PARAMETER_NODE_FIELDS.items() if n == name)
-        assert f'WithinRange(*CALIBRATION_RANGES[{name!r}])' in ast.unparse(
-            fields[attribute].annotation).replace('"', "'")
+    for name, node in by_name.items():
+        field = generated[node.node_name]
+        assert field.default == getattr(defaults, name)  # the panel starts at the engine's
+    assert generated["inputUnits"].choices == UNITS_CHOICES
+    assert generated["model"].choices == MODEL_CHOICES
+    assert generated["device"].choices == DEVICE_CHOICES
+    for name, value_range in CALIBRATION_RANGES.items():  # the panel's limits are the engine's
+        assert generated[by_name[name].node_name].value_range == value_range
+    declared = {name for name, field in fields.items() if not field.generated}
+    assert declared == {"inputVolume", "outputSegmentation", "show3D"}
+    # the parameter node reads back into the engine's choices, names and all
+    node = SimpleNamespace(**{name: field.default for name, field in fields.items()})
+    assert SegmenterParameters.from_parameter_node(node) == defaults
 
 
 def test_calibration_spin_boxes_accept_the_engine_range(repo_root):
     widgets = _ui_widgets(repo_root)
     by_parameter = {_parameter_names(w): w for w in widgets.values() if _parameter_names(w)}
     defaults = SegmenterParameters()
-    for attribute, name in PARAMETER_NODE_FIELDS.items():
-        if name not in CALIBRATION_RANGES:
+    for node in node_fields(SegmenterParameters):
+        if node.field_name not in CALIBRATION_RANGES:
             continue
-        widget = by_parameter[attribute]
+        widget = by_parameter[node.node_name]
         props = {prop.get("name"): prop for prop in widget.findall("property")}
-        low, high = CALIBRATION_RANGES[name]
+        low, high = CALIBRATION_RANGES[node.field_name]
         assert float(props["minimum"].findtext("double")) == low
         assert float(props["maximum"].findtext("double")) == high
         # enough decimals to show the default exactly (e.g. -391.209015)
         decimals = int(props["decimals"].findtext("number"))
-        value = getattr(defaults, name)
-        assert round(value, decimals) == value, f"{attribute}: {decimals} decimals hide {value}"
+        value = getattr(defaults, node.field_name)
+        assert round(value, decimals) == value, (
+            f"{node.node_name}: {decimals} decimals hide {value}")
     group = widgets["calibrationCollapsibleButton"]
     inside = {w.get("name") for w in group.iter("widget")}
     assert {by_parameter[a].get("name") for a in ("muScaling", "muWater", "densitySlope",
                                                    "densityIntercept")} <= inside
 
 
-def test_choice_lists_come_from_the_engine(repo_root):
-    source = (repo_root / MODULE_FILE).read_text(encoding="utf-8")
-    for name in ("UNITS_CHOICES", "MODEL_CHOICES", "DEVICE_CHOICES"):
-        assert f"Choice(list({name}))" in source
+def test_choice_lists_are_the_engine_s():
     assert UNITS_CHOICES == ("auto", "hu", "native", "density")
     assert MODEL_CHOICES == ("bundled", "folder")
     assert DEVICE_CHOICES == ("auto", "cpu", "gpu")
@@ -288,7 +284,8 @@ def test_module_file_imports_no_heavy_dependency_at_import_time(repo_root, relat
     import subprocess
     import sys
 
-    script = ("import sys, HRpQCTCore.slicer_process\n"
+    script = ("import sys, HRpQCTCore.background.dependencies, HRpQCTCore.background.panel, "
+              "HRpQCTCore.parameter_schema, HRpQCTSegmenterLib.parameters\n"
               f"bad = sorted(m for m in {sorted(heavy)!r} if m in sys.modules)\n"
               "assert not bad, bad\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -20,31 +20,37 @@ import pytest
 from _fixtures_slicer import child_report, cli_launcher
 
 from HRpQCTCore import regions, slicer_bridge
-from HRpQCTCore.errors import ArtefactError, CancelledError, HRpQCTError
-from HRpQCTCore.io.segnrrd import write_seg_nrrd
-from HRpQCTCore.progress import PROGRESS_PREFIX
-from HRpQCTCore.scan import Scan
-from HRpQCTCore.slicer_bridge import OutputState
-from HRpQCTCore.slicer_process import (
-    CALIBRATION_RANGES,
+from HRpQCTCore.background.dependencies import (
     ENGINE_DEPENDENCIES,
-    PARAMETER_NODE_FIELDS,
-    BackgroundProcess,
     Dependency,
-    JobState,
-    ProgressUpdate,
-    SegmenterParameters,
-    apply_button_state,
-    build_segment_command,
-    describe_failure,
-    engine_environment,
     ensure_dependencies,
     missing_dependencies,
+    pip_requirements,
+)
+from HRpQCTCore.background.panel import apply_button_state
+from HRpQCTCore.background.process import (
+    BackgroundProcess,
+    JobState,
+    engine_environment,
+    popen_launcher,
+)
+from HRpQCTCore.background.protocol import (
+    ProgressUpdate,
+    describe_failure,
     overall_fraction,
     parse_error_line,
     parse_progress_line,
-    pip_requirements,
-    popen_launcher,
+)
+from HRpQCTCore.errors import ArtefactError, CancelledError, HRpQCTError
+from HRpQCTCore.io.segnrrd import write_seg_nrrd
+from HRpQCTCore.parameter_schema import node_fields
+from HRpQCTCore.progress import PROGRESS_PREFIX
+from HRpQCTCore.scan import Scan
+from HRpQCTCore.slicer_bridge import OutputState
+from HRpQCTSegmenterLib.parameters import (
+    CALIBRATION_RANGES,
+    SegmenterParameters,
+    build_segment_command,
 )
 from HRpQCTSegmenterLib.slicer_segmenter import (
     CANCEL,
@@ -175,10 +181,8 @@ def test_parameter_problems_say_what_to_do(tmp_path):
 
 
 def _parameter_node(**values):
-    """A stand-in for the module's parameter node: its attributes, the engine's defaults."""
-    defaults = SegmenterParameters()
-    fields = {attribute: getattr(defaults, name)
-              for attribute, name in PARAMETER_NODE_FIELDS.items()}
+    """A stand-in for the module's parameter node: its attributes, their node defaults."""
+    fields = {node.node_name: node.default for node in node_fields(SegmenterParameters)}
     return SimpleNamespace(**{**fields, **values})
 
 
