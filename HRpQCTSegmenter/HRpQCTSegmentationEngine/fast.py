@@ -26,13 +26,13 @@ model another ~1.5x faster on the CPU.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from HRpQCTCore.atomic import atomic_path
+from HRpQCTSegmentationEngine.onnx_graph import ONNX_OPSET, OnnxSession
 
 __all__ = [
     "FastSegformer",
@@ -174,7 +174,7 @@ class _LogitsOnly(_torch().nn.Module):
 
 
 def export_onnx(model, path: str | Path, input_yx: tuple[int, int] = (800, 800),
-                fold: bool = True, opset: int = 17) -> Path:
+                fold: bool = True, opset: int = ONNX_OPSET) -> Path:
     """Export a SegFormer (folded by default) to an ONNX file with a dynamic batch size.
 
     The spatial size is fixed to ``input_yx`` (the encoder's attention reshapes depend on it).
@@ -195,47 +195,27 @@ def export_onnx(model, path: str | Path, input_yx: tuple[int, int] = (800, 800),
         model = FastSegformer(model)
     wrapped = _LogitsOnly(model).eval()
     example = torch.zeros(1, 1, *input_yx)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")  # tracer and legacy-exporter notices
-            # The TorchScript-based exporter needs only `onnx`; the newer dynamo exporter
-            # would also need `onnxscript`.
-            torch.onnx.export(
-                wrapped, (example,), tmp, dynamo=False, opset_version=opset,
-                input_names=["pixel_values"], output_names=["logits"],
-                dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
-                do_constant_folding=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # atomic_path: a temporary file beside `path`, renamed over it on success (with the
+    # user's usual file permissions)
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # tracer and legacy-exporter notices
+        # The TorchScript-based exporter needs only `onnx`; the newer dynamo exporter
+        # would also need `onnxscript`.
+        torch.onnx.export(
+            wrapped, (example,), str(tmp), dynamo=False, opset_version=opset,
+            input_names=["pixel_values"], output_names=["logits"],
+            dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+            do_constant_folding=True)
     return path
 
 
-class OnnxSegmenter:
-    """Runs an exported SegFormer with ONNX Runtime on the CPU.
+class OnnxSegmenter(OnnxSession):
+    """Runs an exported SegFormer with ONNX Runtime on the CPU, returning torch tensors.
 
     Calling it with a ``[B, 1, H, W]`` float32 array or tensor returns the logits as a torch
-    tensor ``[B, K, H/4, W/4]``, so it drops into :func:`.inference.segment_volume`.
+    tensor ``[B, K, H/4, W/4]``, so it drops into :func:`.inference.segment_volume`. (The
+    torch-free :class:`.onnx_graph.OnnxSession` returns numpy arrays.)
     """
-
-    def __init__(self, path: str | Path, num_threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if num_threads:
-            options.intra_op_num_threads = int(num_threads)
-            options.inter_op_num_threads = 1
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(self.path), options,
-                                            providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        shape = self.session.get_inputs()[0].shape
-        self.input_yx = tuple(int(s) for s in shape[-2:]) if all(
-            isinstance(s, int) for s in shape[-2:]) else None
 
     @classmethod
     def from_model(cls, model, input_yx: tuple[int, int] = (800, 800),
@@ -249,9 +229,4 @@ class OnnxSegmenter:
             return cls(export_onnx(model, Path(tmp) / "segformer.onnx", input_yx), num_threads)
 
     def __call__(self, pixel_values):
-        torch = _torch()
-        array = pixel_values.detach().cpu().numpy() if hasattr(pixel_values, "detach") \
-            else np.asarray(pixel_values)
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        (logits,) = self.session.run(None, {self.input_name: array})
-        return torch.from_numpy(logits)
+        return _torch().from_numpy(self.run(pixel_values))

@@ -6,33 +6,49 @@ reduced to labels at once (no per-class float volume). A 168 x 1600 x 1600 scan 
 HU array, 0.43 GB of labels and a few hundred MB of working memory.
 
 Engines: ``"torch"`` (any device; with ``fast=True`` the decoder is folded exactly, see
-:mod:`.fast`) and ``"onnx"`` (ONNX Runtime on the CPU, fastest there; needs the ``fast``
-extra, i.e. ``onnx`` and ``onnxruntime``). ``"auto"`` (default) uses ONNX Runtime for a
-SegFormer on the CPU when both packages are installed and ``fast`` is set, else torch; if the
-export fails it falls back to torch with a warning. ``device="auto"`` picks CUDA, then Apple
-MPS, then the CPU; if the GPU runs out of memory the run continues on the CPU with a warning.
+:mod:`.fast`) and ``"onnx"`` (ONNX Runtime on the CPU, fastest there). ``"auto"`` (default)
+uses ONNX Runtime for a SegFormer on the CPU when ``onnxruntime`` is installed and ``fast``
+is set, else torch. For a model folder the graph is the folder's own (the bundled model
+ships one), else one cached from an earlier export, else exported now (needs torch,
+transformers and onnx) and cached: see :mod:`.onnx_graph`. With a graph at hand,
+segmenting needs neither torch nor transformers: without torch, the pre- and
+post-processing run in numpy (:func:`.preprocessing.preprocess_slices_numpy`,
+:func:`.preprocessing.logits_to_labels_numpy`); with torch installed they stay torch's, so
+results with torch are unchanged. If ONNX Runtime cannot be used, ``"auto"`` falls back to
+torch with a warning. ``device="auto"`` picks CUDA, then Apple MPS, then the CPU (the CPU
+when torch is not installed); if the GPU runs out of memory the run continues on the CPU
+with a warning.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from HRpQCTCore.errors import HRpQCTError, InvalidScanError
+from HRpQCTCore.errors import ArtefactError, HRpQCTError, InvalidScanError
 from HRpQCTCore.progress import CancelToken, ProgressCallback, check, report
 from HRpQCTCore.regions import BACKGROUND
+from HRpQCTSegmentationEngine.onnx_graph import (
+    SOURCE_EXPORTED,
+    OnnxSession,
+    onnxruntime_available,
+    resolve_graph,
+)
 from HRpQCTSegmentationEngine.preprocessing import (
     CropBox,
     PreprocessingConfig,
     crop_box_for_scan,
     logits_to_labels_batch,
     preprocess_slices,
+    preprocess_slices_numpy,
+    torch_available,
     validate_volume,
 )
 
@@ -134,13 +150,30 @@ class _TorchRunner:
 
 
 class _OnnxRunner:
-    def __init__(self, segmenter) -> None:
+    """Calls an ONNX Runtime session; returns torch tensors where torch does the rest.
+
+    ``backend`` says who pre- and post-processes: ``"torch"`` whenever torch is installed
+    (so results are those of the torch engine's preprocessing), ``"numpy"`` without it.
+    """
+
+    def __init__(self, segmenter, source: str = SOURCE_EXPORTED) -> None:
         self.segmenter = segmenter
         self.engine = "onnx"
         self.device = None
+        self.source = source
+        self.backend = "torch" if torch_available() else "numpy"
 
     def __call__(self, batch):
-        return self.segmenter(batch)
+        logits = self.segmenter.run(batch)
+        if self.backend == "numpy":
+            return logits
+        import torch
+
+        return torch.from_numpy(logits)
+
+
+class _ExportUnavailableError(HRpQCTError):
+    """Exporting a graph needs torch, transformers and onnx, and one is missing."""
 
 
 def prepare_segmenter(model_or_folder: Any, *, config: PreprocessingConfig | None = None,
@@ -148,28 +181,111 @@ def prepare_segmenter(model_or_folder: Any, *, config: PreprocessingConfig | Non
                       num_threads: int | None = None):
     """Resolve a model (object or folder) into a runner and its preprocessing settings.
 
-    Returns ``(runner, config)``; ``runner(batch)`` maps ``[B, 1, H, W]`` float32 CPU tensors
-    to float32 logits ``[B, K, h, w]`` (on the runner's device). Building it once and passing it as
-    ``model_or_folder`` to :func:`run_segmentation` avoids repeating an ONNX export for many
-    scans.
-    """
-    from HRpQCTSegmentationEngine.fast import FastSegformer, OnnxSegmenter, onnx_available
-    from HRpQCTSegmentationEngine.model import load_model, read_model_metadata, resolve_device
+    Returns ``(runner, config)``; ``runner(batch)`` maps ``[B, 1, H, W]`` float32 CPU
+    batches to float32 logits ``[B, K, h, w]`` (on the runner's device). Building it once
+    and passing it as ``model_or_folder`` to :func:`run_segmentation` avoids repeating the
+    set-up for many scans.
 
+    A model folder on the CPU with ONNX Runtime installed runs without torch when a graph
+    is at hand: the folder's own (the bundled model ships one) or one cached from an earlier
+    export (see :mod:`.onnx_graph`); otherwise the graph is exported once (needs torch) and
+    cached. Which one was used is logged.
+    """
     if isinstance(model_or_folder, (_TorchRunner, _OnnxRunner)):
         return model_or_folder, config or PreprocessingConfig()
     if engine not in ENGINES:
         raise HRpQCTError(f"Unknown inference engine {engine!r}; use one of {', '.join(ENGINES)}")
-    model = model_or_folder
     if isinstance(model_or_folder, (str, Path)):
-        metadata = read_model_metadata(model_or_folder)
-        config = config or metadata.preprocessing
-        model = load_model(model_or_folder, device="cpu")
-    config = config or PreprocessingConfig()
-    if isinstance(model, OnnxSegmenter):
+        return _prepare_folder(Path(model_or_folder), config, device, fast, engine,
+                               num_threads)
+    return _prepare_model(model_or_folder, config or PreprocessingConfig(), device, fast,
+                          engine, num_threads)
+
+
+def _prepare_folder(folder: Path, config: PreprocessingConfig | None, device: Any, fast: bool,
+                    engine: str, num_threads: int | None):
+    """:func:`prepare_segmenter` for a model folder: the graph if it fits, else torch."""
+    from HRpQCTSegmentationEngine.model import load_model, read_model_metadata
+
+    metadata = read_model_metadata(folder)
+    config = config or metadata.preprocessing
+    if _wants_onnx(engine, device, fast, metadata.architecture):
+        try:
+            return _folder_onnx_runner(folder, metadata, config, num_threads), config
+        except ArtefactError:
+            raise  # a damaged graph fails loudly, as damaged weights do
+        except Exception as exc:
+            if engine == "onnx" or not torch_available():
+                raise
+            level = logging.INFO if isinstance(exc, _ExportUnavailableError) else logging.WARNING
+            log.log(level, "ONNX Runtime not used (%s); using the torch engine instead.",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            engine = "torch"
+    model = load_model(folder, device="cpu")
+    return _prepare_model(model, config, device, fast, engine, num_threads)
+
+
+def _wants_onnx(engine: str, device: Any, fast: bool, architecture: str) -> bool:
+    """Whether a folder's model should run in ONNX Runtime (decided without torch)."""
+    if engine == "torch" or architecture != "segformer":
+        return False
+    if engine == "onnx":
+        return True
+    return fast and _runs_on_cpu(device) and onnxruntime_available()
+
+
+def _runs_on_cpu(device: Any) -> bool:
+    """Whether ``device`` means the CPU; ``"auto"`` asks torch only if it is installed."""
+    name = str(getattr(device, "type", device)).strip().lower()
+    if name != "auto":
+        return name == "cpu"
+    if not torch_available():
+        return True
+    from HRpQCTSegmentationEngine.model import resolve_device
+
+    return resolve_device("auto").type == "cpu"
+
+
+def _folder_onnx_runner(folder: Path, metadata, config: PreprocessingConfig,
+                        num_threads: int | None) -> _OnnxRunner:
+    graph = resolve_graph(folder, metadata, config.input_yx,
+                          export=lambda path: _export_folder(folder, config, path))
+    session = OnnxSession(graph.path, num_threads)
+    if graph.temporary:  # the session holds the graph in memory
+        shutil.rmtree(graph.path.parent, ignore_errors=True)
+    log.info("Segmenting with ONNX Runtime, %s (%s)", graph.source, graph.path.name)
+    return _OnnxRunner(session, source=graph.source)
+
+
+def _export_folder(folder: Path, config: PreprocessingConfig, path: Path) -> Path:
+    """Export a folder's model (folded) to ``path``; needs torch, transformers and onnx."""
+    try:
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except Exception as exc:
+        raise _ExportUnavailableError(
+            f"model folder {folder} has no ONNX graph, and exporting one needs torch, "
+            f"transformers and onnx ({exc}). Install them once (pip install torch "
+            "transformers onnx; the graph is then cached), or add the graph to the folder "
+            "with 'python -m HRpQCTSegmentationEngine.export_onnx FOLDER'.") from None
+    from HRpQCTSegmentationEngine.fast import export_onnx
+    from HRpQCTSegmentationEngine.model import load_model
+
+    log.info("Exporting the model to ONNX for ONNX Runtime (once per model; then cached)")
+    return export_onnx(load_model(folder, device="cpu"), path, input_yx=config.input_yx)
+
+
+def _prepare_model(model: Any, config: PreprocessingConfig, device: Any, fast: bool,
+                   engine: str, num_threads: int | None):
+    """:func:`prepare_segmenter` for a model object (torch; ONNX by exporting it now)."""
+    if isinstance(model, OnnxSession):
         return _OnnxRunner(model), config
     if not callable(model):
-        raise HRpQCTError(f"Not a model or model folder: {type(model_or_folder)!r}")
+        raise HRpQCTError(f"Not a model or model folder: {type(model)!r}")
+    from HRpQCTSegmentationEngine.fast import FastSegformer, onnx_available
+    from HRpQCTSegmentationEngine.model import resolve_device
+
     if hasattr(model, "eval"):
         model.eval()
     is_segformer = hasattr(model, "decode_head") and hasattr(model, "segformer")
@@ -226,12 +342,21 @@ def _inside_scan_mask(box: CropBox, logits_yx: tuple[int, int],
     return masks[0][:, None] & masks[1][None, :]
 
 
-def _confidences(logits, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _top_probabilities(logits) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel, the largest softmax probability and its class, as numpy arrays."""
+    if isinstance(logits, np.ndarray):
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(shifted)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        return probabilities.max(axis=1), probabilities.argmax(axis=1)
     import torch
 
-    probabilities = torch.softmax(logits.float(), dim=1)
-    top, label = probabilities.max(dim=1)
-    top, label = top.numpy(), label.numpy()
+    top, label = torch.softmax(logits.float(), dim=1).max(dim=1)
+    return top.numpy(), label.numpy()
+
+
+def _confidences(logits, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    top, label = _top_probabilities(logits)
     if inside.shape != top.shape[1:]:
         inside = np.ones(top.shape[1:], dtype=bool)
     overall = np.empty(top.shape[0], dtype=np.float32)
@@ -241,6 +366,18 @@ def _confidences(logits, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         fg = inside & (label[i] != BACKGROUND.label)
         foreground[i] = top[i][fg].mean() if fg.any() else np.nan
     return overall, foreground
+
+
+def _inference_context(backend: str, num_threads: int | None):
+    """torch's thread setting and inference mode, or nothing when torch is not used."""
+    if backend == "numpy":
+        return nullcontext()
+    import torch
+
+    stack = ExitStack()
+    stack.enter_context(_torch_threads(num_threads))
+    stack.enter_context(torch.inference_mode())
+    return stack
 
 
 # ------------------------------------------------------------------------------------------
@@ -258,8 +395,6 @@ def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
     SegmentationResult
         Labels plus per-slice confidence, crop box, device and timing.
     """
-    import torch
-
     start = time.perf_counter()
     volume = validate_volume(hu_volume)
     if batch_size is not None and batch_size < 1:
@@ -278,7 +413,9 @@ def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
     inside = _inside_scan_mask(box, config.logits_yx, (ny, nx))
     check_finite = not np.issubdtype(volume.dtype, np.integer)
     report(progress, 0, nz, PROGRESS_STAGE)
-    with _torch_threads(num_threads), torch.inference_mode():
+    backend = getattr(runner, "backend", "torch")
+    preprocess = preprocess_slices if backend == "torch" else preprocess_slices_numpy
+    with _inference_context(backend, num_threads):
         for z0 in range(0, nz, batch_size):
             check(cancel)
             z1 = min(z0 + batch_size, nz)
@@ -288,9 +425,10 @@ def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
                     f"Slices {z0}..{z1 - 1} contain NaN or infinite values; the scan is "
                     "damaged or was converted wrongly. Re-export it, or replace the invalid "
                     "voxels (e.g. with -1000 HU) before segmenting.")
-            pixel_values = preprocess_slices(slices, box, config)
+            pixel_values = preprocess(slices, box, config)
             logits = runner(pixel_values)
-            confidence[z0:z1], foreground_confidence[z0:z1] = _confidences(logits.cpu(), inside)
+            host_logits = logits if isinstance(logits, np.ndarray) else logits.cpu()
+            confidence[z0:z1], foreground_confidence[z0:z1] = _confidences(host_logits, inside)
             labels[z0:z1] = logits_to_labels_batch(logits, box, (ny, nx), config)
             del pixel_values, logits
             report(progress, z1, nz, PROGRESS_STAGE)
