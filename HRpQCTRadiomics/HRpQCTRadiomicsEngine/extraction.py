@@ -16,6 +16,11 @@ The values are pyradiomics' own: for every region the result equals
   numpy's min/max, GLCM sum/difference distributions and MCC vectorised with the same
   operations in the same order (:mod:`.glcm_coefficients`), first-order percentiles and
   moments computed once. No pyradiomics function is modified or patched.
+* **Texture matrices of all regions at once.** GLRLM, GLDM and NGTDM of every region of a
+  filtered slice come from one vectorised pass over the image (:mod:`.texture_matrices`)
+  instead of one C call per region over its bounding box; the matrices are equal to
+  pyradiomics' (integer counts; NGTDM sums added in the same order), and its grey levels
+  are reused as the regions' discretisation.
 * **Parallel slices.** Slices go to a pool of worker processes (joblib/loky), each with
   SimpleITK limited to one thread.
 * **Prediction mode.** ``features=`` restricts the work to the features a trained classifier
@@ -42,6 +47,7 @@ from HRpQCTCore.progress import CancelToken, ProgressCallback, check, report
 from HRpQCTCore.regions import REGIONS, region_by_label
 from HRpQCTRadiomicsEngine.feature_classes import feature_classes_for_one_image
 from HRpQCTRadiomicsEngine.settings import RadiomicsSettings, load_settings, settings_for_mode
+from HRpQCTRadiomicsEngine.texture_matrices import ImageTextures
 
 __all__ = [
     "RegionFeatures",
@@ -258,12 +264,13 @@ def _shape_features(image, mask, bbox, class_name: str, names: list[str] | None,
 
 def _texture_features(image, mask, bbox, image_name: str,
                       classes: Mapping[str, list[str] | None],
-                      kwargs: Mapping[str, Any]) -> dict[str, float]:
+                      kwargs: Mapping[str, Any],
+                      textures: ImageTextures | None = None) -> dict[str, float]:
     """First-order and texture features of one (filtered) image, as ``computeFeatures``."""
     from radiomics import imageoperations
 
     cropped_image, cropped_mask = imageoperations.cropToTumorMask(image, mask, bbox)
-    feature_classes = feature_classes_for_one_image()
+    feature_classes = feature_classes_for_one_image(textures)
     out: dict[str, float] = {}
     for class_name, names in classes.items():
         if class_name.startswith("shape"):
@@ -428,33 +435,89 @@ def _extract_image(array: np.ndarray, labels: np.ndarray, spacing_xyz: tuple[flo
                                           f"pyradiomics filter error: {exc}"))
         return sorted(results, key=lambda r: r.region_label)
 
-    for label, count, bbox, plan in todo:
-        kwargs_base = dict(setting, label=label)
+    features: dict[int, dict[str, float]] = {}
+    failed: dict[int, str] = {}  # pyradiomics errors on odd regions: reported, others go on
+    for label, _, bbox, plan in todo:
         try:
-            features: dict[str, float] = {}
-            for shape_class in ("shape", "shape2D"):
-                if plan is None:
-                    if shape_class in feature_classes_all:
-                        features.update(_shape_features(
-                            image, mask, bbox, shape_class, feature_classes_all[shape_class],
-                            kwargs_base))
-                elif shape_class in plan.get("original", {}):
-                    features.update(_shape_features(
-                        image, mask, bbox, shape_class, plan["original"][shape_class],
-                        kwargs_base))
-            for filtered_image, image_name, image_kwargs in filtered:
-                classes = (feature_classes_all if plan is None else plan.get(image_name))
-                if not classes:
-                    continue
-                kwargs = dict(image_kwargs, label=label)
-                features.update(_texture_features(filtered_image, mask, bbox, image_name,
-                                                  classes, kwargs))
-        except Exception as exc:  # pyradiomics errors on odd regions: report, go on
-            results.append(RegionFeatures(slice_index, label, count, STATUS_FAILED,
-                                          f"pyradiomics error: {type(exc).__name__}: {exc}"))
-            continue
-        results.append(RegionFeatures(slice_index, label, count, STATUS_OK, "", features))
+            features[label] = _region_shape_features(
+                image, mask, bbox, plan, feature_classes_all, dict(setting, label=label))
+        except Exception as exc:
+            failed[label] = f"pyradiomics error: {type(exc).__name__}: {exc}"
+    # Image after image, so that one image's matrices of all regions can be freed before the
+    # next (each region's features keep pyradiomics' order: shape, then image by image).
+    textures = _image_textures(filtered, labels, todo, feature_classes_all)
+    for filtered_image, image_name, image_kwargs in filtered:
+        for label, _, bbox, plan in todo:
+            classes = (feature_classes_all if plan is None else plan.get(image_name))
+            if label in failed or not classes:
+                continue
+            try:
+                features[label].update(_texture_features(
+                    filtered_image, mask, bbox, image_name, classes,
+                    dict(image_kwargs, label=label), textures[image_name]))
+            except Exception as exc:
+                failed[label] = f"pyradiomics error: {type(exc).__name__}: {exc}"
+        del textures[image_name]
+    for label, count, _, _ in todo:
+        if label in failed:
+            results.append(RegionFeatures(slice_index, label, count, STATUS_FAILED, failed[label]))
+        else:
+            results.append(RegionFeatures(slice_index, label, count, STATUS_OK, "",
+                                          features[label]))
     return sorted(results, key=lambda r: r.region_label)
+
+
+def _region_shape_features(image, mask, bbox, plan: Plan, feature_classes_all: Mapping[str, Any],
+                           kwargs: Mapping[str, Any]) -> dict[str, float]:
+    """The shape classes a region's plan asks for (pyradiomics computes them first)."""
+    features: dict[str, float] = {}
+    for shape_class in ("shape", "shape2D"):
+        if plan is None:
+            if shape_class in feature_classes_all:
+                features.update(_shape_features(image, mask, bbox, shape_class,
+                                                feature_classes_all[shape_class], kwargs))
+        elif shape_class in plan.get("original", {}):
+            features.update(_shape_features(image, mask, bbox, shape_class,
+                                            plan["original"][shape_class], kwargs))
+    return features
+
+
+#: Feature classes whose matrices :class:`ImageTextures` computes for all regions at once.
+_SHARED_MATRIX_CLASSES = frozenset({"glrlm", "gldm", "ngtdm"})
+
+#: The shared pass is used when the regions' boxes cover at least this many times the image.
+_SHARED_PASS_MIN_GAIN = 2.0
+
+
+def _image_textures(filtered, labels: np.ndarray, todo, feature_classes_all: Mapping[str, Any]
+                    ) -> dict[str, ImageTextures]:
+    """Per filtered image: the texture matrices of every region that needs them, computed
+    together on first use (:mod:`.texture_matrices`)."""
+    import SimpleITK as sitk
+
+    flat_labels = labels.reshape(-1)
+    geometry: dict[int, tuple[np.ndarray, tuple[int, ...]]] = {}  # the same for every image
+    out = {}
+    for filtered_image, image_name, image_kwargs in filtered:
+        regions = {}
+        for label, _, bbox, plan in todo:
+            classes = feature_classes_all if plan is None else plan.get(image_name) or {}
+            if not _SHARED_MATRIX_CLASSES & set(classes):
+                continue
+            if label not in geometry:
+                size = tuple(int(n) for n in (bbox[1::2] - bbox[0::2] + 1)[::-1])
+                geometry[label] = (np.flatnonzero(flat_labels == label), size)
+            regions[label] = geometry[label]
+        # The shared pass costs about as much per image pixel as pyradiomics' C code per
+        # pixel of each region's box (measured): worth it only where the boxes add up to
+        # much more than the image (all regions of a slice; not one region, as in
+        # prediction mode, nor the whole image that LoG needs).
+        boxes = sum(math.prod(size) for _, size in regions.values())
+        if _SHARED_PASS_MIN_GAIN * labels.size > boxes:
+            regions = {}
+        out[image_name] = ImageTextures(sitk.GetArrayViewFromImage(filtered_image), regions,
+                                        image_kwargs)
+    return out
 
 
 def _slice_task(hu2d: np.ndarray, labels2d: np.ndarray, spacing_mm: tuple[float, float, float],

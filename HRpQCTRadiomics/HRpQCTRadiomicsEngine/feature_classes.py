@@ -16,6 +16,10 @@ subclasses override a few methods with code that computes the same numbers:
   moment; here the percentiles come from one ``numpy.nanpercentile`` call (the same order
   statistics and the same interpolation per percentile) and the centred values and
   moments are computed once. Callers receive copies, as pyradiomics' callers modify them.
+* **GLRLM, GLDM, NGTDM matrices** from the image's :class:`.texture_matrices.ImageTextures`
+  (all regions of the image at once, the same matrices as pyradiomics' C code) where it
+  covers the region; the steps pyradiomics applies after its C call are repeated unchanged.
+  The discretisation then comes from there too (the same ``binImage`` levels).
 * **Feature names.** pyradiomics lists a class's features with ``inspect`` at every
   instantiation; the list is taken once per class.
 
@@ -31,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from HRpQCTRadiomicsEngine.glcm_coefficients import calculate_glcm_coefficients, mcc_feature_value
+from HRpQCTRadiomicsEngine.texture_matrices import ImageTextures
 
 __all__ = ["bin_image", "feature_classes_for_one_image"]
 
@@ -106,6 +111,85 @@ class _FirstOrderSharing:
         return shared["moment", moment].copy()
 
 
+class _SharedMatrix:
+    """Mixin: the texture matrix from the image's :class:`ImageTextures`, when it covers it.
+
+    ``_hrpqct_textures`` (set by :func:`feature_classes_for_one_image`) returns the region's
+    matrix as pyradiomics' C code gives it with absent grey levels removed, or None, in
+    which case pyradiomics' own ``_calculateMatrix`` runs.
+    """
+
+    _hrpqct_kind = ""
+    _hrpqct_textures: ImageTextures | None = None
+
+    def _shared_matrix(self) -> np.ndarray | None:
+        textures = self._hrpqct_textures
+        if (textures is None or not textures.covers(self.label) or self.voxelBased
+                or self.settings.get("weightingNorm") is not None):
+            return None
+        if not np.array_equal(textures.gray_levels(self.label), self.coefficients["grayLevels"]):
+            return None  # not the same discretisation (cannot happen; be safe)
+        return getattr(textures, self._hrpqct_kind)(self.label)
+
+
+class _SharedGLRLM(_SharedMatrix):
+    _hrpqct_kind = "glrlm"
+
+    def _calculateMatrix(self, voxelCoordinates=None):  # noqa: N802 (pyradiomics' names)
+        p_glrlm = self._shared_matrix()
+        if p_glrlm is None:
+            return super()._calculateMatrix(voxelCoordinates)
+        # pyradiomics' RadiomicsGLRLM._calculateMatrix after its C call and the removal of
+        # absent grey levels (weighting: pyradiomics' own method runs instead)
+        n_r = np.sum(p_glrlm, (1, 2))
+        if p_glrlm.shape[3] > 1:
+            empty_angles = np.where(np.sum(n_r, 0) == 0)
+            if len(empty_angles[0]) > 0:
+                p_glrlm = np.delete(p_glrlm, empty_angles, 3)
+                n_r = np.delete(n_r, empty_angles, 1)
+        n_r[n_r == 0] = np.nan
+        self.coefficients["Nr"] = n_r
+        return p_glrlm
+
+
+class _SharedGLDM(_SharedMatrix):
+    _hrpqct_kind = "gldm"
+
+    def _calculateMatrix(self, voxelCoordinates=None):  # noqa: N802
+        p_gldm = self._shared_matrix()
+        if p_gldm is None:
+            return super()._calculateMatrix(voxelCoordinates)
+        # pyradiomics' RadiomicsGLDM._calculateMatrix after the removal of absent grey levels
+        jvector = np.arange(1, p_gldm.shape[2] + 1, dtype="float64")
+        pd = np.sum(p_gldm, 1)
+        pg = np.sum(p_gldm, 2)
+        empty_sizes = np.sum(pd, 0)
+        p_gldm = np.delete(p_gldm, np.where(empty_sizes == 0), 2)
+        jvector = np.delete(jvector, np.where(empty_sizes == 0))
+        pd = np.delete(pd, np.where(empty_sizes == 0), 1)
+        nz = np.sum(pd, 1)
+        nz[nz == 0] = 1
+        self.coefficients["Nz"] = nz
+        self.coefficients["pd"] = pd
+        self.coefficients["pg"] = pg
+        self.coefficients["ivector"] = self.coefficients["grayLevels"].astype(float)
+        self.coefficients["jvector"] = jvector
+        return p_gldm
+
+
+class _SharedNGTDM(_SharedMatrix):
+    _hrpqct_kind = "ngtdm"
+
+    def _calculateMatrix(self, voxelCoordinates=None):  # noqa: N802
+        p_ngtdm = self._shared_matrix()
+        # pyradiomics then removes grey levels without voxels: there are none here
+        return super()._calculateMatrix(voxelCoordinates) if p_ngtdm is None else p_ngtdm
+
+
+_SHARED_MATRIX_MIXINS: dict[str, type] = {
+    "glrlm": _SharedGLRLM, "gldm": _SharedGLDM, "ngtdm": _SharedNGTDM}
+
+
 def _feature_names(cls: type) -> dict[str, bool]:
     """``cls.getFeatureNames()`` of a pyradiomics class, computed once."""
     key = f"{cls.__module__}.{cls.__qualname__}"
@@ -114,11 +198,13 @@ def _feature_names(cls: type) -> dict[str, bool]:
     return _FEATURE_NAMES[key]
 
 
-def feature_classes_for_one_image() -> dict[str, type]:
+def feature_classes_for_one_image(textures: ImageTextures | None = None) -> dict[str, type]:
     """Feature class name -> subclass of pyradiomics' class, for one (image, region) pair.
 
     The discretisation shared between the classes lives in this call's closure: call again
-    for every filtered image and region.
+    for every filtered image and region. ``textures``: the image's texture matrices of all
+    regions (:mod:`.texture_matrices`), used by GLRLM, GLDM and NGTDM where they cover the
+    region.
     """
     from radiomics import getFeatureClasses
     from radiomics.base import RadiomicsFeaturesBase
@@ -141,8 +227,14 @@ def feature_classes_for_one_image() -> dict[str, type]:
                self.label)
         hit = cache.get(key)
         if hit is None:
-            binned = bin_image(matrix, self.maskArray, self.settings)
-            levels = _present_levels(binned[self.maskArray])
+            if textures is not None and textures.covers(self.label):
+                # the same binImage levels, already computed for the whole image
+                binned = np.zeros(matrix.shape, dtype="int")
+                binned[self.maskArray] = textures.region_levels(self.label)
+                levels = textures.gray_levels(self.label).astype(binned.dtype)
+            else:
+                binned = bin_image(matrix, self.maskArray, self.settings)
+                levels = _present_levels(binned[self.maskArray])
             binned.flags.writeable = False  # shared: a class writing into it would fail loudly
             hit = cache[key] = (binned, levels, int(np.max(levels)))
         self.coefficients["grayLevels"] = hit[1].copy()
@@ -166,5 +258,8 @@ def feature_classes_for_one_image() -> dict[str, type]:
             members["getMCCFeatureValue"] = mcc_feature_value
         elif name == "firstorder":
             bases = (_FirstOrderSharing, cls)
+        elif name in _SHARED_MATRIX_MIXINS:
+            bases = (_SHARED_MATRIX_MIXINS[name], cls)
+            members["_hrpqct_textures"] = textures
         classes[name] = type(cls.__name__, bases, members)
     return classes
