@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from HRpQCTCore.errors import HRpQCTError
+from HRpQCTCore.errors import HRpQCTError, InvalidDataError
 from HRpQCTCore.regions import region_by_name
-from HRpQCTRadiomicsEngine.selection import PaperFeatureSelector
 from HRpQCTRadiomicsEngine.table import FeatureRows
+
+if TYPE_CHECKING:  # selection imports scikit-learn: only where a pipeline is built
+    from HRpQCTRadiomicsEngine.selection import PaperFeatureSelector
 
 __all__ = [
     "MODEL_KINDS",
@@ -131,7 +133,9 @@ def assemble_dataset(rows: FeatureRows, regions: Sequence[str],
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more"
                                            if len(missing) > 10 else "")
-        raise HRpQCTError(
+        # The table was read fine but cannot serve this classifier: invalid data (exit 4),
+        # not a usage error.
+        raise InvalidDataError(
             f"The feature table lacks {len(missing)} feature(s) the classifier needs: {shown}. "
             "Extract them with the radiomics settings the classifier was trained with "
             "(see `hrpqct classify --help`).")
@@ -190,6 +194,8 @@ def make_pipeline(kind: str = DEFAULT_MODEL, random_state: int = 0,
     """Selection -> standardisation -> classifier, as a scikit-learn Pipeline."""
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
+
+    from HRpQCTRadiomicsEngine.selection import PaperFeatureSelector
 
     return Pipeline([
         ("select", selector or PaperFeatureSelector(random_state=random_state)),

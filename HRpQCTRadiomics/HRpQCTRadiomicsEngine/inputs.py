@@ -9,6 +9,7 @@ import numpy as np
 from HRpQCTCore.io.labelmaps import read_label_map
 from HRpQCTCore.io.suffixes import compound_suffix
 from HRpQCTCore.regions import REGIONS
+from HRpQCTCore.scan import Scan
 
 __all__ = ["read_region_map", "scan_id_from_path"]
 
@@ -27,14 +28,22 @@ def scan_id_from_path(path: str | Path) -> str:
     return name[: -len(suffix)] if suffix else name
 
 
-def read_region_map(path: str | Path, shape: tuple[int, ...]) -> np.ndarray:
+def read_region_map(path: str | Path, reference: Scan | tuple[int, ...]) -> np.ndarray:
     """Read a 7-region label map (``.seg.nrrd``, NIfTI, NRRD, MHA) on a scan's grid.
+
+    Parameters
+    ----------
+    path:
+        The label map.
+    reference:
+        The scan (its shape, spacing, origin and direction must match the map's), or just a
+        shape (then only the shape is compared).
 
     Raises
     ------
     InputFileError
-        If the file is missing, unreadable, on another grid, or holds values that are not
-        region labels.
+        If the file is missing, unreadable, truncated, on another grid, or holds values that
+        are not region labels.
     """
-    return read_label_map(path, shape, max_label=max(d.label for d in REGIONS),
+    return read_label_map(path, reference, max_label=max(d.label for d in REGIONS),
                           name="Region label map", hint=_NOT_A_REGION_MAP)

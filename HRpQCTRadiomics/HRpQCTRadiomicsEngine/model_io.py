@@ -15,6 +15,12 @@ A classifier is one JSON file (format ``hrpqct-classifier``, version 1) holding:
 * ``versions`` of the packages; the training ``report``; the caveat text.
 * ``sha256``: SHA256 of the canonical JSON of everything else. :func:`load_classifier`
   verifies it (and the skops file's) and refuses a file that was changed or damaged.
+
+A matching checksum only says the file is what its writer wrote, not that its writer was this
+software: :func:`load_classifier` also validates every field (types, lengths, finite numbers,
+positive scales, a threshold in [0, 1], a skops file name inside the classifier's folder) and
+refuses anything else with :class:`~HRpQCTCore.errors.ArtefactError`, before the model is
+built, so a malformed file never yields a traceback or NaN probabilities.
 """
 
 from __future__ import annotations
@@ -140,7 +146,11 @@ class SavedClassifier:
             raise HRpQCTError(f"Expected {len(self.features)} feature columns, got "
                               f"{X.shape[1] if X.ndim == 2 else X.shape}.")
         check_finite(X, self.features)
-        return self.model.predict_proba(X)[:, 1]
+        probabilities = self.model.predict_proba(X)[:, 1]
+        if not np.all(np.isfinite(probabilities)):  # a guard: validation should prevent it
+            raise ArtefactError(f"Classifier {self.path} gives non-finite probabilities; its "
+                                "model is damaged. Use the original file.")
+        return probabilities
 
 
 def _logistic_to_json(model) -> dict[str, Any]:
@@ -230,8 +240,9 @@ def load_classifier(path: str | Path) -> SavedClassifier:
     InputFileError
         If the file does not exist or is not JSON.
     ArtefactError
-        If it is not a classifier file, or a checksum does not match, or the skops file
-        holds types outside the trusted list.
+        If it is not a classifier file, a checksum does not match, a field is malformed
+        (see the module notes), or the skops file is not one (e.g. a pickle), lies outside the
+        classifier's folder or holds types outside the trusted list.
     """
     path = Path(path)
     if not path.is_file():
@@ -251,6 +262,7 @@ def load_classifier(path: str | Path) -> SavedClassifier:
         raise ArtefactError(
             f"Classifier {path} fails its checksum (stored {str(stored)[:12]}..., computed "
             f"{actual[:12]}...): the file was edited or damaged. Use the original file.")
+    _validate_payload(payload, path)
     features = list(payload["features"])
     model_info = payload["model"]
     kind = payload["kind"]
@@ -270,6 +282,124 @@ def load_classifier(path: str | Path) -> SavedClassifier:
                            versions=payload.get("versions", {}), path=path)
 
 
+# --- validation of a classifier file ---------------------------------------------------------
+
+_AGGREGATIONS = ("mean", "median")
+
+
+class _FieldError(Exception):
+    """One field of a classifier file is malformed (turned into an ArtefactError)."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(float(value))
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise _FieldError(message)
+
+
+def _numbers(value: Any, field_name: str, length: int, *, positive: bool = False) -> None:
+    """``value`` must be a list of ``length`` finite numbers (all > 0 with ``positive``)."""
+    _require(isinstance(value, list), f"'{field_name}' is not a list of numbers")
+    _require(len(value) == length,
+             f"'{field_name}' has {len(value)} values for {length} feature(s)")
+    bad = [i for i, v in enumerate(value) if not _is_number(v) or (positive and v <= 0)]
+    _require(not bad, f"'{field_name}' holds {len(bad)} value(s) that are not "
+             f"{'positive ' if positive else ''}finite numbers (first at position {bad[0]}: "
+             f"{value[bad[0]]!r})" if bad else "")
+
+
+def _validate_features(payload: dict[str, Any]) -> None:
+    from HRpQCTCore.regions import region_by_name
+    from HRpQCTRadiomicsEngine.classification import split_qualified_name
+
+    features, regions = payload.get("features"), payload.get("regions")
+    _require(isinstance(features, list) and features and
+             all(isinstance(f, str) and f for f in features),
+             "'features' is not a non-empty list of feature names")
+    _require(len(set(features)) == len(features), "'features' names a feature twice")
+    _require(isinstance(regions, list) and regions and all(isinstance(r, str) for r in regions),
+             "'regions' is not a non-empty list of region names")
+    try:
+        keys = {region_by_name(r).key for r in regions}
+        for name in features:
+            region, feature = split_qualified_name(name)
+            _require(bool(feature), f"feature {name!r} has no feature name after its region")
+            _require(region_by_name(region).key in keys,
+                     f"feature {name!r} belongs to a region not in 'regions'")
+    except (KeyError, HRpQCTError) as exc:
+        raise _FieldError(str(exc).strip("'\"")) from None
+
+
+def _validate_logistic(model: dict[str, Any], n_features: int) -> None:
+    _numbers(model.get("scaler_mean"), "scaler_mean", n_features)
+    _numbers(model.get("scaler_scale"), "scaler_scale", n_features, positive=True)
+    _numbers(model.get("coefficients"), "coefficients", n_features)
+    _require(_is_number(model.get("intercept")), "'intercept' is not a finite number")
+    _require(model.get("classes") == [0, 1], "'classes' is not [0, 1]")
+
+
+def _validate_skops_reference(model: dict[str, Any], kind: str) -> None:
+    name = model.get("file")
+    _require(isinstance(name, str) and bool(name), "the model block names no skops file")
+    # A plain file name next to the JSON: "../x" or an absolute path would open any file.
+    _require(Path(name).name == name and name not in (".", "..") and "\\" not in name,
+             f"the skops file {name!r} is not a plain file name next to the classifier")
+    _require(name.lower().endswith(".skops"), f"the model file {name!r} is not a .skops file")
+    digest = model.get("file_sha256")
+    _require(isinstance(digest, str) and len(digest) == 64 and
+             all(c in "0123456789abcdef" for c in digest),
+             "'file_sha256' is not a SHA256 (64 hexadecimal digits)")
+    _require(kind in SKOPS_TRUSTED_TYPES, f"unknown classifier kind {kind!r}")
+
+
+def _validate_settings(settings: Any) -> None:
+    _require(isinstance(settings, dict), "'radiomics_settings' is not an object")
+    _require(isinstance(settings.get("text"), str) and bool(settings.get("text")),
+             "'radiomics_settings' holds no settings text")
+    _require(isinstance(settings.get("sha256"), str), "'radiomics_settings' has no sha256")
+    _require(isinstance(settings.get("name", ""), str), "the settings name is not a string")
+
+
+def _validate_payload(payload: dict[str, Any], path: Path) -> None:
+    """Check every field :func:`load_classifier` and prediction use.
+
+    Raises
+    ------
+    ArtefactError
+        Naming the first malformed field.
+    """
+    try:
+        _validate_features(payload)
+        kind = payload.get("kind")
+        _require(isinstance(kind, str) and (kind == "logistic" or kind in SKOPS_TRUSTED_TYPES),
+                 f"unknown classifier kind {kind!r}")
+        model = payload.get("model")
+        _require(isinstance(model, dict), "'model' is not an object (the fitted model)")
+        _require(model.get("kind", kind) == kind, "the model block's kind differs from 'kind'")
+        if kind == "logistic":
+            _validate_logistic(model, len(payload["features"]))
+        else:
+            _validate_skops_reference(model, kind)
+        _require(payload.get("aggregation", "mean") in _AGGREGATIONS,
+                 f"'aggregation' is not one of {', '.join(_AGGREGATIONS)}")
+        threshold = payload.get("threshold", 0.5)
+        _require(_is_number(threshold) and 0.0 <= float(threshold) <= 1.0,
+                 f"'threshold' {threshold!r} is not a number in [0, 1]")
+        _validate_settings(payload.get("radiomics_settings"))
+        for optional in ("report", "versions"):
+            _require(isinstance(payload.get(optional, {}), dict),
+                     f"'{optional}' is not an object")
+    except _FieldError as exc:
+        raise ArtefactError(
+            f"Classifier {path} is malformed: {exc}. It was not written by `hrpqct "
+            "train-classifier` (or was edited); use the original file or train it again.") \
+            from None
+
+
 def _load_skops(path: Path, info: dict[str, Any], kind: str):
     try:
         import skops.io as sio
@@ -285,12 +415,25 @@ def _load_skops(path: Path, info: dict[str, Any], kind: str):
     trusted = SKOPS_TRUSTED_TYPES.get(kind)
     if trusted is None:
         raise ArtefactError(f"Unknown classifier kind {kind!r} in {path}.")
-    untrusted = sio.get_untrusted_types(file=skops_path)
+    if skops_path.resolve().parent != path.resolve().parent:
+        raise ArtefactError(f"Classifier model file {skops_path} lies outside the folder of "
+                            f"{path.name}; refusing to open it.")
+    try:
+        untrusted = sio.get_untrusted_types(file=skops_path)
+    except Exception as exc:  # skops raises zipfile/pickle/json errors of many kinds
+        raise ArtefactError(
+            f"Classifier model file {skops_path} is not a skops file ({type(exc).__name__}): "
+            "it may be a pickle, which is never loaded (it could run any code). Use the "
+            "files written by `hrpqct train-classifier`.") from None
     refused = sorted(set(untrusted) - set(trusted))
     if refused:
         raise ArtefactError(f"{skops_path} contains types that are not trusted: {refused}. "
                             "It was not made by this software; refusing to load it.")
-    return sio.load(skops_path, trusted=trusted)
+    try:
+        return sio.load(skops_path, trusted=trusted)
+    except Exception as exc:  # a damaged archive with a matching checksum
+        raise ArtefactError(f"Classifier model file {skops_path} cannot be loaded "
+                            f"({type(exc).__name__}: {exc}).") from None
 
 
 def bundled_classifier_path() -> Path | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from HRpQCTCore.errors import HRpQCTError
+from HRpQCTCore.errors import InvalidDataError
 
 __all__ = ["Prediction", "features_by_region", "predict_rows"]
 
@@ -71,14 +71,14 @@ def predict_rows(model, rows) -> Prediction:
 
     Raises
     ------
-    HRpQCTError
+    InvalidDataError
         If no slice has all the regions the classifier needs, or features are missing.
     """
     from HRpQCTRadiomicsEngine.classification import aggregate_by_subject, assemble_dataset
 
     data = assemble_dataset(rows, model.regions, None, model.features)
     if data.X.shape[0] == 0:
-        raise HRpQCTError("No slice has all the regions the classifier needs "
+        raise InvalidDataError("No slice has all the regions the classifier needs "
                           f"({', '.join(model.regions)}); nothing to classify.")
     probabilities = model.predict_proba(data.X)
     subjects, p_subject, _ = aggregate_by_subject(probabilities, data.groups, None,

@@ -38,6 +38,7 @@ import numpy as np
 
 from HRpQCTCore.atomic import write_text_atomic
 from HRpQCTCore.errors import InputFileError
+from HRpQCTCore.io.textfiles import ensure_text_file
 from HRpQCTCore.regions import region_by_label
 from HRpQCTRadiomicsEngine.extraction import STATUS_OK, FeatureTable
 
@@ -155,9 +156,7 @@ def read_feature_csv(paths: str | Path | Iterable[str | Path]) -> FeatureRows:
     rows_values: list[dict[str, str]] = []
     names: dict[str, None] = {}
     for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise InputFileError(f"Feature table {path} does not exist.")
+        path = ensure_text_file(path, "Feature table", "a feature table (CSV)")
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
@@ -172,13 +171,24 @@ def read_feature_csv(paths: str | Path | Iterable[str | Path]) -> FeatureRows:
                 if n not in ID_COLUMNS:
                     names.setdefault(n, None)
             for record in reader:
-                ids.append({c: record[c] for c in ID_COLUMNS})
-                rows_values.append(record)
+                ids.append({c: record[c] or "" for c in ID_COLUMNS})
+                rows_values.append((path, reader.line_num, record))
     feature_names = list(names)
     values = np.full((len(ids), len(feature_names)), np.nan, dtype=np.float64)
-    for i, record in enumerate(rows_values):
+    for i, (path, line, record) in enumerate(rows_values):
         for j, n in enumerate(feature_names):
             text = record.get(n) or ""
             if text:
-                values[i, j] = float(text)
+                values[i, j] = _number(text, path, line, n)
     return FeatureRows(ids=ids, feature_names=feature_names, values=values)
+
+
+def _number(text: str, path: Path, line: int, column: str) -> float:
+    """A feature value, or a message naming the file, line and column of one that is not."""
+    try:
+        return float(text)
+    except ValueError:
+        raise InputFileError(
+            f"{path}, line {line}, column {column!r}: {text[:40]!r} is not a number. A feature "
+            "table holds numbers (or empty cells); write it again with `hrpqct radiomics`, or "
+            "fix that cell.") from None

@@ -94,9 +94,33 @@ def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
                              "so edited results are never lost silently)")
 
 
-def check_can_write(paths, overwrite: bool) -> None:
-    """Refuse to replace existing outputs unless ``overwrite``."""
-    existing = [str(p) for p in paths if Path(p).exists()]
+def check_can_write(paths, overwrite: bool, inputs=()) -> None:
+    """Refuse outputs that cannot or must not be written, before any long computation.
+
+    Parameters
+    ----------
+    paths:
+        The output files.
+    overwrite:
+        Whether existing outputs may be replaced.
+    inputs:
+        The command's input files: an output that is one of them (also through a link) is
+        refused even with ``overwrite``, since writing it would destroy the input.
+
+    Raises
+    ------
+    OutputError
+        If an output is a folder, or lies below a file.
+    HRpQCTError
+        If an output is an input, or exists and ``overwrite`` is false.
+    """
+    from HRpQCTCore.outputs import check_output_file, refuse_inputs_as_outputs
+
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        check_output_file(path)
+    refuse_inputs_as_outputs(paths, inputs)
+    existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
         raise HRpQCTError(
             f"Output already exists: {', '.join(existing)}. Choose another output, or pass "

@@ -13,11 +13,13 @@ __all__ = [
     "InputFileError",
     "UnsupportedFormatError",
     "CorruptFileError",
+    "InvalidDataError",
     "InvalidScanError",
     "CalibrationError",
     "CancelledError",
     "ArtefactError",
     "BatchFailuresError",
+    "OutputError",
 ]
 
 
@@ -41,10 +43,15 @@ class CorruptFileError(InputFileError):
     """The file is truncated or its content is inconsistent with its header."""
 
 
-class InvalidScanError(HRpQCTError):
-    """The data read are not a usable HR-pQCT scan (2D/4D, NaN/Inf, empty)."""
+class InvalidDataError(HRpQCTError):
+    """A file was read, but its content cannot be used (e.g. a feature table lacking the
+    features a classifier needs)."""
 
     exit_code = 4
+
+
+class InvalidScanError(InvalidDataError):
+    """The data read are not a usable HR-pQCT scan (2D/4D, NaN/Inf, empty)."""
 
 
 class CalibrationError(HRpQCTError):
@@ -63,6 +70,21 @@ class BatchFailuresError(HRpQCTError):
     """A batch finished, but some of its scans failed (listed in its failure table)."""
 
     exit_code = 7
+
+
+class OutputError(HRpQCTError, OSError):
+    """An output cannot be written: disk full, file-size limit, read-only or missing folder,
+    no permission, a folder where a file is wanted (or the reverse).
+
+    Also an :class:`OSError`, so code that falls back on any OS error (e.g. a cache folder
+    that cannot be written) keeps doing so; :attr:`errno` is the original error's.
+    """
+
+    exit_code = 8
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class CancelledError(HRpQCTError):

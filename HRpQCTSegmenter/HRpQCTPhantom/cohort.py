@@ -86,6 +86,16 @@ def _render_subject(subject: Subject, out_dir: Path, formats: tuple[str, ...]) -
     return {k: str(p.relative_to(out_dir)) for k, p in paths.items()}
 
 
+def _refuse_existing_files(subjects: list[Subject], out: Path,
+                           formats: tuple[str, ...]) -> None:
+    from HRpQCTPhantom.writer import phantom_paths, refuse_existing
+
+    planned = [out / MANIFEST_NAME]
+    for s in subjects:
+        planned += phantom_paths(out / s.subject_id, s.subject_id, formats).values()
+    refuse_existing(planned)
+
+
 def _row(subject: Subject, paths: dict) -> dict:
     d = subject.params.to_dict()
     row = {"subject_id": subject.subject_id, "age": subject.age, "sex": subject.sex,
@@ -104,17 +114,24 @@ def generate_cohort(n_subjects: int, out_dir: str | Path, seed: int, *,
                     loadings: dict | None = None, n_jobs: int = 1,
                     formats: tuple[str, ...] = ("nifti",),
                     progress: ProgressCallback | None = None,
-                    cancel: CancelToken | None = None, **image_overrides: Any) -> Path:
+                    cancel: CancelToken | None = None, overwrite: bool = True,
+                    **image_overrides: Any) -> Path:
     """Generate and write a cohort; return the path of its ``manifest.csv``.
 
     Scans go to ``out_dir/<subject_id>/``; manifest paths are relative to ``out_dir``.
     ``n_jobs > 1`` renders subjects in parallel processes (joblib); the output is identical.
+    ``overwrite=False`` refuses, before rendering anything, when the manifest or a subject's
+    file exists (the command line passes it unless ``--overwrite`` is given).
     """
+    from HRpQCTCore.outputs import ensure_folder
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     subjects = sample_cohort(n_subjects, seed, effect_size=effect_size,
                              fraction_osteoporotic=fraction_osteoporotic, loadings=loadings,
                              **image_overrides)
+    if not overwrite:
+        _refuse_existing_files(subjects, out, formats)
+    ensure_folder(out)
     report(progress, 0, len(subjects), "cohort")
     rows: list[dict] = []
     if n_jobs > 1:

@@ -12,21 +12,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from HRpQCTCore.atomic import atomic_path, write_text_atomic
+from HRpQCTCore.atomic import write_text_atomic
 from HRpQCTCore.errors import HRpQCTError, UnsupportedFormatError
+from HRpQCTCore.outputs import ensure_folder
 from HRpQCTPhantom.generator import Phantom
 
-__all__ = ["write_phantom", "FORMATS"]
+__all__ = ["write_phantom", "phantom_paths", "FORMATS"]
 
 FORMATS = ("nifti", "aim")
 
 
 def _write_image(image, final: Path) -> None:
-    import SimpleITK as sitk
+    from HRpQCTCore.io.writers import write_sitk_image
 
-    with atomic_path(final) as tmp:
-        # Level 1 deflate: 3-4x faster than the default for ~10 % larger files.
-        sitk.WriteImage(image, str(tmp), True, 1)
+    # Level 1 deflate: 3-4x faster than the default for ~10 % larger files. Read back and
+    # checked before the rename: a full disk raises OutputError, leaving nothing behind.
+    write_sitk_image(image, final, compress=True, level=1)
 
 
 def _write_json(data: dict, final: Path) -> None:
@@ -34,35 +35,74 @@ def _write_json(data: dict, final: Path) -> None:
     write_text_atomic(final, text)
 
 
-def write_phantom(phantom: Phantom, out_dir: str | Path, stem: str,
+def phantom_paths(out_dir: str | Path, stem: str,
                   formats: tuple[str, ...] = ("nifti",)) -> dict[str, Path]:
+    """The files :func:`write_phantom` writes, ``{kind: path}`` (nothing is written).
+
+    Raises
+    ------
+    UnsupportedFormatError
+        If a format is unknown.
+    HRpQCTError
+        If ``stem`` is not a plain file name.
+    """
+    from HRpQCTCore.outputs import plain_name
+
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise UnsupportedFormatError(
+            f"Unknown phantom output format(s) {unknown}; use any of {', '.join(FORMATS)}.")
+    stem = plain_name(stem, "file name stem")
+    out = Path(out_dir)
+    paths: dict[str, Path] = {}
+    if "nifti" in formats:
+        paths.update(scan=out / f"{stem}.nii.gz", classes=out / f"{stem}_classes.nii.gz",
+                     regions=out / f"{stem}_regions.nii.gz")
+    if "aim" in formats:
+        paths["scan_aim"] = out / f"{stem}.aim"
+    paths["truth"] = out / f"{stem}_truth.json"
+    return paths
+
+
+def refuse_existing(paths) -> None:
+    """Refuse (before any work) when one of ``paths`` exists: nothing is replaced silently."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing:
+        raise HRpQCTError(
+            f"Output already exists: {', '.join(existing)}. Choose another folder or "
+            "--stem, or pass --overwrite to replace it.")
+
+
+def write_phantom(phantom: Phantom, out_dir: str | Path, stem: str,
+                  formats: tuple[str, ...] = ("nifti",), *,
+                  overwrite: bool = True) -> dict[str, Path]:
     """Write a phantom's scan, labels and truth; return ``{kind: path}``.
 
     Kinds: ``scan``, ``classes``, ``regions``, ``truth`` (and ``scan_aim`` with ``"aim"``).
+    ``overwrite=False`` refuses (before writing anything) when one of the files exists;
+    the command line passes it unless ``--overwrite`` is given.
 
     Raises
     ------
     UnsupportedFormatError
         If a format is unknown, or ``"aim"`` is asked for but no AIM writer is installed.
+    HRpQCTError
+        If a file exists and ``overwrite`` is false.
+    OutputError
+        If a file cannot be written (nothing partial is left under its name).
     """
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise UnsupportedFormatError(
-            f"Unknown phantom output format(s) {unknown}; use any of {', '.join(FORMATS)}.")
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HRpQCTError(f"Cannot create output folder {out}: {exc}. Choose a writable "
-                          "folder.") from exc
+    planned = phantom_paths(out_dir, stem, formats)
+    if not overwrite:
+        refuse_existing(planned.values())
+    ensure_folder(out_dir)
     paths: dict[str, Path] = {}
     scan = phantom.scan
     if "nifti" in formats:
-        paths["scan"] = out / f"{stem}.nii.gz"
+        paths["scan"] = planned["scan"]
         _write_image(scan.to_sitk(), paths["scan"])
-        paths["classes"] = out / f"{stem}_classes.nii.gz"
+        paths["classes"] = planned["classes"]
         _write_image(scan.to_sitk(phantom.classes), paths["classes"])
-        paths["regions"] = out / f"{stem}_regions.nii.gz"
+        paths["regions"] = planned["regions"]
         _write_image(scan.to_sitk(phantom.regions), paths["regions"])
     if "aim" in formats:
         try:
@@ -71,9 +111,9 @@ def write_phantom(phantom: Phantom, out_dir: str | Path, stem: str,
             raise UnsupportedFormatError(
                 "AIM output needs HRpQCTCore.io.write_scan_aim, which this install "
                 "does not have; write NIfTI instead (formats=('nifti',)).") from None
-        paths["scan_aim"] = out / f"{stem}.aim"
+        paths["scan_aim"] = planned["scan_aim"]
         write_scan_aim(scan, paths["scan_aim"])
-    paths["truth"] = out / f"{stem}_truth.json"
+    paths["truth"] = planned["truth"]
     truth = dict(phantom.truth)
     truth["files"] = {k: p.name for k, p in paths.items() if k != "truth"}
     _write_json(truth, paths["truth"])

@@ -29,6 +29,7 @@ from typing import Any
 
 from HRpQCTCore.atomic import write_text_atomic
 from HRpQCTCore.errors import HRpQCTError, InputFileError
+from HRpQCTCore.outputs import ensure_folder
 from HRpQCTCore.regions import REGIONS
 from HRpQCTPipeline.pipeline import RunSettings, ScanJob, run_scan, scan_log
 
@@ -225,8 +226,7 @@ def run_batch(jobs: Sequence[ScanJob], out: str | Path, settings: RunSettings | 
         Progress of the steps inside a scan (only when scans run one by one in this process).
     """
     settings = settings or RunSettings()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_folder(out)  # a file or a read-only place: one clear error, before any scan
     jobs = list(jobs)
     _check_unique(jobs, "batch")
     start = time.perf_counter()
@@ -340,19 +340,21 @@ def _write_cohort(out: Path, scans: list[dict[str, Any]], failures: list[dict[st
         path.unlink()
 
     keys = [d.key for d in REGIONS]
-    header = ["scan_id", "subject", "status", "osteoporosis_probability", "warnings",
-              "warning_messages", *[f"{k}_volume_mm3" for k in keys], "report", "action"]
+    header = ["scan_id", "subject", "status", "osteoporosis_probability",
+              "probability_withheld", "warnings", "warning_messages",
+              *[f"{k}_volume_mm3" for k in keys], "report", "action"]
     rows = []
     for s in scans:
         volumes = s.get("volumes_mm3") or {}
         rows.append([s["scan_id"], s["subject"], "ok",
                      "" if s.get("probability") is None else repr(float(s["probability"])),
+                     s.get("probability_withheld") or "",  # why QC withheld it, if it did
                      ";".join(s.get("warning_codes") or []), " | ".join(s.get("warnings") or []),
                      *["" if volumes.get(k) is None else f"{volumes[k]:.3f}" for k in keys],
                      _relative(s.get("report"), out), s.get("action", "")])
     for f in failures:
-        rows.append([f["scan_id"], "", "failed", "", "", f["message"], *[""] * len(keys),
-                     "", ""])
+        rows.append([f["scan_id"], "", "failed", "", "", "", f["message"],
+                     *[""] * len(keys), "", ""])
     files["summary"] = out / COHORT_FILES["summary"]
     write_text_atomic(files["summary"], _csv_text(header, rows))
     files["failures"] = out / COHORT_FILES["failures"]

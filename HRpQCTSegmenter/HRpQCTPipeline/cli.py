@@ -8,7 +8,9 @@ parser's ``func`` default to the function that runs it; ``ORDER`` (an int) sorts
 Exit codes: 0 success; 1 unexpected internal error (a bug: please report it with the log);
 2 bad usage or configuration; 3 unreadable/unsupported/corrupt input file; 4 invalid scan data;
 5 calibration/units problem; 6 bundled or user artefact missing or failing its checksum;
-7 a batch finished but some scans failed (see its failures.csv); 130 cancelled.
+7 a batch finished but some scans failed (see its failures.csv); 8 an output cannot be written
+(disk full, file-size limit, read-only or missing folder, no permission; nothing partial is
+left under its name); 130 cancelled.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import importlib
 import logging
 import pkgutil
 import sys
+import warnings
 from collections.abc import Sequence
 
 from HRpQCTCore import __version__
@@ -64,9 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Loggers of dependencies whose INFO lines are noise in a command's output: pyradiomics
+#: validates its settings with pykwalify, which logs "validation.valid" every time.
+_QUIET_DEPENDENCIES = ("pykwalify",)
+#: Warnings of dependencies that say nothing to the user: loky (joblib's process pool)
+#: reports a worker it stopped and replaced itself; the results are complete.
+_IGNORED_WARNINGS = (r"A worker stopped while some jobs were given to the executor",)
+
+
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:  # -vv shows everything
+        for name in _QUIET_DEPENDENCIES:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        for message in _IGNORED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from HRpQCTCore.artefacts import sha256_file
-from HRpQCTCore.atomic import write_text_atomic
+from HRpQCTCore.atomic import replace_hook, write_text_atomic
 from HRpQCTCore.errors import ArtefactError, HRpQCTError, InputFileError
+from HRpQCTCore.outputs import ensure_folder, plain_name, refuse_inputs_as_outputs
 from HRpQCTCore.progress import CancelToken, ProgressCallback, check, report
 from HRpQCTCore.regions import REGIONS, region_by_name
 from HRpQCTPipeline.features import (
@@ -42,6 +43,7 @@ from HRpQCTPipeline.record import (
     STAGE_FILES,
     STAGE_VERSIONS,
     STAGES,
+    RunJournal,
     dump_json,
     fingerprint,
     model_sha256,
@@ -78,6 +80,9 @@ REPORT_FEATURES = ("original_shape2D_PixelSurface", "original_firstorder_Mean",
                    "original_firstorder_10Percentile", "original_firstorder_90Percentile",
                    "original_firstorder_Entropy")
 LOG_NAME = "run.log"
+#: Part of the classification's resume key: probabilities written before the QC gate
+#: (withholding a probability whose regions failed QC) are computed again.
+QC_GATE_VERSION = 1
 
 
 # --- settings and jobs ---------------------------------------------------------------------
@@ -174,8 +179,14 @@ class ScanJob:
         from HRpQCTRadiomicsEngine.inputs import scan_id_from_path
 
         scan = Path(scan)
-        return cls(scan=scan, scan_id=scan_id or scan_id_from_path(scan), subject=subject or "",
-                   regions=Path(regions) if regions else None)
+        # An id given (even empty) is checked as given; only None takes the file name.
+        return cls(scan=scan, scan_id=scan_id_from_path(scan) if scan_id is None else scan_id,
+                   subject=subject or "", regions=Path(regions) if regions else None)
+
+    def __post_init__(self) -> None:
+        # The id names the output files (and a batch's sub-folder): `../x` or an absolute
+        # path would write outside the output folder.
+        self.scan_id = plain_name(self.scan_id, "scan id")
 
 
 @dataclass
@@ -192,6 +203,11 @@ class ScanResult:
         QC warnings (``{code, message}``).
     outputs:
         Output name -> path.
+    probability:
+        The osteoporosis probability; None when not computed or withheld.
+    probability_withheld:
+        Why the probability is withheld (quality control failed for the regions the
+        classifier uses); None when it is not.
     """
 
     scan_id: str
@@ -204,6 +220,7 @@ class ScanResult:
     probability: float | None
     volumes_mm3: dict[str, float]
     seconds: float
+    probability_withheld: str | None = None
 
     @property
     def action(self) -> str:
@@ -216,6 +233,7 @@ class ScanResult:
         return {
             "scan_id": self.scan_id, "subject": self.subject, "status": "ok",
             "probability": self.probability,
+            "probability_withheld": self.probability_withheld,
             "warning_codes": sorted({w["code"] for w in self.warnings}),
             "warnings": [w["message"] for w in self.warnings],
             "volumes_mm3": self.volumes_mm3, "report": self.outputs.get("report"),
@@ -268,6 +286,9 @@ class RunContext:
         Stage -> output name -> recorded fingerprint, for the new record.
     scan, regions, seg_qc, probability_info, qc:
         The data the stages pass on.
+    quality:
+        Region statistics, QC warnings, confidence and motion, computed once (for the
+        classification's QC gate and the report).
     """
 
     job: ScanJob
@@ -296,6 +317,8 @@ class RunContext:
     seg_qc: dict[str, Any] = field(default_factory=dict)
     probability_info: dict[str, Any] | None = None
     qc: dict[str, Any] = field(default_factory=dict)
+    quality: tuple[list, list, Any, Any] | None = None
+    journal: RunJournal | None = None
 
     @property
     def subject(self) -> str:
@@ -308,8 +331,9 @@ class RunContext:
 
     def record_output(self, stage: str, name: str) -> None:
         """Note the file ``name`` just written by ``stage`` for the new record."""
+        known = self.journal.pending(name) if self.journal is not None else None
         self.files[stage][name] = {"path": self.paths[name].name,
-                                   **fingerprint(self.paths[name])}
+                                   **fingerprint(self.paths[name], known)}
 
 
 # --- the pipeline ------------------------------------------------------------------------------
@@ -347,8 +371,7 @@ def run_scan(job: ScanJob, out_dir: str | Path, settings: RunSettings | None = N
         be replaced without ``overwrite``, or cancellation.
     """
     settings = settings or RunSettings()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_folder(out_dir)
     with scan_log(out_dir / LOG_NAME):
         log.info("=== hrpqct %s: scan %s (%s) -> %s", _version(), job.scan_id, job.scan, out_dir)
         context = RunContext(job=job, out_dir=out_dir, settings=settings, overwrite=overwrite,
@@ -376,12 +399,17 @@ def _run_scan(ctx: RunContext) -> ScanResult:
     ctx.plan = plan_stages(ctx.keys, ctx.previous, ctx.out_dir, ctx.paths,
                            overwrite=ctx.overwrite, provided_regions=bool(ctx.job.regions))
     ctx.files = stage_files(ctx.plan, ctx.previous, ctx.paths, ctx.overwrite)
-    # the stages
-    _load_scan(ctx)
-    _segmentation_stage(ctx)
-    _radiomics_stage(ctx)
-    _classification_stage(ctx)
-    _report_stage(ctx)
+    # the stages, with run.json kept up to date so that an interrupted run resumes
+    ctx.journal = RunJournal(ctx.out_dir, _record_header(ctx), ctx.previous, ctx.paths)
+    for stage in STAGES:
+        if not ctx.runs(stage):
+            ctx.journal.set_stage(stage, _stage_entry(ctx, stage), save=False)
+    with replace_hook(ctx.journal.note_replace):
+        _load_scan(ctx)
+        for stage, step in _STAGE_STEPS:
+            step(ctx)
+            if ctx.runs(stage):
+                ctx.journal.set_stage(stage, _stage_entry(ctx, stage))
     # the outcome
     result = _result(ctx)
     write_record(ctx.out_dir, _record(ctx, result))
@@ -393,6 +421,11 @@ def _run_scan(ctx: RunContext) -> ScanResult:
 
 # --- record and plan steps ---------------------------------------------------------------------
 
+def _stage_entry(ctx: RunContext, stage: str) -> dict[str, Any]:
+    """A stage's part of the record: its key, what it did, the files it holds."""
+    return {"key": ctx.keys[stage], "status": ctx.plan[stage], "files": ctx.files[stage]}
+
+
 def _check_inputs(ctx: RunContext) -> None:
     scan_path = Path(ctx.job.scan)
     if not scan_path.exists():
@@ -400,6 +433,9 @@ def _check_inputs(ctx: RunContext) -> None:
     if ctx.job.regions is not None and not Path(ctx.job.regions).exists():
         raise InputFileError(f"Region map {ctx.job.regions} does not exist: check the path.")
     ctx.paths = output_paths(ctx.out_dir, ctx.job.scan_id)
+    # e.g. --regions OUT/<id>_regions.nii.gz: replacing that output would destroy the input
+    refuse_inputs_as_outputs([*ctx.paths.values(), ctx.out_dir / RECORD_NAME],
+                             [ctx.job.scan, ctx.job.regions])
 
 
 def _fingerprint_inputs(ctx: RunContext) -> None:
@@ -415,6 +451,10 @@ def _resolve_artefacts(ctx: RunContext) -> None:
         ctx.model_folder, message = _resolve_model(ctx.settings)
         if message:
             ctx.skipped.append(message)
+        if ctx.model_folder is not None:
+            from HRpQCTSegmentationEngine.limits import check_device
+
+            check_device(ctx.settings.device)  # before anything is read or written
     ctx.classifier, message = _resolve_classifier(ctx.settings)
     if message:
         ctx.skipped.append(message)
@@ -424,13 +464,22 @@ def _resolve_artefacts(ctx: RunContext) -> None:
         ctx.skipped.append("radiomics skipped: --features none")
 
 
+def _is_bundled(name: str) -> bool:
+    """Whether this installation lists the artefact ``name`` (present and intact or not)."""
+    from HRpQCTCore.artefacts import list_artefacts
+
+    return any(a.name == name for a in list_artefacts())
+
+
 def _resolve_model(settings: RunSettings) -> tuple[Path | None, str | None]:
-    from HRpQCTSegmentationEngine.bundled import resolve_model_folder
+    from HRpQCTSegmentationEngine import bundled
 
     try:
-        return resolve_model_folder(settings.model), None
+        return bundled.resolve_model_folder(settings.model), None
     except ArtefactError as exc:
-        if settings.model:
+        # The user's model, or a bundled one that is listed but missing or tampered with: an
+        # error (exit 6). Only an installation that ships no model skips the stage.
+        if settings.model or _is_bundled(bundled.BUNDLED_MODEL):
             raise
         return None, f"segmentation skipped: {exc}"
 
@@ -447,6 +496,8 @@ def _resolve_classifier(settings: RunSettings) -> tuple[Any, str | None]:
     try:
         path = verified_path(BUNDLED_CLASSIFIER)
     except ArtefactError as exc:
+        if _is_bundled(BUNDLED_CLASSIFIER):
+            raise  # listed but missing or tampered with: a broken installation, not "none"
         return None, (f"classification skipped: {exc}. No bundled classifier is available in "
                       "this installation; train one with 'hrpqct train-classifier' and pass it "
                       "with --classifier.")
@@ -476,7 +527,8 @@ def _stage_keys(ctx: RunContext) -> dict[str, str | None]:
                              "version": STAGE_VERSIONS["radiomics"]})
         if ctx.classifier is not None:
             cls_key = stage_key({"rad": rad_key, "classifier": sha256_file(ctx.classifier.path),
-                                 "version": STAGE_VERSIONS["classification"]})
+                                 "version": STAGE_VERSIONS["classification"],
+                                 "qc_gate": QC_GATE_VERSION})
     report_key = (stage_key({"keys": [seg_key, rad_key, cls_key], "input": input_key,
                              "version": STAGE_VERSIONS["report"]}) if settings.report else None)
     return {"segmentation": seg_key, "radiomics": rad_key, "classification": cls_key,
@@ -508,7 +560,7 @@ def _segmentation_stage(ctx: RunContext) -> None:
         from HRpQCTRadiomicsEngine.inputs import read_region_map
 
         source = ctx.job.regions if ctx.job.regions else ctx.paths["regions_nifti"]
-        ctx.regions = read_region_map(source, ctx.scan.hu.shape)
+        ctx.regions = read_region_map(source, ctx.scan)
         if not ctx.job.regions:
             ctx.seg_qc = _read_json_if_present(ctx.paths["segmentation_qc"])
     elif not ctx.job.regions:
@@ -519,9 +571,12 @@ def _segmentation_stage(ctx: RunContext) -> None:
 def _segment(ctx: RunContext) -> None:
     from HRpQCTCore.io import write_label_map
     from HRpQCTSegmentationEngine.inference import run_segmentation
+    from HRpQCTSegmentationEngine.limits import require_segmentation_memory
     from HRpQCTSegmentationEngine.postprocess import postprocess, preset
 
     scan, settings, paths = ctx.scan, ctx.settings, ctx.paths
+    # refuse a scan whose post-processing cannot fit before the network runs, not after
+    require_segmentation_memory(scan.shape, scan.spacing_mm, preset(settings.postprocess))
     runner, config = _segmenter(ctx.model_folder, settings)
     seg = run_segmentation(scan.hu, runner, config=config, batch_size=settings.batch_size,
                            progress=ctx.progress, cancel=ctx.cancel)
@@ -586,8 +641,15 @@ def _radiomics_stage(ctx: RunContext) -> None:
 
 def _classification_stage(ctx: RunContext) -> None:
     if ctx.runs("classification"):
-        ctx.probability_info = _classify(ctx.classifier, ctx.paths, ctx.job.scan_id,
-                                         ctx.subject)
+        from HRpQCTPipeline.qc import classification_blockers
+
+        blockers = classification_blockers(_quality_checks(ctx)[1], ctx.classifier.regions)
+        if blockers:
+            ctx.probability_info = _withhold(ctx.classifier, ctx.paths, ctx.job.scan_id,
+                                             ctx.subject, blockers)
+        else:
+            ctx.probability_info = _classify(ctx.classifier, ctx.paths, ctx.job.scan_id,
+                                             ctx.subject)
         ctx.record_output("classification", "probability")
     elif ctx.plan["classification"] == "reused" and ctx.paths["probability"].is_file():
         ctx.probability_info = json.loads(ctx.paths["probability"].read_text(encoding="utf-8"))
@@ -618,6 +680,30 @@ def _classify(classifier, paths: dict[str, Path], scan_id: str, subject: str) ->
     return info
 
 
+def _withhold(classifier, paths: dict[str, Path], scan_id: str, subject: str,
+              blockers: list) -> dict:
+    """Write a probability record without a probability, saying why (QC failed).
+
+    No number is computed at all, so none can be shown by mistake; readers of the JSON (the
+    batch table, the Slicer panel) find ``"probability": null`` and ``"withheld": true``
+    with ``"withheld_reason"``.
+    """
+    from HRpQCTPipeline.qc import withheld_reason
+    from HRpQCTRadiomicsEngine.classification import CAVEAT
+
+    reason = withheld_reason(blockers)
+    info = {
+        "scan_id": scan_id, "subject": subject, "probability": None, "withheld": True,
+        "withheld_reason": reason, "qc_codes": list(dict.fromkeys(w.code for w in blockers)),
+        "qc_messages": [w.message for w in blockers],
+        "classifier": classifier.path.name, "classifier_sha256": sha256_file(classifier.path),
+        "regions": classifier.regions, "features": classifier.features, "caveat": CAVEAT,
+    }
+    write_text_atomic(paths["probability"], dump_json(info))
+    log.warning("%s: osteoporosis probability %s", subject, reason)
+    return info
+
+
 def _report_stage(ctx: RunContext) -> None:
     if ctx.runs("report"):
         ctx.qc = _report(ctx)
@@ -626,6 +712,11 @@ def _report_stage(ctx: RunContext) -> None:
                 ctx.record_output("report", name)
     else:
         ctx.qc = _read_json_if_present(ctx.paths["qc"])
+
+
+#: The stages in order, with the step that runs (or reuses) each.
+_STAGE_STEPS = (("segmentation", _segmentation_stage), ("radiomics", _radiomics_stage),
+                ("classification", _classification_stage), ("report", _report_stage))
 
 
 def _read_json_if_present(path: Path) -> dict[str, Any]:
@@ -664,21 +755,32 @@ def _report(ctx: RunContext) -> dict[str, Any]:
     return qc_record
 
 
+def _quality_checks(ctx: RunContext) -> tuple[list, list, Any, Any]:
+    """Region statistics, QC warnings, confidence and motion of the regions (computed once)."""
+    if ctx.quality is None:
+        from HRpQCTPipeline import qc as qc_module
+
+        warnings: list = []
+        confidence = motion = None
+        stats: list = []
+        if ctx.regions is not None:
+            scan, seg_qc = ctx.scan, ctx.seg_qc
+            stats = qc_module.region_stats(ctx.regions, scan.spacing_mm, scan.hu)
+            if seg_qc.get("slice_foreground_confidence"):
+                confidence = qc_module.confidence_summary(
+                    seg_qc["slice_confidence"], seg_qc["slice_foreground_confidence"])
+            motion = qc_module.motion_index(scan.hu, ctx.regions, scan.spacing_mm)
+            warnings = qc_module.quality_warnings(
+                stats, confidence=confidence, motion=motion,
+                postprocess_warnings=seg_qc.get("warnings"))
+        ctx.quality = (stats, warnings, confidence, motion)
+    return ctx.quality
+
+
 def _quality(ctx: RunContext, info: dict[str, Any], qc_module) -> tuple[list, list, Any, Any]:
     """Region statistics, confidence, motion and warnings; added to ``info``."""
-    warnings: list = []
-    confidence = motion = None
-    stats: list = []
+    stats, warnings, confidence, motion = _quality_checks(ctx)
     if ctx.regions is not None:
-        scan, seg_qc = ctx.scan, ctx.seg_qc
-        stats = qc_module.region_stats(ctx.regions, scan.spacing_mm, scan.hu)
-        if seg_qc.get("slice_foreground_confidence"):
-            confidence = qc_module.confidence_summary(seg_qc["slice_confidence"],
-                                                      seg_qc["slice_foreground_confidence"])
-        motion = qc_module.motion_index(scan.hu, ctx.regions, scan.spacing_mm)
-        warnings = qc_module.quality_warnings(
-            stats, confidence=confidence, motion=motion,
-            postprocess_warnings=seg_qc.get("warnings"))
         info["regions"] = [s.to_dict(per_slice=False) for s in stats]
     info["warnings"] = [w.to_dict() for w in warnings]
     info["confidence"] = confidence
@@ -799,11 +901,23 @@ def _result(ctx: RunContext) -> ScanResult:
         skipped=ctx.skipped, warnings=list(ctx.qc.get("warnings") or []), outputs=outputs,
         probability=None if info is None else info.get("probability"),
         volumes_mm3={r["key"]: r["volume_mm3"] for r in ctx.qc.get("regions") or []},
-        seconds=time.perf_counter() - ctx.start_s)
+        seconds=time.perf_counter() - ctx.start_s,
+        probability_withheld=(info.get("withheld_reason") or "withheld")
+        if info and info.get("withheld") else None)
 
 
 def _record(ctx: RunContext, result: ScanResult) -> dict[str, Any]:
     """The new ``run.json``: inputs, settings, per-stage keys and files, the summary."""
+    return {
+        **_record_header(ctx),
+        "stages": {s: _stage_entry(ctx, s) for s in STAGES},
+        "skipped": ctx.skipped, "summary": result.summary_row(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _record_header(ctx: RunContext) -> dict[str, Any]:
+    """What the record is about: scan, inputs, settings (the same while running and after)."""
     job = ctx.job
     return {
         "format": RECORD_FORMAT, "format_version": RECORD_VERSION,
@@ -813,8 +927,4 @@ def _record(ctx: RunContext, result: ScanResult) -> dict[str, Any]:
                                                               **ctx.regions_fp},
         "settings": ctx.settings.describe(), "feature_set": ctx.feature_set,
         "software": {"hrpqct": _version()},
-        "stages": {s: {"key": ctx.keys[s], "status": ctx.plan[s], "files": ctx.files[s]}
-                   for s in STAGES},
-        "skipped": ctx.skipped, "summary": result.summary_row(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -27,7 +27,15 @@ __all__ = [
     "motion_index",
     "confidence_summary",
     "quality_warnings",
+    "SCAN_WIDE_CODES",
+    "classification_blockers",
+    "withheld_reason",
 ]
+
+#: Warnings that make every region suspect: without a tibia (or fibula) the scan may not be a
+#: distal leg at the model's voxel size, and the soft-tissue regions are built around the
+#: bones; a low network confidence means the model was unsure of the whole segmentation.
+SCAN_WIDE_CODES = ("tibia_missing", "fibula_missing", "low_confidence")
 
 
 @dataclass(frozen=True)
@@ -61,14 +69,26 @@ class QCThresholds:
 
 @dataclass
 class QCWarning:
-    """One message for the reader, with a stable code for tables and tests."""
+    """One message for the reader, with a stable code for tables and tests.
+
+    Attributes
+    ----------
+    code, message:
+        Stable code and text.
+    regions:
+        Keys of the regions the warning concerns (empty: none in particular).
+    """
 
     code: str
     message: str
+    regions: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict[str, str]:
-        """JSON form."""
-        return {"code": self.code, "message": self.message}
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (``regions`` only when the warning names some)."""
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.regions:
+            out["regions"] = list(self.regions)
+        return out
 
 
 @dataclass
@@ -246,15 +266,14 @@ def quality_warnings(stats: list[RegionStats], *, confidence: dict[str, Any] | N
     by_key = {s.key: s for s in stats}
     out: list[QCWarning] = []
     missing_bones = set()
-    for bone, keys in (("tibia", ("tibial_cortical", "tibial_trabecular")),
-                       ("fibula", ("fibular_cortical", "fibular_trabecular"))):
+    for bone, keys in _BONE_REGIONS.items():
         if all(by_key[k].voxels == 0 for k in keys):
             missing_bones.add(bone)
             out.append(QCWarning(
                 f"{bone}_missing",
                 f"The {bone} is missing: no {bone} voxels in the segmentation. It may be outside "
                 "the field of view or the scan may not be a distal tibia; its features are "
-                "absent."))
+                "absent.", keys))
     for s in stats:
         bone = "tibia" if s.key.startswith("tibial") else (
             "fibula" if s.key.startswith("fibular") else None)
@@ -265,12 +284,12 @@ def quality_warnings(stats: list[RegionStats], *, confidence: dict[str, Any] | N
             out.append(QCWarning(
                 "region_small",
                 f"{s.name} is unusually small: mean cross-section {s.mean_area_mm2:.1f} mm2 "
-                f"(expected at least {floor:.0f} mm2). Check the segmentation."))
+                f"(expected at least {floor:.0f} mm2). Check the segmentation.", (s.key,)))
         missing = s.leg_slices - s.slices_present
         if s.voxels and missing > t.max_missing_slice_fraction * s.leg_slices:
             out.append(QCWarning(
                 "region_missing_slices",
-                f"{s.name} is absent from {missing} of {s.leg_slices} slices."))
+                f"{s.name} is absent from {missing} of {s.leg_slices} slices.", (s.key,)))
     if confidence is not None:
         mean = confidence.get("mean_foreground", math.nan)
         per_slice = [v for v in confidence.get("per_slice_foreground", []) if v is not None]
@@ -295,5 +314,55 @@ def quality_warnings(stats: list[RegionStats], *, confidence: dict[str, Any] | N
     for message in postprocess_warnings or []:
         if any(f"{bone} was not found" in message for bone in missing_bones):
             continue  # already said above
-        out.append(QCWarning("postprocess", message))
+        out.append(QCWarning("postprocess", message, _regions_named(message)))
     return out
+
+
+_BONE_REGIONS = {"tibia": ("tibial_cortical", "tibial_trabecular"),
+                 "fibula": ("fibular_cortical", "fibular_trabecular")}
+
+
+def _regions_named(message: str) -> tuple[str, ...]:
+    """The bone regions a post-processing message is about (it names the bone)."""
+    return tuple(k for bone, keys in _BONE_REGIONS.items() if bone in message.lower()
+                 for k in keys)
+
+
+def _as_warning(warning: QCWarning | dict[str, Any]) -> QCWarning:
+    if isinstance(warning, QCWarning):
+        return warning
+    return QCWarning(str(warning.get("code", "")), str(warning.get("message", "")),
+                     tuple(warning.get("regions") or ()))
+
+
+def classification_blockers(warnings, classifier_regions) -> list[QCWarning]:
+    """The warnings that make a probability from ``classifier_regions`` untrustworthy.
+
+    A probability is only as good as the regions its features come from: it is withheld when
+    a warning concerns the whole scan (:data:`SCAN_WIDE_CODES`) or one of the regions the
+    classifier uses. Motion warnings are shown but do not withhold it (the features are
+    biased, not meaningless).
+
+    Parameters
+    ----------
+    warnings:
+        :class:`QCWarning` objects or their dicts (as in ``qc.json``).
+    classifier_regions:
+        Region names or keys the classifier's features come from.
+    """
+    from HRpQCTCore.regions import region_by_name
+
+    used = {region_by_name(r).key for r in classifier_regions}
+    found = []
+    for warning in map(_as_warning, warnings):
+        if warning.code in SCAN_WIDE_CODES or used & set(warning.regions):
+            found.append(warning)
+    return found
+
+
+def withheld_reason(blockers: list[QCWarning]) -> str:
+    """One sentence saying why a probability is withheld (for reports and tables)."""
+    codes = ", ".join(dict.fromkeys(w.code for w in blockers))
+    return (f"withheld: quality control failed for the regions the classifier uses ({codes}); "
+            "review or correct the segmentation (e.g. in 3D Slicer) and run again with "
+            "--regions")

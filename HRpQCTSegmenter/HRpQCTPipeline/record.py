@@ -6,6 +6,14 @@ stage wrote. A later run reuses a stage whose key is unchanged and whose files a
 anything else is recomputed, and only what depends on it. A file the record does not know (not
 written by a previous run) is never replaced without ``overwrite``, and neither is a recorded
 output that was changed since (e.g. edited by hand): the user's work is never lost silently.
+
+**While a run is under way** (:class:`RunJournal`) the record is kept up to date on disk: just
+before an output is renamed into place, its fingerprint is recorded under ``pending``, and
+each stage's entry is recorded when the stage is complete. A run stopped half-way (Ctrl-C, a
+full disk, a crash) therefore leaves a record that knows every file it wrote, and running the
+same command again resumes: completed stages are reused, the files of the others are
+replaced, and only a file that matches none of the recorded fingerprints (edited by hand, or
+not written by hrpqct) is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +48,7 @@ __all__ = [
     "plan_stages",
     "stage_files",
     "dump_json",
+    "RunJournal",
 ]
 
 log = logging.getLogger("hrpqct")
@@ -143,14 +153,15 @@ def write_record(out_dir: Path, record: dict[str, Any]) -> None:
     write_text_atomic(out_dir / RECORD_NAME, dump_json(record))
 
 
-def _recorded_file(record: dict | None, name: str) -> dict | None:
+def _known_entries(record: dict | None, name: str) -> list[dict]:
+    """Every fingerprint the record holds for output ``name``: its stage's, and the one of
+    a later, interrupted run that wrote it (``pending``)."""
     if not record:
-        return None
-    for stage in (record.get("stages") or {}).values():
-        entry = (stage.get("files") or {}).get(name)
-        if entry:
-            return entry
-    return None
+        return []
+    entries = [entry for stage in (record.get("stages") or {}).values()
+               if (entry := (stage.get("files") or {}).get(name))]
+    pending = (record.get("pending") or {}).get(name)
+    return entries + ([pending] if pending else [])
 
 
 def _file_unchanged(path: Path, entry: dict | None) -> bool:
@@ -159,13 +170,74 @@ def _file_unchanged(path: Path, entry: dict | None) -> bool:
     return fingerprint(path, entry)["sha256"] == entry.get("sha256")
 
 
+def _written_by_us(path: Path, record: dict | None, name: str) -> bool:
+    """Whether ``path`` is, unchanged, a file a run here wrote under ``name``."""
+    return any(_file_unchanged(path, entry) for entry in _known_entries(record, name))
+
+
+class RunJournal:
+    """``run.json`` kept up to date while a run is under way, so an interrupted run resumes.
+
+    Parameters
+    ----------
+    out_dir:
+        The run's folder.
+    header:
+        The record's identity (format, scan id, input and settings fingerprints).
+    previous:
+        The record of an earlier run here (its stages and pending files stay known until
+        replaced).
+    outputs:
+        Output name -> path: the files whose writing is recorded.
+
+    Notes
+    -----
+    Use :meth:`note_replace` as the :func:`HRpQCTCore.atomic.replace_hook` of the run: it
+    records a file's fingerprint after it is complete and before it appears under its name.
+    """
+
+    def __init__(self, out_dir: Path, header: dict[str, Any], previous: dict | None,
+                 outputs: dict[str, Path]) -> None:
+        previous = previous or {}
+        self.out_dir = Path(out_dir)
+        self.record: dict[str, Any] = {
+            **header, "status": "running",
+            "stages": dict(previous.get("stages") or {}),
+            "pending": dict(previous.get("pending") or {})}
+        self._names = {os.path.abspath(p): n for n, p in outputs.items()}
+
+    def pending(self, name: str) -> dict | None:
+        """The fingerprint recorded for ``name`` before its rename (None: not written)."""
+        return self.record["pending"].get(name)
+
+    def note_replace(self, final: Path, tmp: Path) -> None:
+        """Record ``tmp``'s fingerprint for the output ``final`` (other files: ignored)."""
+        name = self._names.get(os.path.abspath(final))
+        if name is not None:
+            # The rename keeps size and mtime, so this fingerprint is the final file's.
+            self.record["pending"][name] = {"path": Path(final).name, **fingerprint(tmp)}
+            self.save()
+
+    def set_stage(self, stage: str, entry: dict[str, Any], *, save: bool = True) -> None:
+        """Record a stage's entry (key, status, files); its files are no longer pending."""
+        self.record["stages"][stage] = entry
+        for name in entry.get("files") or {}:
+            self.record["pending"].pop(name, None)
+        if save:
+            self.save()
+
+    def save(self) -> None:
+        """Write the record as it stands (atomically)."""
+        write_record(self.out_dir, self.record)
+
+
 # --- deciding what to run ------------------------------------------------------------------
 
 def _check_not_foreign(paths: dict[str, Path], record: dict | None, overwrite: bool) -> None:
     if overwrite:
         return
     foreign = [str(p) for name, p in paths.items()
-               if p.exists() and _recorded_file(record, name) is None]
+               if p.exists() and not _known_entries(record, name)]
     if foreign:
         raise HRpQCTError(
             f"Output already exists and was not written by a previous hrpqct run here: "
@@ -178,7 +250,7 @@ def _check_replaceable(names, paths: dict[str, Path], record: dict | None,
     if overwrite:
         return
     edited = [str(paths[n]) for n in names if paths[n].exists()
-              and not _file_unchanged(paths[n], _recorded_file(record, n))]
+              and not _written_by_us(paths[n], record, n)]
     if edited:
         raise HRpQCTError(
             f"{', '.join(edited)} changed after hrpqct wrote it (edited by hand?) and would be "
@@ -235,14 +307,14 @@ def stage_files(plan: dict[str, str], previous: dict | None, paths: dict[str, Pa
         if plan[stage] not in ("skipped", "provided"):
             continue
         for name in STAGE_FILES[stage]:
-            entry = _recorded_file(previous, name)
-            if entry is None or not paths[name].exists():
+            entries = _known_entries(previous, name)
+            if not entries or not paths[name].exists():
                 continue
-            if _file_unchanged(paths[name], entry) or overwrite:
+            if _written_by_us(paths[name], previous, name) or overwrite:
                 paths[name].unlink()  # our own output of an earlier run, now out of date
                 log.info("removed %s: its step is not run any more", paths[name].name)
             else:
-                files[stage][name] = entry  # edited by hand: kept, and known
+                files[stage][name] = entries[0]  # edited by hand: kept, and known
     return files
 
 

@@ -266,7 +266,15 @@ def scan_report_html(info: dict[str, Any], base: Path) -> str:
 
     parts.append("<h2 id=\"probability\">Osteoporosis probability</h2>")
     prob = info.get("probability")
-    if prob:
+    if prob and prob.get("withheld"):
+        # QC failed for the regions the classifier uses: no number, the reason instead
+        items = "".join(f"<li>{_e(m)}</li>" for m in prob.get("qc_messages") or [])
+        parts.append(
+            f"<div class=\"warn\"><p><span class=\"prob\">Withheld</span></p><p>Osteoporosis "
+            f"probability {_e(prob.get('withheld_reason', 'withheld'))}.</p>"
+            f"<ul>{items}</ul><p>Classifier <code>{_e(prob.get('classifier', ''))}</code>, "
+            f"regions {_e(', '.join(prob.get('regions') or []))}.</p></div>")
+    elif prob:
         parts.append(
             f"<p><span class=\"prob\">{prob['probability']:.2f}</span> ({_e(prob['aggregation'])}"
             f" over {prob['n_slices']} slice(s); classifier <code>{_e(prob['classifier'])}</code>,"
@@ -359,10 +367,12 @@ def cohort_report_html(scans: list[dict[str, Any]], failures: list[dict[str, Any
                 else _e(s["scan_id"]))
         codes = ", ".join(s.get("warning_codes") or []) or "none"
         cls = " style=\"background:#fde8e8\"" if s.get("warning_codes") else ""
+        probability = ("withheld (QC)" if s.get("probability_withheld")
+                       else _fmt(s.get("probability"), 3))
         volumes = s.get("volumes_mm3") or {}
         cells = "".join(f"<td>{_fmt(volumes.get(k), 0)}</td>" for k in region_keys)
         rows.append(f"<tr><td class=\"l\">{name}</td><td class=\"l\">{_e(s.get('subject', ''))}"
-                    f"</td><td>{_fmt(s.get('probability'), 3)}</td><td class=\"l\"{cls}>"
+                    f"</td><td>{_e(probability)}</td><td class=\"l\"{cls}>"
                     f"{_e(codes)}</td>{cells}<td class=\"l\">{_e(s.get('action', ''))}</td>"
                     "</tr>")
     parts.append("<table>" + "".join(rows) + "</table>")

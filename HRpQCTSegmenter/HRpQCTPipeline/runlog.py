@@ -6,11 +6,15 @@ thread: each ``run.log`` holds only its scan's messages.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from HRpQCTCore.outputs import output_error
 
 __all__ = ["scan_log"]
 
@@ -22,6 +26,26 @@ class _ThreadFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.thread == self.thread
+
+
+class _LogFileHandler(logging.FileHandler):
+    """A log file that, when it cannot be written (disk full), says so once and stops.
+
+    logging's default prints a traceback for every message that fails to be written.
+    """
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        if not self.failed:
+            self.failed = True
+            exc = sys.exc_info()[1]
+            print(f"hrpqct: cannot write the log file {self.baseFilename} ({exc}); its "
+                  "remaining messages are lost (is the disk full?).", file=sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
 
 
 _LOGGERS = ("hrpqct", "HRpQCTCore", "HRpQCTPhantom", "HRpQCTSegmentationEngine",
@@ -41,7 +65,10 @@ def scan_log(path: str | Path) -> Iterator[Path]:
     global _log_users
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    try:
+        handler = _LogFileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise output_error(path, exc) from None
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_ThreadFilter())
@@ -65,4 +92,5 @@ def scan_log(path: str | Path) -> Iterator[Path]:
                 for name, level in _saved_levels.items():
                     logging.getLogger(name).setLevel(level)
                 _saved_levels.clear()
-        handler.close()
+        with contextlib.suppress(OSError):  # a full disk: already reported by handleError
+            handler.close()

@@ -39,7 +39,7 @@ def resolve_model_folder(model: str | Path | None) -> Path:
                 f"Model folder {folder} does not exist. Pass a folder written by "
                 "'hrpqct train-segmenter', or omit --model to use the bundled model.")
         return folder
-    from HRpQCTCore.artefacts import verified_path
+    from HRpQCTCore.artefacts import list_artefacts, verified_path
 
     try:
         folder = verified_path(BUNDLED_MODEL).parent
@@ -47,6 +47,8 @@ def resolve_model_folder(model: str | Path | None) -> Path:
             verified_path(f"{BUNDLED_MODEL}:{part}")
         return folder
     except ArtefactError as exc:
+        if any(a.name == BUNDLED_MODEL for a in list_artefacts()):
+            raise  # installed but missing or damaged: the message says to reinstall
         raise ArtefactError(
             f"{exc}. No bundled segmentation model is available in this installation; train "
             "one with 'hrpqct train-segmenter' and pass it with --model.") from None

@@ -115,9 +115,9 @@ def read_training_manifest(path: str | Path) -> list[TrainingCase]:
     The phantom cohort's ``manifest.csv`` is accepted as well (``subject_id``, ``scan_path``,
     ``classes_path``).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"Training manifest {path} does not exist")
+    from HRpQCTCore.io.textfiles import ensure_text_file
+
+    path = ensure_text_file(path, "Training manifest")
     cases = []
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)

@@ -13,12 +13,14 @@ Units (``units="auto"``)
   given -> :class:`~HRpQCTCore.errors.CalibrationError`.
 * AIM char data are masks/labels: values are returned as stored (``units_on_disk = "label"``).
 * DICOM with modality CT (or Rescale Type HU) is HU after the rescale SimpleITK applies.
-* Other files carry no calibration. They are taken as HU only when their value range is
-  plausible for HU (:func:`hu_plausibility`: the 0.5th percentile lies in [-1700, -700] HU --
-  air is in the field of view, with up to ~250 HU of noise -- and the 99.9th percentile is at
-  most 4500 HU). Native data (air ~0) and density data (air ~ -390 mg HA/cm3, so its 0.5th
-  percentile stays above -700 even with noise) fail that test, and
-  the reader raises CalibrationError asking for ``--units`` (and the calibration).
+* Other files carry no calibration. They are taken as HU only when their histogram has the
+  landmarks of an HU scan of a leg (:func:`hu_plausibility`): an air peak in [-1150, -850] HU
+  and a soft-tissue peak (fat to muscle) in [-250, 400] HU, with the 99.9th percentile at most
+  4500 HU. Peaks of a smoothed histogram do not move with noise, unlike tail percentiles: a
+  valid HU scan with 250 HU of noise has its 0.5th percentile near -1700 HU but its air peak
+  still at -1000. Native data (air ~0) and density data (air ~ -390 mg HA/cm3) have no air
+  peak there, and the reader raises CalibrationError asking for ``--units`` (and the
+  calibration).
 
 ``units="hu" | "native" | "density"`` overrides the guess; an explicit ``calibration`` overrides
 the header's. Metadata never holds patient identifiers: headers are read through allow-lists.
@@ -31,7 +33,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -53,7 +55,9 @@ __all__ = [
     "spacing_warning",
     "SCAN_EXTENSIONS",
     "HU_AIR_RANGE",
+    "HU_SOFT_TISSUE_RANGE",
     "HU_MAX_PLAUSIBLE",
+    "HUPlausibility",
     "SPACING_TOLERANCE",
 ]
 
@@ -69,8 +73,10 @@ SCAN_EXTENSIONS: dict[str, str] = {
 }
 _SITK_IO = {"nifti": "NiftiImageIO", "nrrd": "NrrdImageIO", "metaimage": "MetaImageIO"}
 
-#: A low percentile inside this range means air or fat is present, as in HU data.
-HU_AIR_RANGE = (-1700.0, -700.0)  # air (-1000) with up to ~250 HU noise; density air > -700
+#: The air peak of HU data lies here (air is -1000 HU; calibration drift moves it a little).
+HU_AIR_RANGE = (-1150.0, -850.0)
+#: The soft-tissue peak of HU data (fat ~ -100 to muscle ~ +60; trabecular bone up to ~400).
+HU_SOFT_TISSUE_RANGE = (-250.0, 400.0)
 #: The 99.9th percentile of HU data stays below this (cortex ~2900 HU plus noise).
 HU_MAX_PLAUSIBLE = 4500.0
 #: Relative distance from 0.0607/0.082 mm beyond which the spacing is reported as unusual.
@@ -167,10 +173,7 @@ def _read_scanco(path: Path, fmt: str) -> _RawVolume:
     from HRpQCTCore.io import scanco
 
     volume = scanco.read_aim(path) if fmt == "aim" else scanco.read_isq(path)
-    warnings = []
-    if volume.facts.pop("missing_spacing", False):
-        warnings.append(f"{path.name}: the header has no voxel size; 1 mm was assumed. Set the "
-                        "spacing yourself (e.g. re-export the scan).")
+    warnings: list[str] = []
     if volume.array.ndim != 3 or min(volume.array.shape) < 1:
         raise InvalidScanError(f"{path} holds an empty volume of shape {volume.array.shape}.")
     return _RawVolume(
@@ -246,6 +249,7 @@ def _nifti_check_data(path: Path) -> None:
     if endian is None:
         return  # NIfTI-2 or unusual: SimpleITK's own checks apply
     dims = struct.unpack(endian + "8h", header[40:56])
+    _nifti_check_voxel_size(path, dims, struct.unpack(endian + "8f", header[76:108]))
     datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
     vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
     n_voxels = int(np.prod([max(1, d) for d in dims[1:1 + max(0, min(dims[0], 7))]]))
@@ -288,6 +292,25 @@ def _nifti_check_data(path: Path) -> None:
     except (EOFError, zlib.error, OSError):
         raise truncated from None
     _raise_if_non_finite(path, bad)
+
+
+def _nifti_check_voxel_size(path: Path, dims: tuple[int, ...], pixdim: tuple[float, ...]
+                            ) -> None:
+    """Refuse a NIfTI header without a voxel size (pixdim 0 or not a number).
+
+    ITK replaces such a pixdim by 1 mm without a word, which makes every area, volume and
+    mm-sized post-processing step wrong by a factor of ~16 (0.0607 mm voxels read as 1 mm).
+    """
+    n_axes = max(0, min(int(dims[0]), 3))
+    bad = [(axis, value) for axis, value in zip("xyz", pixdim[1:1 + n_axes], strict=False)
+           if not (math.isfinite(value) and value != 0.0)]
+    if bad:
+        shown = ", ".join(f"{axis} = {value:g}" for axis, value in bad)
+        raise InvalidScanError(
+            f"{path} has no voxel size: its NIfTI header gives pixdim {shown} mm, and a scan "
+            "needs its voxel size for every area, volume and distance. Export the scan again "
+            "with its spacing (e.g. from the scanner software or 3D Slicer), or convert it "
+            "from the original AIM/ISQ/DICOM file.")
 
 
 def _raise_if_non_finite(path: Path, bad: int) -> None:
@@ -406,18 +429,77 @@ def _sample(array: np.ndarray, max_samples: int = 2_000_000) -> np.ndarray:
     return flat[::step]
 
 
-def hu_plausibility(array: np.ndarray) -> tuple[bool, float, float]:
-    """Whether values look like HU: ``(plausible, p0.5, p99.9)`` of a voxel sample.
+class HUPlausibility(NamedTuple):
+    """What :func:`hu_plausibility` found; ``None`` where a landmark is absent."""
 
-    HU data of a leg contain air (-1000) or at least fat (-100 to -150, with noise reaching far
-    lower), so the 0.5th percentile lies in :data:`HU_AIR_RANGE`; and nothing real exceeds
-    :data:`HU_MAX_PLAUSIBLE` at the 99.9th percentile. Native values (air 0, bone up to ~10000)
-    and densities (air ~ -390 mg HA/cm3) fail.
+    plausible: bool
+    air_peak: float | None
+    soft_tissue_peak: float | None
+    p99_9: float
+
+    def describe(self) -> str:
+        """The landmarks in words, for messages."""
+        def peak(value: float | None) -> str:
+            return "none" if value is None else f"{value:.0f}"
+
+        return (f"lowest histogram peak (air, in HU data) {peak(self.air_peak)}, "
+                f"soft-tissue peak {peak(self.soft_tissue_peak)}, 99.9th percentile "
+                f"{self.p99_9:.0f}")
+
+
+_HISTOGRAM_RANGE = (-2000.0, 3000.0)
+_HISTOGRAM_BIN = 10.0
+_SMOOTHING_SD = 40.0  # smooths the sampling noise of the histogram, not the peaks away
+_PEAK_HALF_WIDTH_BINS = 10  # a peak is the highest bin within +-100 units
+_MAJOR_PEAK_FRACTION = 0.05  # of the tallest peak: smaller bumps are noise in the tails
+
+
+def _smoothed_histogram(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bin centres and Gaussian-smoothed counts of ``sample`` on :data:`_HISTOGRAM_RANGE`."""
+    edges = np.arange(_HISTOGRAM_RANGE[0], _HISTOGRAM_RANGE[1] + _HISTOGRAM_BIN, _HISTOGRAM_BIN)
+    counts, _ = np.histogram(sample, bins=edges)
+    sd_bins = _SMOOTHING_SD / _HISTOGRAM_BIN
+    offsets = np.arange(-math.ceil(4 * sd_bins), math.ceil(4 * sd_bins) + 1)
+    kernel = np.exp(-0.5 * (offsets / sd_bins) ** 2)
+    smooth = np.convolve(counts.astype(np.float64), kernel / kernel.sum(), mode="same")
+    return (edges[:-1] + edges[1:]) / 2, smooth
+
+
+def _major_peaks(centres: np.ndarray, smooth: np.ndarray) -> list[tuple[float, float]]:
+    """``(position, height)`` of the histogram's major peaks, lowest position first.
+
+    A peak is the highest bin within :data:`_PEAK_HALF_WIDTH_BINS` (so the histogram's ends,
+    where padding values pile up, never count); a major one is at least
+    :data:`_MAJOR_PEAK_FRACTION` of the tallest.
+    """
+    k = _PEAK_HALF_WIDTH_BINS
+    if smooth.size <= 2 * k or smooth.max() <= 0:
+        return []
+    floor = _MAJOR_PEAK_FRACTION * smooth.max()
+    return [(float(centres[i]), float(smooth[i])) for i in range(k, smooth.size - k)
+            if smooth[i] >= floor and smooth[i] >= smooth[i - k:i + k + 1].max()
+            and smooth[i] > smooth[i - 1]]  # one position per flat top
+
+
+def hu_plausibility(array: np.ndarray) -> HUPlausibility:
+    """Whether values look like HU, judged from the air and soft-tissue peaks of a sample.
+
+    HU data of a leg have their lowest major histogram peak at air, ~-1000
+    (:data:`HU_AIR_RANGE`), a soft-tissue peak (:data:`HU_SOFT_TISSUE_RANGE`), and nothing
+    real exceeds :data:`HU_MAX_PLAUSIBLE` at the 99.9th percentile. Peaks of a smoothed
+    histogram stay put when noise widens them, unlike tail percentiles. The lowest peak of
+    native values is air at ~0, of densities air at ~-390 mg HA/cm3: both fail.
     """
     sample = _sample(array).astype(np.float32, copy=False)
-    low, high = (float(v) for v in np.percentile(sample, [0.5, 99.9]))
-    plausible = HU_AIR_RANGE[0] <= low <= HU_AIR_RANGE[1] and high <= HU_MAX_PLAUSIBLE
-    return plausible, low, high
+    high = float(np.percentile(sample, 99.9)) if sample.size else math.nan
+    peaks = _major_peaks(*_smoothed_histogram(sample))
+    air_peak = peaks[0][0] if peaks else None
+    soft = [p for p in peaks[1:]
+            if HU_SOFT_TISSUE_RANGE[0] <= p[0] <= HU_SOFT_TISSUE_RANGE[1]]
+    soft_peak = max(soft, key=lambda p: p[1])[0] if soft else None
+    plausible = (air_peak is not None and HU_AIR_RANGE[0] <= air_peak <= HU_AIR_RANGE[1]
+                 and soft_peak is not None and high <= HU_MAX_PLAUSIBLE)
+    return HUPlausibility(plausible, air_peak, soft_peak, high)
 
 
 def _check_finite(array: np.ndarray, path: Path) -> None:
@@ -467,14 +549,15 @@ def _to_hu(raw: _RawVolume, path: Path, units: str, user_cal: Calibration | None
             if calibration is None:
                 raise _needs_calibration(path, "native (Scanco)")
             return calibration.native_to_hu(raw.array), "native", "header", calibration
-        plausible, low, high = hu_plausibility(raw.array)
-        if plausible:
+        found = hu_plausibility(raw.array)
+        if found.plausible:
             return (np.asarray(raw.array, dtype=np.float32), "hu",
                     "assumed (value range plausible for HU)", calibration)
         raise CalibrationError(
             f"{path} does not say what units its values are in, and they do not look like HU "
-            f"(0.5th percentile {low:.1f}, 99.9th percentile {high:.1f}; HU data have air or fat "
-            f"in {HU_AIR_RANGE[0]:.0f}..{HU_AIR_RANGE[1]:.0f} and stay below "
+            f"({found.describe()}; HU data of a leg have an air peak in "
+            f"{HU_AIR_RANGE[0]:.0f}..{HU_AIR_RANGE[1]:.0f}, a soft-tissue peak in "
+            f"{HU_SOFT_TISSUE_RANGE[0]:.0f}..{HU_SOFT_TISSUE_RANGE[1]:.0f} and stay below "
             f"{HU_MAX_PLAUSIBLE:.0f}). Say what they are with --units native or --units density "
             "plus the scanner's calibration (--mu-scaling, --mu-water, --density-slope, "
             "--density-intercept), or --units hu if they are HU.")

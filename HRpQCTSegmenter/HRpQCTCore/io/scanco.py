@@ -18,19 +18,30 @@ Notes on the formats (found while testing; see ``docs/scanco-io.md``):
   aimio-py 0.4.1 sizes the data from the header's ``nr_of_bytes`` field, which some writers
   (ITK's) fill differently, so the voxels are read here with numpy from the computed offset and
   only the header is taken from aimio-py.
+* Header text (the AIM processing log, the ISQ patient name) is often Latin-1 (``ø``, ``µ``);
+  aimio-py 0.4.1 decodes it as UTF-8 and fails. Such files are read from a temporary copy
+  whose non-ASCII header text bytes are replaced by ``?`` (patient fields are never copied
+  anyway; the calibration lines are ASCII). Header fields aimio-py does not check (negative
+  data offset, negative or zero voxel size, data type) are checked here first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from HRpQCTCore.errors import CorruptFileError, UnsupportedFormatError
+from HRpQCTCore.errors import CorruptFileError, InvalidScanError, UnsupportedFormatError
+from HRpQCTCore.native_output import native_stdout_to_log
 from HRpQCTCore.scan import DEFAULT_CALIBRATION, Calibration
 
 __all__ = ["ScancoVolume", "read_aim", "read_isq", "write_aim", "backend_name"]
@@ -146,6 +157,86 @@ def _log_facts(log: str) -> dict[str, str]:
     return facts
 
 
+_ISQ_INT16 = 3  # the only ISQ data type: signed 16-bit voxels
+_REPLACEMENT = ord("?")
+
+
+def _non_ascii(data: bytes) -> bool:
+    return any(b >= 0x80 for b in data)
+
+
+@contextlib.contextmanager
+def _readable_copy(path: Path, text_spans: Sequence[tuple[int, int]], header_only: int | None
+                   ) -> Iterator[Path]:
+    """``path`` itself, or a copy whose non-ASCII bytes in ``text_spans`` are replaced.
+
+    Parameters
+    ----------
+    text_spans:
+        ``(start, stop)`` byte ranges of header text (processing log, patient name).
+    header_only:
+        Copy only the first ``header_only`` bytes (enough for an ISQ header read); None: all.
+    """
+    with open(path, "rb") as fh:
+        spans = []
+        for start, stop in text_spans:
+            fh.seek(start)
+            spans.append((start, fh.read(max(0, stop - start))))
+    if not any(_non_ascii(text) for _, text in spans):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="hrpqct-scanco-") as tmp:
+        copy = Path(tmp) / path.name.replace(";", "_")
+        if header_only is None:
+            shutil.copyfile(path, copy)
+        else:
+            with open(path, "rb") as fh:
+                copy.write_bytes(fh.read(header_only))
+        with open(copy, "r+b") as fh:
+            for start, text in spans:
+                fh.seek(start)
+                fh.write(bytes(_REPLACEMENT if b >= 0x80 else b for b in text))
+        yield copy
+
+
+def _aim_log_span(path: Path) -> tuple[int, int] | None:
+    """Byte range of an AIM's processing log from its pre-header (None: not understood).
+
+    v030 files start with ``AIMDATA_V030`` and five int64 section sizes, v020 with
+    ``AIMDATA_V020`` and five int32, v010 with the five int32 directly; the sections are
+    pre-header, header struct, processing log, voxel data, associated data.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(56)
+    if head.startswith(b"AIMDATA_V030") and len(head) >= 56:
+        base, sizes = 16, struct.unpack_from("<5q", head, 16)
+    elif head.startswith(b"AIMDATA_V020") and len(head) >= 36:
+        base, sizes = 16, struct.unpack_from("<5i", head, 16)
+    elif len(head) >= 20:
+        base, sizes = 0, struct.unpack_from("<5i", head, 0)
+    else:
+        return None
+    pre, header, log_size = sizes[:3]
+    if pre not in (20, 40) or header <= 0 or log_size < 0:
+        return None  # not a layout we know: aimio-py's own checks apply
+    start = base + pre + header
+    return start, start + log_size
+
+
+def _check_voxel_size(path: Path, sizes_mm: Sequence[float], field_name: str) -> None:
+    """Refuse a zero, negative or non-finite voxel size, saying which."""
+    negative = [s for s in sizes_mm if math.isfinite(s) and s < 0]
+    shown = " x ".join(f"{s:g}" for s in sizes_mm)
+    if negative:
+        raise InvalidScanError(
+            f"{path}: the header gives a negative voxel size ({field_name} {shown} mm); the "
+            "header is damaged or was written wrongly. Export the scan again from the scanner.")
+    if not all(math.isfinite(s) and s > 0 for s in sizes_mm):
+        raise InvalidScanError(
+            f"{path} has no voxel size ({field_name} {shown} mm): every area, volume and "
+            "distance needs it. Export the scan again from the scanner with its geometry.")
+
+
 def _raise_read_error(path: Path, kind: str, exc: Exception) -> None:
     raise CorruptFileError(
         f"Cannot read {path} as a Scanco {kind} file ({exc}). The file is probably truncated "
@@ -163,8 +254,12 @@ def read_aim(path: str | Path) -> ScancoVolume:
     """
     path = Path(path)
     pa = _aimio()
+    log_span = _aim_log_span(path)
     try:
-        array, meta = pa._aimio.read_aim(str(path))  # raw values + header; no unit conversion
+        # raw values + header; no unit conversion. AimIO prints to stdout before some errors.
+        with _readable_copy(path, [log_span] if log_span else [], None) as readable, \
+                native_stdout_to_log("AimIO"):
+            array, meta = pa._aimio.read_aim(str(readable))
     except Exception as exc:  # AimIO raises RuntimeError for any I/O or format problem
         _raise_read_error(path, "AIM", exc)
     log = meta.get("processing_log") or ""
@@ -175,11 +270,7 @@ def read_aim(path: str | Path) -> ScancoVolume:
     calibration = _calibration(found["mu_scaling"], found["mu_water"],
                                found["density_slope"], found["density_intercept"])
     element_size = [float(v) for v in meta.get("element_size", (0.0, 0.0, 0.0))]
-    if not all(s > 0 and math.isfinite(s) for s in element_size):
-        element_size = [1.0, 1.0, 1.0]
-        missing_spacing = True
-    else:
-        missing_spacing = False
+    _check_voxel_size(path, element_size, "element size")
     position = [int(v) for v in meta.get("position", (0, 0, 0))]
     # float32 in the header: round to 0.1 µm so 0.0607 reads back as 0.0607.
     element_size = [round(s, 7) for s in element_size]
@@ -187,8 +278,6 @@ def read_aim(path: str | Path) -> ScancoVolume:
     facts: dict[str, Any] = {"aim_version": int(meta.get("version", 0)),
                              "aim_type": hex(int(meta.get("aim_type", 0))),
                              "processing_log": _log_facts(log)}
-    if missing_spacing:
-        facts["missing_spacing"] = True
     return ScancoVolume(
         array=array,
         spacing_mm=(element_size[2], element_size[1], element_size[0]),
@@ -212,15 +301,12 @@ def read_isq(path: str | Path) -> ScancoVolume:
         If the header is not an ISQ header or the file is shorter than its header says.
     """
     path = Path(path)
-    with open(path, "rb") as fh:
-        magic = fh.read(16)
-    if magic != _ISQ_MAGIC:
-        raise CorruptFileError(
-            f"{path} does not start with the ISQ signature {_ISQ_MAGIC.decode()}; it is not a "
-            "Scanco ISQ file (or its header is damaged). Export it again from the scanner.")
+    header_bytes = _check_isq_header(path)
     pa = _aimio()
     try:
-        meta = pa.isq_info(str(path))
+        with _readable_copy(path, [_ISQ_NAME_SPAN], header_bytes) as readable, \
+                native_stdout_to_log("AimIO"):
+            meta = pa.isq_info(str(readable))
     except Exception as exc:
         _raise_read_error(path, "ISQ", exc)
     nx, ny, nz = (int(v) for v in meta["dimensions_p"])
@@ -238,8 +324,8 @@ def read_isq(path: str | Path) -> ScancoVolume:
     array = np.fromfile(path, dtype="<i2", count=nx * ny * nz, offset=data_start)
     array = array.reshape(nz, ny, nx)
     dims_um = [float(v) for v in meta["dimensions_um"]]
-    spacing_xyz = [(um / n / 1000.0) if um > 0 else 1.0
-                   for um, n in zip(dims_um, (nx, ny, nz), strict=True)]
+    spacing_xyz = [um / n / 1000.0 for um, n in zip(dims_um, (nx, ny, nz), strict=True)]
+    _check_voxel_size(path, spacing_xyz, "physical size / voxels (x, y, z)")
     slope = _finite_or_none(meta.get("rescale_slope"))
     mu_scaling = _finite_or_none(meta.get("mu_scaling"))
     # The ISQ rescale slope is per native unit (~0.2) in aimio-py's reading; a value in the
@@ -250,11 +336,52 @@ def read_isq(path: str | Path) -> ScancoVolume:
     calibration = _calibration(mu_scaling, _finite_or_none(meta.get("mu_water")), density_slope,
                                _finite_or_none(meta.get("rescale_intercept")))
     facts = {k: meta[k] for k in _ISQ_FACT_KEYS if k in meta and meta[k] not in ("", None)}
-    missing = {"missing_spacing": True} if any(um <= 0 for um in dims_um) else {}
     return ScancoVolume(array=array,
                         spacing_mm=(spacing_xyz[2], spacing_xyz[1], spacing_xyz[0]),
                         origin_mm=(0.0, 0.0, 0.0), calibration=calibration, kind="grey",
-                        facts={**facts, **missing})
+                        facts=facts)
+
+
+_ISQ_NAME_SPAN = (128, 168)  # the 40-byte patient name: free text, often Latin-1
+
+
+def _check_isq_header(path: Path) -> int:
+    """Check the ISQ header fields aimio-py takes on trust; return the header's byte count.
+
+    Raises
+    ------
+    CorruptFileError
+        No ISQ signature, a header shorter than 512 bytes, a data type other than int16, a
+        negative data offset (which would read header bytes as voxels) or one beyond the
+        file's end.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if head[:16] != _ISQ_MAGIC:
+        raise CorruptFileError(
+            f"{path} does not start with the ISQ signature {_ISQ_MAGIC.decode()}; it is not a "
+            "Scanco ISQ file (or its header is damaged). Export it again from the scanner.")
+    if len(head) < 512:
+        raise CorruptFileError(f"{path} is truncated: its ISQ header is incomplete "
+                               f"({len(head)} of 512 bytes). Copy the file again.")
+    data_type = struct.unpack_from("<i", head, 16)[0]
+    if data_type != _ISQ_INT16:
+        raise CorruptFileError(
+            f"{path}: the ISQ header gives data type {data_type}; ISQ reconstructions hold "
+            f"int16 voxels (type {_ISQ_INT16}). The header is damaged: export the scan again.")
+    blocks = struct.unpack_from("<i", head, 508)[0]
+    if blocks < 0:
+        raise CorruptFileError(
+            f"{path}: the ISQ header gives a negative data offset ({blocks} blocks of 512 "
+            "bytes), so its voxels cannot be found. The header is damaged: copy or export the "
+            "scan again.")
+    header_bytes = (blocks + 1) * 512
+    size = path.stat().st_size
+    if header_bytes > size:
+        raise CorruptFileError(
+            f"{path} is truncated or damaged: its header says the voxels start at byte "
+            f"{header_bytes}, but the file has {size} bytes. Copy the file again.")
+    return header_bytes
 
 
 def _processing_log(calibration: Calibration | None, creator: str) -> str:
@@ -290,4 +417,5 @@ def write_aim(path: str | Path, array: np.ndarray, spacing_mm: tuple[float, floa
     position = tuple(round(o / s) for o, s in zip(origin_mm, (sx, sy, sz), strict=True))
     meta = {"element_size": (sx, sy, sz), "position": position,
             "processing_log": _processing_log(calibration, creator)}
-    pa._aimio.write_aim(str(path), np.ascontiguousarray(array), meta)
+    with native_stdout_to_log("AimIO"):
+        pa._aimio.write_aim(str(path), np.ascontiguousarray(array), meta)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from HRpQCTCore.atomic import atomic_path
 from HRpQCTCore.errors import CorruptFileError, InputFileError, UnsupportedFormatError
+from HRpQCTCore.io.writers import write_sitk_image
 from HRpQCTCore.regions import REGIONS, LabelDefinition
 from HRpQCTCore.scan import Scan
 
@@ -162,7 +162,7 @@ def _check_labels(region_labels: np.ndarray, reference: Scan,
 def write_seg_nrrd(region_labels: np.ndarray, reference: Scan, path: str | Path,
                    regions: Sequence[LabelDefinition] = REGIONS, *,
                    compress: bool = True) -> Path:
-    """Write a region label map as a Slicer segmentation file, atomically.
+    """Write a region label map as a Slicer segmentation file, atomically and checked.
 
     Parameters
     ----------
@@ -184,7 +184,6 @@ def write_seg_nrrd(region_labels: np.ndarray, reference: Scan, path: str | Path,
     Path
         The written file.
     """
-    import SimpleITK as sitk
 
     labels = _check_labels(region_labels, reference, regions)
     image = reference.to_sitk(labels)
@@ -223,10 +222,8 @@ def write_seg_nrrd(region_labels: np.ndarray, reference: Scan, path: str | Path,
     for key, value in fields.items():
         image.SetMetaData(key, value)
 
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=compress)
-    return path
+    # Checked by reading it back before the rename; a full disk raises OutputError.
+    return write_sitk_image(image, path, compress=compress, level=None)
 
 
 # --- reading ------------------------------------------------------------------------------

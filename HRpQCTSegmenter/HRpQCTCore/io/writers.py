@@ -1,7 +1,9 @@
 """Write scans (HU) and label images with their geometry; every write is atomic.
 
 Files go to a temporary name beside the target (keeping the extension, since SimpleITK picks
-the format from it) and are renamed over the target only when complete. Only geometry and
+the format from it) and are renamed over the target only when complete: read back
+(:mod:`.verify`) and flushed to the disk. A failed write raises
+:class:`~HRpQCTCore.errors.OutputError` and leaves nothing under the name. Only geometry and
 voxels are written: no metadata from an input header is ever copied into an output. Label maps
 in either form (Slicer ``.seg.nrrd`` or an image) go through :mod:`.labelmaps`.
 """
@@ -16,10 +18,11 @@ import numpy as np
 from HRpQCTCore.atomic import atomic_path
 from HRpQCTCore.errors import InvalidScanError, UnsupportedFormatError
 from HRpQCTCore.io.suffixes import compound_suffix
+from HRpQCTCore.io.verify import check_image_file
 from HRpQCTCore.scan import DEFAULT_CALIBRATION, Calibration, Scan, Units
 
-__all__ = ["write_scan", "write_label_image", "write_scan_aim", "WRITE_EXTENSIONS",
-           "output_format"]
+__all__ = ["write_scan", "write_label_image", "write_scan_aim", "write_sitk_image",
+           "WRITE_EXTENSIONS", "output_format"]
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +52,48 @@ def output_format(path: str | Path) -> str:
         "(NIfTI, NRRD or MetaImage).")
 
 
-def _write_image(image, path: Path) -> None:
+def write_sitk_image(image, path: str | Path, *, compress: bool = True,
+                     level: int | None = 1) -> Path:
+    """Write a SimpleITK image atomically, checked by reading it back before the rename.
+
+    Parameters
+    ----------
+    image:
+        The image; its extension-chosen format is that of ``path``.
+    path:
+        The final file.
+    compress, level:
+        Compression, and its level (None: SimpleITK's default). Level 1 deflate is several
+        times faster than the default for ~10 % larger files.
+
+    Raises
+    ------
+    OutputError
+        If the file cannot be written completely (nothing is left under ``path``).
+    """
     import SimpleITK as sitk
 
-    with atomic_path(path) as tmp:
-        # Level 1 deflate: several times faster than the default for ~10 % larger files.
-        sitk.WriteImage(image, str(tmp), True, 1)
+    path = Path(path)
+    with atomic_path(path, check=check_image_file) as tmp:
+        try:
+            if level is None:
+                sitk.WriteImage(image, str(tmp), compress)
+            else:
+                sitk.WriteImage(image, str(tmp), compress, level)
+        except RuntimeError as exc:
+            # ITK reports a failed write (full disk, size limit) as a RuntimeError with its
+            # C++ context; the OSError says what happened, atomic_path what to do.
+            raise OSError(0, f"the image writer failed ({_first_line(exc)})") from None
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _write_image(image, path: Path) -> None:
+    write_sitk_image(image, path)
 
 
 def _hu_to_int16(hu: np.ndarray) -> np.ndarray:
@@ -169,6 +208,19 @@ def write_scan_aim(scan: Scan, path: str | Path, units: Units | str = "native",
     else:
         cal = None
         array = _hu_to_int16(scan.hu)
-    with atomic_path(path) as tmp:
-        scanco.write_aim(tmp, array, scan.spacing_mm, scan.origin_mm, cal)
+    with atomic_path(path, check=_at_least(array.nbytes)) as tmp:
+        try:
+            scanco.write_aim(tmp, array, scan.spacing_mm, scan.origin_mm, cal)
+        except RuntimeError as exc:  # the AimIO C++ writer's failures (disk full, ...)
+            raise OSError(0, f"the AIM writer failed ({_first_line(exc)})") from None
     return path
+
+
+def _at_least(size: int):
+    """A check that a written (uncompressed) file holds at least ``size`` bytes."""
+    def check(path: Path) -> None:
+        written = path.stat().st_size
+        if written < size:
+            raise OSError(0, f"the written file is incomplete ({written} bytes, at least "
+                             f"{size} expected; was the disk full?)")
+    return check

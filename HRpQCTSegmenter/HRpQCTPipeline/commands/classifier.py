@@ -51,9 +51,9 @@ the radiomics settings stored in the classifier.
 
 def read_labels(path: str | Path, subject_column: str, label_column: str) -> dict[str, int]:
     """Subject -> 0/1 label from a CSV."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"Labels file {path} does not exist.")
+    from HRpQCTCore.io.textfiles import ensure_text_file
+
+    path = ensure_text_file(path, "Labels file")
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
@@ -100,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     outputs = [output] + ([Path(args.report)] if args.report else [])
-    check_can_write(outputs, args.overwrite)
+    check_can_write(outputs, args.overwrite, inputs=[*args.features, args.labels])
     settings = load_settings(args.params or args.preset)
     rows = _rows_with_subjects(args.features)
     _settings_of_rows(rows, settings)
@@ -142,7 +142,8 @@ def run_classify(args: argparse.Namespace) -> int:
     from HRpQCTRadiomicsEngine.prediction import predict_rows
 
     output = Path(args.output)
-    check_can_write([output], args.overwrite)
+    check_can_write([output], args.overwrite,
+                    inputs=[args.model, *(args.features or ()), args.scan, args.regions_map])
     model = load_classifier(args.model)
     if bool(args.features) == bool(args.scan):
         raise HRpQCTError("Give either --features CSV or --scan with --regions-map.")
@@ -179,7 +180,7 @@ def _extract_for_model(model, args):
     from HRpQCTRadiomicsEngine.table import read_feature_csv, write_feature_csv
 
     scan = read_scan(args.scan, units=args.units, calibration=calibration_from_args(args))
-    regions_map = read_region_map(args.regions_map, scan.hu.shape)
+    regions_map = read_region_map(args.regions_map, scan)
     settings = model.radiomics_settings()
     table = extract_features(scan.hu, regions_map, scan.spacing_mm, settings=settings,
                              features=features_by_region(model.features),

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         output_format(output)
     except HRpQCTError as exc:
         raise HRpQCTError(str(exc)) from None  # a usage problem (exit 2), not an input file
-    check_can_write([output], args.overwrite)
+    check_can_write([output], args.overwrite, inputs=[args.input])
     scan = read_scan(args.input, units=args.units, calibration=calibration_from_args(args))
     if args.resample_mm is not None:
         if not args.resample_mm > 0:

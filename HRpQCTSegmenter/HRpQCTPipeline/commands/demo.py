@@ -37,11 +37,11 @@ def _step(title: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from HRpQCTCore import io
+    from HRpQCTCore.outputs import ensure_folder
     from HRpQCTPhantom import generate_phantom
     from HRpQCTPipeline.commands.info import collect_info
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_folder(args.out)
     start = time.perf_counter()
 
     info = collect_info()
@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"   WARNING ({warning['code']}): {warning['message']}")
         if result.probability is not None:
             print(f"   osteoporosis probability {result.probability:.3f}")
+        elif result.probability_withheld:
+            print(f"   osteoporosis probability {result.probability_withheld}")
         if "regions_seg_nrrd" in result.outputs:
             print(f"   {Path(result.outputs['regions_seg_nrrd']).name}: open it in 3D Slicer")
         if "report" in result.outputs:

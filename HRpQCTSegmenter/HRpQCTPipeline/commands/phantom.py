@@ -47,6 +47,9 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     p.add_argument("--progress", choices=("bar", "machine", "none"), default="bar",
                    help="progress display (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing files (by default the command refuses, so no "
+                        "file is replaced silently)")
 
 
 def _image_overrides(args) -> dict:
@@ -91,7 +94,9 @@ def _parse_set(items: list[str]) -> dict:
 def run_phantom(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from HRpQCTCore.outputs import check_output_file
     from HRpQCTPhantom import PhantomParams, generate_phantom, write_phantom
+    from HRpQCTPhantom.writer import phantom_paths, refuse_existing
 
     values = _image_overrides(args)
     values.update(_parse_set(args.set))
@@ -106,8 +111,14 @@ def run_phantom(args: argparse.Namespace) -> int:
             params = PhantomParams(**values)
     except (TypeError, ValueError) as exc:
         raise HRpQCTError(f"{exc}. Check the --set values.") from None
+    out = Path(args.out_dir)
+    planned = phantom_paths(out, args.stem, _formats(args)).values()
+    for path in planned:  # refuse before the (long) generation, not after it
+        check_output_file(path)
+    if not args.overwrite:
+        refuse_existing(planned)
     phantom = generate_phantom(params, args.seed, progress=_progress(args))
-    paths = write_phantom(phantom, Path(args.out_dir), args.stem, _formats(args))
+    paths = write_phantom(phantom, out, args.stem, _formats(args), overwrite=args.overwrite)
     for kind, path in paths.items():
         log.info("%s: %s", kind, path)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
@@ -120,7 +131,8 @@ def run_cohort(args: argparse.Namespace) -> int:
     manifest = generate_cohort(
         args.subjects, Path(args.out_dir), args.seed, effect_size=args.effect_size,
         fraction_osteoporotic=args.fraction_osteoporotic, n_jobs=args.jobs,
-        formats=_formats(args), progress=_progress(args), **_image_overrides(args))
+        formats=_formats(args), progress=_progress(args), overwrite=args.overwrite,
+        **_image_overrides(args))
     print(str(manifest))
     return 0
 

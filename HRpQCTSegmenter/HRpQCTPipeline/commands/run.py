@@ -65,7 +65,9 @@ input and output folders on a shared file system.
 
 def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``run`` and ``batch`` (same names as in segment/radiomics/classify)."""
-    from HRpQCTPipeline.pipeline import FEATURE_SETS
+    # From .features, not .pipeline: building the parser must not import the classifier
+    # code (scikit-learn), which `hrpqct segment` in Slicer does not install.
+    from HRpQCTPipeline.features import FEATURE_SETS
 
     group = parser.add_argument_group("models")
     group.add_argument("--model", help="segmentation model folder (default: the bundled model)")
@@ -123,15 +125,25 @@ def keep_console_quiet() -> None:
             handler.setLevel(root.getEffectiveLevel())
 
 
+def _new_warnings(result) -> list[dict]:
+    """The QC warnings not yet on the console: post-processing logs its own as it finds them
+    (when the segmentation ran in this process), so repeating them would print each twice."""
+    if result.stages.get("segmentation") != "ran":
+        return list(result.warnings)
+    return [w for w in result.warnings if w.get("code") != "postprocess"]
+
+
 def _print_result(result) -> None:
     print(f"{result.scan_id}: {result.action} ({result.seconds:.0f} s) -> {result.out_dir}")
     for message in result.skipped:
         print(f"  note: {message}")
-    for warning in result.warnings:
+    for warning in _new_warnings(result):
         print(f"  WARNING ({warning['code']}): {warning['message']}")
     if result.probability is not None:
         print(f"  osteoporosis probability {result.probability:.3f} (research use only, "
               "not a diagnosis)")
+    elif result.probability_withheld:
+        print(f"  osteoporosis probability {result.probability_withheld}")
     if "report" in result.outputs:
         print(f"  report: {result.outputs['report']}")
 
@@ -163,6 +175,10 @@ def run_batch_command(args: argparse.Namespace) -> int:
     keep_console_quiet()
     settings = settings_from_args(args)
     source = Path(args.input)
+    if not source.is_dir():
+        from HRpQCTCore.io.textfiles import ensure_text_file
+
+        ensure_text_file(source, "Manifest", "a manifest CSV (or a folder of scans)")
     jobs = jobs_from_folder(source) if source.is_dir() else read_manifest(source)
     if args.scan_jobs < 1:
         raise HRpQCTError("--scan-jobs must be at least 1.")
@@ -181,6 +197,8 @@ def run_batch_command(args: argparse.Namespace) -> int:
         flag = f"  warnings: {', '.join(row['warning_codes'])}" if row["warning_codes"] else ""
         prob = ("" if row["probability"] is None
                 else f"  probability {row['probability']:.3f}")
+        if row.get("probability_withheld"):
+            prob = "  probability withheld (QC)"
         print(f"{row['scan_id']}: {row['action']}{prob}{flag}")
     for row in result.failures:
         print(f"{row['scan_id']}: FAILED ({row['error']}): {row['message']}", file=sys.stderr)

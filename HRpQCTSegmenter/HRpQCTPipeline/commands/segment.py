@@ -62,16 +62,23 @@ def _add_postprocess_options(p: argparse.ArgumentParser) -> None:
 def run_segment(args: argparse.Namespace) -> int:
     from HRpQCTCore.io import label_map_format, read_scan, write_label_image, write_label_map
     from HRpQCTSegmentationEngine.inference import run_segmentation
+    from HRpQCTSegmentationEngine.limits import check_device, require_segmentation_memory
     from HRpQCTSegmentationEngine.postprocess import postprocess
 
     output = Path(args.output)
     outputs = [output] + ([Path(args.rings)] if args.rings else []) + (
         [Path(args.qc_json)] if args.qc_json else [])
     label_map_format(output)
-    check_can_write(outputs, args.overwrite)
+    check_can_write(outputs, args.overwrite, inputs=[args.input])
+    if len({Path(p).resolve() for p in outputs}) < len(outputs):
+        raise HRpQCTError("The outputs (label map, --rings, --qc-json) must be different "
+                          "files.")
     folder = resolve_model_folder(args.model)
+    check_device(args.device)
     progress = progress_from_args(args)
     scan = read_scan(args.input, units=args.units, calibration=calibration_from_args(args))
+    if not args.classes_only:  # refuse before the network runs, not after
+        require_segmentation_memory(scan.shape, scan.spacing_mm, _postprocess_config(args))
     seg = run_segmentation(scan.hu, folder, batch_size=args.batch_size, device=args.device,
                            fast=not args.no_fast, engine=args.engine, progress=progress)
     labels, warnings = seg.labels, []
@@ -92,8 +99,8 @@ def run_segment(args: argparse.Namespace) -> int:
               "slice_foreground_confidence": [
                   None if np.isnan(v) else float(v) for v in seg.slice_foreground_confidence]}
         write_text_atomic(Path(args.qc_json), json.dumps(qc, indent=2))
-    for message in warnings:
-        log.warning(message)
+    # The post-processing warnings were logged when found; logging them here again would
+    # print each twice.
     log.info("Segmented %s in %.1f s on %s (%s) -> %s", args.input, seg.seconds, seg.device,
              seg.engine, output)
     return 0
@@ -102,6 +109,34 @@ def run_segment(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------
 # postprocess
 # ------------------------------------------------------------------------------------------
+def _check_classes(classes: np.ndarray, path: Path) -> None:
+    """Refuse a ``postprocess`` input with values beyond the network's five classes.
+
+    Raises
+    ------
+    InputFileError
+        Saying whether it looks like a 7-region map (values 6-7) or holds unknown labels.
+    """
+    from HRpQCTCore.regions import NETWORK_CLASSES, REGIONS
+
+    top_class = len(NETWORK_CLASSES) - 1
+    values = np.unique(classes)
+    unknown = [int(v) for v in values if v > top_class]
+    if not unknown:
+        return
+    expected = ("postprocess takes the network's 5 classes (0 background, 1-5: tibial "
+                "cortical and trabecular, fibular cortical and trabecular, soft tissue), as "
+                "written by `hrpqct segment --classes-only`.")
+    if max(unknown) <= max(d.label for d in REGIONS):
+        raise InputFileError(
+            f"Label volume {path} holds values up to {max(unknown)}: it looks like a 7-region "
+            f"map (already post-processed), not network classes. {expected} A 7-region map "
+            "goes to `hrpqct radiomics` or `hrpqct run --regions` directly.")
+    shown = ", ".join(str(v) for v in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+    raise InputFileError(
+        f"Label volume {path} holds label values no class has ({shown}). {expected}")
+
+
 def run_postprocess(args: argparse.Namespace) -> int:
     from HRpQCTCore.io import (
         label_map_format,
@@ -114,18 +149,18 @@ def run_postprocess(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     label_map_format(output)
-    check_can_write([output] + ([Path(args.rings)] if args.rings else []), args.overwrite)
+    check_can_write([output] + ([Path(args.rings)] if args.rings else []), args.overwrite,
+                    inputs=[args.scan, args.classes])
     scan = read_scan(args.scan, units=args.units, calibration=calibration_from_args(args))
     classes = read_label_map(args.classes, scan, name="Label volume")
+    _check_classes(classes, Path(args.classes))
     config = _postprocess_config(args)
     result = postprocess(classes, scan.hu, scan.spacing_mm, config, with_rings=bool(args.rings),
                          progress=progress_from_args(args))
     write_label_map(result.regions, scan, output)
     if args.rings:
         write_label_image(result.rings, scan, Path(args.rings))
-    for message in result.warnings:
-        log.warning(message)
-    return 0
+    return 0  # the post-processing warnings were logged when found
 
 
 # ------------------------------------------------------------------------------------------
@@ -134,12 +169,14 @@ def run_postprocess(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from HRpQCTSegmentationEngine.limits import check_device
     from HRpQCTSegmentationEngine.training import (
         TrainingConfig,
         read_training_manifest,
         train_segmenter,
     )
 
+    check_device(args.device)
     cases = read_training_manifest(args.manifest)
     config = TrainingConfig()
     overrides = {k: getattr(args, k) for k in (
@@ -196,8 +233,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _read_eval_manifest(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise InputFileError(f"Manifest {path} does not exist")
+    from HRpQCTCore.io.textfiles import ensure_text_file
+
+    ensure_text_file(path, "Manifest")
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         if not {"prediction", "truth"} <= set(reader.fieldnames or ()):

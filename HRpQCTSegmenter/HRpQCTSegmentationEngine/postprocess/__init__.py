@@ -66,6 +66,13 @@ def postprocess(classes: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, fl
         Settings; default :data:`DEFAULT`.
     with_rings:
         Also compute the soft-tissue distance rings around the tibia.
+
+    Raises
+    ------
+    ValueError
+        Labels and image of different shapes, or labels beyond the five classes.
+    InvalidScanError
+        If the work cannot fit in memory (estimated first; usually a wrong voxel size).
     """
     config = config or DEFAULT
     classes = np.asarray(classes)
@@ -76,6 +83,10 @@ def postprocess(classes: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, fl
         raise ValueError(
             f"Label values up to {classes.max()} found: post-processing takes the network's "
             "5-class map (0..5), not a 7-region map")
+    from HRpQCTSegmentationEngine.limits import require_segmentation_memory
+
+    # before the first mm-sized structuring element: a wrong voxel size makes them huge
+    require_segmentation_memory(classes.shape, spacing_mm, config, segment=False)
     report(progress, 0, 4, "post-processing")
     cleaned, warnings = clean_classes(classes, spacing_mm, config, workers=workers)
     for message in warnings:
