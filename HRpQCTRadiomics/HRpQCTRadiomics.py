@@ -3,12 +3,15 @@
 Thin by design: the science lives in the Qt-free packages ``HRpQCTRadiomicsEngine``
 (features, classifiers) and ``HRpQCTRadiomicsLib.slicer_radiomics`` (the choices, the one
 schema the parameter node below is generated from, segment-to-region mapping, the
-worker-thread run started by ``start_radiomics``/``run_radiomics``, table nodes, CSV), and
-``HRpQCTCore`` (region model, Slicer bridge, the run panel both modules share), all tested in
-CI against Slicer's real data model. This file holds the panel wiring, the parameter node, a
-Logic delegating to the engine, and the self-test.
+background-process run started by ``start_radiomics``/``run_radiomics``, table nodes, CSV),
+``HRpQCTRadiomicsLib.dependencies`` (the packages it installs, with consent, on the first
+Apply) and ``HRpQCTCore`` (region model, Slicer bridge, the background process and the run
+panel both modules share), all tested in CI against Slicer's real data model. This file holds
+the panel wiring, the parameter node, a Logic delegating to the engine, and the self-test.
+The core comes from the HR-pQCT Segmenter module's folder: hence the dependency on it.
 """
 
+import logging
 import os
 
 import qt
@@ -24,8 +27,11 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+# Light modules only: nothing here imports scikit-learn, pyradiomics or YAML.
+from HRpQCTCore.background.dependencies import ensure_dependencies, missing_dependencies
 from HRpQCTCore.background.panel import PanelView, RunPanel, status_style
 from HRpQCTCore.parameter_schema import Markers, parameter_node_base
+from HRpQCTRadiomicsLib.dependencies import RADIOMICS_DEPENDENCIES
 from HRpQCTRadiomicsLib.slicer_radiomics import MODE_PREDICTION, RadiomicsParameters
 
 MODULE_NAME = "HRpQCTRadiomics"
@@ -40,7 +46,8 @@ class HRpQCTRadiomics(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "HR-pQCT Radiomics"
         self.parent.categories = ["Quantification"]
-        self.parent.dependencies = ["Segmentations", "Tables"]
+        # HRpQCTSegmenter's folder holds HRpQCTCore, which this module imports when it loads.
+        self.parent.dependencies = ["Segmentations", "Tables", "HRpQCTSegmenter"]
         self.parent.contributors = ["HRpQCTSegmenter contributors"]
         self.parent.helpText = (
             "Computes radiomic features (pyradiomics) in each of the seven HR-pQCT regions of a "
@@ -72,7 +79,7 @@ class HRpQCTRadiomicsParameterNode(parameter_node_base(RadiomicsParameters, SLIC
 
 
 class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The module panel; extraction runs in a worker thread driven by ``RunPanel``."""
+    """The module panel; extraction runs in a background process driven by ``RunPanel``."""
 
     POLL_INTERVAL_MS = 200
 
@@ -100,7 +107,7 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             PanelView(set_status=self.setStatus, set_progress=self.setProgress,
                       show_error=self.showError, start_timer=self._timer.start,
                       stop_timer=self._timer.stop, refresh=self.updateGUI),
-            on_success=self.onRunDone, cancelling_text="Cancelling (after the current slice)...")
+            on_success=self.onRunDone, cancelling_text="Cancelling...")
         self._timer.connect("timeout()", self._panel.poll)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -193,9 +200,14 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                           first_status=lambda run: run.warnings or run.status_text())
 
     def startRun(self):
-        """Start the extraction (the parameter node's choices) in its worker thread."""
+        """Offer the dependencies, then start the extraction (the parameter node's choices)
+        in a background process (None: not started)."""
         parameters = self._parameterNode
         self.ui.probabilityLabel.text = ""
+        if not self.logic.ensureDependencies():
+            self.setStatus("Not started: the feature extraction needs the listed Python "
+                           "packages. Press Apply again to install them.", error=True)
+            return None
         return self.logic.startRun(parameters.inputVolume, parameters.inputSegmentation,
                                    self.logic.parameters(parameters),
                                    tableNode=parameters.outputTable)
@@ -232,6 +244,10 @@ class HRpQCTRadiomicsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                  detailedText=details or None)
 
 
+def _noTorch():
+    raise RuntimeError("The Radiomics module does not use PyTorch.")
+
+
 class HRpQCTRadiomicsLogic(ScriptedLoadableModuleLogic):
     """Delegates to :mod:`HRpQCTRadiomicsLib.slicer_radiomics`; no GUI code."""
 
@@ -249,8 +265,25 @@ class HRpQCTRadiomicsLogic(ScriptedLoadableModuleLogic):
 
         return RadiomicsParameters.from_parameter_node(parameterNode, **overrides)
 
+    def ensureDependencies(self, dependencies=RADIOMICS_DEPENDENCIES, askConsent=True):
+        """Install missing or outdated Python packages after the user agrees; True when all
+        are usable. Called when Apply is pressed (never at import); pip runs with Slicer's
+        own packages pinned at their installed versions."""
+        def confirm(message):
+            return not askConsent or slicer.util.confirmOkCancelDisplay(
+                message, windowTitle="Install dependencies")
+
+        def pipInstall(requirements):
+            from HRpQCTCore.background.dependencies import pip_install
+
+            with slicer.util.WaitCursor():
+                pip_install(requirements)
+
+        return ensure_dependencies(dependencies, confirm=confirm, install_torch=_noTorch,
+                                   pip_install=pipInstall, requester="HR-pQCT Radiomics")
+
     def startRun(self, volumeNode, segmentationNode, parameters=None, tableNode=None):
-        """Start the extraction in a worker thread; returns the RadiomicsRun to poll."""
+        """Start the extraction in a background process; returns the RadiomicsRun to poll."""
         from HRpQCTRadiomicsLib.slicer_radiomics import start_radiomics
 
         return start_radiomics(slicer.mrmlScene, slicer.modules.segmentations.logic(),
@@ -334,6 +367,15 @@ class HRpQCTRadiomicsTest(ScriptedLoadableModuleTest):
 
     def test_features_csv_and_probability_from_a_segmentation(self):
         import tempfile
+
+        missing = missing_dependencies(RADIOMICS_DEPENDENCIES)
+        if missing:  # a self-test never installs packages on the machine it runs on
+            message = ("Radiomics test skipped: it needs "
+                       + ", ".join(d.requirement for d in missing) + ", which are not "
+                       "installed. Press Apply in the module once to install them.")
+            logging.warning(f"{MODULE_NAME} self-test: {message}")
+            self.delayDisplay(message)
+            return
 
         import numpy as np
 

@@ -36,14 +36,11 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-# Light engine modules only (no torch, transformers or SimpleITK at import time).
-from HRpQCTCore.background.dependencies import (
-    ENGINE_DEPENDENCIES,
-    ensure_dependencies,
-    missing_dependencies,
-)
+# Light engine modules only (no torch, onnxruntime or SimpleITK at import time).
+from HRpQCTCore.background.dependencies import ensure_dependencies, missing_dependencies
 from HRpQCTCore.background.panel import PanelView, RunPanel, status_style
 from HRpQCTCore.parameter_schema import Markers, parameter_node_base
+from HRpQCTSegmenterLib.dependencies import segmenter_dependencies
 from HRpQCTSegmenterLib.parameters import CALIBRATED_UNITS, SegmenterParameters
 
 MODULE_NAME = "HRpQCTSegmenter"
@@ -246,7 +243,10 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Offer the dependencies, then start the background run (None: not started)."""
         parameters = self._parameterNode
         self.ui.logTextEdit.clear()
-        if not self.logic.ensureDependencies(ENGINE_DEPENDENCIES):
+        # What this run imports: ONNX Runtime for the bundled model on the CPU, PyTorch for a
+        # GPU or a model folder without an ONNX graph.
+        if not self.logic.ensureDependencies(
+                segmenter_dependencies(self.logic.parameters(parameters))):
             self.setStatus("Not started: the segmenter needs the listed Python packages. "
                            "Press Apply again to install them.", error=True)
             return None
@@ -321,16 +321,20 @@ class HRpQCTSegmenterLogic(ScriptedLoadableModuleLogic):
         return SegmenterParameters.from_parameter_node(parameterNode)
 
     # -- dependencies ----------------------------------------------------------------------
-    def ensureDependencies(self, dependencies=ENGINE_DEPENDENCIES, askConsent=True):
-        """Install missing Python packages after the user agrees; True when all are present.
+    def ensureDependencies(self, dependencies=None, askConsent=True):
+        """Install missing or outdated Python packages after the user agrees; True when all
+        are usable (default: what the default choices need, ``segmenter_dependencies()``).
 
         Called when Apply is pressed (never at import): torch through the PyTorch extension
-        (it picks the build for this computer's GPU), the rest with pip.
+        (it picks the build for this computer's GPU), the rest with pip, Slicer's own
+        packages pinned at their installed versions.
         """
         def confirm(message):
             return not askConsent or slicer.util.confirmOkCancelDisplay(
                 message, windowTitle="Install dependencies")
 
+        if dependencies is None:
+            dependencies = segmenter_dependencies()
         return ensure_dependencies(dependencies, confirm=confirm,
                                    install_torch=self._installTorch,
                                    pip_install=self._pipInstall)
@@ -340,11 +344,13 @@ class HRpQCTSegmenterLogic(ScriptedLoadableModuleLogic):
         from HRpQCTCore.errors import HRpQCTError
 
         try:
-            import PyTorchUtils
+            import PyTorchUtils  # the optional PyTorch extension
         except ModuleNotFoundError:
             raise HRpQCTError(
-                "PyTorch is needed: install the 'PyTorch' extension from the Extensions "
-                "Manager, restart Slicer and press Apply again.") from None
+                "PyTorch is needed for the GPU and for model folders without an ONNX graph: "
+                "install the 'PyTorch' extension from the Extensions Manager, restart Slicer "
+                "and press Apply again -- or choose the CPU with the bundled model, which "
+                "needs no PyTorch.") from None
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():
             with slicer.util.WaitCursor():
@@ -356,16 +362,12 @@ class HRpQCTSegmenterLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _pipInstall(requirements):
-        try:
-            import slicer.packaging as packaging  # Slicer >= 5.12
-        except ImportError:
-            packaging = None
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            packaging.pip_ensure(requirements, prompt_install=False, requester="HR-pQCT Segmenter",
-                                 skip_in_testing=False)
-        else:
-            with slicer.util.WaitCursor():
-                slicer.util.pip_install(requirements)
+        # Our own pip call on every Slicer version: it pins Slicer's packages (constraints
+        # file), and it is the function the Slicer-like CI run tests.
+        from HRpQCTCore.background.dependencies import pip_install
+
+        with slicer.util.WaitCursor():
+            pip_install(requirements)
 
     # -- segmentation ----------------------------------------------------------------------
     def startSegmentation(self, inputVolume, outputSegmentation=None, parameters=None,
@@ -510,7 +512,7 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
         The tiny model only exercises the flow (its regions are noise); the test says so.
         """
         from HRpQCTCore.errors import ArtefactError
-        from HRpQCTPipeline.commands.segment import resolve_model_folder
+        from HRpQCTSegmentationEngine.bundled import resolve_model_folder
 
         try:
             resolve_model_folder(None)
@@ -534,7 +536,7 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
         from HRpQCTCore.slicer_bridge import OutputState
         from HRpQCTSegmenterLib.slicer_segmenter import CANCEL, NEW_NODE
 
-        missing = missing_dependencies(ENGINE_DEPENDENCIES)
+        missing = missing_dependencies(segmenter_dependencies())
         if missing:  # a self-test never installs packages on the machine it runs on
             self.skipWithMessage(
                 "Whole-flow test skipped: it needs "
@@ -589,6 +591,14 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
 
         import HRpQCTRadiomics
         from HRpQCTCore import regions, slicer_bridge
+        from HRpQCTRadiomicsLib.dependencies import RADIOMICS_DEPENDENCIES
+
+        missing = missing_dependencies(RADIOMICS_DEPENDENCIES)
+        if missing:
+            self.skipWithMessage("Radiomics step skipped: it needs " + ", ".join(
+                d.requirement for d in missing) + ", which are not installed. Press Apply in "
+                "the HR-pQCT Radiomics module once to install them.")
+            return
         from HRpQCTRadiomicsEngine.table import read_feature_csv
         from HRpQCTRadiomicsLib.slicer_radiomics import MODE_PREDICTION
 

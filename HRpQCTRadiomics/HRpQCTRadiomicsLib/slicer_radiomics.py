@@ -11,32 +11,36 @@ plain Python with ``slicer-core``:
   on the volume's voxel grid (through :mod:`HRpQCTCore.slicer_bridge`).
 * :class:`RadiomicsParameters` -- mode (``prediction``: only what the classifiers need;
   ``features``: full export), classifier files, settings, region/slice subsets.
-* :class:`RadiomicsRun` -- extraction in a worker thread with progress and a
-  :class:`~HRpQCTCore.progress.CancelToken`, polled from the GUI (a ``QTimer``);
-  results go into table nodes in the caller's (GUI) thread.
+* :class:`RadiomicsRun` -- the extraction in a background process, exactly as the
+  Segmenter's: the volume and the region label map are written to a temporary folder, Slicer's
+  Python (``PythonSlicer``) runs ``hrpqct radiomics ... --progress machine`` (with
+  ``--classifier``/``--probabilities`` for the probability), polled from the GUI's
+  ``QTimer`` through :class:`~HRpQCTCore.background.process.BackgroundProcess` (JSON progress
+  lines; cancel stops the whole process tree); on success the features CSV and the
+  probabilities JSON go into table nodes in the caller's (GUI) thread.
 * :func:`fill_feature_table_node`, :func:`fill_probability_table_node`,
-  :func:`write_features_csv` -- results in MRML tables (the CSV schema of :mod:`.table`) and
-  as an atomically written CSV.
+  :func:`write_features_csv` -- results in MRML tables (the CSV schema of
+  ``HRpQCTRadiomicsEngine.table``) and as an atomically written CSV.
 * :func:`start_radiomics` (the Apply button) and :func:`run_radiomics` (scripts, self-tests),
   which the module's Logic calls; :func:`check_pyradiomics` says how to get pyradiomics into
   Slicer when it is missing.
 
-Why a worker thread and not a ``hrpqct radiomics`` subprocess like the segmenter: the heavy
-work already runs in the engine's worker processes (``n_jobs``), so the thread only waits; it
-needs no temporary copy of the scan on disk (a full scan is ~0.9 GB), prediction mode passes
-the classifier's feature list straight to :func:`~.extraction.extract_features` (the command
-line has no such option), and cancel is the engine's own token, checked between slices.
+Why a process and not a thread: in Slicer the main thread holds Python's GIL while it idles
+in the Qt event loop, so a Python worker thread in Slicer's process barely runs.
 
-``slicer`` and ``vtk`` are imported inside functions, so this module imports without Slicer.
+What the panel calls on every parameter change (:meth:`RadiomicsParameters.problems`)
+imports nothing heavy: no scikit-learn, pyradiomics or YAML (a test checks it). ``slicer``
+and ``vtk`` are imported inside functions, so this module imports without Slicer.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import threading
-import time
-from collections.abc import Sequence
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -44,10 +48,22 @@ from typing import Any
 import numpy as np
 
 from HRpQCTCore import slicer_bridge
-from HRpQCTCore.background.process import JobState
+from HRpQCTCore.background.process import (
+    BackgroundProcess,
+    JobState,
+    Launcher,
+    engine_environment,
+    module_folders,
+    popen_launcher,
+    python_executable,
+)
+from HRpQCTCore.background.protocol import (
+    LOADING_SPAN,
+    RADIOMICS_EXIT_CODE_ADVICE,
+    RADIOMICS_STAGE_SPANS,
+)
 from HRpQCTCore.errors import CancelledError, HRpQCTError
 from HRpQCTCore.parameter_schema import node_field, values_from_node
-from HRpQCTCore.progress import CancelToken
 from HRpQCTCore.regions import REGIONS, LabelDefinition, region_by_label, region_by_name
 
 __all__ = [
@@ -63,11 +79,13 @@ __all__ = [
     "region_labels_from_mapping",
     "bundled_classifier_paths",
     "RadiomicsParameters",
-    "feature_request",
+    "FeatureCsv",
     "fill_feature_table_node",
+    "ProbabilityRow",
     "probability_rows",
     "fill_probability_table_node",
     "write_features_csv",
+    "build_radiomics_command",
     "RadiomicsRun",
     "check_pyradiomics",
     "start_radiomics",
@@ -82,6 +100,8 @@ MODE_CHOICES = (MODE_PREDICTION, MODE_FEATURES)
 #: Table node attribute holding the caveat that goes with every probability.
 CAVEAT_ATTRIBUTE = "HRpQCT.Caveat"
 RESEARCH_USE = "Research use only"
+#: Folder of this package's parent: the Radiomics module's folder (with the radiomics engine).
+_MODULE_FOLDER = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------------
@@ -332,46 +352,86 @@ class RadiomicsParameters:
             raise HRpQCTError(" ".join(found))
 
 
-def feature_request(classifiers: Sequence[Any]) -> tuple[dict[int, list[str]], Any]:
-    """What prediction mode extracts: region label -> feature names, and the settings.
 
-    All classifiers must have been trained with the same radiomics settings (one extraction
-    serves them all).
+def _classifier_regions(path: str | Path) -> list[str]:
+    """The region keys a classifier file needs, read without loading the classifier.
+
+    The background process verifies and loads the file (scikit-learn is imported there, not
+    in Slicer's process); this only tells which segments must be present.
     """
-    from HRpQCTRadiomicsEngine.classification import split_qualified_name
-
-    if not classifiers:
-        raise HRpQCTError("No classifier given: prediction needs one.")
-    hashes = {c.settings.get("sha256") for c in classifiers}
-    if len(hashes) > 1:
-        raise HRpQCTError("The classifiers were trained with different radiomics settings; "
-                          "run them one at a time.")
-    request: dict[int, list[str]] = {}
-    for classifier in classifiers:
-        for name in classifier.features:
-            region, feature = split_qualified_name(name)
-            names = request.setdefault(region_by_name(region).label, [])
-            if feature not in names:
-                names.append(feature)
-    return request, classifiers[0].radiomics_settings()
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+        regions = [str(key) for key in payload["regions"]]
+        for key in regions:
+            region_by_name(key)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise HRpQCTError(f"{path} is not a classifier file written by 'hrpqct "
+                          "train-classifier': choose that .json file.") from None
+    return regions
 
 
 # ------------------------------------------------------------------------------------------
 # results: table nodes, CSV, probabilities
 # ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureCsv:
+    """The features CSV the background process wrote (the schema of
+    ``HRpQCTRadiomicsEngine.table``), kept as text: the feature table node is filled from it
+    and Export CSV writes it unchanged."""
+
+    text: str
+
+    @classmethod
+    def read(cls, path: str | Path) -> FeatureCsv:
+        """The CSV at ``path``."""
+        return cls(Path(path).read_text(encoding="utf-8"))
+
+    def records(self) -> tuple[list[str], list[list[str]]]:
+        """The header and the rows."""
+        reader = csv.reader(io.StringIO(self.text))
+        header = next(reader, [])
+        return header, [record for record in reader if record]
+
+    def column(self, name: str) -> list[str]:
+        """The values of one column, row by row."""
+        header, records = self.records()
+        index = header.index(name)
+        return [record[index] for record in records]
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The feature columns (after the identifying ones)."""
+        from HRpQCTRadiomicsEngine.table import ID_COLUMNS
+
+        return [name for name in self.records()[0] if name not in ID_COLUMNS]
+
+    @property
+    def settings_name(self) -> str:
+        """Name of the radiomics settings the features were computed with."""
+        names = self.column("settings")
+        return names[0] if names else ""
+
+
 def _csv_records(table: Any) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the engine's CSV text (the one schema for files and table nodes)."""
+    """Header and rows of a :class:`FeatureCsv` or of the engine's ``FeatureTable``."""
+    if isinstance(table, FeatureCsv):
+        return table.records()
     from HRpQCTRadiomicsEngine.table import table_to_csv_text
 
-    reader = csv.reader(io.StringIO(table_to_csv_text(table)))
-    header = next(reader)
-    return header, list(reader)
+    return FeatureCsv(table_to_csv_text(table)).records()
+
+
+def _settings_name(table: Any) -> str:
+    if isinstance(table, FeatureCsv):
+        return table.settings_name
+    return str(table.settings.get("name", ""))
 
 
 def fill_feature_table_node(table_node: Any, table: Any) -> Any:
     """Replace ``table_node``'s content with ``table``: one row per slice and region.
 
-    Columns follow the CSV schema of :mod:`.table`: the identifying columns as text, then one
+    ``table`` is a :class:`FeatureCsv` (what the module's run gives) or the engine's
+    ``FeatureTable``. Columns follow the CSV schema: the identifying columns as text, then one
     numeric column per feature (NaN where a region was skipped or failed).
     """
     import vtk
@@ -393,21 +453,9 @@ def fill_feature_table_node(table_node: Any, table: Any) -> Any:
         vtk_table.AddColumn(column)
     table_node.SetAndObserveTable(vtk_table)
     table_node.SetUseColumnNameAsColumnHeader(True)
-    table_node.SetAttribute("HRpQCT.RadiomicsSettings", str(table.settings.get("name", "")))
+    table_node.SetAttribute("HRpQCT.RadiomicsSettings", _settings_name(table))
     table_node.Modified()
     return table_node
-
-
-def _feature_rows(table: Any) -> Any:
-    from HRpQCTRadiomicsEngine.table import ID_COLUMNS, FeatureRows
-
-    header, records = _csv_records(table)
-    id_index = [header.index(c) for c in ID_COLUMNS]
-    feature_index = [j for j, n in enumerate(header) if n not in ID_COLUMNS]
-    values = np.array([[float(r[j]) if r[j] else np.nan for j in feature_index]
-                       for r in records], dtype=np.float64).reshape(len(records), -1)
-    ids = [{c: r[j] for c, j in zip(ID_COLUMNS, id_index, strict=True)} for r in records]
-    return FeatureRows(ids=ids, feature_names=[header[j] for j in feature_index], values=values)
 
 
 @dataclass
@@ -421,37 +469,22 @@ class ProbabilityRow:
     note: str
 
 
-def probability_rows(table: Any, classifiers: Sequence[Any]) -> list[ProbabilityRow]:
-    """Osteoporosis probability per classifier (its regions) and overall, for one scan.
+def probability_rows(result: Mapping[str, Any]) -> list[ProbabilityRow]:
+    """The probability table's lines from the JSON ``hrpqct radiomics --probabilities`` wrote.
 
-    Per classifier: its slice probabilities aggregated as it was trained (mean or median).
-    Overall: the unweighted mean of the classifiers' probabilities (with one classifier, the
-    same number) -- a summary, not a validated combined model.
+    Per classifier: its slice probabilities aggregated as it was trained (mean or median);
+    then ``overall``, the unweighted mean of the classifiers' probabilities (with one
+    classifier, the same number) -- a summary, not a validated combined model.
     """
-    from HRpQCTRadiomicsEngine.classification import aggregate_by_subject, assemble_dataset
-
-    rows = _feature_rows(table)
-    out = []
-    for classifier in classifiers:
-        data = assemble_dataset(rows, classifier.regions, None, classifier.features)
-        name = Path(classifier.path).name if classifier.path else classifier.kind
-        if data.X.shape[0] == 0:
-            raise HRpQCTError(
-                f"No slice has all the regions classifier {name} needs "
-                f"({', '.join(classifier.regions)}): check that the segmentation has them.")
-        per_slice = classifier.predict_proba(data.X)
-        _, aggregated, _ = aggregate_by_subject(per_slice, np.zeros(len(per_slice)), None,
-                                                classifier.aggregation)
-        out.append(ProbabilityRow(name, ", ".join(classifier.regions), len(per_slice),
-                                  float(aggregated[0]),
-                                  f"{classifier.aggregation} of slice probabilities"))
-    if out:
-        out.append(ProbabilityRow("overall", "all of the above",
-                                  max(r.slices_used for r in out),
-                                  float(np.mean([r.probability for r in out])),
-                                  "unweighted mean of the classifiers above; not a validated "
-                                  "combined model"))
-    return out
+    rows = [ProbabilityRow(str(entry["classifier"]), ", ".join(entry["regions"]),
+                           int(entry["slices_used"]), float(entry["probability"]),
+                           f"{entry['aggregation']} of slice probabilities")
+            for entry in result["classifiers"]]
+    if rows:
+        overall = result["overall"]
+        rows.append(ProbabilityRow("overall", "all of the above", int(overall["slices_used"]),
+                                   float(overall["probability"]), str(overall["note"])))
+    return rows
 
 
 def probability_caveat() -> str:
@@ -461,20 +494,24 @@ def probability_caveat() -> str:
     return CAVEAT
 
 
+def _string_column(name: str, values: Sequence[str]) -> Any:
+    import vtk
+
+    column = vtk.vtkStringArray()
+    column.SetName(name)
+    for value in values:
+        column.InsertNextValue(value)
+    return column
+
+
 def fill_probability_table_node(table_node: Any, rows: Sequence[ProbabilityRow]) -> Any:
     """Put the probabilities in ``table_node``, with the caveat in a column and an attribute."""
     import vtk
 
     caveat = probability_caveat()
     vtk_table = vtk.vtkTable()
-    text_columns = {"classifier": [r.classifier for r in rows],
-                    "regions": [r.regions for r in rows]}
-    for name, values in text_columns.items():
-        column = vtk.vtkStringArray()
-        column.SetName(name)
-        for value in values:
-            column.InsertNextValue(value)
-        vtk_table.AddColumn(column)
+    vtk_table.AddColumn(_string_column("classifier", [r.classifier for r in rows]))
+    vtk_table.AddColumn(_string_column("regions", [r.regions for r in rows]))
     slices = vtk.vtkIntArray()
     slices.SetName("slices_used")
     probability = vtk.vtkDoubleArray()
@@ -484,12 +521,8 @@ def fill_probability_table_node(table_node: Any, rows: Sequence[ProbabilityRow])
         probability.InsertNextValue(r.probability)
     vtk_table.AddColumn(slices)
     vtk_table.AddColumn(probability)
-    for name, values in (("note", [r.note for r in rows]), ("caveat", [caveat] * len(rows))):
-        column = vtk.vtkStringArray()
-        column.SetName(name)
-        for value in values:
-            column.InsertNextValue(value)
-        vtk_table.AddColumn(column)
+    vtk_table.AddColumn(_string_column("note", [r.note for r in rows]))
+    vtk_table.AddColumn(_string_column("caveat", [caveat] * len(rows)))
     table_node.SetAndObserveTable(vtk_table)
     table_node.SetUseColumnNameAsColumnHeader(True)
     table_node.SetAttribute(CAVEAT_ATTRIBUTE, caveat)
@@ -498,7 +531,13 @@ def fill_probability_table_node(table_node: Any, rows: Sequence[ProbabilityRow])
 
 
 def write_features_csv(path: str | Path, table: Any) -> Path:
-    """Write the features with the engine's CSV writer (atomic: temporary file, rename)."""
+    """Write the features (a :class:`FeatureCsv` as it is, or the engine's ``FeatureTable``
+    with its CSV writer), atomically: temporary file, then rename."""
+    if isinstance(table, FeatureCsv):
+        from HRpQCTCore.atomic import write_text_atomic
+
+        write_text_atomic(path, table.text)
+        return Path(path)
     from HRpQCTRadiomicsEngine.table import write_feature_csv
 
     return write_feature_csv(path, table)
@@ -507,12 +546,52 @@ def write_features_csv(path: str | Path, table: Any) -> Path:
 # ------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------
-class RadiomicsRun:
-    """Features (and probabilities) of one volume + segmentation, in a worker thread.
+def _settings_options(settings: str) -> list[str]:
+    """``--params FILE`` for a YAML file, else ``--preset NAME``."""
+    if Path(settings).suffix.lower() in (".yaml", ".yml"):
+        return ["--params", str(settings)]
+    return ["--preset", settings]
 
-    Inputs are read from the scene in the constructor (caller's thread); the thread only runs
-    the engine; :meth:`poll` puts the results into table nodes in the caller's thread, because
-    MRML nodes must not be touched from another thread.
+
+def build_radiomics_command(python: str | Path, volume_path: str | Path,
+                            labels_path: str | Path, features_path: str | Path,
+                            probabilities_path: str | Path, parameters: RadiomicsParameters,
+                            *, regions: Sequence[int], classifier_paths: Sequence[str],
+                            scan_name: str) -> list[str]:
+    """The ``hrpqct radiomics`` command line run in the background process.
+
+    Prediction mode extracts only what the classifiers need (``--classifier-features``);
+    full export extracts every feature of the settings in ``regions``. Either way, each
+    classifier's probability goes to ``probabilities_path``.
+    """
+    command = [str(python), "-m", "HRpQCTPipeline", "radiomics", str(volume_path),
+               str(labels_path), "-o", str(features_path), "--units", "hu", "--progress",
+               "machine", "--overwrite", "--scan-id", scan_name, "--subject", scan_name]
+    if parameters.mode == MODE_PREDICTION:
+        command.append("--classifier-features")
+    else:
+        command += _settings_options(parameters.settings)
+        command += ["--regions", ",".join(region_by_label(label).key for label in regions)]
+    for path in classifier_paths:
+        command += ["--classifier", str(path)]
+    if classifier_paths:
+        command += ["--probabilities", str(probabilities_path)]
+    if parameters.slices is not None:
+        command += ["--slices", ",".join(str(int(z)) for z in parameters.slices)]
+    if parameters.n_jobs is not None:
+        command += ["--jobs", str(int(parameters.n_jobs))]
+    return command
+
+
+class RadiomicsRun:
+    """Features (and probabilities) of one volume + segmentation, in a background process.
+
+    The constructor reads the inputs from the scene (caller's thread): which segment is
+    which region, and the region label map. :meth:`start` writes the volume and the label map
+    to a temporary folder and starts ``hrpqct radiomics`` (:func:`build_radiomics_command`);
+    :meth:`poll`, called from the GUI's timer, collects the progress and, once the process has
+    succeeded, puts the results into table nodes in the caller's thread (MRML nodes must not
+    be touched from another thread). The temporary folder is always removed.
 
     Parameters
     ----------
@@ -526,29 +605,29 @@ class RadiomicsRun:
         Mode, classifiers, settings, subsets.
     table_node, probability_table_node:
         Tables to fill; None creates new ones when results arrive.
+    scan_name:
+        Identifier of the scan in the table (default: the volume's name).
+    launcher, python, env:
+        How the process starts (defaults: ``subprocess.Popen`` of ``PythonSlicer``, with both
+        module folders on ``PYTHONPATH``).
+    on_log:
+        Called with each line the process prints (besides progress lines).
     """
 
     def __init__(self, scene: Any, segmentations_logic: Any, volume_node: Any,
                  segmentation_node: Any, parameters: RadiomicsParameters | None = None, *,
                  table_node: Any = None, probability_table_node: Any = None,
-                 scan_name: str = "") -> None:
-        from HRpQCTRadiomicsEngine.model_io import load_classifier
-
+                 scan_name: str = "", launcher: Launcher = popen_launcher,
+                 python: str | None = None, env: Mapping[str, str] | None = None,
+                 on_log: Callable[[str], None] | None = None) -> None:
         if volume_node is None or segmentation_node is None:
             raise HRpQCTError("Select an input volume and its HR-pQCT region segmentation.")
         self.scene = scene
         self.parameters = parameters or RadiomicsParameters()
         self.parameters.validate()
         self.volume_node = volume_node
-        self.classifiers = [load_classifier(p)
-                            for p in self.parameters.effective_classifier_paths()]
-        if self.parameters.mode == MODE_PREDICTION:
-            self.features, self.settings = feature_request(self.classifiers)
-            wanted = sorted(self.features)
-        else:
-            self.features, self.settings = None, self.parameters.settings
-            wanted = (sorted(self.parameters.regions) if self.parameters.regions
-                      else [d.label for d in REGIONS])
+        self.classifier_paths = self.parameters.effective_classifier_paths()
+        wanted = self._wanted_regions()
         self.mapping = map_segments(segmentation_node)
         missing = self.mapping.missing_regions(wanted)
         if self.parameters.mode == MODE_PREDICTION and missing:
@@ -558,48 +637,65 @@ class RadiomicsRun:
                               + self.mapping.message(wanted))
         self.warnings = self.mapping.message(wanted)
         self.regions = [lab for lab in wanted if lab not in {d.label for d in missing}]
-        labels = region_labels_from_mapping(segmentations_logic, segmentation_node,
-                                            volume_node, self.mapping)
-        scan = slicer_bridge.scan_from_volume_node(volume_node)
-        self._hu, self._labels, self._spacing_mm = scan.hu, labels, scan.spacing_mm
+        self._labels: np.ndarray | None = region_labels_from_mapping(
+            segmentations_logic, segmentation_node, volume_node, self.mapping)
         self.scan_name = scan_name or volume_node.GetName()
         self.table_node = table_node
         self.probability_table_node = probability_table_node
-        self.table: Any = None
+        self._launcher, self._python, self._env = launcher, python or python_executable(), env
+        self._on_log = on_log
+        self.table: FeatureCsv | None = None
         self.probabilities: list[ProbabilityRow] = []
+        self.process: BackgroundProcess | None = None
         self.state = JobState.NOT_STARTED
         self.message = ""
-        self._progress: tuple[int, int, str] | None = None
-        self._cancel = CancelToken()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._started = 0.0
+        self._work_dir: Path | None = None
+
+    def _wanted_regions(self) -> list[int]:
+        if self.parameters.mode == MODE_PREDICTION:
+            keys = {key for path in self.classifier_paths for key in _classifier_regions(path)}
+            return sorted(region_by_name(key).label for key in keys)
+        return (sorted(self.parameters.regions) if self.parameters.regions
+                else [d.label for d in REGIONS])
 
     # -- running ---------------------------------------------------------------------------
-    def _on_progress(self, done: int, total: int, stage: str) -> None:
-        self._progress = (done, total, stage)  # read by poll() in the caller's thread
+    def _path(self, name: str) -> Path:
+        assert self._work_dir is not None, "start() first"
+        return self._work_dir / name
 
-    def _work(self) -> None:
-        from HRpQCTRadiomicsEngine.extraction import extract_features
+    def command(self) -> list[str]:
+        """The command line (paths in the run's temporary folder)."""
+        return build_radiomics_command(
+            self._python, self._path("volume.nrrd"), self._path("regions.nrrd"),
+            self._path("features.csv"), self._path("probabilities.json"), self.parameters,
+            regions=self.regions, classifier_paths=self.classifier_paths,
+            scan_name=self.scan_name)
 
-        try:
-            self.table = extract_features(
-                self._hu, self._labels, self._spacing_mm, settings=self.settings,
-                regions=None if self.features is not None else self.regions,
-                features=self.features, slices=self.parameters.slices,
-                n_jobs=self.parameters.n_jobs, scan=self.scan_name,
-                subject=self.scan_name, progress=self._on_progress, cancel=self._cancel)
-        except BaseException as exc:  # reported by poll() in the caller's thread
-            self._error = exc
+    def _write_inputs(self) -> None:
+        from HRpQCTCore.io.writers import write_label_image, write_scan
+
+        # One Scan for both files, so the label map's geometry is the volume's exactly.
+        scan = slicer_bridge.scan_from_volume_node(self.volume_node)
+        write_scan(scan, self._path("volume.nrrd"), dtype="float32")
+        write_label_image(self._labels, scan, self._path("regions.nrrd"))
+        self._labels = None  # free the copy
 
     def start(self) -> RadiomicsRun:
-        """Start the worker thread; returns self."""
+        """Write the inputs and start the background process; returns self."""
+        self._work_dir = Path(tempfile.mkdtemp(prefix="hrpqct-radiomics-"))
+        try:
+            self._write_inputs()
+            env = self._env if self._env is not None else engine_environment(
+                [*module_folders(), _MODULE_FOLDER])
+            self.process = BackgroundProcess(
+                self.command(), env, launcher=self._launcher, on_log=self._on_log,
+                stage_spans=RADIOMICS_STAGE_SPANS, advice=RADIOMICS_EXIT_CODE_ADVICE,
+                program="feature extraction")
+        except BaseException:
+            self._cleanup()
+            raise
         self.state = JobState.RUNNING
         self.message = "Starting the feature extraction..."
-        self._started = time.monotonic()
-        self._thread = threading.Thread(target=self._work, name="hrpqct-radiomics",
-                                        daemon=True)
-        self._thread.start()
         return self
 
     @property
@@ -607,86 +703,103 @@ class RadiomicsRun:
         """Fraction done, for the progress bar."""
         if self.state == JobState.SUCCEEDED:
             return 1.0
-        if self._progress is None or not self._progress[1]:
-            return 0.0
-        return min(1.0, self._progress[0] / self._progress[1])
+        return self.process.fraction if self.process is not None else 0.0
 
     def status_text(self) -> str:
         """A short line for the status label."""
-        if self.state != JobState.RUNNING or self._progress is None:
+        update = self.process.progress if self.process is not None else None
+        if self.state != JobState.RUNNING or update is None:
             return self.message
-        done, total, stage = self._progress
-        return f"{stage[:1].upper()}{stage[1:]}: {done} of {total}"
+        return f"{update.stage[:1].upper()}{update.stage[1:]}: {update.done} of {update.total}"
 
     def poll(self) -> JobState:
-        """The state; when the thread has ended, results go into the table nodes."""
-        if self._thread is None or self.state.finished:
+        """Collect progress; when the process has ended, results go into the table nodes.
+
+        Never blocks on the process (reading the results takes a moment in this thread).
+        """
+        if self.process is None or self.state.finished:
             return self.state
-        if self._thread.is_alive():
+        state = self.process.poll()
+        if state == JobState.RUNNING:
             return self.state
-        self._thread = None
-        self._hu = self._labels = None  # free the copies
-        if isinstance(self._error, CancelledError):
-            self.state, self.message = JobState.CANCELLED, "Cancelled; no table was changed."
-        elif self._error is not None:
-            self.state = JobState.FAILED
-            self.message = (str(self._error) if isinstance(self._error, HRpQCTError) else
-                            f"Feature extraction failed: {type(self._error).__name__}: "
-                            f"{self._error}. Please report this with its traceback (the details).")
-        else:
-            self._store_results()
+        try:
+            if state == JobState.SUCCEEDED:
+                self._store_results()
+            elif state == JobState.CANCELLED:
+                self.state, self.message = state, "Cancelled; no table was changed."
+            else:
+                self.state, self.message = state, self.process.failure_message()
+        finally:
+            self._cleanup()
         return self.state
 
+    def _read_results(self) -> tuple[FeatureCsv, list[ProbabilityRow]]:
+        table = FeatureCsv.read(self._path("features.csv"))
+        rows = []
+        if self.classifier_paths:
+            result = json.loads(self._path("probabilities.json").read_text(encoding="utf-8"))
+            rows = probability_rows(result)
+        return table, rows
+
+    def _table(self, node: Any, name: str) -> Any:
+        if node is None or node.GetScene() is None:  # none chosen, or deleted meanwhile
+            node = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{self.scan_name} {name}")
+        return node
+
     def _store_results(self) -> None:
+        self.state, self.message = JobState.LOADING, "Loading the results..."
         try:
-            if self.table_node is None or self.table_node.GetScene() is None:
-                self.table_node = self.scene.AddNewNodeByClass(
-                    "vtkMRMLTableNode", f"{self.scan_name} HR-pQCT features")
+            self.table, self.probabilities = self._read_results()
+            self.table_node = self._table(self.table_node, "HR-pQCT features")
             fill_feature_table_node(self.table_node, self.table)
-            if self.classifiers:
-                self.probabilities = probability_rows(self.table, self.classifiers)
-                if (self.probability_table_node is None
-                        or self.probability_table_node.GetScene() is None):
-                    self.probability_table_node = self.scene.AddNewNodeByClass(
-                        "vtkMRMLTableNode", f"{self.scan_name} osteoporosis probability")
+            if self.probabilities:
+                self.probability_table_node = self._table(self.probability_table_node,
+                                                          "osteoporosis probability")
                 fill_probability_table_node(self.probability_table_node, self.probabilities)
-        except HRpQCTError as exc:
-            self.state, self.message = JobState.FAILED, str(exc)
+        except Exception as exc:  # a broken output must show as an error, not a traceback
+            self.state = JobState.FAILED
+            self.message = (f"The feature extraction finished but its result could not be "
+                            f"loaded: {exc}. Please report this with the log.")
             return
-        ok = len(self.table.ok_rows())
-        skipped = len(self.table.rows) - ok
-        seconds = time.monotonic() - self._started
+        statuses = self.table.column("status")
+        ok = statuses.count("ok")
+        skipped = len(statuses) - ok
         self.state = JobState.SUCCEEDED
-        self.message = (f"Done in {seconds:.0f} s: {ok} region result(s), "
+        self.message = (f"Done in {self.process.seconds:.0f} s: {ok} region result(s), "
                         f"{len(self.table.feature_names)} feature(s)"
                         + (f", {skipped} skipped (see the status/reason columns)" if skipped
                            else "") + ".")
+        self.process.fraction = LOADING_SPAN[1]
 
-    def wait(self, timeout_s: float | None = None, interval_s: float = 0.05) -> JobState:
-        """Block until the run ends (batch use and tests); returns the final state."""
-        if self._thread is None and self.state == JobState.NOT_STARTED:
+    def _cleanup(self) -> None:
+        if self._work_dir is not None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+
+    def wait(self, timeout_s: float | None = None) -> JobState:
+        """Block until the run ends (batch use and tests); returns the final state.
+
+        Raises
+        ------
+        TimeoutError
+            When it did not end within ``timeout_s`` (it was cancelled).
+        """
+        if self.process is None:
             raise RuntimeError("start() the run first")
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self.poll() == JobState.RUNNING:
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(interval_s)
+        try:
+            self.process.wait(timeout_s)
+        finally:
+            self.poll()
         return self.state
 
     def cancel(self) -> None:
-        """Ask the engine to stop at its next check (between slices); tables stay as they are."""
-        if self.state == JobState.RUNNING:
-            self._cancel.cancel()
+        """Stop the process and everything it started; the tables stay as they are."""
+        if self.process is not None and self.state == JobState.RUNNING:
+            self.process.cancel()
+            self.poll()
 
     def log_lines(self) -> list[str]:
-        """The worker's traceback when it failed unexpectedly (details for a bug report)."""
-        if self._error is None or isinstance(self._error, (CancelledError, HRpQCTError)):
-            return []
-        import traceback
-
-        text = "".join(traceback.format_exception(type(self._error), self._error,
-                                                  self._error.__traceback__))
-        return text.splitlines()
+        """Everything the process printed (details for the error dialog and bug reports)."""
+        return self.process.log if self.process is not None else []
 
     def probability_summary(self) -> str:
         """One line per probability, with 'research use' and the caveat (for the panel)."""
@@ -697,7 +810,6 @@ class RadiomicsRun:
                   for r in self.probabilities]
         lines.append(probability_caveat())
         return "\n".join(lines)
-
 
 
 # ------------------------------------------------------------------------------------------
@@ -716,9 +828,10 @@ def check_pyradiomics() -> None:
 
 
 def start_radiomics(scene: Any, segmentations_logic: Any, volume_node: Any,
-                    segmentation_node: Any, parameters: RadiomicsParameters | None = None, *,
-                    table_node: Any = None, probability_table_node: Any = None) -> RadiomicsRun:
-    """Start the extraction in a worker thread (the Apply button); poll the returned run.
+                    segmentation_node: Any, parameters: RadiomicsParameters | None = None,
+                    **options: Any) -> RadiomicsRun:
+    """Start the extraction in a background process (the Apply button); poll the returned
+    run. ``options`` are :class:`RadiomicsRun`'s keyword arguments (tables, launcher, ...).
 
     Raises
     ------
@@ -728,8 +841,7 @@ def start_radiomics(scene: Any, segmentations_logic: Any, volume_node: Any,
     """
     check_pyradiomics()
     return RadiomicsRun(scene, segmentations_logic, volume_node, segmentation_node,
-                        parameters, table_node=table_node,
-                        probability_table_node=probability_table_node).start()
+                        parameters, **options).start()
 
 
 def run_radiomics(scene: Any, segmentations_logic: Any, volume_node: Any,
@@ -742,15 +854,16 @@ def run_radiomics(scene: Any, segmentations_logic: Any, volume_node: Any,
     Raises
     ------
     HRpQCTError
-        When the run fails, is cancelled or does not finish within ``timeout_s``.
+        When the run fails, is cancelled or does not finish within ``timeout_s``; the
+        message ends with the last lines the process printed.
     """
     run = start_radiomics(scene, segmentations_logic, volume_node, segmentation_node,
                           parameters, **options)
-    state = run.wait(timeout_s)
-    if state == JobState.RUNNING:
-        run.cancel()
+    try:
+        state = run.wait(timeout_s)
+    except TimeoutError:
         raise HRpQCTError(f"The feature extraction did not finish within {timeout_s} s; it "
-                          "was cancelled.")
+                          "was cancelled.") from None
     if state == JobState.CANCELLED:
         raise CancelledError(run.message)
     if state != JobState.SUCCEEDED:

@@ -36,6 +36,7 @@ from HRpQCTCore.background.process import (
     JobState,
     Launcher,
     engine_environment,
+    module_folders,
     popen_launcher,
     python_executable,
 )
@@ -156,8 +157,9 @@ class SegmentationRun:
         try:
             input_path = self._work_dir / "input.nrrd"
             slicer_bridge.write_volume_node(self.input_volume_node, input_path)
+            # Both module folders: building the command line imports the radiomics engine too.
             env = self._env if self._env is not None else engine_environment(
-                _ENGINE_PARENT_DIR)
+                module_folders(_ENGINE_PARENT_DIR))
             self.process = BackgroundProcess(self.command(input_path), env,
                                              launcher=self._launcher, on_log=self._on_log)
         except BaseException:

@@ -114,6 +114,27 @@ def test_train_and_classify_commands(tmp_path, radiomics_scan):
     assert [r["level"] for r in scan_rows].count("image") == 3
     assert scan_rows[-1]["subject"] == "scan"
 
+    # what the Slicer module runs: features (only the model's) and the probability as JSON
+    import json
+
+    probabilities = tmp_path / "p.json"
+    assert main(["radiomics", str(scan), str(regions), "-o", str(tmp_path / "f.csv"),
+                 "--classifier", str(model), "--classifier-features", "--probabilities",
+                 str(probabilities), "--jobs", "1", "--progress", "none", "--units",
+                 "hu"]) == 0
+    result = json.loads(probabilities.read_text())
+    [entry] = result["classifiers"]
+    assert entry["classifier"] == "model.json" and entry["slices_used"] == 3
+    assert entry["probability"] == float(scan_rows[-1]["osteoporosis_probability"])
+    assert result["overall"]["probability"] == entry["probability"]
+    assert "research use only" in result["caveat"].lower()
+    from HRpQCTRadiomicsEngine.model_io import load_classifier
+
+    wanted = {name.split(":", 1)[1] for name in load_classifier(model).features}
+    assert set(read_feature_csv(tmp_path / "f.csv").feature_names) == wanted  # only those
+    assert main(["radiomics", str(scan), str(regions), "-o", str(tmp_path / "g.csv"),
+                 "--classifier", str(model)]) == 2  # no --probabilities: refused
+
 
 def test_train_refuses_one_class_and_foreign_settings(tmp_path):
     from HRpQCTRadiomicsEngine.table import write_feature_csv

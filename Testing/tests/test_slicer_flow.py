@@ -13,8 +13,13 @@ function the panel's Logic calls (``test_slicer_modules`` checks that the Logic 
    under the scan's study.
 3. An edit in the Segment Editor's way (a segment's binary labelmap replaced).
 4. HR-pQCT Radiomics: its parameter node -> ``RadiomicsParameters`` -> ``start_radiomics``
-   -> the feature table node (the edit shows) -> CSV -> a probability from a classifier
-   file (a tiny one of the edited region, trained here on synthetic numbers).
+   (the real ``hrpqct radiomics`` in a real background process, as in Slicer) -> the feature
+   table node (the edit shows) -> CSV -> a probability from a classifier file (a tiny one of
+   the edited region, trained here on synthetic numbers).
+
+``Testing/slicer_like/run_flows.py`` runs the same flow with the real segmenter (bundled ONNX
+model) in a Slicer-like Python holding only what Slicer and the modules' declarations
+install (``.ci/slicer-like``).
 """
 
 from __future__ import annotations
@@ -143,6 +148,7 @@ def test_scan_to_segmentation_to_edit_to_features_csv_and_probability(
         n_jobs=1)
     radiomics = sr.start_radiomics(scene, mrml_scene.segmentations_logic, volume, segmentation,
                                    parameters)
+    assert radiomics.process.command[2:4] == ["HRpQCTPipeline", "radiomics"]
     fractions = _poll(radiomics)
     assert radiomics.state == JobState.SUCCEEDED, radiomics.message
     assert fractions == sorted(fractions)

@@ -44,6 +44,7 @@ LOGIC_CALLS = {
     },
     "HRpQCTRadiomics/HRpQCTRadiomics.py": {
         "parameters": "RadiomicsParameters.from_parameter_node",
+        "ensureDependencies": "ensure_dependencies",
         "startRun": "start_radiomics",
         "process": "run_radiomics",
         "exportCsv": "write_features_csv",
@@ -277,3 +278,32 @@ def test_both_widgets_run_through_the_shared_run_panel(repo_root, relative):
     assert "_panel.poll" in body  # the widget's QTimer ticks the shared panel
     # the polling, status and error flow is the panel's, not repeated in each widget
     assert "onPoll" not in _methods(widget) and "JobState" not in body
+
+
+def _module_dependencies(repo_root: Path, relative: str) -> list[str]:
+    tree = ast.parse((repo_root / relative).read_text(encoding="utf-8"))
+    return next(ast.literal_eval(node.value) for node in ast.walk(tree)
+                if isinstance(node, ast.Assign)
+                and ast.unparse(node.targets[0]) == "self.parent.dependencies")
+
+
+def test_the_radiomics_module_loads_after_the_segmenter(repo_root):
+    """HRpQCTCore lives in the Segmenter's folder: Slicer must load that module first."""
+    assert "HRpQCTSegmenter" in _module_dependencies(repo_root,
+                                                     "HRpQCTRadiomics/HRpQCTRadiomics.py")
+
+
+@pytest.mark.parametrize("relative", MODULE_FILES)
+def test_apply_offers_the_dependencies_before_starting(repo_root, relative):
+    """Each module's first Apply offers what its run imports (its own declaration)."""
+    name = Path(relative).stem
+    start = _methods(_classes(repo_root, relative)[f"{name}Widget"])["startRun"]
+    body = ast.unparse(start)
+    assert "ensureDependencies(" in body
+    assert body.index("ensureDependencies(") < body.index(".startRun(" if "Radiomics" in name
+                                                          else ".startSegmentation(")
+    source = (repo_root / relative).read_text(encoding="utf-8")
+    declaration = ("RADIOMICS_DEPENDENCIES" if "Radiomics" in name
+                   else "segmenter_dependencies")
+    assert declaration in source and "pip_install" in source
+    assert "slicer.util.pip_install" not in source  # pip only with Slicer's packages pinned

@@ -3,8 +3,8 @@
 Only the Qt side is a fake (:class:`FakeView` records what the widget would show: status
 label, progress bar, error dialog, timer). The runs are real: the Segmenter's
 ``SegmentationRun`` in a real background process (a small script stands in for ``hrpqct
-segment``) and the Radiomics module's ``RadiomicsRun`` in its worker thread, both in a real
-MRML scene (``slicer-core``).
+segment``) and the Radiomics module's ``RadiomicsRun`` in a real background process running
+``hrpqct radiomics``, both in a real MRML scene (``slicer-core``).
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def test_runs_start_not_started(mrml_scene, volume):
 
 
 # ------------------------------------------------------------------------------------------
-# radiomics runs (worker thread): the same panel
+# radiomics runs (background process): the same panel
 # ------------------------------------------------------------------------------------------
 def test_the_radiomics_run_goes_through_the_same_panel(mrml_scene, radiomics_scan):
     scan = Scan(hu=radiomics_scan.hu, spacing_mm=radiomics_scan.spacing_mm)
@@ -253,7 +253,7 @@ def test_the_radiomics_run_goes_through_the_same_panel(mrml_scene, radiomics_sca
     parameters = sr.RadiomicsParameters(regions=[adipose.label], slices=[0], n_jobs=1)
     fake, shown = FakeView(), []
     panel = RunPanel(fake.view(), on_success=shown.append,
-                     cancelling_text="Cancelling (after the current slice)...")
+                     cancelling_text="Cancelling...")
     assert panel.start(lambda: sr.start_radiomics(
         mrml_scene.scene, mrml_scene.segmentations_logic, volume, segmentation, parameters))
     _tick_until_stopped(panel, fake, timeout_s=120)
@@ -261,6 +261,7 @@ def test_the_radiomics_run_goes_through_the_same_panel(mrml_scene, radiomics_sca
     assert run.state == JobState.SUCCEEDED and fake.errors == []
     assert run.table_node.GetNumberOfRows() == 1
     assert fake.status == (run.message, False) and fake.progress[-1] == 100
+    assert run.process.command[2:4] == ["HRpQCTPipeline", "radiomics"]  # a real child
 
 
 def test_status_style_marks_errors():

@@ -1,24 +1,32 @@
 """The HRpQCTRadiomics module's Qt-free logic in a real MRML scene (``slicer-core``).
 
 A small phantom crop becomes a volume node and a segmentation node (from its 7-region truth);
-segments are mapped to regions by terminology and by name; the run fills table nodes whose
-values equal the engine's :func:`extract_features` on the same arrays; the CSV is written
-and read back; a tiny classifier trained here on synthetic features gives probabilities with
-the caveat.
+segments are mapped to regions by terminology and by name; the run -- a real background
+process running ``hrpqct radiomics``, as in Slicer -- fills table nodes whose values equal
+the engine's :func:`extract_features` on the same arrays; the CSV is written and read back; a
+tiny classifier trained here on synthetic features gives probabilities with the caveat;
+cancel stops the process and leaves the tables alone; what the panel checks on every change
+imports nothing heavy.
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
 from _fixtures_slicer import tiny_classifier, wrapper_fields
 
 from HRpQCTCore import regions, slicer_bridge
-from HRpQCTCore.background.process import JobState
+from HRpQCTCore.background.process import BackgroundProcess, JobState
 from HRpQCTCore.errors import HRpQCTError
 from HRpQCTCore.scan import Scan
 from HRpQCTRadiomicsEngine.classification import CAVEAT
 from HRpQCTRadiomicsEngine.extraction import extract_features
+from HRpQCTRadiomicsEngine.settings import load_settings
 from HRpQCTRadiomicsEngine.table import ID_COLUMNS, read_feature_csv
 from HRpQCTRadiomicsLib import slicer_radiomics as sr
 
@@ -26,6 +34,32 @@ FEATURES = ["original_firstorder_Mean", "original_firstorder_Median",
             "original_shape2D_PixelSurface"]
 ADIPOSE = regions.region_by_name("adipose")
 FIBULAR_CORTICAL = regions.region_by_name("fibular_cortical")
+#: Full export with few features keeps the tests fast: the same layout as the presets.
+SMALL_SETTINGS = """
+    hrpqct:
+      name: small
+      sliceGeometry: volume
+    setting:
+      binWidth: 25
+      force2D: true
+      force2Ddimension: 0
+      minimumROIDimensions: 2
+      minimumROISize: 16
+      additionalInfo: false
+    imageType:
+      Original: {}
+    featureClass:
+      shape2D: [PixelSurface]
+      firstorder: [Mean, Median]
+    """
+
+
+@pytest.fixture
+def small_settings(tmp_path):
+    """A YAML parameter file with three features (full export in a second)."""
+    path = tmp_path / "small.yaml"
+    path.write_text(textwrap.dedent(SMALL_SETTINGS), encoding="utf-8")
+    return path
 
 
 @pytest.fixture
@@ -47,7 +81,7 @@ def _segment(segmentation_node, definition):
 def _run(headless, volume, segmentation, parameters, **kwargs):
     run = sr.RadiomicsRun(headless.scene, headless.segmentations_logic, volume, segmentation,
                           parameters, **kwargs).start()
-    assert run.wait(timeout_s=120) == JobState.SUCCEEDED, run.message
+    assert run.wait(timeout_s=120) == JobState.SUCCEEDED, (run.message, run.log_lines())
     return run
 
 
@@ -171,28 +205,32 @@ def test_prediction_without_a_classifier_says_the_bundled_one_is_missing(no_bund
 # ------------------------------------------------------------------------------------------
 # the run: table node, CSV
 # ------------------------------------------------------------------------------------------
-def test_feature_table_node_equals_the_engine_and_the_csv_reads_back(nodes, tmp_path):
+def test_feature_table_node_equals_the_engine_and_the_csv_reads_back(nodes, tmp_path,
+                                                                     small_settings):
     headless, volume, segmentation, scan = nodes
     skin = regions.region_by_name("skin")
     seg = segmentation.GetSegmentation()
     seg.RemoveSegment(seg.GetSegmentIdBySegmentName(skin.name))
     wanted = [FIBULAR_CORTICAL.label, ADIPOSE.label, skin.label]
-    parameters = sr.RadiomicsParameters(regions=wanted, slices=[0, 2], n_jobs=1)
-    # full export restricted to a few features keeps the test fast: same call as the engine
+    parameters = sr.RadiomicsParameters(regions=wanted, slices=[0, 2], n_jobs=1,
+                                        settings=str(small_settings))
     run = sr.RadiomicsRun(headless.scene, headless.segmentations_logic, volume, segmentation,
                           parameters)
     assert "No segment for region(s): Skin" in run.warnings  # the others still run
-    run.features = {lab: FEATURES for lab in run.regions}
     run.start()
-    assert run.wait(timeout_s=120) == JobState.SUCCEEDED, run.message
+    assert isinstance(run.process, BackgroundProcess)  # not a thread in Slicer's process
+    assert run.process.command[1:4] == ["-m", "HRpQCTPipeline", "radiomics"]
+    assert run.wait(timeout_s=120) == JobState.SUCCEEDED, (run.message, run.log_lines())
     assert run.fraction == 1.0 and "region result" in run.message
+    assert run.process.progress.stage == "radiomics (slices)"  # the JSON progress lines
 
     expected = extract_features(scan.hu, scan.regions, scan.spacing_mm, slices=[0, 2],
-                                features={FIBULAR_CORTICAL.label: FEATURES,
-                                          ADIPOSE.label: FEATURES}, n_jobs=1,
+                                settings=load_settings(small_settings),
+                                regions=[FIBULAR_CORTICAL.label, ADIPOSE.label], n_jobs=1,
                                 scan="crop", subject="crop")
     node = run.table_node
     assert node.IsA("vtkMRMLTableNode")
+    assert node.GetAttribute("HRpQCT.RadiomicsSettings") == "small"
     table = node.GetTable()
     columns = [table.GetColumnName(j) for j in range(table.GetNumberOfColumns())]
     assert columns == [*ID_COLUMNS, *expected.feature_names]
@@ -209,17 +247,101 @@ def test_feature_table_node_equals_the_engine_and_the_csv_reads_back(nodes, tmp_
     assert np.array_equal(back.values, expected.matrix()[0])
     assert [ids["region"] for ids in back.ids] == [r.region_key for r in expected.rows]
     assert not list(tmp_path.glob("*.tmp*"))
+    assert not run._work_dir.exists()  # the temporary inputs are gone
 
 
-def test_cancel_leaves_the_tables_unchanged(nodes):
+def test_cancel_stops_the_process_and_leaves_the_tables_unchanged(nodes):
     headless, volume, segmentation, _ = nodes
-    run = sr.RadiomicsRun(headless.scene, headless.segmentations_logic, volume, segmentation,
-                          sr.RadiomicsParameters(regions=[ADIPOSE.label], n_jobs=1))
-    run.features = {ADIPOSE.label: FEATURES}
-    run._cancel.cancel()  # cancelled before the first slice: deterministic
-    run.start()
-    assert run.wait(timeout_s=60) == JobState.CANCELLED
+    # every region and slice with the paper preset: long enough to be cancelled while running
+    run = sr.start_radiomics(headless.scene, headless.segmentations_logic, volume,
+                             segmentation, sr.RadiomicsParameters(n_jobs=1))
+    deadline = time.monotonic() + 60
+    while run.poll() == JobState.RUNNING and run.process.progress is None:
+        assert time.monotonic() < deadline, run.log_lines()
+        time.sleep(0.05)
+    started = time.monotonic()
+    run.cancel()
+    assert run.state == JobState.CANCELLED and time.monotonic() - started < 10
+    assert run.process.exit_code is not None  # the process has ended, not just been asked
     assert run.table_node is None and "Cancelled" in run.message
+    assert not run._work_dir.exists()
+
+
+def test_a_failing_process_says_what_went_wrong(nodes, tmp_path):
+    headless, volume, segmentation, _ = nodes
+    model = tiny_classifier(tmp_path / "adipose.json", "adipose", FEATURES)
+    model.write_text(model.read_text(encoding="utf-8").replace('"mean"', '"median"', 1),
+                     encoding="utf-8")  # edited: its checksum fails in the process
+    parameters = sr.RadiomicsParameters(mode=sr.MODE_PREDICTION, classifier_paths=[str(model)],
+                                        slices=[1], n_jobs=1)
+    run = sr.start_radiomics(headless.scene, headless.segmentations_logic, volume,
+                             segmentation, parameters)
+    assert run.wait(timeout_s=120) == JobState.FAILED
+    assert "checksum" in run.message and "train-classifier" in run.message  # exit code 6
+    assert run.table_node is None and run.log_lines()
+
+
+def test_the_command_line_carries_the_choices(tmp_path):
+    common = dict(regions=[FIBULAR_CORTICAL.label, ADIPOSE.label], scan_name="scan 1")
+    paths = ("py", "v.nrrd", "r.nrrd", "f.csv", "p.json")
+    full = sr.build_radiomics_command(*paths, sr.RadiomicsParameters(slices=[0, 2], n_jobs=3),
+                                      classifier_paths=[], **common)
+    assert full[:8] == ["py", "-m", "HRpQCTPipeline", "radiomics", "v.nrrd", "r.nrrd", "-o",
+                        "f.csv"]
+    assert full[full.index("--preset") + 1] == "paper"
+    assert full[full.index("--regions") + 1] == "fibular_cortical,adipose"
+    assert full[full.index("--slices") + 1] == "0,2" and full[full.index("--jobs") + 1] == "3"
+    assert full[full.index("--progress") + 1] == "machine"
+    assert full[full.index("--scan-id") + 1] == "scan 1"
+    assert "--classifier" not in full and "--probabilities" not in full
+    own = sr.build_radiomics_command(*paths, sr.RadiomicsParameters(settings="mine.yaml"),
+                                     classifier_paths=["c.json"], **common)
+    assert own[own.index("--params") + 1] == "mine.yaml"
+    assert own[own.index("--classifier") + 1] == "c.json" and "--probabilities" in own
+    prediction = sr.build_radiomics_command(
+        *paths, sr.RadiomicsParameters(mode=sr.MODE_PREDICTION), classifier_paths=["c.json"],
+        **common)
+    assert "--classifier-features" in prediction
+    assert "--preset" not in prediction and "--regions" not in prediction
+
+
+def test_the_process_finds_both_module_folders(repo_root):
+    from HRpQCTCore.background.process import engine_environment, module_folders
+
+    folders = [*module_folders(), sr._MODULE_FOLDER]
+    assert {f.name for f in folders} == {"HRpQCTSegmenter", "HRpQCTRadiomics"}
+    path = engine_environment(folders, base={"PYTHONPATH": "elsewhere"})["PYTHONPATH"]
+    parts = path.split(__import__("os").pathsep)
+    assert parts == [str(repo_root / "HRpQCTSegmenter"), str(repo_root / "HRpQCTRadiomics"),
+                     "elsewhere"]
+
+
+def test_what_the_panel_checks_imports_nothing_heavy():
+    """The panel calls ``problems()`` on every parameter change, before anything is
+    installed: with the classifier code, pyradiomics and YAML unimportable it still works
+    (before the fix, prediction mode imported scikit-learn here)."""
+    script = textwrap.dedent("""
+        import sys
+        HEAVY = {"sklearn", "radiomics", "yaml", "joblib", "threadpoolctl", "skops", "pywt",
+                 "SimpleITK", "scipy", "skimage", "torch", "onnxruntime", "vtk", "slicer"}
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in HEAVY:
+                    raise ImportError(f"{name} must not be imported by the panel's checks")
+
+        sys.meta_path.insert(0, Block())
+        from HRpQCTRadiomicsLib import slicer_radiomics as sr
+        from HRpQCTRadiomicsLib.dependencies import RADIOMICS_DEPENDENCIES
+        from HRpQCTCore.background.dependencies import missing_dependencies
+        for mode in sr.MODE_CHOICES:
+            assert sr.RadiomicsParameters(mode=mode).problems() == [], mode
+        missing_dependencies(RADIOMICS_DEPENDENCIES)
+        print("ok")
+        """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------

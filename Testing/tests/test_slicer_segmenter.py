@@ -20,13 +20,6 @@ import pytest
 from _fixtures_slicer import child_report, cli_launcher
 
 from HRpQCTCore import regions, slicer_bridge
-from HRpQCTCore.background.dependencies import (
-    ENGINE_DEPENDENCIES,
-    Dependency,
-    ensure_dependencies,
-    missing_dependencies,
-    pip_requirements,
-)
 from HRpQCTCore.background.panel import apply_button_state
 from HRpQCTCore.background.process import (
     BackgroundProcess,
@@ -243,43 +236,6 @@ def test_calibration_problems_say_what_to_do():
         assert low <= getattr(defaults, name) <= high
 
 
-def test_dependencies_are_installed_only_after_consent():
-    present = {"numpy", "scipy", "SimpleITK", "safetensors"}
-    calls = []
-
-    def find_spec(name):
-        return object() if name in present else None
-
-    def install_torch():
-        calls.append("torch")
-        present.add("torch")
-
-    def pip_install(requirements):
-        calls.append(list(requirements))
-        present.update(r.split(">")[0].split("<")[0] for r in requirements)
-
-    questions = []
-    declined = ensure_dependencies(ENGINE_DEPENDENCIES, confirm=lambda m: questions.append(m)
-                                   or False, install_torch=install_torch,
-                                   pip_install=pip_install, find_spec=find_spec)
-    assert declined is False and calls == []  # nothing without consent
-    assert "torch" in questions[0] and "transformers" in questions[0]
-    assert "PyTorch extension" in questions[0]
-    assert ensure_dependencies(ENGINE_DEPENDENCIES, confirm=lambda m: True,
-                               install_torch=install_torch, pip_install=pip_install,
-                               find_spec=find_spec)
-    assert calls == ["torch", ["transformers>=4.40,<6"]]
-    # all present: no question at all
-    assert ensure_dependencies(ENGINE_DEPENDENCIES, confirm=lambda m: pytest.fail("asked"),
-                               install_torch=install_torch, pip_install=pip_install,
-                               find_spec=find_spec)
-    # an install that does not take says so
-    with pytest.raises(HRpQCTError, match="did not succeed"):
-        ensure_dependencies([Dependency("surely_not_installed_pkg_x", "x")],
-                            confirm=lambda m: True, install_torch=install_torch,
-                            pip_install=lambda r: None)
-
-
 def test_apply_button_reads_cancel_while_running_and_explains_why_it_is_disabled():
     ready = apply_button_state([], running=False, ready_tooltip="go", cancel_tooltip="stop")
     assert (ready.text, ready.enabled, ready.tooltip) == ("Apply", True, "go")
@@ -339,17 +295,6 @@ def test_exit_codes_become_advice():
                                        "named 'transformers'"])
     assert "install" in crash and "transformers" in crash
     assert "bug" in describe_failure(1, None, ["Traceback", "ZeroDivisionError"])
-
-
-def test_missing_dependencies_are_found_without_importing():
-    present = {"numpy", "scipy", "SimpleITK", "safetensors"}
-    missing = missing_dependencies(find_spec=lambda name: object() if name in present else None)
-    assert [d.module for d in missing] == ["torch", "transformers"]
-    assert pip_requirements(missing) == ["transformers>=4.40,<6"]  # torch: PyTorch extension
-    assert missing[0].installer == "pytorch"
-    real = missing_dependencies([Dependency("numpy", "numpy"),
-                                 Dependency("surely_not_installed_pkg_x", "x")])
-    assert [d.module for d in real] == ["surely_not_installed_pkg_x"]
 
 
 # ------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ result, the cancellation or the error (status label and dialog, with the run's l
 details). The Apply button's text, state and tooltip come from :func:`apply_button_state`.
 
 A run is anything with the :class:`PanelRun` methods: the Segmenter's ``SegmentationRun``
-(a background process) and the Radiomics module's ``RadiomicsRun`` (a worker thread).
+(a background process) and the Radiomics module's ``RadiomicsRun`` (one too).
 """
 
 from __future__ import annotations

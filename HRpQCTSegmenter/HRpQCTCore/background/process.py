@@ -28,10 +28,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from HRpQCTCore.background.protocol import (
     CANCEL_EXIT_CODE,
+    EXIT_CODE_ADVICE,
     STAGE_SPANS,
     ProgressUpdate,
     describe_failure,
@@ -49,6 +51,8 @@ __all__ = [
     "process_group",
     "stop_process_tree",
     "BackgroundProcess",
+    "MODULE_FOLDER_NAMES",
+    "module_folders",
     "engine_environment",
     "python_executable",
 ]
@@ -236,6 +240,9 @@ class BackgroundProcess:
         Called (from :meth:`poll`, in the caller's thread) with each non-progress line.
     stage_spans:
         Share of the whole run of each progress stage (for :attr:`fraction`).
+    advice, program:
+        What to do by exit code, and what the process does, for :meth:`failure_message`
+        (see :func:`~HRpQCTCore.background.protocol.describe_failure`).
     """
 
     #: Seconds :meth:`cancel` lets the processes exit after SIGTERM before killing them.
@@ -248,8 +255,11 @@ class BackgroundProcess:
     def __init__(self, command: Sequence[str], env: Mapping[str, str] | None = None,
                  launcher: Launcher = popen_launcher,
                  on_log: Callable[[str], None] | None = None,
-                 stage_spans: Mapping[str, tuple[float, float]] = STAGE_SPANS) -> None:
+                 stage_spans: Mapping[str, tuple[float, float]] = STAGE_SPANS,
+                 advice: Mapping[int, str] = EXIT_CODE_ADVICE,
+                 program: str = "segmentation") -> None:
         self.command = list(command)
+        self._advice, self._program = advice, program
         self._on_log = on_log
         self._stage_spans = stage_spans
         self._lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
@@ -400,21 +410,46 @@ class BackgroundProcess:
         if self.state == JobState.CANCELLED:
             return "Cancelled: nothing was changed."
         return describe_failure(self.exit_code if self.exit_code is not None else 1,
-                                self._output.error_message, self._output.stderr_tail)
+                                self._output.error_message, self._output.stderr_tail,
+                                advice=self._advice, program=self._program)
 
 
 # ------------------------------------------------------------------------------------------
 # the child's interpreter and environment
 # ------------------------------------------------------------------------------------------
-def engine_environment(engine_parent_dir: str | os.PathLike,
+#: The two module folders, each holding engine packages: the core, the segmentation engine
+#: and the pipeline in the Segmenter's; the radiomics engine in the Radiomics module's.
+MODULE_FOLDER_NAMES = ("HRpQCTSegmenter", "HRpQCTRadiomics")
+
+
+def module_folders(segmenter_folder: str | os.PathLike | None = None) -> list[Path]:
+    """The folders that must be on the child's ``PYTHONPATH`` for every ``hrpqct`` command.
+
+    In a source tree (and with Slicer's "Additional module paths") the two module folders
+    are siblings; in an installed extension all scripted modules share one folder. Both
+    layouts give the folders that exist among this one and its sibling.
+    """
+    here = Path(segmenter_folder) if segmenter_folder else Path(__file__).resolve().parents[2]
+    found = [here]
+    sibling = here.parent / MODULE_FOLDER_NAMES[1]
+    if here.name == MODULE_FOLDER_NAMES[0] and sibling.is_dir():
+        found.append(sibling)
+    return found
+
+
+def engine_environment(engine_parent_dir: str | os.PathLike | Sequence[str | os.PathLike],
                        base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment of the child: the engine importable, output unbuffered, UTF-8.
 
-    ``engine_parent_dir`` is the folder holding the engine packages (the
-    module's folder in Slicer); it is put first on ``PYTHONPATH``.
+    ``engine_parent_dir`` is the folder holding the engine packages (the module's folder in
+    Slicer), or several (:func:`module_folders`: the radiomics command needs both modules'
+    packages); they are put first on ``PYTHONPATH``.
     """
     env = dict(os.environ if base is None else base)
-    parts = [str(engine_parent_dir)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    folders = ([engine_parent_dir] if isinstance(engine_parent_dir, (str, os.PathLike))
+               else list(engine_parent_dir))
+    parts = [str(f) for f in folders] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                         if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"

@@ -22,6 +22,8 @@ __all__ = [
     "LOADING_SPAN",
     "overall_fraction",
     "EXIT_CODE_ADVICE",
+    "RADIOMICS_EXIT_CODE_ADVICE",
+    "RADIOMICS_STAGE_SPANS",
     "CANCEL_EXIT_CODE",
     "describe_failure",
 ]
@@ -70,6 +72,11 @@ STAGE_SPANS: dict[str, tuple[float, float]] = {
     "post-processing": (0.80, 0.88),
     "soft-tissue subdivision": (0.88, 0.97),
 }
+#: The same for ``hrpqct radiomics`` (its one stage; the rest is reading and the tables).
+RADIOMICS_STAGE_SPANS: dict[str, tuple[float, float]] = {
+    "radiomics (slices)": (0.03, 0.95),
+    "radiomics (scan)": (0.03, 0.95),
+}
 #: Where the bar stands while the module loads the result into the scene.
 LOADING_SPAN = (0.97, 1.0)
 
@@ -84,7 +91,7 @@ def overall_fraction(update: ProgressUpdate, previous: float = 0.0,
     return max(previous, start + (end - start) * update.fraction)
 
 
-#: What to do, by exit code of the ``hrpqct`` command (see :mod:`HRpQCTPipeline.cli`).
+#: What to do, by exit code of ``hrpqct segment`` (see :mod:`HRpQCTPipeline.cli`).
 EXIT_CODE_ADVICE: dict[int, str] = {
     1: "This is a bug in the segmenter: please report it with the log shown below.",
     2: "Check the module's settings (model, device) and try again.",
@@ -97,6 +104,17 @@ EXIT_CODE_ADVICE: dict[int, str] = {
     6: "The segmentation model is missing or damaged: choose a model folder written by "
        "'hrpqct train-segmenter', or reinstall the extension for the bundled model.",
 }
+#: What to do, by exit code of ``hrpqct radiomics`` (the Radiomics module's process).
+RADIOMICS_EXIT_CODE_ADVICE: dict[int, str] = {
+    1: "This is a bug in the feature extraction: please report it with the log shown below.",
+    2: "Check the module's settings (mode, classifier file) and try again.",
+    3: "The volume or the region map written for the extraction could not be read; please "
+       "report this with the log shown below.",
+    4: "The volume or the segmentation cannot be used: check that the segmentation holds the "
+       "regions (on the volume's slices) and that the volume is in HU.",
+    6: "The classifier file is missing or damaged: choose a file written by 'hrpqct "
+       "train-classifier', or reinstall the extension for the bundled classifier.",
+}
 #: Exit code of an ``hrpqct`` command that was cancelled.
 CANCEL_EXIT_CODE = 130
 #: Exit codes meaning the child was killed by the system (POSIX: -SIGKILL; shells: 128 + 9).
@@ -104,7 +122,9 @@ _KILLED_BY_MEMORY = (-9, 137)
 
 
 def describe_failure(exit_code: int, error_message: str | None,
-                     stderr_tail: Sequence[str] = ()) -> str:
+                     stderr_tail: Sequence[str] = (), *,
+                     advice: Mapping[int, str] = EXIT_CODE_ADVICE,
+                     program: str = "segmentation") -> str:
     """A message for the GUI: what went wrong and what to do.
 
     Parameters
@@ -112,20 +132,24 @@ def describe_failure(exit_code: int, error_message: str | None,
     exit_code:
         The child's exit code.
     error_message:
-        Its ``hrpqct segment: error:`` message, if it printed one.
+        Its ``hrpqct <command>: error:`` message, if it printed one.
     stderr_tail:
         Its last stderr lines, shown when there is no error message (e.g. a crash).
+    advice:
+        What to do, by exit code (:data:`EXIT_CODE_ADVICE`, :data:`RADIOMICS_EXIT_CODE_ADVICE`).
+    program:
+        What the process does, for the messages ("segmentation", "feature extraction").
     """
     if exit_code in _KILLED_BY_MEMORY:
-        return ("The segmentation process was killed by the system, most often because the "
+        return (f"The {program} process was killed by the system, most often because the "
                 "computer ran out of memory. Close other programs, or choose the CPU device "
-                "if the GPU is small, and try again.")
-    advice = EXIT_CODE_ADVICE.get(exit_code, EXIT_CODE_ADVICE[1])
+                "if the GPU is small (fewer worker processes for features), and try again.")
+    what_to_do = advice.get(exit_code, advice[1])
     if error_message:
-        return f"{error_message}\n\n{advice}"
+        return f"{error_message}\n\n{what_to_do}"
     detail = "\n".join(line for line in stderr_tail if line.strip())[-1500:]
     if exit_code == 1 and "ModuleNotFoundError" in detail:
-        advice = ("A Python package the segmenter needs is missing: press Apply again and "
-                  "accept installing the dependencies.")
-    text = f"The segmentation process failed (exit code {exit_code}). {advice}"
+        what_to_do = (f"A Python package the {program} needs is missing: press Apply again "
+                      "and accept installing the dependencies.")
+    text = f"The {program} process failed (exit code {exit_code}). {what_to_do}"
     return f"{text}\n\n{detail}" if detail else text

@@ -28,6 +28,8 @@ _EPILOG = """examples:
   hrpqct radiomics scan.nii.gz regions.nii.gz -o f.csv --regions adipose,myotendinous \\
       --slices 0:168:4 --subject sub-001
   hrpqct radiomics scan.nii.gz regions.nii.gz -o f.csv --mode scan      # 3D, one row/region
+  hrpqct radiomics scan.nii.gz regions.seg.nrrd -o f.csv --classifier model.json \\
+      --classifier-features --probabilities p.json   # only what the classifier needs
 
 Presets: paper (default; 939 features per region and slice, as the paper), complete (1311:
 LoG and LBP-2D contribute). --params FILE uses your own YAML (same layout as the presets in
@@ -66,23 +68,109 @@ def run(args: argparse.Namespace) -> int:
     from HRpQCTRadiomicsEngine.table import write_feature_csv
 
     output = Path(args.output)
-    check_can_write([output], args.overwrite)
-    settings = load_settings(args.params or args.preset)
+    _check_classifier_options(args)
+    outputs = [output, *([Path(args.probabilities)] if args.probabilities else [])]
+    check_can_write(outputs, args.overwrite,
+                    inputs=[args.scan, args.regions_map, *args.classifier])
+    classifiers = _load_classifiers(args.classifier)
+    if args.classifier_features:  # prediction mode: what the classifiers need, their settings
+        settings, features = _classifier_request(classifiers)
+    else:
+        settings, features = load_settings(args.params or args.preset), None
     scan = read_scan(args.scan, units=args.units, calibration=calibration_from_args(args))
-    regions_map = read_region_map(args.regions_map, scan.hu.shape)
+    regions_map = read_region_map(args.regions_map, scan)
     table = extract_features(
         scan.hu, regions_map, scan.spacing_mm, settings=settings, mode=args.mode,
-        regions=parse_regions(args.regions),
+        regions=None if features else parse_regions(args.regions), features=features,
         slices=parse_slices(args.slices, scan.n_slices) if args.mode == "slice" else None,
         n_jobs=args.jobs, scan=args.scan_id or scan_id_from_path(args.scan),
         subject=args.subject or "", progress=progress_from_args(args))
     write_feature_csv(output, table, long=args.long)
+    if classifiers:
+        write_probabilities(args.probabilities, classifiers, output)
     n_ok = len(table.ok_rows())
     skipped = len(table.rows) - n_ok
     log.info("%d region result(s) with %d features (settings %s) written to %s; %d skipped "
              "(see the status/reason columns)", n_ok, len(table.feature_names), settings.name,
              output, skipped)
     return 0
+
+
+# --- probabilities (the Slicer module's prediction mode) -----------------------------------
+def _check_classifier_options(args: argparse.Namespace) -> None:
+    if args.classifier_features and not args.classifier:
+        raise HRpQCTError("--classifier-features needs --classifier FILE.")
+    if args.classifier and not args.probabilities:
+        raise HRpQCTError("--classifier needs --probabilities FILE.json (where they go).")
+    if args.classifier and (args.long or args.mode != "slice"):
+        raise HRpQCTError("Classifiers work on per-slice features in the wide CSV: omit "
+                          "--long and --mode scan with --classifier.")
+
+
+def _load_classifiers(paths):
+    if not paths:
+        return []
+    from HRpQCTRadiomicsEngine.model_io import load_classifier
+
+    return [load_classifier(path) for path in paths]
+
+
+def _classifier_request(classifiers):
+    """The settings and per-region features the classifiers need (one extraction for all)."""
+    from HRpQCTRadiomicsEngine.prediction import features_by_region
+
+    if len({c.settings.get("sha256") for c in classifiers}) > 1:
+        raise HRpQCTError("The classifiers were trained with different radiomics settings; "
+                          "run them one at a time.")
+    features: dict[int, list[str]] = {}
+    for classifier in classifiers:
+        for label, names in features_by_region(classifier.features).items():
+            wanted = features.setdefault(label, [])
+            wanted += [name for name in names if name not in wanted]
+    return classifiers[0].radiomics_settings(), features
+
+
+def scan_probabilities(classifiers, rows) -> dict:
+    """Each classifier's osteoporosis probability of one scan, then their unweighted mean.
+
+    Per classifier: its slice probabilities aggregated as it was trained (mean or median);
+    ``overall`` is a summary, not a validated combined model.
+    """
+    from HRpQCTRadiomicsEngine.classification import CAVEAT
+    from HRpQCTRadiomicsEngine.prediction import predict_rows
+
+    for ids in rows.ids:  # one scan: its slices group together even without a subject
+        ids["subject"] = ids["subject"] or ids["scan"]
+    entries = []
+    for classifier in classifiers:
+        prediction = predict_rows(classifier, rows)
+        subject = prediction.subjects[0]
+        entries.append({
+            "classifier": Path(classifier.path).name if classifier.path else classifier.kind,
+            "regions": list(classifier.regions),
+            "slices_used": prediction.slices_of(subject),
+            "probability": float(prediction.subject_probabilities[0]),
+            "aggregation": classifier.aggregation})
+    overall = {"probability": sum(e["probability"] for e in entries) / len(entries),
+               "slices_used": max(e["slices_used"] for e in entries),
+               "note": "unweighted mean of the classifiers above; not a validated combined "
+                       "model"}
+    return {"caveat": CAVEAT, "classifiers": entries, "overall": overall}
+
+
+def write_probabilities(path, classifiers, features_csv) -> None:
+    """:func:`scan_probabilities` of the features just written, as JSON (atomically)."""
+    import json
+
+    from HRpQCTCore.atomic import write_text_atomic
+    from HRpQCTRadiomicsEngine.table import read_feature_csv
+
+    result = scan_probabilities(classifiers, read_feature_csv(features_csv))
+    write_text_atomic(path, json.dumps(result, indent=1) + "\n")
+    for entry in result["classifiers"]:
+        log.info("%s: osteoporosis probability %.3f (%s of %d slice(s))", entry["classifier"],
+                 entry["probability"], entry["aggregation"], entry["slices_used"])
+    log.info("%s", result["caveat"])
 
 
 def add_settings_options(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +205,14 @@ def register(subparsers) -> None:
                    help="long format: one line per feature instead of one column")
     p.add_argument("--scan-id", help="scan identifier in the CSV (default: file name)")
     p.add_argument("--subject", help="subject identifier in the CSV (default empty)")
+    p.add_argument("--classifier", action="append", default=[], metavar="FILE",
+                   help="also the osteoporosis probability of this classifier (.json from "
+                        "train-classifier; repeatable), written to --probabilities")
+    p.add_argument("--classifier-features", action="store_true",
+                   help="extract only what the classifiers need, with the settings they were "
+                        "trained with (instead of --preset/--params and --regions)")
+    p.add_argument("--probabilities", metavar="FILE.json",
+                   help="where the classifiers' probabilities go (JSON, with the caveat)")
     add_units_options(p)
     add_progress_option(p)
     add_overwrite_option(p)
