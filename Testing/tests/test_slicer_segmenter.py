@@ -297,6 +297,19 @@ def test_exit_codes_become_advice():
     assert "bug" in describe_failure(1, None, ["Traceback", "ZeroDivisionError"])
 
 
+def test_every_documented_exit_code_has_advice():
+    # A code without an entry falls back to "this is a bug", which is wrong for a full disk.
+    from HRpQCTCore import errors
+    from HRpQCTCore.background.protocol import EXIT_CODE_ADVICE, RADIOMICS_EXIT_CODE_ADVICE
+
+    codes = {cls.exit_code for cls in vars(errors).values()
+             if isinstance(cls, type) and issubclass(cls, errors.HRpQCTError)}
+    codes -= {7, 130}  # batches only; a cancel is reported as such, not as a failure
+    assert codes <= set(EXIT_CODE_ADVICE), sorted(codes - set(EXIT_CODE_ADVICE))
+    assert codes - {5} <= set(RADIOMICS_EXIT_CODE_ADVICE)
+    assert "disk" in describe_failure(8, None)
+
+
 # ------------------------------------------------------------------------------------------
 # the background process
 # ------------------------------------------------------------------------------------------

@@ -92,6 +92,9 @@ def overall_fraction(update: ProgressUpdate, previous: float = 0.0,
 
 
 #: What to do, by exit code of ``hrpqct segment`` (see :mod:`HRpQCTPipeline.cli`).
+#: Exit code 8 of either command: its temporary output could not be written.
+_OUTPUT_ADVICE = ("The result could not be written to the temporary folder (the disk may be "
+                  "full or not writable): free some space and try again.")
 EXIT_CODE_ADVICE: dict[int, str] = {
     1: "This is a bug in the segmenter: please report it with the log shown below.",
     2: "Check the module's settings (model, device) and try again.",
@@ -103,6 +106,7 @@ EXIT_CODE_ADVICE: dict[int, str] = {
        "drag and drop is already in HU.",
     6: "The segmentation model is missing or damaged: choose a model folder written by "
        "'hrpqct train-segmenter', or reinstall the extension for the bundled model.",
+    8: _OUTPUT_ADVICE,
 }
 #: What to do, by exit code of ``hrpqct radiomics`` (the Radiomics module's process).
 RADIOMICS_EXIT_CODE_ADVICE: dict[int, str] = {
@@ -114,6 +118,7 @@ RADIOMICS_EXIT_CODE_ADVICE: dict[int, str] = {
        "regions (on the volume's slices) and that the volume is in HU.",
     6: "The classifier file is missing or damaged: choose a file written by 'hrpqct "
        "train-classifier', or reinstall the extension for the bundled classifier.",
+    8: _OUTPUT_ADVICE,
 }
 #: Exit code of an ``hrpqct`` command that was cancelled.
 CANCEL_EXIT_CODE = 130
