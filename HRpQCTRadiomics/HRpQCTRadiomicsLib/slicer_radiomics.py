@@ -460,13 +460,22 @@ def fill_feature_table_node(table_node: Any, table: Any) -> Any:
 
 @dataclass
 class ProbabilityRow:
-    """One line of the probability table."""
+    """One line of the probability table; ``probability`` is None when it was withheld
+    because quality control failed for the classifier's regions (``note`` says why)."""
 
     classifier: str
     regions: str
     slices_used: int
-    probability: float
+    probability: float | None
     note: str
+
+
+def _probability_row(classifier: str, regions: str, entry: Mapping[str, Any],
+                     note: str) -> ProbabilityRow:
+    withheld = entry.get("withheld") or entry["probability"] is None
+    return ProbabilityRow(classifier, regions, int(entry["slices_used"]),
+                          None if withheld else float(entry["probability"]),
+                          str(entry.get("withheld_reason", "withheld")) if withheld else note)
 
 
 def probability_rows(result: Mapping[str, Any]) -> list[ProbabilityRow]:
@@ -474,16 +483,16 @@ def probability_rows(result: Mapping[str, Any]) -> list[ProbabilityRow]:
 
     Per classifier: its slice probabilities aggregated as it was trained (mean or median);
     then ``overall``, the unweighted mean of the classifiers' probabilities (with one
-    classifier, the same number) -- a summary, not a validated combined model.
+    classifier, the same number) -- a summary, not a validated combined model. A withheld
+    probability stays withheld: no number, the reason as its note.
     """
-    rows = [ProbabilityRow(str(entry["classifier"]), ", ".join(entry["regions"]),
-                           int(entry["slices_used"]), float(entry["probability"]),
-                           f"{entry['aggregation']} of slice probabilities")
+    rows = [_probability_row(str(entry["classifier"]), ", ".join(entry["regions"]), entry,
+                             f"{entry['aggregation']} of slice probabilities")
             for entry in result["classifiers"]]
     if rows:
         overall = result["overall"]
-        rows.append(ProbabilityRow("overall", "all of the above", int(overall["slices_used"]),
-                                   float(overall["probability"]), str(overall["note"])))
+        rows.append(_probability_row("overall", "all of the above", overall,
+                                     str(overall["note"])))
     return rows
 
 
@@ -518,7 +527,8 @@ def fill_probability_table_node(table_node: Any, rows: Sequence[ProbabilityRow])
     probability.SetName("osteoporosis_probability")
     for r in rows:
         slices.InsertNextValue(r.slices_used)
-        probability.InsertNextValue(r.probability)
+        # a withheld probability is an empty (NaN) cell, never a number
+        probability.InsertNextValue(float("nan") if r.probability is None else r.probability)
     vtk_table.AddColumn(slices)
     vtk_table.AddColumn(probability)
     vtk_table.AddColumn(_string_column("note", [r.note for r in rows]))
@@ -806,7 +816,8 @@ class RadiomicsRun:
         if not self.probabilities:
             return ""
         lines = [f"{RESEARCH_USE}. Osteoporosis probability:"]
-        lines += [f"  {r.classifier} ({r.regions}): {r.probability:.2f}"
+        lines += [f"  {r.classifier} ({r.regions}): "
+                  + (f"{r.probability:.2f}" if r.probability is not None else r.note)
                   for r in self.probabilities]
         lines.append(probability_caveat())
         return "\n".join(lines)

@@ -136,6 +136,40 @@ def test_train_and_classify_commands(tmp_path, radiomics_scan):
                  "--classifier", str(model)]) == 2  # no --probabilities: refused
 
 
+def test_radiomics_withholds_the_probability_when_the_regions_fail_qc(tmp_path,
+                                                                        radiomics_scan):
+    # The Slicer module's prediction mode runs this command: a segmentation without the
+    # tibia (an edit gone wrong) must not give a number, as `hrpqct run` would not.
+    import json
+    from dataclasses import replace
+
+    from HRpQCTCore.regions import region_by_name
+    from HRpQCTRadiomicsEngine.table import write_feature_csv
+
+    tables, labels = _synthetic_tables()
+    features = write_feature_csv(tmp_path / "train.csv", tables)
+    (tmp_path / "labels.csv").write_text(
+        "subject_id,osteoporosis\n" + "".join(f"{k},{v}\n" for k, v in labels.items()))
+    model = tmp_path / "model.json"
+    assert main(["train-classifier", str(features), "--labels", str(tmp_path / "labels.csv"),
+                 "--regions", "adipose", "-o", str(model), "--cv", "3", "--bootstrap", "20",
+                 "--test-fraction", "0.25"]) == 0
+    no_tibia = radiomics_scan.regions.copy()
+    for name in ("tibial_cortical", "tibial_trabecular"):
+        no_tibia[no_tibia == region_by_name(name).label] = 0
+    scan, regions = _write_inputs(tmp_path, replace(radiomics_scan, regions=no_tibia))
+    probabilities = tmp_path / "p.json"
+    assert main(["radiomics", str(scan), str(regions), "-o", str(tmp_path / "f.csv"),
+                 "--classifier", str(model), "--classifier-features", "--probabilities",
+                 str(probabilities), "--jobs", "1", "--progress", "none", "--units",
+                 "hu"]) == 0
+    result = json.loads(probabilities.read_text())
+    [entry] = result["classifiers"]
+    assert entry["probability"] is None and entry["withheld"] is True
+    assert "tibia_missing" in entry["withheld_reason"]
+    assert result["overall"]["probability"] is None and result["overall"]["withheld"]
+
+
 def test_train_refuses_one_class_and_foreign_settings(tmp_path):
     from HRpQCTRadiomicsEngine.table import write_feature_csv
 

@@ -11,6 +11,7 @@ imports nothing heavy.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -368,6 +369,24 @@ def test_prediction_mode_gives_probabilities_with_the_caveat(nodes, tmp_path):
     assert "synthetic" in CAVEAT
     summary = run.probability_summary()
     assert summary.startswith(sr.RESEARCH_USE) and CAVEAT in summary
+
+
+def test_a_withheld_probability_stays_withheld_in_the_table_and_the_summary(nodes):
+    headless, *_ = nodes
+    reason = "withheld: quality control failed for the regions the classifier uses"
+    result = {"caveat": CAVEAT, "overall": {"probability": None, "slices_used": 3,
+                                            "note": "mean", "withheld": True,
+                                            "withheld_reason": reason},
+              "classifiers": [{"classifier": "c.json", "regions": ["adipose"],
+                               "slices_used": 3, "probability": None, "aggregation": "mean",
+                               "withheld": True, "withheld_reason": reason}]}
+    rows = sr.probability_rows(result)
+    assert [r.probability for r in rows] == [None, None]
+    assert all(r.note == reason for r in rows)
+    node = headless.scene.AddNewNodeByClass("vtkMRMLTableNode")
+    table = sr.fill_probability_table_node(node, rows).GetTable()
+    assert math.isnan(table.GetValueByName(0, "osteoporosis_probability").ToDouble())
+    assert table.GetValueByName(0, "note").ToString() == reason
 
 
 # ------------------------------------------------------------------------------------------

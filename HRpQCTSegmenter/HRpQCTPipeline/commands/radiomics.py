@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         subject=args.subject or "", progress=progress_from_args(args))
     write_feature_csv(output, table, long=args.long)
     if classifiers:
-        write_probabilities(args.probabilities, classifiers, output)
+        write_probabilities(args.probabilities, classifiers, output,
+                            warnings=_region_warnings(regions_map, scan))
     n_ok = len(table.ok_rows())
     skipped = len(table.rows) - n_ok
     log.info("%d region result(s) with %d features (settings %s) written to %s; %d skipped "
@@ -130,12 +131,23 @@ def _classifier_request(classifiers):
     return classifiers[0].radiomics_settings(), features
 
 
-def scan_probabilities(classifiers, rows) -> dict:
+def _region_warnings(regions_map, scan) -> list:
+    """The QC warnings of the regions the features come from (as ``hrpqct run`` checks them)."""
+    from HRpQCTPipeline.qc import quality_warnings, region_stats
+
+    return quality_warnings(region_stats(regions_map, scan.spacing_mm, scan.hu))
+
+
+def scan_probabilities(classifiers, rows, warnings=()) -> dict:
     """Each classifier's osteoporosis probability of one scan, then their unweighted mean.
 
     Per classifier: its slice probabilities aggregated as it was trained (mean or median);
-    ``overall`` is a summary, not a validated combined model.
+    ``overall`` is a summary, not a validated combined model. A classifier whose regions
+    fail quality control (``warnings``, see :func:`HRpQCTPipeline.qc.classification_blockers`)
+    gets no number: ``probability`` is None, ``withheld`` True and ``withheld_reason`` says
+    why, exactly as ``hrpqct run`` withholds it.
     """
+    from HRpQCTPipeline.qc import classification_blockers, withheld_reason
     from HRpQCTRadiomicsEngine.classification import CAVEAT
     from HRpQCTRadiomicsEngine.prediction import predict_rows
 
@@ -145,29 +157,45 @@ def scan_probabilities(classifiers, rows) -> dict:
     for classifier in classifiers:
         prediction = predict_rows(classifier, rows)
         subject = prediction.subjects[0]
-        entries.append({
+        entry = {
             "classifier": Path(classifier.path).name if classifier.path else classifier.kind,
             "regions": list(classifier.regions),
             "slices_used": prediction.slices_of(subject),
             "probability": float(prediction.subject_probabilities[0]),
-            "aggregation": classifier.aggregation})
-    overall = {"probability": sum(e["probability"] for e in entries) / len(entries),
+            "aggregation": classifier.aggregation}
+        blockers = classification_blockers(warnings, classifier.regions)
+        if blockers:
+            entry.update(probability=None, withheld=True,
+                         withheld_reason=withheld_reason(blockers))
+        entries.append(entry)
+    return {"caveat": CAVEAT, "classifiers": entries, "overall": _overall(entries)}
+
+
+def _overall(entries: list[dict]) -> dict:
+    kept = [e["probability"] for e in entries if e["probability"] is not None]
+    overall = {"probability": sum(kept) / len(kept) if kept else None,
                "slices_used": max(e["slices_used"] for e in entries),
-               "note": "unweighted mean of the classifiers above; not a validated combined "
-                       "model"}
-    return {"caveat": CAVEAT, "classifiers": entries, "overall": overall}
+               "note": "unweighted mean of the classifiers above that were not withheld; not "
+                       "a validated combined model"}
+    if not kept:
+        overall.update(withheld=True, withheld_reason=entries[0]["withheld_reason"])
+    return overall
 
 
-def write_probabilities(path, classifiers, features_csv) -> None:
+def write_probabilities(path, classifiers, features_csv, warnings=()) -> None:
     """:func:`scan_probabilities` of the features just written, as JSON (atomically)."""
     import json
 
     from HRpQCTCore.atomic import write_text_atomic
     from HRpQCTRadiomicsEngine.table import read_feature_csv
 
-    result = scan_probabilities(classifiers, read_feature_csv(features_csv))
+    result = scan_probabilities(classifiers, read_feature_csv(features_csv), warnings)
     write_text_atomic(path, json.dumps(result, indent=1) + "\n")
     for entry in result["classifiers"]:
+        if entry["probability"] is None:
+            log.warning("%s: osteoporosis probability %s", entry["classifier"],
+                        entry["withheld_reason"])
+            continue
         log.info("%s: osteoporosis probability %.3f (%s of %d slice(s))", entry["classifier"],
                  entry["probability"], entry["aggregation"], entry["slices_used"])
     log.info("%s", result["caveat"])
