@@ -135,6 +135,7 @@ def test_parallel_workers_give_identical_rows(radiomics_scan):
         assert a.features == b.features
 
 
+@pytest.mark.slow  # over 20 s on 2 loaded cores
 def test_scan_mode_is_3d_and_equals_direct_call(radiomics_scan):
     s = radiomics_scan
     table = extract_features(s.hu, s.regions, s.spacing_mm, mode="scan", regions=[4, 5],

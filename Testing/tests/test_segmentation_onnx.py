@@ -214,6 +214,7 @@ def _run_blocked(code: str, tmp_path, timeout: int = 600) -> subprocess.Complete
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slow  # over 20 s on 2 loaded cores
 def test_segmenting_needs_no_torch(bundled_folder, phantom_hu, tmp_path):
     np.save(tmp_path / "hu.npy", phantom_hu)
     expected = run_segmentation(phantom_hu, bundled_folder, device="cpu", engine="torch",
@@ -239,6 +240,7 @@ def test_segmenting_needs_no_torch(bundled_folder, phantom_hu, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), expected)
 
 
+@pytest.mark.slow  # over 20 s on 2 loaded cores
 def test_the_segment_command_needs_no_torch(small_phantom, tmp_path):
     from HRpQCTCore.io import read_label_map, write_scan
 

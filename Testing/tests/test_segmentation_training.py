@@ -75,6 +75,7 @@ def test_augmented_patches_keep_image_and_labels_aligned():
     assert hu[y.numpy() == 0].mean() < -500
 
 
+@pytest.mark.slow  # over 20 s on 2 loaded cores
 @pytest.mark.parametrize("architecture", ["segformer", "unet"])
 def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path, architecture):
     from HRpQCTSegmentationEngine.model import load_model
@@ -97,6 +98,7 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path, arc
     assert meta["training"]["training_config"]["architecture"] == architecture
 
 
+@pytest.mark.slow  # over 20 s on 2 loaded cores
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     train_data, val_data = _toy_slices(8, seed=1), _toy_slices(3, seed=2)
     config = TrainingConfig(architecture="unet", crop_px=32, batch_size=2, epochs=2,
