@@ -19,10 +19,11 @@ For segmenting without torch (ONNX Runtime alone). Two operations are needed:
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["resize_bicubic_antialias", "bilinear_upsample_rows_cols"]
+__all__ = ["resize_bicubic_antialias", "bilinear_upsample_rows_cols", "linear_weights"]
 
 _F32 = np.float32
 _F64 = np.float64
@@ -95,26 +96,48 @@ def resize_bicubic_antialias(image: np.ndarray, size_yx: tuple[int, int]) -> np.
 # ------------------------------------------------------------------------------------------
 # Bilinear (upsampling the logits)
 # ------------------------------------------------------------------------------------------
-def _linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, ...]:
-    """``(i0, i1, w0, w1)`` per output index, as torch's ``compute_indices_weights_linear``."""
+@lru_cache(maxsize=16)
+def linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, ...]:
+    """``(i0, i1, w0, w1)`` per output index, as torch's ``compute_indices_weights_linear``.
+
+    Cached (every slice of a scan, and every band of a slice, uses the same ones), so the
+    arrays are read-only.
+    """
     scale = np.full(n_out, _F32(n_in) / _F32(n_out), dtype=_F32)
     half = np.arange(n_out, dtype=_F32) + _F32(0.5)
     real = np.maximum(_fma(scale, half, np.full(n_out, -0.5, dtype=_F32)), _F32(0))
     i0 = np.minimum(real.astype(np.int64), n_in - 1)
     i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
     w1 = np.clip(real - i0.astype(_F32), _F32(0), _F32(1)).astype(_F32)
-    return i0, i1, (_F32(1) - w1).astype(_F32), w1
+    arrays = (i0, i1, (_F32(1) - w1).astype(_F32), w1)
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
+
+
+def _fma_rows(top: np.ndarray, h0: np.ndarray, bottom_h1: np.ndarray) -> np.ndarray:
+    """:func:`_fma` of ``top * h0[:, None] + bottom_h1`` with one float64 buffer instead of
+    three (the same operations, so the same bits)."""
+    acc = top.astype(_F64)
+    acc *= h0.astype(_F64)[:, None]  # exact: a product of two float32 fits a float64
+    acc += bottom_h1  # converted exactly to float64, then one rounding
+    return acc.astype(_F32)
 
 
 def bilinear_upsample_rows_cols(plane: np.ndarray, size_yx: tuple[int, int],
                                 rows: slice, cols: slice) -> np.ndarray:
     """``interpolate(plane, size_yx, "bilinear", align_corners=False)[rows, cols]``.
 
-    ``plane`` is one float32 ``[h, w]`` channel; only the requested window is computed.
+    ``plane`` is one float32 ``[h, w]`` channel; only the requested window is computed,
+    from the low-resolution rows it needs.
     """
     plane = np.asarray(plane, dtype=_F32)
-    y0, y1, h0, h1 = (a[rows] for a in _linear_weights(plane.shape[0], int(size_yx[0])))
-    x0, x1, w0, w1 = (a[cols] for a in _linear_weights(plane.shape[1], int(size_yx[1])))
-    across = _fma(plane[:, x0], w0, plane[:, x1] * w1)  # [h, len(cols)]: within each row
-    top, bottom = across[y0], across[y1]
-    return _fma(top, h0[:, None], bottom * h1[:, None])
+    y0, y1, h0, h1 = (a[rows] for a in linear_weights(plane.shape[0], int(size_yx[0])))
+    x0, x1, w0, w1 = (a[cols] for a in linear_weights(plane.shape[1], int(size_yx[1])))
+    if y0.size == 0 or x0.size == 0:
+        return np.empty((y0.size, x0.size), dtype=_F32)
+    first = int(y0.min())  # the neighbours are monotonic: only rows first..last are used
+    needed = plane[first:int(y1.max()) + 1]
+    across = _fma(needed[:, x0], w0, needed[:, x1] * w1)  # within each row
+    top, bottom = across[y0 - first], across[y1 - first]
+    return _fma_rows(top, h0, bottom * h1[:, None])

@@ -10,7 +10,7 @@ from HRpQCTCore.io import read_scan
 from HRpQCTPipeline.cli import main
 
 
-def test_demo_makes_reads_converts_segments_and_reports_the_example(tmp_path, capsys):
+def test_demo_makes_reads_segments_and_reports_the_example(tmp_path, capsys):
     from HRpQCTSegmentationEngine.model import build_model, save_model
     from HRpQCTSegmentationEngine.preprocessing import PreprocessingConfig
 
@@ -23,8 +23,10 @@ def test_demo_makes_reads_converts_segments_and_reports_the_example(tmp_path, ca
     printed = capsys.readouterr().out
     assert "research use only" in printed and "report:" in printed
     summary = json.loads((out / "demo_summary.json").read_text(encoding="utf-8"))
-    converted = read_scan(summary["converted"])
-    assert converted.shape == (2, 1600, 1600)
+    assert read_scan(summary["example"]).shape == (2, 1600, 1600)
+    # Only the files a user looks at: no NIfTI copy of the example (hrpqct convert makes one).
+    assert "converted" not in summary and not list(out.glob("example_scan_hu*"))
+    assert "hrpqct convert" in printed
     assert (out / "example_regions.seg.nrrd").is_file()
     assert set(summary["region_volumes_mm3"]) >= {"skin", "adipose", "myotendinous"}
     for name in ("example_regions.nii.gz", "example_features.csv", "example_report.html",

@@ -1,10 +1,13 @@
 """``hrpqct demo``: run the main job on the bundled example scan.
 
 The example (:mod:`HRpQCTPhantom.example`) is written as a Scanco AIM when the installed Scanco
-library can write one (else NIfTI), then read back like any user scan, so the demo exercises the
-same path as real data. Step 3 is ``hrpqct run`` on that file. Without the radiomics engine
-installed, only the segmentation runs; missing bundled artefacts (model, classifier) are
-reported and their steps skipped.
+library can write one (else NIfTI), then ``hrpqct run`` reads it like any user scan (so the demo
+exercises the same path as real data) and writes the regions, features, probability and report.
+The demo writes only what a user looks at: the example scan, its true regions and the run's
+outputs. It used to convert the example to a gzipped NIfTI copy too (660 MB and ~30 s for the
+full example, read by nothing; ``hrpqct convert`` makes one), and to read the whole scan once
+more just to print its size. Without the radiomics engine installed, only the segmentation
+runs; missing bundled artefacts (model, classifier) are reported and their steps skipped.
 """
 
 from __future__ import annotations
@@ -53,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     writes_aim = hasattr(io, "write_scan_aim")
     example = out / ("example_scan.AIM" if writes_aim else "example_scan.nii.gz")
     truth = out / "example_truth_regions.nii.gz"
-    converted = out / "example_scan_hu.nii.gz"
-    check_can_write([example, truth, converted], args.overwrite)
+    check_can_write([example, truth], args.overwrite)
     if writes_aim:
         io.write_scan_aim(phantom.scan, example)
     else:
@@ -63,57 +65,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"   wrote {example.name} and its 7-region truth ({time.perf_counter() - t:.1f} s)")
     del phantom
 
-    t = _step("2. reading it as a user scan and converting to NIfTI in HU")
-    scan = io.read_scan(example)
-    io.write_scan(scan, converted, dtype="int16")  # whole HU: half the size of float32
-    hu = scan.hu
-    print(f"   {scan.shape[0]} x {scan.shape[1]} x {scan.shape[2]} voxels of "
-          f"{scan.spacing_mm[2] * 1000:.1f} um, HU {float(hu.min()):.0f}..{float(hu.max()):.0f},"
-          f" units on disk: {scan.metadata.get('units_on_disk', '?')} "
-          f"({time.perf_counter() - t:.1f} s)")
-
-    summary: dict = {"example": str(example), "converted": str(converted)}
+    summary: dict = {"example": str(example), "truth": str(truth)}
     try:
         from HRpQCTPipeline.pipeline import RunSettings, ScanJob, run_scan
     except ImportError:  # the segmentation engine alone: segment, no features or report
-        del hu
-        _segment_only(args, scan, out, summary)
+        _segment_only(args, io.read_scan(example), out, summary)
     else:
-        del scan, hu
-        t = _step("3. the whole job (hrpqct run): seven regions, features, probability, "
-                  "QC report")
-        from HRpQCTCore.cli_options import progress_from_args
-
-        settings = RunSettings(model=args.model, classifier=args.classifier,
-                               features=args.features, slice_step=args.slice_step)
-        if args.slice_step > 1:
-            print(f"   features on every {args.slice_step}th slice to keep the demo short "
-                  "(hrpqct run uses all slices unless told otherwise)")
-        result = run_scan(ScanJob(scan=example, scan_id="example"), out, settings,
-                          overwrite=args.overwrite, progress=progress_from_args(args))
-        for message in result.skipped:
-            print(f"   {message}")
-        summary["region_volumes_mm3"] = {k: round(v, 1) for k, v in result.volumes_mm3.items()}
-        summary["warnings"] = result.warnings
-        summary["probability"] = result.probability
-        summary["outputs"] = result.outputs
-        if result.volumes_mm3:
-            from HRpQCTCore.regions import REGIONS
-
-            for r in REGIONS:
-                print(f"   {r.name:26s} {result.volumes_mm3[r.key]:10.1f} mm3")
-        for warning in result.warnings:
-            print(f"   WARNING ({warning['code']}): {warning['message']}")
-        if result.probability is not None:
-            print(f"   osteoporosis probability {result.probability:.3f}")
-        elif result.probability_withheld:
-            print(f"   osteoporosis probability {result.probability_withheld}")
-        if "regions_seg_nrrd" in result.outputs:
-            print(f"   {Path(result.outputs['regions_seg_nrrd']).name}: open it in 3D Slicer")
-        if "report" in result.outputs:
-            print(f"   report: {result.outputs['report']}")
-        print(f"   ({time.perf_counter() - t:.1f} s)")
-
+        _run_job(args, example, out, summary, RunSettings, ScanJob, run_scan)
     summary_path = out / "demo_summary.json"
     from HRpQCTCore.atomic import write_text_atomic
 
@@ -124,12 +82,54 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_job(args: argparse.Namespace, example: Path, out: Path, summary: dict,
+             RunSettings, ScanJob, run_scan) -> None:  # noqa: N803 (classes passed in)
+    """Step 2: ``hrpqct run`` on the example file, read like a user scan."""
+    from HRpQCTCore.cli_options import progress_from_args
+
+    t = _step(f"2. the whole job (hrpqct run) on {example.name}, read like a user scan: "
+              "seven regions, features, probability, QC report")
+    settings = RunSettings(model=args.model, classifier=args.classifier,
+                           features=args.features, slice_step=args.slice_step,
+                           accept_unusual_scan=args.accept_unusual_scan,
+                           uncertainty=args.uncertainty)
+    if args.slice_step > 1:
+        print(f"   features on every {args.slice_step}th slice to keep the demo short "
+              "(hrpqct run uses all slices unless told otherwise)")
+    result = run_scan(ScanJob(scan=example, scan_id="example"), out, settings,
+                      overwrite=args.overwrite, progress=progress_from_args(args))
+    for message in result.skipped:
+        print(f"   {message}")
+    summary["region_volumes_mm3"] = {k: round(v, 1) for k, v in result.volumes_mm3.items()}
+    summary["warnings"] = result.warnings
+    summary["probability"] = result.probability
+    summary["outputs"] = result.outputs
+    if result.volumes_mm3:
+        from HRpQCTCore.regions import REGIONS
+
+        for r in REGIONS:
+            print(f"   {r.name:26s} {result.volumes_mm3[r.key]:10.1f} mm3")
+    for warning in result.warnings:
+        print(f"   WARNING ({warning['code']}): {warning['message']}")
+    if result.probability is not None:
+        print(f"   osteoporosis probability {result.probability:.3f}")
+    elif result.probability_withheld:
+        print(f"   osteoporosis probability {result.probability_withheld}")
+    if "regions_seg_nrrd" in result.outputs:
+        print(f"   {Path(result.outputs['regions_seg_nrrd']).name}: open it in 3D Slicer")
+    if "report" in result.outputs:
+        print(f"   report: {result.outputs['report']}")
+    print(f"   ({time.perf_counter() - t:.1f} s)")
+    print(f"   the scan in NIfTI (HU), if wanted: hrpqct convert {example} "
+          f"{out / 'example_scan_hu.nii.gz'}")
+
+
 def _segment_only(args: argparse.Namespace, scan, out: Path, summary: dict) -> None:
-    """Step 3 without the radiomics engine installed: segmentation only."""
+    """Step 2 without the radiomics engine installed: segmentation only."""
     from HRpQCTCore.errors import ArtefactError
     from HRpQCTSegmentationEngine.bundled import resolve_model_folder
 
-    t = _step("3. segmenting into the seven regions")
+    t = _step("2. segmenting into the seven regions")
     try:
         folder = resolve_model_folder(args.model)
     except ArtefactError as exc:
@@ -176,6 +176,9 @@ def register(subparsers) -> None:
     p.add_argument("--slice-step", type=int, default=DEMO_SLICE_STEP,
                    help="features of every n-th slice (default %(default)s, to keep the demo "
                         "within minutes; 1: all)")
+    from HRpQCTPipeline.commands.run import add_trust_options
+
+    add_trust_options(p)
     add_progress_option(p)
     add_overwrite_option(p)
     p.set_defaults(func=run)
