@@ -29,13 +29,16 @@ __all__ = [
     "quality_warnings",
     "SCAN_WIDE_CODES",
     "classification_blockers",
+    "uncertainty_summary",
+    "plausibility_warning",
     "withheld_reason",
 ]
 
 #: Warnings that make every region suspect: without a tibia (or fibula) the scan may not be a
 #: distal leg at the model's voxel size, and the soft-tissue regions are built around the
-#: bones; a low network confidence means the model was unsure of the whole segmentation.
-SCAN_WIDE_CODES = ("tibia_missing", "fibula_missing", "low_confidence")
+#: bones; a low network confidence means the model was unsure of the whole segmentation; an
+#: unusual scan (accepted with --accept-unusual-scan) is one the model does not know.
+SCAN_WIDE_CODES = ("tibia_missing", "fibula_missing", "low_confidence", "unusual_scan")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,13 @@ class QCThresholds:
     max_streak_hu:
         Motion index (structured signal in the air around the leg, HU) above this is reported
         as motion-like artefacts.
+    max_slice_uncertainty:
+        Uncertainty signal -> per-slice value above which a slice is "uncertain" (see
+        :mod:`HRpQCTSegmentationEngine.uncertainty`; set on phantoms with induced failures,
+        ``benchmarks/RESULTS.md``, section *Uncertainty*).
+    max_uncertain_slice_fraction:
+        With more than this share of the leg's slices uncertain, the warning concerns the bone
+        regions (so a probability from them is withheld); below it, it only lists the slices.
     """
 
     min_mean_area_mm2: dict[str, float] = field(default_factory=lambda: {
@@ -65,6 +75,9 @@ class QCThresholds:
     min_mean_confidence: float = 0.8
     min_slice_confidence: float = 0.6
     max_streak_hu: float = 5.0
+    max_slice_uncertainty: dict[str, float] = field(default_factory=lambda: {
+        "flip_change": 0.2, "margin": 0.04})
+    max_uncertain_slice_fraction: float = 0.25
 
 
 @dataclass
@@ -253,18 +266,82 @@ def confidence_summary(slice_confidence, slice_foreground_confidence) -> dict[st
     }
 
 
+def uncertainty_summary(method: str, per_slice, signal: str,
+                        thresholds: QCThresholds | None = None) -> dict[str, Any] | None:
+    """The segmentation's per-slice uncertainty and the slices above the warning threshold.
+
+    Parameters
+    ----------
+    method, signal:
+        How it was measured (``flip``: ``flip_change``; ``margin``: ``margin``).
+    per_slice:
+        One value per slice (None/NaN: no bone in the slice).
+
+    Returns
+    -------
+    dict or None
+        ``{"method", "signal", "threshold", "per_slice", "mean", "max", "uncertain_slices"}``;
+        None when nothing was measured.
+    """
+    if method in (None, "none") or per_slice is None:
+        return None
+    t = thresholds or QCThresholds()
+    values = np.array([np.nan if v is None else float(v) for v in per_slice], dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    threshold = t.max_slice_uncertainty.get(signal, math.inf)
+    return {
+        "method": method, "signal": signal, "threshold": threshold,
+        "per_slice": [None if not np.isfinite(v) else float(v) for v in values],
+        "mean": float(finite.mean()) if finite.size else math.nan,
+        "max": float(finite.max()) if finite.size else math.nan,
+        "uncertain_slices": [int(i) for i in np.flatnonzero(np.isfinite(values)
+                                                             & (values > threshold))],
+    }
+
+
+def _uncertainty_warning(uncertainty: dict[str, Any], stats: list[RegionStats],
+                         t: QCThresholds) -> QCWarning | None:
+    slices = uncertainty.get("uncertain_slices") or []
+    if not slices:
+        return None
+    n_leg = max((s.leg_slices for s in stats), default=0) or len(uncertainty["per_slice"])
+    many = len(slices) > t.max_uncertain_slice_fraction * n_leg
+    shown = ", ".join(str(z) for z in slices[:20]) + (" ..." if len(slices) > 20 else "")
+    what = ("the bone regions' features (and a probability from them) are not trustworthy"
+            if many else "check these slices; their features may be wrong")
+    return QCWarning(
+        "uncertain_slices",
+        f"The model is uncertain in {len(slices)} slice(s): {shown} ({uncertainty['signal']} "
+        f"above {uncertainty['threshold']:g}); {what}. Review the segmentation there.",
+        tuple(k for keys in _BONE_REGIONS.values() for k in keys) if many else ())
+
+
+def plausibility_warning(plausibility: dict[str, Any] | None) -> QCWarning | None:
+    """``unusual_scan`` for a scan the plausibility check refused but the user accepted."""
+    if not plausibility or not plausibility.get("accepted_anyway"):
+        return None
+    found = "; ".join(p["message"] for p in plausibility.get("problems", []))
+    return QCWarning(
+        "unusual_scan",
+        f"Unusual scan, accepted with --accept-unusual-scan: {found}. The model was trained on "
+        "distal tibia/fibula HR-pQCT scans only; its segmentation here is unverified.")
+
+
 def quality_warnings(stats: list[RegionStats], *, confidence: dict[str, Any] | None = None,
                      motion: dict[str, Any] | None = None,
                      postprocess_warnings: list[str] | None = None,
-                     thresholds: QCThresholds | None = None) -> list[QCWarning]:
+                     thresholds: QCThresholds | None = None,
+                     uncertainty: dict[str, Any] | None = None,
+                     plausibility: dict[str, Any] | None = None) -> list[QCWarning]:
     """The warnings a reader of the report must see, most serious first.
 
-    Codes: ``fibula_missing``, ``tibia_missing``, ``region_small``, ``region_missing_slices``,
-    ``low_confidence``, ``motion``, ``postprocess`` (post-processing's own messages).
+    Codes: ``unusual_scan``, ``fibula_missing``, ``tibia_missing``, ``region_small``,
+    ``region_missing_slices``, ``low_confidence``, ``uncertain_slices``, ``motion``,
+    ``postprocess`` (post-processing's own messages).
     """
     t = thresholds or QCThresholds()
     by_key = {s.key: s for s in stats}
-    out: list[QCWarning] = []
+    out: list[QCWarning] = [w for w in (plausibility_warning(plausibility),) if w]
     missing_bones = set()
     for bone, keys in _BONE_REGIONS.items():
         if all(by_key[k].voxels == 0 for k in keys):
@@ -303,6 +380,8 @@ def quality_warnings(stats: list[RegionStats], *, confidence: dict[str, Any] | N
                 f"{t.min_mean_confidence:.2f}); {len(low)} slice(s) below "
                 f"{t.min_slice_confidence:.2f}{first}. Review the segmentation before using "
                 "its features."))
+    if uncertainty is not None:
+        out += [w for w in (_uncertainty_warning(uncertainty, stats, t),) if w]
     if motion is not None:
         index = motion.get("median_hu", math.nan)
         if index is not None and not math.isnan(index) and index > t.max_streak_hu:

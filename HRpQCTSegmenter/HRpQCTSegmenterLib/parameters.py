@@ -95,6 +95,9 @@ class SegmenterParameters:
     density_intercept: float = node_field("densityIntercept",
                                           _DEFAULT_CALIBRATION.density_intercept,
                                           value_range=CALIBRATION_RANGES["density_intercept"])
+    #: Segment even a scan the plausibility check refuses as not a distal tibia/fibula
+    #: HR-pQCT scan (``hrpqct segment --accept-unusual-scan``); the result is flagged.
+    accept_unusual_scan: bool = node_field("acceptUnusualScan", False)
 
     @classmethod
     def from_parameter_node(cls, parameter_node: Any) -> SegmenterParameters:
@@ -211,6 +214,8 @@ def build_segment_command(python: str | os.PathLike, input_path: str | os.PathLi
             command.append(f"{option}={float(getattr(calibration, name))!r}")
     if parameters.model == "folder":
         command += ["--model", str(parameters.model_folder)]
+    if parameters.accept_unusual_scan:
+        command.append("--accept-unusual-scan")
     if qc_json is not None:
         command += ["--qc-json", str(qc_json)]
     return command

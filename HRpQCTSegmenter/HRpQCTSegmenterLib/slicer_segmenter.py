@@ -117,6 +117,8 @@ class SegmentationRun:
         self.process: BackgroundProcess | None = None
         self.state = JobState.NOT_STARTED
         self.message = ""
+        #: The process's quality report (``hrpqct segment --qc-json``), once loaded.
+        self.quality: dict[str, Any] = {}
         self._work_dir: Path | None = None
 
     # -- choosing the output ---------------------------------------------------------------
@@ -149,7 +151,15 @@ class SegmentationRun:
         """The command line for ``input_path`` (units resolved from the volume node)."""
         parameters = replace(self.parameters,
                              units=effective_units(self.parameters, self.input_volume_node))
-        return build_segment_command(self._python, input_path, self.output_path, parameters)
+        return build_segment_command(self._python, input_path, self.output_path, parameters,
+                                     qc_json=self.qc_path)
+
+    @property
+    def qc_path(self) -> Path:
+        """The quality report the process writes beside the result (confidence, uncertainty
+        and warnings per slice)."""
+        assert self._work_dir is not None, "start() first"
+        return self._work_dir / "qc.json"
 
     def start(self) -> SegmentationRun:
         """Write the input and start the background process; returns self."""
@@ -257,7 +267,9 @@ class SegmentationRun:
         self.segmentation_node = node
         self.state = JobState.SUCCEEDED
         seconds = self.process.seconds if self.process is not None else 0.0
-        self.message = f"Done in {seconds:.0f} s: {node.GetName()}."
+        self.quality = read_quality(self.qc_path)
+        self.message = " ".join([f"Done in {seconds:.0f} s: {node.GetName()}.",
+                                 *quality_notes(self.quality)])
         self.process.fraction = LOADING_SPAN[1] if self.process is not None else 1.0
 
     def _cleanup(self) -> None:
@@ -272,6 +284,36 @@ class SegmentationRun:
 # ------------------------------------------------------------------------------------------
 # what the module's Logic calls
 # ------------------------------------------------------------------------------------------
+def read_quality(path: Path) -> dict[str, Any]:
+    """The quality report the segment command wrote, or ``{}`` when it wrote none."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def quality_notes(quality: Mapping[str, Any]) -> list[str]:
+    """What the status line must say about a result: its warnings and the slices whose
+    uncertainty is above the quality-control threshold (to review first), in words."""
+    from HRpQCTPipeline.qc import uncertainty_summary
+
+    notes = [f"Warning: {message}" for message in quality.get("warnings", [])]
+    per_slice = quality.get("slice_uncertainty")
+    if per_slice:
+        summary = uncertainty_summary(quality.get("uncertainty_method", ""),
+                                      [float("nan") if v is None else v for v in per_slice],
+                                      quality.get("uncertainty_signal") or "")
+        uncertain = (summary or {}).get("uncertain_slices", [])
+        if uncertain:
+            shown = ", ".join(str(i) for i in uncertain[:12]) + (" ..." if len(uncertain) > 12
+                                                                  else "")
+            notes.append(f"The model is unsure on {len(uncertain)} slice(s) ({shown}; "
+                         "counted from 0): review them first.")
+    return notes
+
+
 def start_segmentation(scene: Any, input_volume_node: Any, output_segmentation_node: Any = None,
                        parameters: SegmenterParameters | None = None, *,
                        confirm_replace: ConfirmReplace | None = None,

@@ -52,7 +52,7 @@ WRAPPER_RESERVED = {"allParameters", "default", "isCached", "dataType", "getValu
 def test_the_segmenter_schema_names_every_node_field_with_its_choices_and_range():
     fields = {node.node_name: node for node in node_fields(SegmenterParameters)}
     assert list(fields) == ["inputUnits", "model", "modelFolder", "device", "muScaling",
-                            "muWater", "densitySlope", "densityIntercept"]
+                            "muWater", "densitySlope", "densityIntercept", "acceptUnusualScan"]
     assert [f.name for f in dataclasses.fields(SegmenterParameters)] == [
         node.field_name for node in fields.values()]  # every choice lives on the node
     assert fields["inputUnits"].choices == UNITS_CHOICES
@@ -74,8 +74,8 @@ def test_the_generated_base_is_what_the_wrapper_reads():
         "__annotations__": {"inputVolume": str, "show3D": bool}, "show3D": True})
 
     hints = typing.get_type_hints(ParameterNode, include_extras=True)
-    assert list(hints)[:8] == [node.node_name for node in node_fields(SegmenterParameters)]
-    assert list(hints)[8:] == ["inputVolume", "show3D"]
+    assert list(hints)[:9] == [node.node_name for node in node_fields(SegmenterParameters)]
+    assert list(hints)[9:] == ["inputVolume", "show3D"]
     assert hints["muWater"] == Annotated[float, PlainDefault(SegmenterParameters().mu_water),
                                          PlainRange(*CALIBRATION_RANGES["mu_water"])]
     assert hints["inputUnits"] == Annotated[str, PlainDefault("auto"),
@@ -101,7 +101,8 @@ def test_slicer_s_markers_are_called_with_the_schema_s_values():
 def test_a_parameter_node_reads_back_into_the_schema():
     node = SimpleNamespace(inputUnits="density", model="folder", modelFolder=None,
                            device="cpu", muScaling=4096.0, muWater=0.2347,
-                           densitySlope=1600.0, densityIntercept=-390.5)
+                           densitySlope=1600.0, densityIntercept=-390.5,
+                           acceptUnusualScan=False)
     assert SegmenterParameters.from_parameter_node(node) == SegmenterParameters(
         units="density", model="folder", model_folder="", device="cpu", mu_scaling=4096.0,
         mu_water=0.2347, density_slope=1600.0, density_intercept=-390.5)

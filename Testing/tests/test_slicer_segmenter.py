@@ -159,6 +159,9 @@ def test_command_line_carries_every_choice(tmp_path):
     assert SegmenterParameters(device="gpu").device_argument("darwin") == "mps"
     assert SegmenterParameters(device="gpu").device_argument("linux") == "cuda"
     assert "--model" not in build_segment_command("py", "a", "b", SegmenterParameters())
+    assert "--accept-unusual-scan" not in command  # refusing unusual scans is the default
+    assert "--accept-unusual-scan" in build_segment_command(
+        "py", "a", "b", SegmenterParameters(accept_unusual_scan=True))
 
 
 def test_parameter_problems_say_what_to_do(tmp_path):
@@ -604,8 +607,10 @@ def test_real_segment_command_in_a_background_process(mrml_scene, tiny_model_fol
     progress = []
     run = SegmentationRun(
         mrml_scene.scene, volume, None,
+        # a 128 px toy phantom at 0.76 mm is no HR-pQCT scan: the plausibility check would
+        # refuse it, which is what the panel's override is for
         SegmenterParameters(units="hu", model="folder", model_folder=str(tiny_model_folder),
-                            device="cpu"),
+                            device="cpu", accept_unusual_scan=True),
         python=sys.executable, env=engine_environment(ENGINE_PARENT), show_3d=False).start()
     deadline = time.monotonic() + 240
     while run.poll() == JobState.RUNNING and time.monotonic() < deadline:
@@ -620,3 +625,19 @@ def test_real_segment_command_in_a_background_process(mrml_scene, tiny_model_fol
                                                          volume)
     assert labels.shape == phantom.scan.shape
     assert set(np.unique(labels)) <= {0, *(r.label for r in regions.REGIONS)}
+    # the process's quality report came back with the result (the status line uses it)
+    assert len(run.quality["slice_uncertainty"]) == phantom.scan.shape[0]
+    assert run.quality["uncertainty_signal"] == "margin"
+
+
+def test_the_status_line_names_the_uncertain_slices_and_the_warnings():
+    from HRpQCTSegmenterLib.slicer_segmenter import quality_notes
+
+    quality = {"warnings": ["The fibula was not found."], "uncertainty_method": "margin",
+               "uncertainty_signal": "margin", "slice_uncertainty": [0.01, 0.3, None, 0.2]}
+    notes = quality_notes(quality)
+    assert notes[0] == "Warning: The fibula was not found."
+    assert "unsure on 2 slice(s) (1, 3;" in notes[1]
+    assert quality_notes({"slice_uncertainty": [0.0, 0.01], "uncertainty_signal": "margin",
+                          "uncertainty_method": "margin"}) == []
+    assert quality_notes({}) == []  # an older engine that wrote no report

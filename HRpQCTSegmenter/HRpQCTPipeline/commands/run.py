@@ -84,6 +84,7 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
                        help="disable the exact folded decoder")
     group.add_argument("--postprocess-preset", choices=("default", "paper"), default="default",
                        help="post-processing settings (as `hrpqct segment --preset`)")
+    add_trust_options(group)
     group = parser.add_argument_group("radiomics")
     group.add_argument("--features", choices=FEATURE_SETS, default="auto",
                        help="feature set (default %(default)s; see below)")
@@ -101,6 +102,22 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     add_overwrite_option(parser)
 
 
+def add_trust_options(parser) -> None:
+    """``--accept-unusual-scan`` and ``--uncertainty`` (segment, run, batch, demo)."""
+    from HRpQCTSegmentationEngine.uncertainty import DEFAULT_UNCERTAINTY, UNCERTAINTY_METHODS
+
+    parser.add_argument(
+        "--accept-unusual-scan", action="store_true",
+        help="segment a scan that does not look like a distal tibia/fibula HR-pQCT scan "
+             "(refused by default with exit code 4; the results then carry an "
+             "'unusual_scan' warning and no probability)")
+    parser.add_argument(
+        "--uncertainty", choices=UNCERTAINTY_METHODS, default=DEFAULT_UNCERTAINTY,
+        help="per-slice model uncertainty for the QC (default %(default)s): flip = a second, "
+             "mirrored network pass (about twice the segmentation time), margin = free but "
+             "weaker, none = off. Labels are the same with every choice")
+
+
 def settings_from_args(args: argparse.Namespace):
     """:class:`~HRpQCTPipeline.pipeline.RunSettings` from the shared options."""
     from HRpQCTPipeline.pipeline import RunSettings
@@ -110,7 +127,8 @@ def settings_from_args(args: argparse.Namespace):
         preset=args.preset, params=args.params, postprocess=args.postprocess_preset,
         device=args.device, engine=args.engine, batch_size=args.batch_size,
         fast=not args.no_fast, units=args.units, calibration=calibration_from_args(args),
-        jobs=args.jobs, slice_step=args.slice_step, report=not args.no_report)
+        jobs=args.jobs, slice_step=args.slice_step, report=not args.no_report,
+        accept_unusual_scan=args.accept_unusual_scan, uncertainty=args.uncertainty)
 
 
 def keep_console_quiet() -> None:

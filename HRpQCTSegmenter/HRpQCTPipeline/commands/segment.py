@@ -21,6 +21,7 @@ from HRpQCTCore.cli_options import (
     progress_from_args,
 )
 from HRpQCTCore.errors import HRpQCTError, InputFileError
+from HRpQCTPipeline.commands.run import add_trust_options
 from HRpQCTSegmentationEngine.bundled import resolve_model_folder
 
 if TYPE_CHECKING:
@@ -63,7 +64,9 @@ def run_segment(args: argparse.Namespace) -> int:
     from HRpQCTCore.io import label_map_format, read_scan, write_label_image, write_label_map
     from HRpQCTSegmentationEngine.inference import run_segmentation
     from HRpQCTSegmentationEngine.limits import check_device, require_segmentation_memory
+    from HRpQCTSegmentationEngine.plausibility import require_plausible_scan
     from HRpQCTSegmentationEngine.postprocess import postprocess
+    from HRpQCTSegmentationEngine.uncertainty import SIGNAL_OF_METHOD
 
     output = Path(args.output)
     outputs = [output] + ([Path(args.rings)] if args.rings else []) + (
@@ -79,8 +82,12 @@ def run_segment(args: argparse.Namespace) -> int:
     scan = read_scan(args.input, units=args.units, calibration=calibration_from_args(args))
     if not args.classes_only:  # refuse before the network runs, not after
         require_segmentation_memory(scan.shape, scan.spacing_mm, _postprocess_config(args))
+    # a metal foam or a mask would be segmented confidently and wrongly: refuse it first
+    plausibility = require_plausible_scan(scan.hu, scan.spacing_mm,
+                                          accept_unusual=args.accept_unusual_scan)
     seg = run_segmentation(scan.hu, folder, batch_size=args.batch_size, device=args.device,
-                           fast=not args.no_fast, engine=args.engine, progress=progress)
+                           fast=not args.no_fast, engine=args.engine, progress=progress,
+                           uncertainty=args.uncertainty)
     labels, warnings = seg.labels, []
     if not args.classes_only:
         config = _postprocess_config(args)
@@ -92,12 +99,19 @@ def run_segment(args: argparse.Namespace) -> int:
     write_label_map(labels, scan, output, segments=_segments(args.classes_only))
     if args.qc_json:
         from HRpQCTCore.atomic import write_text_atomic
+        from HRpQCTSegmentationEngine.model_card import identity_for_qc
 
-        qc = {"model": str(folder), "device": seg.device, "engine": seg.engine,
+        qc = {"model": str(folder), "model_identity": identity_for_qc(folder),
+              "device": seg.device, "engine": seg.engine,
               "seconds": seg.seconds, "warnings": warnings,
               "slice_confidence": [float(v) for v in seg.slice_confidence],
               "slice_foreground_confidence": [
-                  None if np.isnan(v) else float(v) for v in seg.slice_foreground_confidence]}
+                  None if np.isnan(v) else float(v) for v in seg.slice_foreground_confidence],
+              "plausibility": plausibility.to_dict(),
+              "uncertainty_method": seg.uncertainty_method,
+              "uncertainty_signal": SIGNAL_OF_METHOD.get(seg.uncertainty_method),
+              "slice_uncertainty": None if seg.slice_uncertainty is None else [
+                  None if np.isnan(v) else float(v) for v in seg.slice_uncertainty]}
         write_text_atomic(Path(args.qc_json), json.dumps(qc, indent=2))
     # The post-processing warnings were logged when found; logging them here again would
     # print each twice.
@@ -172,17 +186,30 @@ def run_train(args: argparse.Namespace) -> int:
     from HRpQCTSegmentationEngine.limits import check_device
     from HRpQCTSegmentationEngine.training import (
         TrainingConfig,
+        fine_tune_config,
+        is_model_folder,
         read_training_manifest,
         train_segmenter,
     )
 
     check_device(args.device)
     cases = read_training_manifest(args.manifest)
+    init_from, extra = _init_from(args.init_from), None
     config = TrainingConfig()
+    if is_model_folder(init_from):  # fine-tuning: its defaults and the parent's architecture
+        from HRpQCTCore.artefacts import sha256_file
+        from HRpQCTSegmentationEngine.model import read_model_metadata
+
+        parent = read_model_metadata(init_from)
+        config = fine_tune_config(architecture=parent.architecture,
+                                  variant=parent.variant if parent.architecture == "segformer"
+                                  else "b0")
+        extra = {"manifest": str(args.manifest), "manifest_sha256": sha256_file(args.manifest)}
     overrides = {k: getattr(args, k) for k in (
         "architecture", "variant", "crop_px", "batch_size", "epochs", "steps_per_epoch",
-        "learning_rate", "slices_per_scan", "seed", "validation_fraction")
-        if getattr(args, k) is not None}
+        "learning_rate", "slices_per_scan", "seed", "validation_fraction", "freeze_stages",
+        "early_stop_patience", "warmup_steps")
+        if getattr(args, k, None) is not None}
     config = replace(config, **overrides)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
@@ -191,12 +218,26 @@ def run_train(args: argparse.Namespace) -> int:
             "--overwrite to replace it, or choose another folder.")
     result = train_segmenter(
         cases, out, config=config, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-        init_from=args.init_from, device=args.device, max_steps=args.max_steps,
-        progress=progress_from_args(args))
+        init_from=init_from, device=args.device, max_steps=args.max_steps,
+        progress=progress_from_args(args), extra_provenance=extra)
     best = result["best"]
-    print(json.dumps({"step": result["step"], "total_steps": result["total_steps"],
-                      "finished": result["finished"], "best": best}, indent=2))
+    summary = {"step": result["step"], "total_steps": result["total_steps"],
+               "finished": result["finished"], "best": best}
+    if extra is not None:
+        summary.update(stopped_early=result["stopped_early"],
+                       validation_before=result["validation_before"], model=str(out))
+    print(json.dumps(summary, indent=2))
     return 0
+
+
+def _init_from(value: str | None) -> str | Path | None:
+    """``--init-from``: ``bundled`` (the bundled model, checksums verified), a model folder
+    (checked by the loader), a 3-channel pretrained checkpoint, or nothing."""
+    if value is None:
+        return None
+    if value.strip().lower() == "bundled":
+        return resolve_model_folder(None)
+    return value
 
 
 # ------------------------------------------------------------------------------------------
@@ -275,7 +316,9 @@ def register(subparsers) -> None:
                    help="write the network's 5 classes, without post-processing")
     _add_postprocess_options(p)
     p.add_argument("--rings", metavar="PATH", help="also write soft-tissue distance rings")
-    p.add_argument("--qc-json", metavar="PATH", help="write per-slice confidence and warnings")
+    p.add_argument("--qc-json", metavar="PATH",
+                   help="write per-slice confidence, uncertainty and warnings")
+    add_trust_options(p)
     add_units_options(p)
     add_progress_option(p)
     add_overwrite_option(p)
@@ -301,11 +344,20 @@ def register(subparsers) -> None:
         "train-segmenter", help="train the SegFormer (or U-Net baseline) on labelled scans",
         formatter_class=EXAMPLES_FORMATTER,
         description=(
-            "Train on image + 5-class label volumes listed in a CSV (columns subject, image, "
-            "labels; a phantom cohort's manifest.csv also works). Validation uses whole "
-            "subjects never seen in training. Interrupted runs continue with --resume.\n\n"
+            "Train on image + label volumes listed in a CSV (columns subject, image, labels, "
+            "optional slices such as 3,7,10-12 naming the annotated slices; labels: 5-class "
+            "maps or 7-region maps such as a .seg.nrrd from Slicer, collapsed automatically; "
+            "a phantom cohort's manifest.csv also works). Validation uses whole subjects "
+            "never seen in training. Interrupted runs continue with --resume.\n\n"
+            "Fine-tuning: --init-from a model folder (or 'bundled') starts from its weights "
+            "and preprocessing with fine-tuning defaults (learning rate 1e-4, 300 steps, "
+            "first encoder stage frozen, early stop); with fewer than three subjects it "
+            "validates on held-out slices of the same scans. The new folder gets a model "
+            "card naming its parent.\n\n"
             "examples:\n"
             "  hrpqct train-segmenter --manifest cohort/manifest.csv --out my_model\n"
+            "  hrpqct train-segmenter --manifest corrected.csv --out my_model --init-from "
+            "bundled\n"
             "  hrpqct train-segmenter --manifest mine.csv --out m --checkpoint-dir /scratch/ck "
             "--resume --max-steps 500"))
     p.add_argument("--manifest", required=True, help="CSV of training scans")
@@ -314,7 +366,15 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--architecture", choices=("segformer", "unet"))
     p.add_argument("--variant", help="SegFormer variant b0..b5 (default b0)")
-    p.add_argument("--init-from", help="3-channel pretrained SegFormer folder (HF format)")
+    p.add_argument("--init-from", metavar="FOLDER",
+                   help="fine-tune a model folder ('bundled': the bundled model), or start "
+                        "from a 3-channel pretrained SegFormer folder (HF format)")
+    p.add_argument("--freeze-stages", type=int,
+                   help="SegFormer encoder stages not trained (fine-tuning default 1)")
+    p.add_argument("--early-stop-patience", type=int,
+                   help="validations without improvement before stopping (0: never; "
+                        "fine-tuning default 2)")
+    p.add_argument("--warmup-steps", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--batch-size", type=int)
