@@ -20,6 +20,14 @@ Recipe (the paper's loss, the official SegFormer optimiser):
   (``resume=True``); randomness is derived from ``(seed, step)``, so a resumed run draws the same
   batches as an uninterrupted one;
 * the weights with the best validation mean IoU are saved with :func:`.model.save_model`.
+
+Fine-tuning (:func:`fine_tune_config`) starts from a saved model folder (the bundled one
+included, its checksum verified), keeps its preprocessing, trains at a low learning rate for
+a few hundred steps with the first encoder stage frozen, validates before the first step and
+stops early when validation stops improving. Partial labels: a manifest's ``slices`` column
+("3,7,10-12") names the slices a user corrected; only those are read, so the others never
+reach the loss; pixels labelled :data:`.losses.IGNORE_INDEX` (255) are left out of the loss
+as well.
 """
 
 from __future__ import annotations
@@ -48,7 +56,12 @@ __all__ = [
     "TrainingCase",
     "SliceDataset",
     "read_training_manifest",
+    "parse_slice_list",
+    "format_slice_list",
+    "fine_tune_config",
+    "is_model_folder",
     "split_by_subject",
+    "split_by_slices",
     "load_slices",
     "train_segmenter",
     "fit",
@@ -89,6 +102,9 @@ class TrainingConfig:
     foreground_crop_fraction: float = 0.9  # patches centred on leg tissue, not air
     seed: int = 0
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    # Fine-tuning controls; their defaults change nothing for training from scratch.
+    freeze_stages: int = 0  # SegFormer encoder stages (patch embedding + blocks) not trained
+    early_stop_patience: int = 0  # validations without improvement before stopping; 0: never
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +116,26 @@ class TrainingConfig:
         return cls(**data, augmentation=aug)
 
 
+def fine_tune_config(**overrides) -> TrainingConfig:
+    """Defaults for fine-tuning a trained model on a few corrected scans, on a CPU in minutes.
+
+    * learning rate 1e-4 (the from-scratch peak is 6e-4; a trained model needs small steps
+      so a few scans do not erase what it learnt) and the decode head at the same rate
+      (``head_lr_multiplier`` 1: the head is trained already, not new);
+    * 300 steps (6 validations of 50 steps) of batch 4, 256 px patches, 20 warm-up steps:
+      about 2-5 minutes on a laptop CPU for a B0;
+    * the first encoder stage frozen: its edge-like filters transfer between scanners, and
+      not back-propagating through the largest feature maps saves time;
+    * early stop after 2 validations without a better mean IoU;
+    * every annotated slice used (``slices_per_scan`` 0), the existing augmentation.
+    """
+    base = TrainingConfig(
+        learning_rate=1e-4, head_lr_multiplier=1.0, epochs=6, steps_per_epoch=50,
+        batch_size=4, warmup_steps=20, slices_per_scan=0, checkpoint_every=25,
+        freeze_stages=1, early_stop_patience=2)
+    return replace(base, **overrides)
+
+
 @dataclass(frozen=True)
 class TrainingCase:
     """One labelled scan: image volume, 5-class label volume and its subject."""
@@ -107,13 +143,61 @@ class TrainingCase:
     subject: str
     image_path: Path
     label_path: Path
+    slices: tuple[int, ...] | None = None  # annotated slices (0-based z); None: all
+
+
+def parse_slice_list(text: str | None) -> tuple[int, ...] | None:
+    """``"3,7,10-12"`` -> ``(3, 7, 10, 11, 12)``; empty or None -> None (every slice).
+
+    Raises
+    ------
+    InputFileError
+        For anything that is not a comma-separated list of numbers and ranges.
+    """
+    text = (text or "").strip()
+    if not text:
+        return None
+    found: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise InputFileError(
+                f"Slice list {text!r}: {part!r} is not a slice number or a range such as "
+                "10-12") from None
+        if first < 0 or last < first:
+            raise InputFileError(f"Slice list {text!r}: {part!r} is not a valid range")
+        found.update(range(first, last + 1))
+    return tuple(sorted(found))
+
+
+def format_slice_list(slices) -> str:
+    """Sorted slice numbers as the manifest writes them: runs become ranges ("3,7,10-12")."""
+    values = sorted({int(v) for v in slices})
+    parts, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def is_model_folder(path: str | Path | None) -> bool:
+    """Whether ``path`` is a model folder of this project (has ``hrpqct_model.json``)."""
+    from HRpQCTSegmentationEngine.model import METADATA_FILE
+
+    return path is not None and (Path(path) / METADATA_FILE).is_file()
 
 
 def read_training_manifest(path: str | Path) -> list[TrainingCase]:
     """Read a CSV with columns ``subject``, ``image`` and ``labels`` (paths relative to it).
 
     The phantom cohort's ``manifest.csv`` is accepted as well (``subject_id``, ``scan_path``,
-    ``classes_path``).
+    ``classes_path``). An optional ``slices`` column ("3,7,10-12", 0-based) restricts a scan
+    to the slices that were annotated or corrected; empty means every slice.
     """
     from HRpQCTCore.io.textfiles import ensure_text_file
 
@@ -132,7 +216,8 @@ def read_training_manifest(path: str | Path) -> list[TrainingCase]:
                 f"{', '.join(sorted(columns)) or 'none'})")
         for row in reader:
             image, labels = (path.parent / row[keys[1]], path.parent / row[keys[2]])
-            cases.append(TrainingCase(str(row[keys[0]]), image, labels))
+            cases.append(TrainingCase(str(row[keys[0]]), image, labels,
+                                      parse_slice_list(row.get("slices"))))
     if not cases:
         raise InputFileError(f"Training manifest {path} lists no scans")
     return cases
@@ -155,6 +240,33 @@ def split_by_subject(cases: Sequence[TrainingCase], validation_fraction: float, 
     return train, val
 
 
+def split_by_slices(data: SliceDataset, validation_fraction: float, seed: int
+                    ) -> tuple[SliceDataset, SliceDataset]:
+    """Hold out a share of the slices of each scan, for a run on one or two subjects.
+
+    Neighbouring slices are alike, so this validation is optimistic: it shows that training
+    did not break the model, not how it does on a new subject (the model card says so).
+    """
+    rng = np.random.default_rng(seed)
+    val_idx = []
+    for subject in dict.fromkeys(data.subjects):
+        idx = [i for i, s in enumerate(data.subjects) if s == subject]
+        if len(idx) < 2:
+            continue  # a single slice has to train
+        n_val = min(len(idx) - 1, max(1, round(validation_fraction * len(idx))))
+        val_idx.extend(rng.choice(idx, size=n_val, replace=False).tolist())
+    if not val_idx:
+        raise HRpQCTError("Fine-tuning needs at least two annotated slices of one scan, so "
+                          "that one can be held out for validation.")
+    val_set = set(val_idx)
+    train_idx = [i for i in range(len(data)) if i not in val_set]
+    return _subset(data, train_idx), _subset(data, sorted(val_set))
+
+
+def _subset(data: SliceDataset, idx: list[int]) -> SliceDataset:
+    return SliceDataset(data.images[idx], data.labels[idx], [data.subjects[i] for i in idx])
+
+
 @dataclass
 class SliceDataset:
     """Preprocessed slices in memory: images float16 in [0, 1], labels uint8, same size."""
@@ -173,6 +285,48 @@ def _slice_indices(n_slices: int, wanted: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_slices - 1, wanted).round().astype(int))
 
 
+def _read_training_labels(case: TrainingCase, shape: tuple[int, ...]) -> np.ndarray:
+    """The case's labels as network classes (255: not annotated), checked against the scan.
+
+    A 7-region map (a ``.seg.nrrd`` from Slicer or the segmenter, a NIfTI) is collapsed with
+    :func:`~HRpQCTCore.regions.regions_to_classes`; a 5-class map passes unchanged, since the
+    collapse maps labels 0-5 to themselves.
+    """
+    from HRpQCTCore.io import read_label_map
+    from HRpQCTCore.regions import regions_to_classes
+    from HRpQCTSegmentationEngine.losses import IGNORE_INDEX
+
+    lab = read_label_map(case.label_path, name="Label volume")
+    if lab.shape != tuple(shape):
+        raise InputFileError(
+            f"Label volume {case.label_path} has shape {lab.shape} but image "
+            f"{case.image_path} has {tuple(shape)}: they must share one grid")
+    unlabelled = lab == IGNORE_INDEX
+    known = lab[~unlabelled]
+    top = 7  # the seven regions; 5-class maps are a subset
+    if known.size and known.max() > top:
+        raise InputFileError(
+            f"Label volume {case.label_path} has values up to {int(known.max())}; training "
+            f"takes 5-class maps (0..{len(NETWORK_CLASSES) - 1}) or 7-region maps (0..7), "
+            f"with {IGNORE_INDEX} for voxels nobody annotated")
+    classes = regions_to_classes(np.where(unlabelled, 0, lab))
+    classes[unlabelled] = IGNORE_INDEX
+    return classes
+
+
+def _case_slices(case: TrainingCase, n_slices: int, slices_per_scan: int) -> np.ndarray:
+    """The slices of a case to train on: its annotated ones, else evenly spaced ones."""
+    if case.slices is None:
+        return _slice_indices(n_slices, slices_per_scan)
+    outside = [z for z in case.slices if z >= n_slices]
+    if outside:
+        raise InputFileError(
+            f"Training manifest names slices {format_slice_list(outside)} of {case.image_path}, "
+            f"which has {n_slices} slices (numbered from 0)")
+    chosen = np.asarray(case.slices, dtype=int)
+    return chosen[_slice_indices(len(chosen), slices_per_scan)]
+
+
 def load_slices(cases: Sequence[TrainingCase], preprocessing, slices_per_scan: int,
                 progress: ProgressCallback | None = None,
                 cancel: CancelToken | None = None) -> SliceDataset:
@@ -188,19 +342,9 @@ def load_slices(cases: Sequence[TrainingCase], preprocessing, slices_per_scan: i
     for i, case in enumerate(cases):
         check(cancel)
         scan = read_scan(case.image_path)
-        label_scan = read_scan(case.label_path, units="hu")  # labels: integer values as read
-        lab = np.asarray(label_scan.hu)
-        if lab.shape != scan.hu.shape:
-            raise InputFileError(
-                f"Label volume {case.label_path} has shape {lab.shape} but image "
-                f"{case.image_path} has {scan.hu.shape}: they must share one grid")
-        if lab.min() < 0 or lab.max() >= len(NETWORK_CLASSES):
-            raise InputFileError(
-                f"Label volume {case.label_path} has values {lab.min()}..{lab.max()}; a "
-                f"5-class label map has values 0..{len(NETWORK_CLASSES) - 1} "
-                "(convert 7-region maps with regions.regions_to_classes)")
+        lab = _read_training_labels(case, scan.hu.shape)
         box = pp.crop_box_for_scan(scan.hu, preprocessing)
-        for z in _slice_indices(scan.n_slices, slices_per_scan):
+        for z in _case_slices(case, scan.n_slices, slices_per_scan):
             images.append(pp.preprocess_slice(scan.hu[z], box, preprocessing).astype(np.float16))
             labels.append(pp.labels_to_model_grid(lab[z].astype(np.uint8), box, preprocessing))
             subjects.append(case.subject)
@@ -273,6 +417,10 @@ def _build(config: TrainingConfig, init_from: str | Path | None):
     from HRpQCTSegmentationEngine import model as model_lib
     from HRpQCTSegmentationEngine.unet import UNet, UNetConfig
 
+    if is_model_folder(init_from):  # fine-tuning: the folder's architecture, checksum checked
+        model = model_lib.load_model(init_from, device="cpu")
+        model.train()
+        return model
     if config.architecture == "unet":
         return UNet(UNetConfig())
     if config.architecture != "segformer":
@@ -280,6 +428,44 @@ def _build(config: TrainingConfig, init_from: str | Path | None):
     if init_from is not None:
         return model_lib.load_pretrained_rgb_checkpoint(init_from)
     return model_lib.build_model(config.variant)
+
+
+def freeze_encoder_stages(model, n_stages: int) -> list[str]:
+    """Stop training the first ``n_stages`` SegFormer encoder stages; returns what still trains.
+
+    A stage is its patch embedding, its transformer blocks and its layer norm. Parameter names
+    differ between transformers 4.x (``encoder.block.0``) and 5.x (``stages.0.blocks``), so
+    both spellings are matched. The U-Net has no stages; nothing is frozen there.
+    """
+    import re
+
+    if n_stages > 0 and hasattr(model, "config") and hasattr(model.config, "depths"):
+        pattern = re.compile(
+            r"(?:encoder\.(?:patch_embeddings|block|layer_norm)\.(\d+)\."
+            r"|stages\.(\d+)\.)")
+        for name, param in model.named_parameters():
+            hit = pattern.search(name)
+            if hit and int(hit.group(1) or hit.group(2)) < n_stages:
+                param.requires_grad_(False)
+    return trained_parts(model)
+
+
+def trained_parts(model) -> list[str]:
+    """Top-level parts of the model with trainable parameters, e.g. ``segformer.encoder
+    stages 1-3``, for the model card (coarse on purpose: a list of 200 names says nothing)."""
+    import re
+
+    parts: dict[str, None] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        hit = re.search(r"(?:encoder\.(?:patch_embeddings|block|layer_norm)\.(\d+)\."
+                        r"|stages\.(\d+)\.)", name)
+        if hit:
+            parts[f"encoder stage {int(hit.group(1) or hit.group(2)) + 1}"] = None
+        else:
+            parts[name.split(".")[0] if "decode_head" not in name else "decode head"] = None
+    return list(parts)
 
 
 def _forward_logits(model, x):
@@ -327,7 +513,7 @@ def _validate(model, data: SliceDataset, config: TrainingConfig, device) -> dict
     import torch
     import torch.nn.functional as F
 
-    from HRpQCTSegmentationEngine.losses import ce_dice_loss
+    from HRpQCTSegmentationEngine.losses import IGNORE_INDEX, ce_dice_loss
     from HRpQCTSegmentationEngine.metrics import confusion_matrix, iou_from_confusion
 
     model.eval()
@@ -344,7 +530,9 @@ def _validate(model, data: SliceDataset, config: TrainingConfig, device) -> dict
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear",
                                    align_corners=False)
             pred = logits.argmax(1).to(torch.uint8).cpu().numpy()
-            conf += confusion_matrix(data.labels[i:i + 1], pred, len(NETWORK_CLASSES))
+            known = data.labels[i:i + 1] != IGNORE_INDEX  # unannotated pixels are not scored
+            conf += confusion_matrix(data.labels[i:i + 1][known], pred[known],
+                                     len(NETWORK_CLASSES))
     model.train()
     iou = iou_from_confusion(conf)
     foreground = [float(v) for v in iou[1:] if not math.isnan(v)]
@@ -387,6 +575,7 @@ def train_segmenter(
     max_steps: int | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    extra_provenance: dict | None = None,
 ) -> dict:
     """Train a segmenter and save the best weights to ``output_dir``.
 
@@ -407,10 +596,15 @@ def train_segmenter(
         A :class:`.preprocessing.PreprocessingConfig`; default: the paper's.
     init_from:
         Optional folder of a 3-channel pretrained SegFormer checkpoint (HF format) whose
-        patch embedding is adapted by averaging the RGB kernels.
+        patch embedding is adapted by averaging the RGB kernels, or a model folder of this
+        project (fine-tuning: its weights, checksum verified, and its preprocessing; with
+        fewer than three subjects validation holds out slices, see :func:`split_by_slices`).
     max_steps:
         Stop after this many optimiser steps in this call (for time-boxed sessions); the
         schedule still spans ``epochs * steps_per_epoch``.
+    extra_provenance:
+        Recorded under ``training`` in the saved metadata and in the model card (e.g. the
+        manifest and its hash).
 
     Returns
     -------
@@ -420,16 +614,40 @@ def train_segmenter(
     from HRpQCTSegmentationEngine import preprocessing as pp
 
     config = config or TrainingConfig()
+    fine_tuning = is_model_folder(init_from)
+    if fine_tuning and preprocessing is None:  # the parent's preprocessing, not the paper's
+        from HRpQCTSegmentationEngine.model import read_model_metadata
+
+        preprocessing = read_model_metadata(init_from).preprocessing
     preprocessing = preprocessing or pp.PreprocessingConfig()
-    train_cases, val_cases = split_by_subject(cases, config.validation_fraction, config.seed)
-    log.info("Training on %d scans (%d subjects), validating on %d scans (%d subjects)",
-             len(train_cases), len({c.subject for c in train_cases}), len(val_cases),
-             len({c.subject for c in val_cases}))
-    train_data = load_slices(train_cases, preprocessing, config.slices_per_scan, progress, cancel)
-    val_data = load_slices(val_cases, preprocessing, config.slices_per_scan, None, cancel)
+    n_subjects = len({c.subject for c in cases})
+    if fine_tuning and n_subjects < 3:
+        # One or two corrected scans: no subject can be spared for validation.
+        data = load_slices(cases, preprocessing, config.slices_per_scan, progress, cancel)
+        train_data, val_data = split_by_slices(data, config.validation_fraction, config.seed)
+        validation = (f"held-out slices of the same {len(cases)} scan(s) ({len(val_data)} "
+                      "slices): optimistic, not an independent subject")
+    else:
+        train_cases, val_cases = split_by_subject(cases, config.validation_fraction,
+                                                  config.seed)
+        log.info("Training on %d scans (%d subjects), validating on %d scans (%d subjects)",
+                 len(train_cases), len({c.subject for c in train_cases}), len(val_cases),
+                 len({c.subject for c in val_cases}))
+        train_data = load_slices(train_cases, preprocessing, config.slices_per_scan,
+                                 progress, cancel)
+        val_data = load_slices(val_cases, preprocessing, config.slices_per_scan, None, cancel)
+        validation = (f"{len({c.subject for c in val_cases})} held-out subject(s) never seen "
+                      "in training")
+    provenance = {"validation": validation, "n_scans": len(cases),
+                  "n_subjects": n_subjects, "n_train_slices": len(train_data)}
+    if any(c.slices is not None for c in cases):
+        provenance["annotated_slices"] = {
+            str(c.label_path.name): format_slice_list(c.slices) for c in cases
+            if c.slices is not None}
     return fit(train_data, val_data, output_dir, config=config, checkpoint_dir=checkpoint_dir,
                resume=resume, preprocessing=preprocessing, init_from=init_from, device=device,
-               max_steps=max_steps, progress=progress, cancel=cancel)
+               max_steps=max_steps, progress=progress, cancel=cancel,
+               provenance={**provenance, **(extra_provenance or {})})
 
 
 def fit(
@@ -446,6 +664,7 @@ def fit(
     max_steps: int | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    provenance: dict | None = None,
 ) -> dict:
     """The training loop on preprocessed slices (see :func:`train_segmenter`)."""
     import torch
@@ -463,13 +682,18 @@ def fit(
 
     model = _build(config, init_from).to(dev)
     model.train()
+    provenance = dict(provenance or {})
+    provenance["trained_parts"] = freeze_encoder_stages(model, config.freeze_stages)
+    if is_model_folder(init_from):
+        provenance["parent"] = parent_description(init_from)
     optimizer = _optimizer(model, config)
     total_steps = config.epochs * config.steps_per_epoch
     step, history, best = 0, [], {"val_mean_iou": -1.0}
     last = checkpoint_dir / "last.pt"
     if resume and last.is_file():
         state = _load_checkpoint(last)
-        if state["config"] != config.to_dict():
+        # from_dict fills settings added since the checkpoint with their defaults
+        if TrainingConfig.from_dict(state["config"]) != config:
             raise HRpQCTError(
                 f"Checkpoint {last} was written with other training settings; resume with the "
                 "same settings or start a new checkpoint folder.")
@@ -477,17 +701,21 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         step, history = int(state["step"]), json.loads(state["history"])
         best = json.loads(state["best"])
+        provenance.update(json.loads(state.get("provenance", "{}")))
         log.info("Resumed from %s at step %d of %d", last, step, total_steps)
+    elif "parent" in provenance:
+        # the parent's score on this validation set: what fine-tuning has to beat
+        provenance["validation_before"] = _validate(model, val_data, config, dev)
 
     def checkpoint() -> None:
         _save_checkpoint(last, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "config": config.to_dict(), "history": json.dumps(history),
-            "best": json.dumps(best)})
+            "best": json.dumps(best), "provenance": json.dumps(provenance, default=str)})
 
-    steps_this_call = 0
+    steps_this_call, stopped_early = 0, False
     running, t0 = [], time.perf_counter()
-    while step < total_steps:
+    while step < total_steps and not stopped_early:
         check(cancel)
         if max_steps is not None and steps_this_call >= max_steps:
             break
@@ -518,23 +746,74 @@ def fit(
                      metrics["val_mean_iou"])
             if metrics["val_mean_iou"] > best["val_mean_iou"]:
                 best = {"step": step, **metrics}
-                _save_final(model, output_dir, config, preprocessing, history, best, model_lib)
+                _save_final(model, output_dir, config, preprocessing, history, best, model_lib,
+                            provenance)
+            stopped_early = _should_stop(history, best, config.early_stop_patience)
+            if stopped_early:
+                log.info("Early stop at step %d: %d validations without a better mean IoU",
+                         step, config.early_stop_patience)
             checkpoint()
         elif step % config.checkpoint_every == 0:
             checkpoint()
     if steps_this_call:
         checkpoint()
+    stopped_early = stopped_early or _should_stop(history, best, config.early_stop_patience)
+    if "parent" in provenance and steps_this_call:
+        _finish_metadata(output_dir, step, history, stopped_early)
     return {"step": step, "total_steps": total_steps, "history": history, "best": best,
-            "finished": step >= total_steps}
+            "finished": step >= total_steps or stopped_early, "stopped_early": stopped_early,
+            "validation_before": provenance.get("validation_before")}
+
+
+def _finish_metadata(output_dir: Path, step: int, history: list[dict],
+                     stopped_early: bool) -> None:
+    """Record the whole run (not only up to the best step) in a fine-tuned folder's metadata
+    and card; the weights, and so their checksum, stay those of the best step."""
+    from HRpQCTCore.atomic import write_text_atomic
+    from HRpQCTSegmentationEngine.model import METADATA_FILE
+    from HRpQCTSegmentationEngine.model_card import write_model_card
+
+    path = output_dir / METADATA_FILE
+    if not path.is_file():
+        return  # no validation improved on nothing yet: no model saved
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta["training"].update({"history": history, "steps_run": step,
+                             "stopped_early": stopped_early})
+    write_text_atomic(path, json.dumps(meta, indent=2, default=str) + "\n")
+    write_model_card(output_dir)
+
+
+def _should_stop(history: list[dict], best: dict, patience: int) -> bool:
+    """Whether the last ``patience`` validations all came after the best one."""
+    if patience <= 0 or not history or "step" not in best:
+        return False
+    return sum(1 for h in history if h["step"] > best["step"]) >= patience
+
+
+def parent_description(folder: str | Path) -> dict:
+    """Name, weights checksum and lineage of a model folder, for its children's provenance."""
+    from HRpQCTSegmentationEngine.model_card import model_identity
+
+    identity = model_identity(folder)
+    return {k: identity[k] for k in ("name", "weights_sha256", "parent", "synthetic_caveat")}
 
 
 def _save_final(model, output_dir: Path, config: TrainingConfig, preprocessing, history,
-                best, model_lib) -> None:
-    provenance = {
+                best, model_lib, provenance: dict | None = None) -> None:
+    from HRpQCTSegmentationEngine.model_card import lineage_metadata, write_model_card
+
+    provenance = dict(provenance or {})
+    training = {
         "training_config": config.to_dict(),
         "best_validation": best,
         "history": history,
     }
+    extra: dict = {"training": training}
+    training.update(provenance)
+    training["steps_run"] = history[-1]["step"] if history else 0
+    if "parent" in provenance:  # a fine-tuned model: its name, parent and caveat on top
+        extra.update(lineage_metadata(output_dir, provenance))
     cfg = replace(preprocessing) if hasattr(preprocessing, "__dataclass_fields__") else None
-    model_lib.save_model(model, output_dir, extra_metadata={"training": provenance},
-                         preprocessing=cfg)
+    model_lib.save_model(model, output_dir, extra_metadata=extra, preprocessing=cfg)
+    if "parent" in provenance:
+        write_model_card(output_dir)
