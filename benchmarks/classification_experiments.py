@@ -5,23 +5,28 @@ cohort made by ``hrpqct cohort`` (its ``manifest.csv`` gives the subject labels 
 and region files, from which the standard morphometrics are measured on the same slices).
 
 Experiments (logistic regression, the paper's selection inside every fold; out-of-fold
-probabilities from subject-grouped, stratified k-fold cross-validation, repeated with
-different fold seeds and averaged, so every subject is a test subject once per repeat;
-95 % bootstrap intervals over subjects):
+probabilities from subject-grouped, stratified k-fold cross-validation, repeated
+``--repeats`` times with different fold seeds, so every subject is a test subject once per
+repeat; each cell is the mean ± SD of the metric across repeats (just the value for one
+repeat), then in brackets the 95 % bootstrap interval over subjects of the first repeat):
 
 1. image level, one model per region (the paper's per-region table);
 2. patient level (slice probabilities averaged per subject): standard morphometrics
    (non-radiomics), tibial radiomics (cortical + trabecular), soft-tissue radiomics
    (skin + myotendinous + adipose);
 3. optionally (``--rings``) the soft-tissue distance ablation, from feature CSVs of ring
-   masks written by ``benchmarks/extract_ring_features.py``.
+   masks written by ``benchmarks/extract_ring_features.py``;
+4. ``--target diagnosis`` instead: three classes (normal / osteopenia / osteoporosis, from a
+   ``hrpqct cohort --classes 3`` manifest), multinomial logistic regression per region group
+   at patient level: macro AUROC (one-vs-rest), per-class sensitivity and the confusion
+   matrix of the first repeat (rows true class).
 
 Writes a Markdown table to stdout and the full results as JSON (``--json``).
 
 Usage::
 
     python benchmarks/classification_experiments.py COHORT/manifest.csv FEATURES_DIR \
-        [--folds 5] [--repeats 5] [--json results.json]
+        [--folds 5] [--repeats 5] [--target diagnosis] [--json results.json]
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ import numpy as np
 
 from HRpQCTCore.regions import REGIONS
 from HRpQCTRadiomicsEngine.classification import (
+    DIAGNOSIS_CLASSES,
     Dataset,
     assemble_dataset,
+    class_order,
     cross_validate,
     evaluate,
 )
@@ -57,17 +64,39 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def oof_repeated(data: Dataset, folds: int, repeats: int) -> np.ndarray:
-    """Out-of-fold probabilities averaged over ``repeats`` fold assignments."""
-    probabilities = [cross_validate(data, "logistic", folds, seed)[0] for seed in range(repeats)]
-    return np.mean(probabilities, axis=0)
+def repeated_evaluation(data: Dataset, folds: int, repeats: int, n_boot: int) -> dict:
+    """Evaluate ``repeats`` cross-validations with fold seeds 0..repeats-1.
+
+    The first repeat's full evaluation (metrics and bootstrap intervals) is returned, with
+    ``repeats``: per level and metric the mean, SD (ddof 1; 0 for one repeat) and values.
+    """
+    names = data.class_names
+    runs = [evaluate(data.y, cross_validate(data, "logistic", folds, seed)[0], data.groups,
+                     n_boot if seed == 0 else 0, seed=0, class_names=names)
+            for seed in range(repeats)]
+    out = runs[0]
+    out["repeats"] = {level: _spread([r[level]["metrics"] for r in runs])
+                      for level in ("image", "patient")}
+    return out
+
+
+def _spread(metrics: list[dict]) -> dict:
+    out = {}
+    for key, value in metrics[0].items():
+        if isinstance(value, (int, float)) and key != "n":
+            values = np.array([m[key] for m in metrics], dtype=float)
+            out[key] = {"mean": float(np.mean(values)),
+                        "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                        "values": values.tolist()}
+    return out
 
 
 def finite_columns(data: Dataset) -> Dataset:
     """``data`` without the features that are NaN/infinite in any sample (degenerate regions)."""
     finite = np.isfinite(data.X).all(axis=0)
     names = [n for n, keep in zip(data.feature_names, finite, strict=True) if keep]
-    return Dataset(data.X[:, finite], data.y, data.groups, names, data.sample_ids)
+    return Dataset(data.X[:, finite], data.y, data.groups, names, data.sample_ids,
+                   data.class_names)
 
 
 def morphometric_dataset(manifest: list[dict[str, str]], root: Path,
@@ -99,9 +128,11 @@ def morphometric_dataset(manifest: list[dict[str, str]], root: Path,
 
 
 def _fmt(result: dict, level: str, metric: str) -> str:
-    value = result[level]["metrics"][metric]
     low, high = result[level]["ci95"][metric]
-    return f"{value:.2f} ({low:.2f}–{high:.2f})"
+    spread = result.get("repeats", {}).get(level, {}).get(metric)
+    if spread is None or len(spread["values"]) == 1:  # one repeat: as before
+        return f"{result[level]['metrics'][metric]:.2f} ({low:.2f}–{high:.2f})"
+    return f"{spread['mean']:.2f} ± {spread['sd']:.2f} ({low:.2f}–{high:.2f})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,17 +144,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--rings", type=Path, help="folder of ring-mask feature CSVs")
+    parser.add_argument("--target", choices=("osteoporosis", "diagnosis"),
+                        default="osteoporosis",
+                        help="diagnosis: three classes from the manifest's diagnosis column")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
     manifest = read_manifest(args.manifest)
-    labels = {r["subject_id"]: int(r["osteoporosis"]) for r in manifest}
     rows = read_feature_csv(sorted(args.features.glob("*.csv")))
+    if args.target == "diagnosis":
+        results = three_classes(manifest, rows, args)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str))
+        return 0
+    labels = {r["subject_id"]: int(r["osteoporosis"]) for r in manifest}
     results: dict = {"image_level": {}, "patient_level": {}, "rings": {}}
 
     def run(data: Dataset) -> dict:
-        p = oof_repeated(data, args.folds, args.repeats)
-        out = evaluate(data.y, p, data.groups, args.bootstrap, seed=0)
+        out = repeated_evaluation(data, args.folds, args.repeats, args.bootstrap)
         out["n_subjects"] = len(set(data.groups))
         out["n_samples"] = len(data.y)
         return out
@@ -171,6 +209,46 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     return 0
+
+
+#: Region groups of the three-class experiment (patient level).
+THREE_CLASS_MODELS = {
+    "tibial cortical": ["tibial_cortical"],
+    "tibial radiomics": ["tibial_cortical", "tibial_trabecular"],
+    "soft-tissue radiomics": ["skin", "myotendinous", "adipose"],
+}
+
+
+def three_classes(manifest: list[dict[str, str]], rows, args) -> dict:
+    """Patient-level multinomial models: macro AUROC, per-class sensitivity, confusion."""
+    labels = {r["subject_id"]: r["diagnosis"] for r in manifest}
+    names = class_order(labels.values())
+    if names != list(DIAGNOSIS_CLASSES):
+        raise SystemExit(f"Expected the classes {DIAGNOSIS_CLASSES}; the manifest has {names}")
+    print("## Three classes, patient level (multinomial logistic regression)\n")
+    print("| model | subjects | accuracy | macro AUROC | sens. normal | sens. osteopenia | "
+          "sens. osteoporosis |")
+    print("|---|---|---|---|---|---|---|")
+    results: dict = {"three_classes": {}}
+    for model, regions in THREE_CLASS_MODELS.items():
+        data = finite_columns(assemble_dataset(rows, regions, labels, class_names=names))
+        r = repeated_evaluation(data, args.folds, args.repeats, args.bootstrap)
+        r["n_subjects"] = len(set(data.groups))
+        results["three_classes"][model] = r
+        cells = [_fmt(r, "patient", m) for m in
+                 ("accuracy", "auroc", *(f"sensitivity_{c}" for c in names))]
+        print(f"| {model} | {r['n_subjects']} | {' | '.join(cells)} |", flush=True)
+    for model, r in results["three_classes"].items():
+        m, ci = r["patient"]["metrics"], r["patient"]["ci95"]["confusion_rate"]
+        print(f"\nConfusion matrix, {model} (first repeat; rows true, columns predicted; "
+              "count, then row fraction with its 95 % interval):\n")
+        print("| true \\ predicted | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for i, name in enumerate(names):
+            cells = [f"{m['confusion'][i][j]} ({m['confusion_rate'][i][j]:.2f}, "
+                     f"{ci[i][j][0]:.2f}–{ci[i][j][1]:.2f})" for j in range(len(names))]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+    return results
 
 
 def _ring_dataset(rows, radius: str, labels: dict[str, int]) -> Dataset:

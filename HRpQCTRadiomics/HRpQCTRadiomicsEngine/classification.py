@@ -6,6 +6,12 @@ A sample is one scan slice (the features of the chosen regions side by side,
 asserts it for every fold, and the bootstrap intervals resample subjects, at image level
 and at patient level (slice probabilities averaged per subject) alike.
 
+Several classes (``Dataset.class_names``, e.g. normal / osteopenia / osteoporosis from
+``hrpqct cohort --classes 3``): the same pipeline with multinomial models (every model kind
+handles several classes in scikit-learn), probabilities ``(samples, classes)``, and
+:func:`multiclass_metrics` (macro one-vs-rest AUROC, per-class sensitivity, confusion
+matrix) with the same subject bootstrap.
+
 Results on synthetic phantoms say nothing about patients: the outputs are an "osteoporosis
 probability" for research use only, not a diagnosis.
 """
@@ -37,7 +43,10 @@ __all__ = [
     "check_no_leakage",
     "aggregate_by_subject",
     "binary_metrics",
+    "multiclass_metrics",
     "bootstrap_metrics",
+    "DIAGNOSIS_CLASSES",
+    "class_order",
     "evaluate",
     "cross_validate",
     "TrainingResult",
@@ -56,6 +65,10 @@ CAVEAT = ("Osteoporosis probability for research use only: not a diagnosis. The 
 
 FEATURE_SEPARATOR = ":"
 
+#: The three-class target of ``hrpqct cohort --classes 3`` (T-score cut-offs -1 and -2.5), in
+#: order of severity: class ``i`` of a multiclass model is ``class_names[i]``.
+DIAGNOSIS_CLASSES: tuple[str, ...] = ("normal", "osteopenia", "osteoporosis")
+
 
 @dataclass
 class Dataset:
@@ -66,7 +79,8 @@ class Dataset:
     X:
         ``(samples, features)`` float64.
     y:
-        0/1 labels (1 = osteoporosis), one per sample (copied from the subject).
+        Class index per sample (copied from the subject): 0/1 (1 = osteoporosis) for a
+        binary dataset, else an index into ``class_names``.
     groups:
         Subject of each sample.
     feature_names:
@@ -80,6 +94,23 @@ class Dataset:
     groups: np.ndarray
     feature_names: list[str]
     sample_ids: list[tuple[str, str]]
+    class_names: list[str] | None = None  # None: binary 0 = control, 1 = osteoporosis
+
+    def subset(self, index: np.ndarray) -> Dataset:
+        """The samples at ``index`` (same features and classes)."""
+        return Dataset(self.X[index], self.y[index], self.groups[index], self.feature_names,
+                       [self.sample_ids[i] for i in index], self.class_names)
+
+
+def class_order(names: Sequence[str]) -> list[str]:
+    """Class names in model order: by severity for the diagnosis names, else sorted.
+
+    Known names keep :data:`DIAGNOSIS_CLASSES` order (so column 2 is always osteoporosis);
+    any others follow, sorted, so the order never depends on the order of the labels file.
+    """
+    unique = set(names)
+    known = [c for c in DIAGNOSIS_CLASSES if c in unique]
+    return known + sorted(unique - set(known))
 
 
 def qualified_name(region_key: str, feature: str) -> str:
@@ -103,13 +134,15 @@ def _region_keys(regions: Sequence[str]) -> list[str]:
 
 
 def assemble_dataset(rows: FeatureRows, regions: Sequence[str],
-                     labels: Mapping[str, int] | None = None,
-                     feature_names: Sequence[str] | None = None) -> Dataset:
+                     labels: Mapping[str, int] | Mapping[str, str] | None = None,
+                     feature_names: Sequence[str] | None = None,
+                     class_names: Sequence[str] | None = None) -> Dataset:
     """Samples from feature rows: per (scan, slice), the chosen regions' features side by side.
 
     Samples where a chosen region is not ``ok`` are left out. ``labels`` maps subject ->
-    0/1 (omit for prediction: ``y`` is then -1). ``feature_names`` (qualified names) selects
-    and orders the columns; missing ones raise an error naming them.
+    0/1 (omit for prediction: ``y`` is then -1), or with ``class_names`` subject -> class
+    name (``y`` is then the index into ``class_names``). ``feature_names`` (qualified names)
+    selects and orders the columns; missing ones raise an error naming them.
     """
     keys = _region_keys(regions)
     by_sample: dict[tuple[str, str], dict[str, int]] = {}
@@ -157,8 +190,20 @@ def assemble_dataset(rows: FeatureRows, regions: Sequence[str],
             raise HRpQCTError(
                 f"No label for subject(s) {unknown[:10]}: add them to the labels file, or "
                 "check the subject column of the feature table.")
-        y = np.array([int(labels[g]) for g in groups], dtype=int)
-    return Dataset(X, y, groups, wanted, samples)
+        y = _label_indices(labels, groups, class_names)
+    return Dataset(X, y, groups, wanted, samples,
+                   None if class_names is None else list(class_names))
+
+
+def _label_indices(labels: Mapping, groups: np.ndarray,
+                   class_names: Sequence[str] | None) -> np.ndarray:
+    if class_names is None:
+        return np.array([int(labels[g]) for g in groups], dtype=int)
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted({str(labels[g]) for g in groups} - set(index))
+    if unknown:
+        raise HRpQCTError(f"Label(s) {unknown} are not among the classes {list(class_names)}.")
+    return np.array([index[str(labels[g])] for g in groups], dtype=int)
 
 
 def check_training_data(data: Dataset) -> None:
@@ -166,6 +211,10 @@ def check_training_data(data: Dataset) -> None:
     if data.X.shape[0] == 0:
         raise HRpQCTError("No samples to train on: every slice lacks a chosen region. Check "
                           "--regions and the status column of the feature table.")
+    if data.class_names is not None:
+        _check_multiclass(data)
+        check_finite(data.X, data.feature_names)
+        return
     bad_labels = sorted(set(np.unique(data.y)) - {0, 1})
     if bad_labels:
         raise HRpQCTError(f"Labels must be 0 (control) or 1 (osteoporosis); found {bad_labels}.")
@@ -175,6 +224,17 @@ def check_training_data(data: Dataset) -> None:
             f"All training samples have label {int(classes[0])}: a classifier needs both "
             "osteoporosis (1) and control (0) subjects.")
     check_finite(data.X, data.feature_names)
+
+
+def _check_multiclass(data: Dataset) -> None:
+    names = list(data.class_names or [])
+    if len(names) < 3:
+        raise HRpQCTError(f"A multiclass target needs at least 3 classes; found {names}. Two "
+                          "classes train as the binary 0/1 osteoporosis model.")
+    absent = [names[i] for i in range(len(names)) if not (data.y == i).any()]
+    if absent:
+        raise HRpQCTError(f"No training sample of class(es) {absent}: every class needs "
+                          "subjects.")
 
 
 def check_finite(X: np.ndarray, names: Sequence[str]) -> None:
@@ -285,7 +345,8 @@ def aggregate_by_subject(probabilities: np.ndarray, groups: np.ndarray, y: np.nd
     reducer = {"mean": np.mean, "median": np.median}.get(how)
     if reducer is None:
         raise HRpQCTError(f"Unknown aggregation {how!r}: use mean or median.")
-    probs = np.array([reducer(probabilities[groups == s]) for s in subjects])
+    # axis 0: one row per slice, so class-probability matrices average per class.
+    probs = np.array([reducer(probabilities[groups == s], axis=0) for s in subjects])
     labels = None if y is None else np.array([int(y[groups == s][0]) for s in subjects])
     return np.array(subjects, dtype=object), probs, labels
 
@@ -311,13 +372,63 @@ def binary_metrics(y_true: np.ndarray, probabilities: np.ndarray,
             "specificity": spec, "auroc": auc, "n": n}
 
 
+def multiclass_metrics(y_true: np.ndarray, probabilities: np.ndarray,
+                       class_names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro AUROC (one-vs-rest), per-class sensitivity and the confusion matrix.
+
+    ``probabilities`` is ``(samples, classes)``; the predicted class is the most probable.
+    ``confusion[i][j]`` counts samples of true class ``i`` predicted as ``j``;
+    ``confusion_rate`` divides each row by its count (row ``i`` sums to 1: its diagonal is
+    class ``i``'s sensitivity). Per-class AUROC is ``auroc_<class>``; ``auroc`` is their
+    mean (macro); NaN where a class is absent.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y_true = np.asarray(y_true).astype(int)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    k = len(class_names)
+    pred = np.argmax(probabilities, axis=1)
+    confusion = np.zeros((k, k), dtype=int)
+    np.add.at(confusion, (y_true, pred), 1)
+    support = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = confusion / support[:, None]
+    out: dict[str, Any] = {"accuracy": float(np.trace(confusion) / len(y_true))
+                           if len(y_true) else float("nan")}
+    aucs = []
+    for i, name in enumerate(class_names):
+        positive = (y_true == i).astype(int)
+        auc = (float(roc_auc_score(positive, probabilities[:, i]))
+               if 0 < positive.sum() < len(positive) else float("nan"))
+        aucs.append(auc)
+        out[f"sensitivity_{name}"] = float(rate[i, i]) if support[i] else float("nan")
+        out[f"auroc_{name}"] = auc
+    # Macro AUROC only when every class is present: a resample missing a class gives NaN
+    # (left out of the interval), not the mean of the classes that happen to be there.
+    out["auroc"] = float(np.mean(aucs)) if np.all(np.isfinite(aucs)) else float("nan")
+    out["confusion"] = confusion.tolist()
+    out["confusion_rate"] = rate.tolist()
+    out["classes"] = list(class_names)
+    out["n"] = len(y_true)
+    return out
+
+
+def _metric_draws(m: Mapping[str, Any]) -> dict[str, Any]:
+    """The resampled quantities of one metrics dict: scalars and the confusion rates."""
+    return {k: v for k, v in m.items() if k not in ("n", "classes", "confusion")}
+
+
 def bootstrap_metrics(y_true, probabilities, groups, n_boot: int = 1000, seed: int = 0,
                       level: str = "image", threshold: float = 0.5,
-                      confidence: float = 0.95) -> dict[str, list[float]]:
+                      confidence: float = 0.95,
+                      class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Percentile confidence intervals, resampling subjects with replacement.
 
     ``level="image"``: every drawn subject brings all its slices; ``"patient"``: the
-    per-subject probabilities (already aggregated: pass one row per subject).
+    per-subject probabilities (already aggregated: pass one row per subject). With
+    ``class_names`` (multiclass, ``probabilities`` of shape ``(samples, classes)``) the
+    intervals are those of :func:`multiclass_metrics`, ``confusion_rate`` as a matrix of
+    ``[low, high]`` pairs.
     """
     rng = np.random.default_rng(seed)
     subjects = np.array(list(dict.fromkeys(np.asarray(groups).tolist())), dtype=object)
@@ -326,50 +437,79 @@ def bootstrap_metrics(y_true, probabilities, groups, n_boot: int = 1000, seed: i
     for _ in range(n_boot):
         chosen = rng.choice(subjects, size=len(subjects), replace=True)
         idx = np.concatenate([index_of[s] for s in chosen])
-        m = binary_metrics(y_true[idx], probabilities[idx], threshold)
-        for k, v in m.items():
-            if k != "n":
-                draws.setdefault(k, []).append(v)
+        m = (binary_metrics(y_true[idx], probabilities[idx], threshold)
+             if class_names is None
+             else multiclass_metrics(y_true[idx], probabilities[idx], class_names))
+        for k, v in _metric_draws(m).items():
+            draws.setdefault(k, []).append(v)
     alpha = (1 - confidence) / 2
-    out = {}
+    out: dict[str, Any] = {}
     for k, values in draws.items():
         arr = np.array(values, dtype=float)
-        arr = arr[np.isfinite(arr)]
-        out[k] = ([float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))]
-                  if arr.size else [float("nan"), float("nan")])
+        if arr.ndim == 1:
+            out[k] = _percentile_interval(arr, alpha)
+        else:  # confusion rates: an interval per cell
+            out[k] = [[_percentile_interval(arr[:, i, j], alpha) for j in range(arr.shape[2])]
+                      for i in range(arr.shape[1])]
     return out
 
 
+def _percentile_interval(values: np.ndarray, alpha: float) -> list[float]:
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return [float("nan"), float("nan")]
+    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
+
+
 def evaluate(y_true: np.ndarray, probabilities: np.ndarray, groups: np.ndarray,
-             n_boot: int = 1000, seed: int = 0, aggregation: str = "mean") -> dict[str, Any]:
-    """Image- and patient-level metrics with bootstrap confidence intervals."""
-    image = binary_metrics(y_true, probabilities)
-    image_ci = bootstrap_metrics(y_true, probabilities, groups, n_boot, seed, "image")
+             n_boot: int = 1000, seed: int = 0, aggregation: str = "mean",
+             class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Image- and patient-level metrics with bootstrap confidence intervals.
+
+    Binary: ``probabilities`` is the osteoporosis probability per sample. With
+    ``class_names``: ``(samples, classes)`` and the metrics of :func:`multiclass_metrics`.
+    """
+    def metrics(y, p):
+        return (binary_metrics(y, p) if class_names is None
+                else multiclass_metrics(y, p, class_names))
+
+    image = metrics(y_true, probabilities)
+    image_ci = bootstrap_metrics(y_true, probabilities, groups, n_boot, seed, "image",
+                                 class_names=class_names)
     subjects, p_subject, y_subject = aggregate_by_subject(probabilities, groups, y_true,
                                                           aggregation)
-    patient = binary_metrics(y_subject, p_subject)
-    patient_ci = bootstrap_metrics(y_subject, p_subject, subjects, n_boot, seed, "patient")
+    patient = metrics(y_subject, p_subject)
+    patient_ci = bootstrap_metrics(y_subject, p_subject, subjects, n_boot, seed, "patient",
+                                   class_names=class_names)
     return {"image": {"metrics": image, "ci95": image_ci},
             "patient": {"metrics": patient, "ci95": patient_ci, "aggregation": aggregation}}
 
 
 def cross_validate(data: Dataset, kind: str = DEFAULT_MODEL, n_splits: int = 5, seed: int = 0,
                    grouped: bool = True) -> tuple[np.ndarray, list]:
-    """Out-of-fold probabilities; the whole pipeline (selection too) is refitted per fold."""
+    """Out-of-fold probabilities; the whole pipeline (selection too) is refitted per fold.
+
+    Binary: the osteoporosis probability per sample; multiclass (``data.class_names``):
+    ``(samples, classes)``.
+    """
     splits = grouped_splits(data.y, data.groups, n_splits, seed, grouped=grouped)
     if grouped:
         check_no_leakage(splits, data.groups)
-    oof = np.full(len(data.y), np.nan)
+    multiclass = data.class_names is not None
+    oof = np.full((len(data.y), len(data.class_names)) if multiclass else len(data.y), np.nan)
     for train, test in splits:
-        model = fit_pipeline(data.X[train], data.y[train], data.groups[train], kind, seed)
-        oof[test] = model.predict_proba(data.X[test])[:, 1]
+        model = fit_pipeline(data.X[train], data.y[train], data.groups[train], kind, seed,
+                             n_classes=len(data.class_names) if multiclass else 2)
+        p = model.predict_proba(data.X[test])
+        oof[test] = p if multiclass else p[:, 1]
     return oof, splits
 
 
-def fit_pipeline(X, y, groups, kind: str = DEFAULT_MODEL, seed: int = 0):
+def fit_pipeline(X, y, groups, kind: str = DEFAULT_MODEL, seed: int = 0, n_classes: int = 2):
     """Fit selection + scaling + classifier on training data (LASSO folds by subject)."""
-    if len(np.unique(y)) < 2:
-        raise HRpQCTError("A training fold holds one class only; use fewer folds.")
+    if len(np.unique(y)) < n_classes:
+        # A fold without a class would give a model with fewer probability columns.
+        raise HRpQCTError("A training fold lacks a class; use fewer folds or more subjects.")
     pipeline = make_pipeline(kind, seed)
     pipeline.fit(X, y, select__groups=groups)
     return pipeline
@@ -384,10 +524,13 @@ class TrainingResult:
     feature_names: list[str]  # selected, qualified names, in model input order
     model: Any  # fitted Pipeline(scale, model) on the selected features
     report: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None  # None: binary (osteoporosis probability)
 
     def predict_proba(self, X_selected: np.ndarray) -> np.ndarray:
-        """Osteoporosis probability per sample (columns in ``feature_names`` order)."""
-        return self.model.predict_proba(np.asarray(X_selected, dtype=np.float64))[:, 1]
+        """Osteoporosis probability per sample (columns in ``feature_names`` order); for a
+        multiclass model, ``(samples, classes)`` in ``class_names`` order."""
+        p = self.model.predict_proba(np.asarray(X_selected, dtype=np.float64))
+        return p if self.class_names is not None else p[:, 1]
 
 
 def _deployable(pipeline, names: Sequence[str]) -> tuple[list[str], Any]:
@@ -407,11 +550,13 @@ def train_classifier(data: Dataset, regions: Sequence[str], kind: str = DEFAULT_
     the returned model is refitted on the training subjects (the test subjects stay unseen).
     """
     check_training_data(data)
+    names = data.class_names
+    n_classes = 2 if names is None else len(names)
     train, test = train_test_split_grouped(data.y, data.groups, test_fraction, seed)
-    train_data = Dataset(data.X[train], data.y[train], data.groups[train], data.feature_names,
-                         [data.sample_ids[i] for i in train])
+    train_data = data.subset(train)
     report: dict[str, Any] = {
         "model": kind, "regions": list(regions), "seed": seed,
+        **({} if names is None else {"classes": list(names)}),
         "subjects": {"train": sorted(set(data.groups[train])),
                      "test": sorted(set(data.groups[test]))},
         "samples": {"train": len(train), "test": len(test)},
@@ -422,10 +567,13 @@ def train_classifier(data: Dataset, regions: Sequence[str], kind: str = DEFAULT_
         oof, _ = cross_validate(train_data, kind, folds, seed)
         report["cross_validation"] = {"folds": folds,
                                       **evaluate(train_data.y, oof, train_data.groups,
-                                                 n_boot, seed)}
-    pipeline = fit_pipeline(train_data.X, train_data.y, train_data.groups, kind, seed)
-    p_test = pipeline.predict_proba(data.X[test])[:, 1]
-    report["test"] = evaluate(data.y[test], p_test, data.groups[test], n_boot, seed)
+                                                 n_boot, seed, class_names=names)}
+    pipeline = fit_pipeline(train_data.X, train_data.y, train_data.groups, kind, seed,
+                            n_classes)
+    p_test = pipeline.predict_proba(data.X[test])
+    p_test = p_test if names is not None else p_test[:, 1]
+    report["test"] = evaluate(data.y[test], p_test, data.groups[test], n_boot, seed,
+                              class_names=names)
     selected, deployable = _deployable(pipeline, data.feature_names)
     selector = pipeline.named_steps["select"]
     report["selection"] = {
@@ -435,4 +583,5 @@ def train_classifier(data: Dataset, regions: Sequence[str], kind: str = DEFAULT_
         "after_lasso": len(selected), "lasso_alpha": selector.alpha_,
         "lasso_fallback": bool(selector.lasso_fallback_),
     }
-    return TrainingResult(kind, list(regions), selected, deployable, report)
+    return TrainingResult(kind, list(regions), selected, deployable, report,
+                          None if names is None else list(names))

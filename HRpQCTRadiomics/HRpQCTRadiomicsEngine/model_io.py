@@ -16,6 +16,13 @@ A classifier is one JSON file (format ``hrpqct-classifier``, version 1) holding:
 * ``sha256``: SHA256 of the canonical JSON of everything else. :func:`load_classifier`
   verifies it (and the skops file's) and refuses a file that was changed or damaged.
 
+**Several classes** (format version 2, written only for multiclass models, so binary files
+stay version 1 and byte-compatible): ``class_names`` lists the classes in model order (e.g.
+``normal, osteopenia, osteoporosis``), ``output`` is ``"class probabilities"``, and the
+logistic block holds one coefficient row and one intercept per class (multinomial softmax)
+with ``classes`` ``[0, ..., K-1]``. Version 1 files (binary) load as before; a version 1 file
+with ``class_names`` or a version 2 file without them is refused.
+
 A matching checksum only says the file is what its writer wrote, not that its writer was this
 software: :func:`load_classifier` also validates every field (types, lengths, finite numbers,
 positive scales, a threshold in [0, 1], a skops file name inside the classifier's folder) and
@@ -44,6 +51,7 @@ from HRpQCTRadiomicsEngine.settings import RadiomicsSettings
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MULTICLASS_FORMAT_VERSION",
     "SKOPS_TRUSTED_TYPES",
     "SavedClassifier",
     "save_classifier",
@@ -59,6 +67,9 @@ BUNDLED_CLASSIFIER = "osteoporosis-classifier"
 
 FORMAT_NAME = "hrpqct-classifier"
 FORMAT_VERSION = 1
+#: Version of multiclass classifier files (binary ones stay :data:`FORMAT_VERSION`).
+MULTICLASS_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (FORMAT_VERSION, MULTICLASS_FORMAT_VERSION)
 
 #: Types a skops classifier file may contain beyond skops' own defaults, per model kind.
 #: Only these are trusted on load; a file holding anything else is refused.
@@ -118,6 +129,20 @@ class SavedClassifier:
     report: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    class_names: list[str] | None = None  # None: binary (one osteoporosis probability)
+
+    @property
+    def multiclass(self) -> bool:
+        """True for a model with several classes (one probability per class)."""
+        return self.class_names is not None
+
+    def osteoporosis_index(self) -> int:
+        """Column of the osteoporosis class: 1 (binary), the class named ``osteoporosis``,
+        else the last (most severe, see :func:`~.classification.class_order`) class."""
+        if self.class_names is None:
+            return 1
+        names = list(self.class_names)
+        return names.index("osteoporosis") if "osteoporosis" in names else len(names) - 1
 
     def radiomics_settings(self) -> RadiomicsSettings:
         """The radiomics settings the classifier was trained with (from the stored YAML)."""
@@ -127,11 +152,16 @@ class SavedClassifier:
                               self.settings.get("name", "classifier"))
 
     def predict_proba(self, X: np.ndarray, feature_names: list[str] | None = None) -> np.ndarray:
-        """Osteoporosis probability per row of ``X``.
+        """Osteoporosis probability per row of ``X`` (see :meth:`osteoporosis_index`).
 
         If ``feature_names`` is given, columns are matched by name (extra ones ignored);
         otherwise ``X`` must hold exactly :attr:`features` in order.
         """
+        return self.predict_class_proba(X, feature_names)[:, self.osteoporosis_index()]
+
+    def predict_class_proba(self, X: np.ndarray,
+                            feature_names: list[str] | None = None) -> np.ndarray:
+        """Probability of every class, ``(rows, classes)`` (binary: control, osteoporosis)."""
         X = np.asarray(X, dtype=np.float64)
         if feature_names is not None:
             index = {n: i for i, n in enumerate(feature_names)}
@@ -146,15 +176,26 @@ class SavedClassifier:
             raise HRpQCTError(f"Expected {len(self.features)} feature columns, got "
                               f"{X.shape[1] if X.ndim == 2 else X.shape}.")
         check_finite(X, self.features)
-        probabilities = self.model.predict_proba(X)[:, 1]
+        probabilities = self.model.predict_proba(X)
         if not np.all(np.isfinite(probabilities)):  # a guard: validation should prevent it
             raise ArtefactError(f"Classifier {self.path} gives non-finite probabilities; its "
                                 "model is damaged. Use the original file.")
         return probabilities
 
 
-def _logistic_to_json(model) -> dict[str, Any]:
+def _logistic_to_json(model, multiclass: bool = False) -> dict[str, Any]:
     scaler, clf = model.named_steps["scale"], model.named_steps["model"]
+    if multiclass:
+        return {
+            "kind": "logistic",
+            "scaler_mean": scaler.mean_.tolist(),
+            "scaler_scale": scaler.scale_.tolist(),
+            "coefficients": clf.coef_.tolist(),
+            "intercept": clf.intercept_.tolist(),
+            "classes": [int(c) for c in clf.classes_],
+            "formula": "p_k = softmax_k(intercept[k] + sum(coefficients[k] * (x - scaler_mean)"
+                       " / scaler_scale))",
+        }
     return {
         "kind": "logistic",
         "scaler_mean": scaler.mean_.tolist(),
@@ -179,11 +220,12 @@ def _logistic_from_json(data: dict[str, Any], n_features: int):
     scaler.n_features_in_ = n_features
     scaler.n_samples_seen_ = 0
     clf = LogisticRegression()
-    clf.coef_ = np.asarray(data["coefficients"], dtype=np.float64).reshape(1, -1)
-    clf.intercept_ = np.asarray([data["intercept"]], dtype=np.float64)
+    coef = np.asarray(data["coefficients"], dtype=np.float64)
+    clf.coef_ = coef.reshape(1, -1) if coef.ndim == 1 else coef
+    clf.intercept_ = np.atleast_1d(np.asarray(data["intercept"], dtype=np.float64))
     clf.classes_ = np.asarray(data["classes"])
     clf.n_features_in_ = n_features
-    if not (scaler.mean_.size == scaler.scale_.size == clf.coef_.size == n_features):
+    if not (scaler.mean_.size == scaler.scale_.size == clf.coef_.shape[1] == n_features):
         raise ArtefactError("The classifier's parameter lists do not match its feature list.")
     return Pipeline([("scale", scaler), ("model", clf)])
 
@@ -194,10 +236,12 @@ def save_classifier(path: str | Path, result: TrainingResult,
     path = Path(path)
     if path.suffix.lower() != ".json":
         raise HRpQCTError(f"A classifier is saved as .json; got {path.name}.")
+    multiclass = result.class_names is not None
     payload: dict[str, Any] = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "format": FORMAT_NAME,
+        "format_version": MULTICLASS_FORMAT_VERSION if multiclass else FORMAT_VERSION,
         "caveat": CAVEAT,
-        "output": "osteoporosis probability",
+        "output": "class probabilities" if multiclass else "osteoporosis probability",
         "kind": result.kind,
         "features": list(result.feature_names),
         "regions": list(result.regions),
@@ -206,8 +250,10 @@ def save_classifier(path: str | Path, result: TrainingResult,
         "versions": _versions(),
         "report": _jsonable(result.report),
     }
+    if multiclass:
+        payload["class_names"] = list(result.class_names)
     if result.kind == "logistic":
-        payload["model"] = _logistic_to_json(result.model)
+        payload["model"] = _logistic_to_json(result.model, multiclass)
     else:
         if result.kind not in SKOPS_TRUSTED_TYPES:
             raise HRpQCTError(f"Cannot save a {result.kind!r} model.")
@@ -253,9 +299,10 @@ def load_classifier(path: str | Path) -> SavedClassifier:
         raise InputFileError(f"{path} is not a classifier JSON file ({exc}).") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise ArtefactError(f"{path} is not an {FORMAT_NAME} file.")
-    if payload.get("format_version") != FORMAT_VERSION:
+    if payload.get("format_version") not in _READABLE_VERSIONS:
         raise ArtefactError(f"{path} has format version {payload.get('format_version')}; this "
-                            f"version of the software reads version {FORMAT_VERSION}.")
+                            "version of the software reads versions "
+                            f"{', '.join(map(str, _READABLE_VERSIONS))}.")
     stored = payload.pop("sha256", None)
     actual = hashlib.sha256(_canonical(payload)).hexdigest()
     if stored != actual:
@@ -266,10 +313,12 @@ def load_classifier(path: str | Path) -> SavedClassifier:
     features = list(payload["features"])
     model_info = payload["model"]
     kind = payload["kind"]
+    class_names = payload.get("class_names")
     if kind == "logistic":
         model = _logistic_from_json(model_info, len(features))
     else:
         model = _load_skops(path, model_info, kind)
+        _check_skops_classes(model, path, 2 if class_names is None else len(class_names))
     settings = payload["radiomics_settings"]
     text_hash = hashlib.sha256(settings["text"].encode("utf-8")).hexdigest()
     if text_hash != settings.get("sha256"):
@@ -279,7 +328,16 @@ def load_classifier(path: str | Path) -> SavedClassifier:
                            aggregation=payload.get("aggregation", "mean"),
                            threshold=float(payload.get("threshold", 0.5)),
                            report=payload.get("report", {}),
-                           versions=payload.get("versions", {}), path=path)
+                           versions=payload.get("versions", {}), path=path,
+                           class_names=None if class_names is None else list(class_names))
+
+
+def _check_skops_classes(model, path: Path, n_classes: int) -> None:
+    """A skops model must predict the classes the JSON names (0..K-1), no more, no fewer."""
+    classes = getattr(model, "classes_", None)
+    if classes is None or [int(c) for c in np.asarray(classes).tolist()] != list(range(n_classes)):
+        raise ArtefactError(f"Classifier {path}: its model's classes do not match the "
+                            f"{n_classes} classes the file names; use the original files.")
 
 
 # --- validation of a classifier file ---------------------------------------------------------
@@ -334,12 +392,42 @@ def _validate_features(payload: dict[str, Any]) -> None:
         raise _FieldError(str(exc).strip("'\"")) from None
 
 
-def _validate_logistic(model: dict[str, Any], n_features: int) -> None:
+def _validate_logistic(model: dict[str, Any], n_features: int, n_classes: int = 2) -> None:
     _numbers(model.get("scaler_mean"), "scaler_mean", n_features)
     _numbers(model.get("scaler_scale"), "scaler_scale", n_features, positive=True)
-    _numbers(model.get("coefficients"), "coefficients", n_features)
-    _require(_is_number(model.get("intercept")), "'intercept' is not a finite number")
-    _require(model.get("classes") == [0, 1], "'classes' is not [0, 1]")
+    if n_classes == 2:
+        _numbers(model.get("coefficients"), "coefficients", n_features)
+        _require(_is_number(model.get("intercept")), "'intercept' is not a finite number")
+        _require(model.get("classes") == [0, 1], "'classes' is not [0, 1]")
+        return
+    rows = model.get("coefficients")
+    _require(isinstance(rows, list) and len(rows) == n_classes,
+             f"'coefficients' is not a list of {n_classes} rows (one per class)")
+    for k, row in enumerate(rows):
+        _numbers(row, f"coefficients[{k}]", n_features)
+    intercept = model.get("intercept")
+    _require(isinstance(intercept, list) and len(intercept) == n_classes
+             and all(_is_number(v) for v in intercept),
+             f"'intercept' is not a list of {n_classes} finite numbers")
+    _require(model.get("classes") == list(range(n_classes)),
+             f"'classes' is not {list(range(n_classes))}")
+
+
+def _validate_class_names(payload: dict[str, Any]) -> int:
+    """Number of classes; ``class_names`` exactly when the format version is multiclass."""
+    names = payload.get("class_names")
+    if payload.get("format_version") == FORMAT_VERSION:
+        _require(names is None, "a version 1 (binary) file has 'class_names'")
+        _require(payload.get("output", "osteoporosis probability") == "osteoporosis probability",
+                 "'output' of a binary file is not 'osteoporosis probability'")
+        return 2
+    _require(isinstance(names, list) and len(names) >= 3 and
+             all(isinstance(n, str) and n.strip() == n and n for n in names),
+             "'class_names' is not a list of at least 3 class names")
+    _require(len(set(names)) == len(names), "'class_names' names a class twice")
+    _require(payload.get("output") == "class probabilities",
+             "'output' of a multiclass file is not 'class probabilities'")
+    return len(names)
 
 
 def _validate_skops_reference(model: dict[str, Any], kind: str) -> None:
@@ -374,6 +462,7 @@ def _validate_payload(payload: dict[str, Any], path: Path) -> None:
     """
     try:
         _validate_features(payload)
+        n_classes = _validate_class_names(payload)
         kind = payload.get("kind")
         _require(isinstance(kind, str) and (kind == "logistic" or kind in SKOPS_TRUSTED_TYPES),
                  f"unknown classifier kind {kind!r}")
@@ -381,7 +470,7 @@ def _validate_payload(payload: dict[str, Any], path: Path) -> None:
         _require(isinstance(model, dict), "'model' is not an object (the fitted model)")
         _require(model.get("kind", kind) == kind, "the model block's kind differs from 'kind'")
         if kind == "logistic":
-            _validate_logistic(model, len(payload["features"]))
+            _validate_logistic(model, len(payload["features"]), n_classes)
         else:
             _validate_skops_reference(model, kind)
         _require(payload.get("aggregation", "mean") in _AGGREGATIONS,

@@ -22,6 +22,16 @@ Scaling each step assumes (the paper does not state it; these are our choices):
    non-zero coefficients are kept; if LASSO keeps none, the single feature most correlated
    with the label is kept (recorded in ``lasso_fallback_``).
 
+**Several classes** (more than two labels, e.g. normal / osteopenia / osteoporosis): each
+class is turned into its one-vs-rest 0/1 indicator. Step 2 ranks a feature by its largest
+|r| with any indicator; step 3 runs the same linear LASSO (own cross-validated ``alpha``) on
+every indicator and keeps the **union** of their non-zero features. For two classes this is
+exactly the binary procedure (the indicator of class 0 is 1 - y: same |r|, same support), and
+it keeps LASSO a plain linear regression as in the paper; a multinomial L1 logistic
+regression would be the other choice, but is far slower to cross-validate and ties the
+selection to one classifier family. ``max_features`` then keeps the features with the
+largest |coefficient| over the classes; ``lasso_coef_`` is ``(classes, features)``.
+
 Everything is fitted on training data only: inside cross-validation the selector is part of
 the pipeline and is refitted in every fold.
 """
@@ -33,6 +43,22 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 __all__ = ["PaperFeatureSelector"]
+
+
+def _indicators(y: np.ndarray) -> np.ndarray | None:
+    """One-vs-rest 0/1 columns ``(samples, classes)`` for more than two labels, else None."""
+    classes = np.unique(y)
+    if classes.size <= 2:
+        return None
+    return (y[:, None] == classes[None, :]).astype(np.float64)
+
+
+def _relevance(y: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """|r| with the label; with several classes the largest |r| with any class indicator."""
+    indicators = _indicators(y)
+    if indicators is None:
+        return _abs_corr_with(y, X)
+    return np.max([_abs_corr_with(col, X) for col in indicators.T], axis=0)
 
 
 def _abs_corr_with(y: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -69,9 +95,10 @@ class PaperFeatureSelector(TransformerMixin, BaseEstimator):
     variance_support_, correlation_support_:
         Masks after step 1 and after steps 1-2.
     lasso_coef_:
-        LASSO coefficients (on standardised features) of the features passing step 2.
+        LASSO coefficients (on standardised features) of the features passing step 2;
+        ``(classes, features)`` for several classes.
     alpha_:
-        Chosen LASSO penalty.
+        Chosen LASSO penalty (several classes: the mean of ``alphas_``, one per class).
     """
 
     def __init__(self, variance_threshold: float = 0.02, correlation_threshold: float = 0.9,
@@ -103,7 +130,7 @@ class PaperFeatureSelector(TransformerMixin, BaseEstimator):
         self.variance_support_ = variance_ok
 
         # 2. greedy correlation filter, most label-correlated first
-        relevance = _abs_corr_with(y, X)
+        relevance = _relevance(y, X)
         candidates = np.flatnonzero(variance_ok)
         order = candidates[np.argsort(-relevance[candidates], kind="stable")]
         kept: list[int] = []
@@ -142,11 +169,23 @@ class PaperFeatureSelector(TransformerMixin, BaseEstimator):
             n_splits = min(self.lasso_cv, len(y))
             splits = list(KFold(n_splits=n_splits, shuffle=True,
                                 random_state=self.random_state).split(Z))
-        lasso = LassoCV(cv=splits, random_state=self.random_state, max_iter=20000)
-        lasso.fit(Z, y)
-        coef = lasso.coef_
-        self.lasso_coef_ = coef
-        self.alpha_ = float(lasso.alpha_)
+        indicators = _indicators(y)
+        targets = [y] if indicators is None else list(indicators.T)
+        coefs, alphas = [], []
+        for target in targets:  # one-vs-rest for several classes (module docstring)
+            lasso = LassoCV(cv=splits, random_state=self.random_state, max_iter=20000)
+            lasso.fit(Z, target)
+            coefs.append(lasso.coef_)
+            alphas.append(float(lasso.alpha_))
+        if indicators is None:
+            coef = coefs[0]
+            self.lasso_coef_ = coef
+            self.alpha_ = alphas[0]
+        else:
+            self.lasso_coef_ = np.array(coefs)
+            self.alphas_ = alphas
+            self.alpha_ = float(np.mean(alphas))  # a summary for reports; each class has its own
+            coef = np.max(np.abs(self.lasso_coef_), axis=0)
         chosen = np.flatnonzero(coef != 0)
         if chosen.size == 0:
             self.lasso_fallback_ = True

@@ -468,6 +468,8 @@ class ProbabilityRow:
     slices_used: int
     probability: float | None
     note: str
+    #: The class this row's probability is of; None for a binary classifier (osteoporosis).
+    class_name: str | None = None
 
 
 def _probability_row(classifier: str, regions: str, entry: Mapping[str, Any],
@@ -478,21 +480,43 @@ def _probability_row(classifier: str, regions: str, entry: Mapping[str, Any],
                           str(entry.get("withheld_reason", "withheld")) if withheld else note)
 
 
+def _class_rows(entry: Mapping[str, Any], note: str) -> list[ProbabilityRow]:
+    """A multiclass classifier's lines: one per class, all withheld when it is withheld."""
+    name, regions = str(entry["classifier"]), ", ".join(entry["regions"])
+    withheld = bool(entry.get("withheld"))
+    rows = []
+    for class_name, p in entry["class_probabilities"].items():
+        blank = withheld or p is None
+        rows.append(ProbabilityRow(
+            name, regions, int(entry["slices_used"]), None if blank else float(p),
+            str(entry.get("withheld_reason", "withheld")) if blank else note, str(class_name)))
+    return rows
+
+
 def probability_rows(result: Mapping[str, Any]) -> list[ProbabilityRow]:
     """The probability table's lines from the JSON ``hrpqct radiomics --probabilities`` wrote.
 
     Per classifier: its slice probabilities aggregated as it was trained (mean or median);
     then ``overall``, the unweighted mean of the classifiers' probabilities (with one
     classifier, the same number) -- a summary, not a validated combined model. A withheld
-    probability stays withheld: no number, the reason as its note.
+    probability stays withheld: no number, the reason as its note. A multiclass classifier
+    (``class_probabilities`` in its entry) gives one line per class (``class_name`` set);
+    ``overall`` then averages the osteoporosis class.
     """
-    rows = [_probability_row(str(entry["classifier"]), ", ".join(entry["regions"]), entry,
-                             f"{entry['aggregation']} of slice probabilities")
-            for entry in result["classifiers"]]
+    rows: list[ProbabilityRow] = []
+    for entry in result["classifiers"]:
+        note = f"{entry['aggregation']} of slice probabilities"
+        if entry.get("class_probabilities"):
+            rows += _class_rows(entry, note)
+        else:
+            rows.append(_probability_row(str(entry["classifier"]), ", ".join(entry["regions"]),
+                                         entry, note))
     if rows:
-        overall = result["overall"]
-        rows.append(_probability_row("overall", "all of the above", overall,
-                                     str(overall["note"])))
+        overall = _probability_row("overall", "all of the above", result["overall"],
+                                   str(result["overall"]["note"]))
+        if any(r.class_name for r in rows):
+            overall.class_name = "osteoporosis"
+        rows.append(overall)
     return rows
 
 
@@ -514,17 +538,26 @@ def _string_column(name: str, values: Sequence[str]) -> Any:
 
 
 def fill_probability_table_node(table_node: Any, rows: Sequence[ProbabilityRow]) -> Any:
-    """Put the probabilities in ``table_node``, with the caveat in a column and an attribute."""
+    """Put the probabilities in ``table_node``, with the caveat in a column and an attribute.
+
+    With a multiclass classifier among the rows the table gains a ``class`` column and its
+    probability column is named ``probability`` (binary-only tables stay as they were:
+    ``osteoporosis_probability``, no ``class`` column).
+    """
     import vtk
 
     caveat = probability_caveat()
+    multiclass = any(r.class_name for r in rows)
     vtk_table = vtk.vtkTable()
     vtk_table.AddColumn(_string_column("classifier", [r.classifier for r in rows]))
     vtk_table.AddColumn(_string_column("regions", [r.regions for r in rows]))
+    if multiclass:
+        vtk_table.AddColumn(_string_column("class", [r.class_name or "osteoporosis"
+                                                     for r in rows]))
     slices = vtk.vtkIntArray()
     slices.SetName("slices_used")
     probability = vtk.vtkDoubleArray()
-    probability.SetName("osteoporosis_probability")
+    probability.SetName("probability" if multiclass else "osteoporosis_probability")
     for r in rows:
         slices.InsertNextValue(r.slices_used)
         # a withheld probability is an empty (NaN) cell, never a number
@@ -815,8 +848,11 @@ class RadiomicsRun:
         """One line per probability, with 'research use' and the caveat (for the panel)."""
         if not self.probabilities:
             return ""
-        lines = [f"{RESEARCH_USE}. Osteoporosis probability:"]
-        lines += [f"  {r.classifier} ({r.regions}): "
+        multiclass = any(r.class_name for r in self.probabilities)
+        lines = [f"{RESEARCH_USE}. " + ("Class probabilities:" if multiclass
+                                        else "Osteoporosis probability:")]
+        lines += [f"  {r.classifier} ({r.regions})"
+                  + (f" {r.class_name}" if r.class_name else "") + ": "
                   + (f"{r.probability:.2f}" if r.probability is not None else r.note)
                   for r in self.probabilities]
         lines.append(probability_caveat())

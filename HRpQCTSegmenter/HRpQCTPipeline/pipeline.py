@@ -56,6 +56,7 @@ from HRpQCTPipeline.record import (
 )
 from HRpQCTPipeline.runlog import scan_log
 from HRpQCTRadiomicsEngine.model_io import BUNDLED_CLASSIFIER
+from HRpQCTSegmentationEngine.uncertainty import DEFAULT_UNCERTAINTY
 
 __all__ = [
     "BUNDLED_CLASSIFIER",
@@ -116,6 +117,13 @@ class RunSettings:
         Extract features on every n-th slice (1: all).
     report:
         Write the QC report.
+    accept_unusual_scan:
+        Segment a scan the plausibility check refuses (not a distal tibia/fibula HR-pQCT scan,
+        see :mod:`HRpQCTSegmentationEngine.plausibility`); its results carry an
+        ``unusual_scan`` warning and no probability.
+    uncertainty:
+        The segmentation's per-slice uncertainty for the QC (``none``, ``margin`` or ``flip``,
+        see :mod:`HRpQCTSegmentationEngine.uncertainty`); QC only, labels are unchanged.
     """
 
     model: str | None = None
@@ -133,6 +141,8 @@ class RunSettings:
     jobs: int | None = None
     slice_step: int = 1
     report: bool = True
+    accept_unusual_scan: bool = False
+    uncertainty: str = DEFAULT_UNCERTAINTY
 
     def __post_init__(self) -> None:
         if self.features not in FEATURE_SETS:
@@ -319,6 +329,7 @@ class RunContext:
     qc: dict[str, Any] = field(default_factory=dict)
     quality: tuple[list, list, Any, Any] | None = None
     journal: RunJournal | None = None
+    uncertainty: dict[str, Any] | None = None
 
     @property
     def subject(self) -> str:
@@ -572,14 +583,21 @@ def _segment(ctx: RunContext) -> None:
     from HRpQCTCore.io import write_label_map
     from HRpQCTSegmentationEngine.inference import run_segmentation
     from HRpQCTSegmentationEngine.limits import require_segmentation_memory
+    from HRpQCTSegmentationEngine.model_card import identity_for_qc
+    from HRpQCTSegmentationEngine.plausibility import require_plausible_scan
     from HRpQCTSegmentationEngine.postprocess import postprocess, preset
+    from HRpQCTSegmentationEngine.uncertainty import SIGNAL_OF_METHOD
 
     scan, settings, paths = ctx.scan, ctx.settings, ctx.paths
     # refuse a scan whose post-processing cannot fit before the network runs, not after
     require_segmentation_memory(scan.shape, scan.spacing_mm, preset(settings.postprocess))
+    # a metal foam or a mask would be segmented confidently and wrongly: refuse it too
+    plausibility = require_plausible_scan(scan.hu, scan.spacing_mm,
+                                          accept_unusual=settings.accept_unusual_scan)
     runner, config = _segmenter(ctx.model_folder, settings)
     seg = run_segmentation(scan.hu, runner, config=config, batch_size=settings.batch_size,
-                           progress=ctx.progress, cancel=ctx.cancel)
+                           progress=ctx.progress, cancel=ctx.cancel,
+                           uncertainty=settings.uncertainty)
     log.info("segmented %d slices in %.1f s (%s, %s)", scan.n_slices, seg.seconds, seg.device,
              seg.engine)
     result = postprocess(seg.labels, scan.hu, scan.spacing_mm, preset(settings.postprocess),
@@ -588,11 +606,16 @@ def _segment(ctx: RunContext) -> None:
     write_label_map(result.regions, scan, paths["regions_nifti"])
     ctx.seg_qc = {
         "model": str(ctx.model_folder), "model_sha256": model_sha256(ctx.model_folder),
-        "device": seg.device, "engine": seg.engine, "seconds": seg.seconds,
+        "model_identity": identity_for_qc(ctx.model_folder), "device": seg.device,
+        "engine": seg.engine, "seconds": seg.seconds,
         "postprocess_preset": settings.postprocess, "warnings": list(result.warnings),
         "slice_confidence": [float(v) for v in seg.slice_confidence],
         "slice_foreground_confidence": [None if np.isnan(v) else float(v)
-                                        for v in seg.slice_foreground_confidence]}
+                                        for v in seg.slice_foreground_confidence],
+        "plausibility": plausibility.to_dict(), "uncertainty_method": seg.uncertainty_method,
+        "uncertainty_signal": SIGNAL_OF_METHOD.get(seg.uncertainty_method),
+        "slice_uncertainty": None if seg.slice_uncertainty is None else [
+            None if np.isnan(v) else float(v) for v in seg.slice_uncertainty]}
     write_text_atomic(paths["segmentation_qc"], dump_json(ctx.seg_qc))
     ctx.regions = result.regions
 
@@ -674,6 +697,9 @@ def _classify(classifier, paths: dict[str, Path], scan_id: str, subject: str) ->
                                                             strict=True)},
         "caveat": CAVEAT,
     }
+    classes = prediction.subject_class_dict(subject)
+    if classes is not None:  # multiclass: every class; "probability" is its osteoporosis class
+        info["class_probabilities"] = classes
     write_text_atomic(paths["probability"], dump_json(info))
     log.info("%s: osteoporosis probability %.3f (%s of %d slices; research use only)",
              subject, p, prediction.aggregation, info["n_slices"])
@@ -699,6 +725,8 @@ def _withhold(classifier, paths: dict[str, Path], scan_id: str, subject: str,
         "classifier": classifier.path.name, "classifier_sha256": sha256_file(classifier.path),
         "regions": classifier.regions, "features": classifier.features, "caveat": CAVEAT,
     }
+    if getattr(classifier, "class_names", None):  # withheld for every class alike
+        info["class_probabilities"] = dict.fromkeys(classifier.class_names)
     write_text_atomic(paths["probability"], dump_json(info))
     log.warning("%s: osteoporosis probability %s", subject, reason)
     return info
@@ -747,7 +775,8 @@ def _report(ctx: RunContext) -> dict[str, Any]:
     report(ctx.progress, 2, 3, stage)
     info["outputs"] = {k: str(v) for k, v in _report_outputs(ctx).items()}
     info["provenance"] = _provenance(ctx)
-    qc_record = {k: info[k] for k in ("scan_id", "subject", "warnings", "confidence", "motion")}
+    qc_record = {k: info[k] for k in ("scan_id", "subject", "warnings", "confidence", "motion",
+                                      "uncertainty")}
     qc_record["regions"] = [s.to_dict(per_slice=True) for s in stats]
     write_text_atomic(ctx.paths["qc"], dump_json(qc_record))
     report_module.write_scan_report(ctx.paths["report"], info)
@@ -770,9 +799,13 @@ def _quality_checks(ctx: RunContext) -> tuple[list, list, Any, Any]:
                 confidence = qc_module.confidence_summary(
                     seg_qc["slice_confidence"], seg_qc["slice_foreground_confidence"])
             motion = qc_module.motion_index(scan.hu, ctx.regions, scan.spacing_mm)
+            ctx.uncertainty = qc_module.uncertainty_summary(
+                seg_qc.get("uncertainty_method"), seg_qc.get("slice_uncertainty"),
+                seg_qc.get("uncertainty_signal"))
             warnings = qc_module.quality_warnings(
                 stats, confidence=confidence, motion=motion,
-                postprocess_warnings=seg_qc.get("warnings"))
+                postprocess_warnings=seg_qc.get("warnings"), uncertainty=ctx.uncertainty,
+                plausibility=seg_qc.get("plausibility"))
         ctx.quality = (stats, warnings, confidence, motion)
     return ctx.quality
 
@@ -785,6 +818,7 @@ def _quality(ctx: RunContext, info: dict[str, Any], qc_module) -> tuple[list, li
     info["warnings"] = [w.to_dict() for w in warnings]
     info["confidence"] = confidence
     info["motion"] = motion
+    info["uncertainty"] = ctx.uncertainty
     info["probability"] = ctx.probability_info
     return stats, warnings, confidence, motion
 
@@ -864,12 +898,21 @@ def _report_outputs(ctx: RunContext) -> dict[str, Path]:
     return outputs
 
 
+def _model_lineage(identity: dict | None) -> str:
+    """``name (fine-tuned from parent)`` for the report: which model made the result."""
+    if not identity:
+        return "–"
+    parent = identity.get("parent")
+    return f"{identity['name']} (fine-tuned from {parent})" if parent else identity["name"]
+
+
 def _provenance(ctx: RunContext) -> dict[str, Any]:
     seg_qc, classifier = ctx.seg_qc, ctx.classifier
     return {
         "hrpqct": _version(), "feature set": ctx.feature_set,
         "segmentation": ctx.plan["segmentation"], "model": seg_qc.get("model", "–"),
         "model sha256": seg_qc.get("model_sha256", "–"),
+        "model name (parent)": _model_lineage(seg_qc.get("model_identity")),
         "inference": f"{seg_qc.get('device', '–')} / {seg_qc.get('engine', '–')}",
         "post-processing preset": seg_qc.get("postprocess_preset", "–"),
         "classifier": "–" if classifier is None else classifier.path.name,

@@ -77,6 +77,16 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return _e(value)
 
 
+def _class_probability_table(classes: dict[str, Any] | None) -> str:
+    """A multiclass classifier's probability of every class ("" for a binary one)."""
+    if not classes:
+        return ""
+    rows = "".join(f"<tr><td class=\"l\">{_e(name)}</td><td>{_fmt(p, 2)}</td></tr>"
+                   for name, p in classes.items())
+    return ("<table><tr><th class=\"l\">class</th><th>probability</th></tr>"
+            f"{rows}</table>")
+
+
 def _page(title: str, body: str) -> str:
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n"
@@ -236,12 +246,26 @@ def _rel(path: str | Path | None, base: Path) -> str | None:
         return path.name
 
 
+def _uncertainty_html(uncertainty: dict[str, Any] | None) -> str:
+    """One paragraph: the model's per-slice uncertainty and the slices above its threshold."""
+    if not uncertainty:
+        return ""
+    slices = uncertainty.get("uncertain_slices") or []
+    listed = (", ".join(str(z) for z in slices[:20]) + (" ..." if len(slices) > 20 else "")
+              if slices else "none")
+    return (f"<p>Model uncertainty ({_e(uncertainty.get('method'))}: "
+            f"{_e(uncertainty.get('signal'))}, per slice): mean "
+            f"{_fmt(uncertainty.get('mean'), 3)}, max {_fmt(uncertainty.get('max'), 3)}; slices "
+            f"above {_fmt(uncertainty.get('threshold'), 3)}: {_e(listed)}.</p>")
+
+
 def scan_report_html(info: dict[str, Any], base: Path) -> str:
     """The HTML page of one scan from the pipeline's record (see :mod:`.pipeline`).
 
     ``info`` keys used: ``scan_id``, ``subject``, ``input``, ``warnings`` (list of
     ``{code, message}``), ``skipped`` (stage messages), ``regions`` (region stats dicts),
-    ``confidence``, ``motion``, ``probability`` (dict or None), ``key_features``
+    ``confidence``, ``motion``, ``uncertainty``, ``probability`` (dict or None),
+    ``key_features``
     (region -> feature -> value), ``figures`` (name -> path), ``outputs`` (name -> path),
     ``provenance``, ``caveat``.
     """
@@ -279,6 +303,7 @@ def scan_report_html(info: dict[str, Any], base: Path) -> str:
             f"<p><span class=\"prob\">{prob['probability']:.2f}</span> ({_e(prob['aggregation'])}"
             f" over {prob['n_slices']} slice(s); classifier <code>{_e(prob['classifier'])}</code>,"
             f" regions {_e(', '.join(prob['regions']))}).</p>")
+        parts.append(_class_probability_table(prob.get("class_probabilities")))
         parts.append(f"<p class=\"caveat\">{_e(prob.get('caveat', ''))}</p>")
     else:
         parts.append("<p>Not computed (no classifier; see the steps not run above).</p>")
@@ -306,6 +331,7 @@ def scan_report_html(info: dict[str, Any], base: Path) -> str:
         parts.append(f"<p>Motion index (streaks in air, HU): median "
                      f"{_fmt(motion.get('median_hu'))}, max {_fmt(motion.get('max_hu'))} over "
                      f"{len(motion.get('slices') or [])} slices.</p>")
+    parts.append(_uncertainty_html(info.get("uncertainty")))
 
     parts.append("<h2 id=\"features\">Key features</h2>")
     key_features = info.get("key_features") or {}

@@ -306,15 +306,21 @@ def test_the_command_line_carries_the_choices(tmp_path):
     assert "--preset" not in prediction and "--regions" not in prediction
 
 
-def test_the_process_finds_both_module_folders(repo_root):
+def test_the_process_finds_both_module_folders():
+    # The child must import the core (Segmenter's folder) and the radiomics engine (the
+    # Radiomics module's folder). From a clone these are the two module folders; from an
+    # installed package (CI's wheel install) both are site-packages.
+    import os
+
     from HRpQCTCore.background.process import engine_environment, module_folders
 
     folders = [*module_folders(), sr._MODULE_FOLDER]
-    assert {f.name for f in folders} == {"HRpQCTSegmenter", "HRpQCTRadiomics"}
+    assert any((f / "HRpQCTCore").is_dir() for f in folders)
+    assert any((f / "HRpQCTRadiomicsEngine").is_dir() for f in folders)
+    assert any((f / "HRpQCTPipeline").is_dir() for f in folders)
     path = engine_environment(folders, base={"PYTHONPATH": "elsewhere"})["PYTHONPATH"]
-    parts = path.split(__import__("os").pathsep)
-    assert parts == [str(repo_root / "HRpQCTSegmenter"), str(repo_root / "HRpQCTRadiomics"),
-                     "elsewhere"]
+    parts = path.split(os.pathsep)
+    assert parts == [*dict.fromkeys(str(f) for f in folders), "elsewhere"]
 
 
 def test_what_the_panel_checks_imports_nothing_heavy():
@@ -387,6 +393,34 @@ def test_a_withheld_probability_stays_withheld_in_the_table_and_the_summary(node
     table = sr.fill_probability_table_node(node, rows).GetTable()
     assert math.isnan(table.GetValueByName(0, "osteoporosis_probability").ToDouble())
     assert table.GetValueByName(0, "note").ToString() == reason
+
+
+def test_a_three_class_classifier_gives_one_row_per_class(nodes):
+    headless, *_ = nodes
+    classes = {"normal": 0.2, "osteopenia": 0.3, "osteoporosis": 0.5}
+    entry = {"classifier": "three.json", "regions": ["adipose"], "slices_used": 2,
+             "probability": 0.5, "aggregation": "mean", "class_probabilities": classes}
+    result = {"caveat": CAVEAT, "classifiers": [entry],
+              "overall": {"probability": 0.5, "slices_used": 2, "note": "mean"}}
+    rows = sr.probability_rows(result)
+    assert [(r.class_name, r.probability) for r in rows] == [
+        ("normal", 0.2), ("osteopenia", 0.3), ("osteoporosis", 0.5), ("osteoporosis", 0.5)]
+    node = headless.scene.AddNewNodeByClass("vtkMRMLTableNode")
+    table = sr.fill_probability_table_node(node, rows).GetTable()
+    assert table.GetNumberOfRows() == 4
+    assert table.GetValueByName(1, "class").ToString() == "osteopenia"
+    assert table.GetValueByName(1, "probability").ToDouble() == 0.3
+    assert table.GetValueByName(3, "classifier").ToString() == "overall"
+    assert table.GetValueByName(0, "caveat").ToString() == CAVEAT
+    # withheld: every class withheld, with the reason
+    reason = "withheld: quality control failed for the regions the classifier uses"
+    entry.update(probability=None, withheld=True, withheld_reason=reason,
+                 class_probabilities=dict.fromkeys(classes))
+    result["overall"].update(probability=None, withheld=True, withheld_reason=reason)
+    rows = sr.probability_rows(result)
+    assert [r.probability for r in rows] == [None] * 4 and all(r.note == reason for r in rows)
+    table = sr.fill_probability_table_node(node, rows).GetTable()
+    assert all(math.isnan(table.GetValueByName(i, "probability").ToDouble()) for i in range(4))
 
 
 # ------------------------------------------------------------------------------------------

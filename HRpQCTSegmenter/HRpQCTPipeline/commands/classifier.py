@@ -32,10 +32,16 @@ _EPILOG_TRAIN = """examples:
       -o adipose_logistic.json --report adipose_report.json
   hrpqct train-classifier f.csv --labels labels.csv --label-column osteoporosis \\
       --regions myotendinous,adipose --model random_forest -o soft_rf.json
+  hrpqct train-classifier f.csv --labels c3/manifest.csv --target diagnosis \\
+      --regions tibial_cortical -o three_class.json     # normal/osteopenia/osteoporosis
 
 Labels: a CSV with a subject column (default subject_id) and a 0/1 label column (default
 osteoporosis), e.g. the manifest.csv of `hrpqct cohort`. Feature rows without a subject
 use the scan identifier as subject. Splits and cross-validation are grouped by subject.
+Several classes: with --target diagnosis (or by default when the labels file has a
+'diagnosis' column with three or more classes, as `hrpqct cohort --classes 3` writes) the
+label column (default diagnosis) holds class names and the model is multinomial; the
+classifier then gives one probability per class. --target osteoporosis keeps 0/1 training.
 """
 
 _EPILOG_CLASSIFY = """examples:
@@ -43,7 +49,9 @@ _EPILOG_CLASSIFY = """examples:
   hrpqct classify model.json --scan scan.nii.gz --regions-map regions.seg.nrrd -o p.csv
 
 With --scan, only the features the classifier uses are extracted (prediction mode), with
-the radiomics settings stored in the classifier.
+the radiomics settings stored in the classifier. A binary classifier writes one
+osteoporosis_probability column; a multiclass one (e.g. normal/osteopenia/osteoporosis) one
+<class>_probability column per class.
 """
 
 
@@ -72,6 +80,61 @@ def read_labels(path: str | Path, subject_column: str, label_column: str) -> dic
                                      f"{record[subject_column]!r} is not 0 or 1.") from None
             labels[record[subject_column].strip()] = value
     return labels
+
+
+def read_class_labels(path: str | Path, subject_column: str,
+                      label_column: str) -> dict[str, str]:
+    """Subject -> class name from a CSV (multiclass training)."""
+    from HRpQCTCore.io.textfiles import ensure_text_file
+
+    path = ensure_text_file(path, "Labels file")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        missing = [c for c in (subject_column, label_column) if c not in header]
+        if missing:
+            raise InputFileError(
+                f"{path} lacks column(s) {missing}; it has {header}. Use --subject-column / "
+                "--label-column.")
+        labels: dict[str, str] = {}
+        for record in reader:
+            text = (record[label_column] or "").strip()
+            if not text:
+                raise InputFileError(f"{path}: subject {record[subject_column]!r} has no "
+                                     f"{label_column!r} label.")
+            labels[record[subject_column].strip()] = text
+    return labels
+
+
+def resolve_target(labels_path: str | Path, target: str) -> str:
+    """``osteoporosis`` (0/1) or ``diagnosis`` (several classes); ``auto`` looks at the file.
+
+    ``auto`` picks ``diagnosis`` when the labels file has a ``diagnosis`` column with three
+    or more distinct values, so binary manifests train exactly as before.
+    """
+    if target != "auto":
+        return target
+    from HRpQCTCore.io.textfiles import ensure_text_file
+
+    path = ensure_text_file(labels_path, "Labels file")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if "diagnosis" not in (reader.fieldnames or []):
+            return "osteoporosis"
+        values = {(r["diagnosis"] or "").strip() for r in reader} - {""}
+    return "diagnosis" if len(values) >= 3 else "osteoporosis"
+
+
+def _labels_for_target(args: argparse.Namespace):
+    """(labels, class names or None) for ``--target``."""
+    from HRpQCTRadiomicsEngine.classification import class_order
+
+    target = resolve_target(args.labels, args.target)
+    if target == "osteoporosis":
+        return read_labels(args.labels, args.subject_column,
+                           args.label_column or "osteoporosis"), None
+    labels = read_class_labels(args.labels, args.subject_column, args.label_column or "diagnosis")
+    return labels, class_order(labels.values())
 
 
 def _rows_with_subjects(paths):
@@ -104,9 +167,10 @@ def run_train(args: argparse.Namespace) -> int:
     settings = load_settings(args.params or args.preset)
     rows = _rows_with_subjects(args.features)
     _settings_of_rows(rows, settings)
-    labels = read_labels(args.labels, args.subject_column, args.label_column)
+    labels, class_names = _labels_for_target(args)
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
-    data = assemble_dataset(rows, regions, labels)
+    # Only the subjects with features: a class missing among them is reported by training.
+    data = assemble_dataset(rows, regions, labels, class_names=class_names)
     if args.drop_nonfinite:
         finite = np.isfinite(data.X).all(axis=0)
         if not finite.all():
@@ -124,6 +188,10 @@ def run_train(args: argparse.Namespace) -> int:
     test = result.report["test"]
     print(f"{args.model} on {', '.join(regions)}: {len(result.feature_names)} feature(s) "
           "selected")
+    if class_names is not None:
+        _print_multiclass(test, class_names)
+        print(f"Saved {output}. {CAVEAT}")
+        return 0
     for level in ("image", "patient"):
         m, ci = test[level]["metrics"], test[level]["ci95"]
         print(f"  test {level:7s} AUROC {m['auroc']:.3f} [{ci['auroc'][0]:.3f}, "
@@ -132,6 +200,17 @@ def run_train(args: argparse.Namespace) -> int:
               f"(n={m['n']})")
     print(f"Saved {output}. {CAVEAT}")
     return 0
+
+
+def _print_multiclass(test: dict, class_names: list[str]) -> None:
+    for level in ("image", "patient"):
+        m, ci = test[level]["metrics"], test[level]["ci95"]
+        sens = "  ".join(f"{c} {m[f'sensitivity_{c}']:.3f}" for c in class_names)
+        print(f"  test {level:7s} macro AUROC {m['auroc']:.3f} [{ci['auroc'][0]:.3f}, "
+              f"{ci['auroc'][1]:.3f}]  accuracy {m['accuracy']:.3f}  sensitivity: {sens}  "
+              f"(n={m['n']})")
+        print(f"    confusion (rows true, columns predicted: {', '.join(class_names)}): "
+              f"{m['confusion']}")
 
 
 # --- classify -----------------------------------------------------------------------------
@@ -158,6 +237,10 @@ def run_classify(args: argparse.Namespace) -> int:
             raise HRpQCTError("--scan needs --regions-map (the scan's 7-region label map).")
         rows = _extract_for_model(model, args)
     prediction = predict_rows(model, rows)
+    if prediction.class_names is not None:
+        write_text_atomic(output, _multiclass_prediction_csv(prediction, model.aggregation))
+        print(CAVEAT)
+        return 0
     lines = [["scan", "subject", "level", "slice", "osteoporosis_probability"]]
     for (scan, slice_), subject, p in zip(prediction.sample_ids, prediction.groups,
                                           prediction.probabilities, strict=True):
@@ -170,6 +253,22 @@ def run_classify(args: argparse.Namespace) -> int:
     write_text_atomic(output, text)
     print(CAVEAT)
     return 0
+
+
+def _multiclass_prediction_csv(prediction, aggregation: str) -> str:
+    """Predictions CSV of a multiclass classifier: one ``<class>_probability`` column each."""
+    names = list(prediction.class_names)
+    lines = [["scan", "subject", "level", "slice", *(f"{c}_probability" for c in names)]]
+    for (scan, slice_), subject, row in zip(prediction.sample_ids, prediction.groups,
+                                            prediction.class_probabilities, strict=True):
+        lines.append([scan, subject, "image", slice_, *(repr(float(p)) for p in row)])
+    for subject, row in zip(prediction.subjects, prediction.subject_class_probabilities,
+                            strict=True):
+        lines.append(["", subject, "subject", aggregation, *(repr(float(p)) for p in row)])
+        shown = ", ".join(f"{c} {p:.3f}" for c, p in zip(names, row, strict=True))
+        print(f"{subject}: probabilities {shown} ({aggregation} of "
+              f"{prediction.slices_of(subject)} slice(s))")
+    return "\n".join(",".join(str(c) for c in line) for line in lines) + "\n"
 
 
 def _extract_for_model(model, args):
@@ -209,7 +308,12 @@ def register(subparsers) -> None:
     t.add_argument("features", nargs="+", help="feature CSV(s) from `hrpqct radiomics`")
     t.add_argument("--labels", required=True, help="CSV with subject and 0/1 label columns")
     t.add_argument("--subject-column", default="subject_id", help="default %(default)s")
-    t.add_argument("--label-column", default="osteoporosis", help="default %(default)s")
+    t.add_argument("--label-column", default=None,
+                   help="label column (default osteoporosis; diagnosis with --target diagnosis)")
+    t.add_argument("--target", choices=("auto", "osteoporosis", "diagnosis"), default="auto",
+                   help="osteoporosis: 0/1 binary model; diagnosis: one class per distinct "
+                        "label (multinomial); auto (default): diagnosis when the labels file "
+                        "has a 'diagnosis' column with 3+ classes")
     t.add_argument("--regions", required=True,
                    help="comma-separated regions whose features are used (e.g. adipose)")
     t.add_argument("--model", choices=MODEL_KINDS, default=DEFAULT_MODEL,

@@ -22,6 +22,7 @@ _EPILOG_PHANTOM = """examples:
 _EPILOG_COHORT = """examples:
   hrpqct cohort cohort/ --subjects 122 --seed 7 --jobs 2      # the paper's 61 + 61
   hrpqct cohort cohort/ --subjects 20 --small --slices 8       # quick, coarse voxels
+  hrpqct cohort c3/ --subjects 36 --classes 3 --small --slices 2  # normal/osteopenia/osteoporosis
 """
 
 
@@ -130,7 +131,8 @@ def run_cohort(args: argparse.Namespace) -> int:
 
     manifest = generate_cohort(
         args.subjects, Path(args.out_dir), args.seed, effect_size=args.effect_size,
-        fraction_osteoporotic=args.fraction_osteoporotic, n_jobs=args.jobs,
+        fraction_osteoporotic=args.fraction_osteoporotic, n_classes=args.classes,
+        n_jobs=args.jobs,
         formats=_formats(args), progress=_progress(args), overwrite=args.overwrite,
         **_image_overrides(args))
     print(str(manifest))
@@ -170,7 +172,10 @@ def register(subparsers) -> None:
     c.add_argument("--effect-size", type=float, default=2.0,
                    help="group separation of latent bone health, SD units (default 2.0)")
     c.add_argument("--fraction-osteoporotic", type=float, default=0.5,
-                   help="share of osteoporotic subjects (default 0.5)")
+                   help="share of osteoporotic subjects (default 0.5; two classes only)")
+    c.add_argument("--classes", type=int, choices=(2, 3), default=2,
+                   help="2: osteoporotic/control (default); 3: normal/osteopenia/osteoporosis "
+                        "thirds by T-score cut-offs -1 and -2.5 (manifest gains 'diagnosis')")
     c.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
     _add_image_options(c)
     c.set_defaults(func=run_cohort)

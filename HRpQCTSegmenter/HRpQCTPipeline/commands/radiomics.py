@@ -145,7 +145,9 @@ def scan_probabilities(classifiers, rows, warnings=()) -> dict:
     ``overall`` is a summary, not a validated combined model. A classifier whose regions
     fail quality control (``warnings``, see :func:`HRpQCTPipeline.qc.classification_blockers`)
     gets no number: ``probability`` is None, ``withheld`` True and ``withheld_reason`` says
-    why, exactly as ``hrpqct run`` withholds it.
+    why, exactly as ``hrpqct run`` withholds it. A multiclass classifier's entry also has
+    ``class_probabilities`` (class -> probability, every value None when withheld);
+    ``probability`` is then its osteoporosis class.
     """
     from HRpQCTPipeline.qc import classification_blockers, withheld_reason
     from HRpQCTRadiomicsEngine.classification import CAVEAT
@@ -163,10 +165,15 @@ def scan_probabilities(classifiers, rows, warnings=()) -> dict:
             "slices_used": prediction.slices_of(subject),
             "probability": float(prediction.subject_probabilities[0]),
             "aggregation": classifier.aggregation}
+        classes = prediction.subject_class_dict(subject)
+        if classes is not None:  # multiclass: every class, osteoporosis also as "probability"
+            entry["class_probabilities"] = classes
         blockers = classification_blockers(warnings, classifier.regions)
         if blockers:
             entry.update(probability=None, withheld=True,
                          withheld_reason=withheld_reason(blockers))
+            if classes is not None:  # withheld means withheld for every class
+                entry["class_probabilities"] = dict.fromkeys(classes)
         entries.append(entry)
     return {"caveat": CAVEAT, "classifiers": entries, "overall": _overall(entries)}
 
@@ -198,6 +205,9 @@ def write_probabilities(path, classifiers, features_csv, warnings=()) -> None:
             continue
         log.info("%s: osteoporosis probability %.3f (%s of %d slice(s))", entry["classifier"],
                  entry["probability"], entry["aggregation"], entry["slices_used"])
+        if entry.get("class_probabilities"):
+            log.info("%s: class probabilities %s", entry["classifier"],
+                     ", ".join(f"{c} {p:.3f}" for c, p in entry["class_probabilities"].items()))
     log.info("%s", result["caveat"])
 
 
