@@ -1,12 +1,8 @@
-"""Five-class segmentation with SegFormer: preprocessing, model files, inference, metrics.
+"""The segmentation engine: five network classes per voxel from a scan, then seven regions.
 
-* :mod:`.preprocessing` -- the paper's crop / clip / scale / resize (all constants in
-  :class:`~.preprocessing.PreprocessingConfig`) and the exact inverse for the logits.
-* :mod:`.model` -- MiT-B0..B5 variants as data, building, saving (safetensors + SHA256) and
-  loading models, and starting from an RGB checkpoint.
-* :mod:`.inference` -- :func:`~.inference.segment_volume`: a whole scan, batch by batch.
-* :mod:`.fast` -- exact faster CPU inference (folded decoder, ONNX Runtime).
-* :mod:`.metrics` -- IoU and F1 per class, mean ± SD over scans, tables.
-
-Submodules import torch and transformers lazily; importing this package is cheap.
+Preprocessing with its exact inverse, SegFormer (and a U-Net baseline) as configs-as-data,
+inference in ONNX Runtime (the bundled model ships its graph, so no torch is needed) or
+torch, training and fine-tuning, metrics, post-processing (:mod:`.postprocess`), and the
+checks that say when not to trust a result (plausibility, uncertainty). It uses only
+:mod:`HRpQCTCore`; torch and transformers are imported inside the functions that need them.
 """

@@ -169,6 +169,14 @@ def test_radiomics_withholds_the_probability_when_the_regions_fail_qc(tmp_path,
     assert "tibia_missing" in entry["withheld_reason"]
     assert result["overall"]["probability"] is None and result["overall"]["withheld"]
 
+    # hrpqct classify --scan: the same region map gives empty probability cells and the reason
+    predictions = tmp_path / "pred.csv"
+    assert main(["classify", str(model), "--scan", str(scan), "--regions-map", str(regions),
+                 "-o", str(predictions), "--jobs", "1", "--units", "hu"]) == 0
+    rows = _rows(predictions)
+    assert rows and all(r["osteoporosis_probability"] == "" for r in rows)
+    assert all("tibia_missing" in r["withheld_reason"] for r in rows)
+
 
 def test_train_refuses_one_class_and_foreign_settings(tmp_path):
     from HRpQCTRadiomicsEngine.table import write_feature_csv

@@ -232,11 +232,14 @@ def run_classify(args: argparse.Namespace) -> int:
         if hashes != {model.settings["sha256"]}:
             log.warning("The feature table's radiomics settings differ from the classifier's "
                         "(%s): probabilities may be meaningless.", model.settings.get("name"))
+        blockers = []
     else:
         if not args.regions_map:
             raise HRpQCTError("--scan needs --regions-map (the scan's 7-region label map).")
-        rows = _extract_for_model(model, args)
+        rows, blockers = _extract_for_model(model, args)
     prediction = predict_rows(model, rows)
+    if blockers:
+        return _write_withheld(output, prediction, blockers)
     if prediction.class_names is not None:
         write_text_atomic(output, _multiclass_prediction_csv(prediction, model.aggregation))
         print(CAVEAT)
@@ -251,6 +254,28 @@ def run_classify(args: argparse.Namespace) -> int:
               f"{prediction.slices_of(subject)} slice(s))")
     text = "\n".join(",".join(str(c) for c in line) for line in lines) + "\n"
     write_text_atomic(output, text)
+    print(CAVEAT)
+    return 0
+
+
+def _write_withheld(output: Path, prediction, blockers) -> int:
+    """The predictions CSV without a number: the classifier's regions failed quality control
+    on this scan (as ``hrpqct run`` withholds it), so every probability cell stays empty."""
+    from HRpQCTPipeline.qc import withheld_reason
+    from HRpQCTRadiomicsEngine.classification import CAVEAT
+
+    names = (["osteoporosis"] if prediction.class_names is None
+             else list(prediction.class_names))
+    reason = withheld_reason(blockers)
+    lines = [["scan", "subject", "level", "slice", *(f"{c}_probability" for c in names),
+              "withheld_reason"]]
+    for (scan, slice_), subject in zip(prediction.sample_ids, prediction.groups, strict=True):
+        lines.append([scan, subject, "image", slice_, *([""] * len(names)), reason])
+    for subject in prediction.subjects:
+        lines.append(["", subject, "subject", "", *([""] * len(names)), reason])
+        print(f"{subject}: osteoporosis probability {reason}")
+    write_text_atomic(output, "\n".join(",".join(f'"{c}"' if "," in str(c) else str(c)
+                                                 for c in line) for line in lines) + "\n")
     print(CAVEAT)
     return 0
 
@@ -290,9 +315,18 @@ def _extract_for_model(model, args):
     tmp = Path(args.output).with_suffix(".features.tmp.csv")
     try:
         write_feature_csv(tmp, table)
-        return read_feature_csv(tmp)
+        rows = read_feature_csv(tmp)
     finally:
         tmp.unlink(missing_ok=True)
+    return rows, _blockers(model, regions_map, scan)
+
+
+def _blockers(model, regions_map, scan) -> list:
+    """The QC warnings that withhold a probability from ``model`` on this region map."""
+    from HRpQCTPipeline.qc import classification_blockers, quality_warnings, region_stats
+
+    warnings = quality_warnings(region_stats(regions_map, scan.spacing_mm, scan.hu))
+    return classification_blockers(warnings, model.regions)
 
 
 def register(subparsers) -> None:
