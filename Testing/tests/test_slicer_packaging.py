@@ -130,6 +130,14 @@ def test_extension_cmake_has_the_index_metadata(repo_root):
                      "EXTENSION_DEPENDS"):
         match = re.search(rf'set\({variable} "([^"]+)"\)', text)
         assert match, f"{variable} is not set to a non-empty string"
+    values = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', text))
+    # What the Extensions Index expects: a category from its list, contributors as
+    # "Name (Affiliation)", the Slicer version users need and the research-use caveat.
+    assert values["EXTENSION_CATEGORY"] in {"Segmentation", "Quantification"}
+    assert re.fullmatch(r"[^,()]+ \([^()]+\)(, [^,()]+ \([^()]+\))*",
+                        values["EXTENSION_CONTRIBUTORS"])
+    assert "5.10 or newer" in values["EXTENSION_DESCRIPTION"]
+    assert "not for clinical use" in values["EXTENSION_DESCRIPTION"]
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
     depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]*)"\)', text).group(1).split()
     # the bundled model runs with ONNX Runtime: PyTorch (GPU) is optional, so not required
