@@ -10,6 +10,9 @@ run without Qt lives in Qt-free packages tested in CI against Slicer's real data
 * ``HRpQCTSegmenterLib.slicer_segmenter``: one run, volume node in -> segmentation node out
   (seven segments with terminology, reference geometry, under the input's study, 3D), never
   replacing an edited segmentation without asking; the text of that question;
+* ``HRpQCTSegmenterLib.improve``: the "Improve the model" section (the original result kept
+  per segmentation node, corrected slices -> training set -> fine-tuning in the background
+  -> the new model folder selected);
 * ``HRpQCTCore.background``: the background process (cancel stops its whole tree), the
   dependency offer, and the run panel both modules share (Apply/Cancel, polling, status);
 * ``HRpQCTCore.slicer_bridge``: MRML helpers; ``HRpQCTSegmenterLib.sample_data``: the
@@ -40,7 +43,7 @@ from slicer.util import VTKObservationMixin
 from HRpQCTCore.background.dependencies import ensure_dependencies, missing_dependencies
 from HRpQCTCore.background.panel import PanelView, RunPanel, status_style
 from HRpQCTCore.parameter_schema import Markers, parameter_node_base
-from HRpQCTSegmenterLib.dependencies import segmenter_dependencies
+from HRpQCTSegmenterLib.dependencies import FINE_TUNING_DEPENDENCIES, segmenter_dependencies
 from HRpQCTSegmenterLib.parameters import CALIBRATED_UNITS, SegmenterParameters
 
 MODULE_NAME = "HRpQCTSegmenter"
@@ -119,6 +122,8 @@ class HRpQCTSegmenterParameterNode(parameter_node_base(SegmenterParameters, SLIC
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     show3D: bool = True
+    #: "Improve the model": the training-set folder (a panel choice, not a segmentation one).
+    trainingSetFolder: str = ""
 
 
 class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -135,6 +140,8 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._panel = None
         self._timer = None
+        self._fineTunePanel = None
+        self._fineTuneTimer = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -152,6 +159,15 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                       stop_timer=self._timer.stop, refresh=self.updateGUI),
             on_success=self.onSegmentationDone)
         self._timer.connect("timeout()", self._panel.poll)
+        # "Improve the model": the fine-tuning runs through a second run panel of its own.
+        self._fineTuneTimer = qt.QTimer()
+        self._fineTuneTimer.setInterval(self.POLL_INTERVAL_MS)
+        self._fineTunePanel = RunPanel(
+            PanelView(set_status=self.setFineTuneStatus, set_progress=self.setFineTuneProgress,
+                      show_error=self.showError, start_timer=self._fineTuneTimer.start,
+                      stop_timer=self._fineTuneTimer.stop, refresh=self.updateGUI),
+            on_success=self.onFineTuneDone)
+        self._fineTuneTimer.connect("timeout()", self._fineTunePanel.poll)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -159,13 +175,19 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSampleButton)
         self.ui.modelFolderPathLineEdit.connect("currentPathChanged(QString)",
                                                 self.onModelFolderChanged)
+        self.ui.trainingSetFolderPathLineEdit.connect("currentPathChanged(QString)",
+                                                      self.onTrainingSetFolderChanged)
+        self.ui.addToTrainingSetButton.connect("clicked(bool)", self.onAddToTrainingSetButton)
+        self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTuneButton)
         self.initializeParameterNode()
 
     def cleanup(self):
-        if self._panel is not None:
-            self._panel.cancel()
-        if self._timer is not None:
-            self._timer.stop()
+        for panel in (self._panel, self._fineTunePanel):
+            if panel is not None:
+                panel.cancel()
+        for timer in (self._timer, self._fineTuneTimer):
+            if timer is not None:
+                timer.stop()
         self.removeObservers()
 
     def enter(self):
@@ -178,8 +200,9 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
 
     def onSceneStartClose(self, caller, event):
-        if self._panel is not None:
-            self._panel.cancel()
+        for panel in (self._panel, self._fineTunePanel):
+            if panel is not None:
+                panel.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -208,9 +231,16 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and self._parameterNode.modelFolder != path:
             self._parameterNode.modelFolder = path
 
+    def onTrainingSetFolderChanged(self, path):
+        if self._parameterNode and self._parameterNode.trainingSetFolder != path:
+            self._parameterNode.trainingSetFolder = path
+
     def updateGUI(self, caller=None, event=None):
         parameters = self._parameterNode
         running = self._panel is not None and self._panel.running
+        fineTuning = self._fineTunePanel is not None and self._fineTunePanel.running
+        self.updateImproveSection(parameters, running, fineTuning)
+        running = running or fineTuning  # the fine-tuning selects a model when it ends
         useFolder = bool(parameters) and parameters.model == "folder"
         self.ui.modelFolderPathLineEdit.enabled = useFolder and not running
         self.ui.modelFolderLabel.enabled = useFolder
@@ -225,6 +255,8 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     else ["No parameter node."])
         if parameters and not parameters.inputVolume:
             problems.insert(0, "Select an input volume.")
+        if fineTuning:
+            problems.append("Wait for the fine-tuning to end (it selects its new model).")
         if self._panel is None:
             return
         state = self._panel.button_state(
@@ -234,6 +266,33 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.text = state.text
         self.ui.applyButton.enabled = state.enabled
         self.ui.applyButton.toolTip = state.tooltip
+
+    def updateImproveSection(self, parameters, segmenting, fineTuning):
+        folder = parameters.trainingSetFolder if parameters else ""
+        if parameters and self.ui.trainingSetFolderPathLineEdit.currentPath != folder:
+            self.ui.trainingSetFolderPathLineEdit.currentPath = folder
+        self.ui.trainingSetFolderPathLineEdit.enabled = not fineTuning
+        try:
+            summary = self.logic.trainingSetSummary(folder).text() if folder else ""
+        except Exception as exc:  # a manifest edited by hand: say so, keep the panel usable
+            summary = f"The training set's manifest could not be read: {exc}"
+        self.ui.trainingSetSummaryLabel.text = summary
+        canAdd = bool(parameters and folder and parameters.inputVolume
+                      and parameters.outputSegmentation)
+        self.ui.addToTrainingSetButton.enabled = canAdd and not (segmenting or fineTuning)
+        if self._fineTunePanel is None:
+            return
+        problems = [] if folder else ["Choose a training-set folder."]
+        if segmenting:
+            problems.append("Wait for the segmentation to end.")
+        state = self._fineTunePanel.button_state(
+            problems,
+            ready_tooltip="Fine-tune the selected model on the training set in a background "
+                          "process, then select the new model.",
+            cancel_tooltip="Stop the fine-tuning; the selected model stays as it is.")
+        self.ui.fineTuneButton.text = "Cancel" if fineTuning else "Fine-tune"
+        self.ui.fineTuneButton.enabled = state.enabled
+        self.ui.fineTuneButton.toolTip = state.tooltip
 
     # -- running ---------------------------------------------------------------------------
     def onApplyButton(self):
@@ -262,6 +321,46 @@ class HRpQCTSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         layoutManager = slicer.app.layoutManager()
         if layoutManager is not None and layoutManager.threeDViewCount > 0:
             layoutManager.threeDWidget(0).threeDView().resetFocalPoint()
+
+    # -- improve the model -----------------------------------------------------------------
+    def onAddToTrainingSetButton(self):
+        parameters = self._parameterNode
+        try:
+            with slicer.util.WaitCursor():
+                row = self.logic.addToTrainingSet(parameters.trainingSetFolder,
+                                                  parameters.inputVolume,
+                                                  parameters.outputSegmentation)
+        except Exception as exc:  # what to do is in the message
+            self.setFineTuneStatus(str(exc), error=True)
+        else:
+            which = f"slices {row['slices']}" if row["slices"] else "every slice"
+            self.setFineTuneStatus(f"Added {row['subject']} ({which}, counted from 0) to the "
+                                   "training set.")
+        self.updateGUI()
+
+    def onFineTuneButton(self):
+        self._fineTunePanel.apply(self.startFineTune)
+
+    def startFineTune(self):
+        """Offer PyTorch (fine-tuning needs it), then start the background fine-tuning."""
+        if not self.logic.ensureDependencies(FINE_TUNING_DEPENDENCIES):
+            self.setFineTuneStatus("Not started: fine-tuning needs the listed Python packages. "
+                                   "Press Fine-tune again to install them.", error=True)
+            return None
+        return self.logic.startFineTuning(self._parameterNode.trainingSetFolder,
+                                          self.logic.parameters(self._parameterNode))
+
+    def onFineTuneDone(self, run):
+        self.logic.selectModel(self._parameterNode, run.output_dir)
+        self.setFineTuneStatus(f"{run.message} It is now the selected model (Model and "
+                               "device: folder); Apply segments with it.")
+
+    def setFineTuneStatus(self, text, error=False):
+        self.ui.fineTuneStatusLabel.text = text
+        self.ui.fineTuneStatusLabel.styleSheet = status_style(error)
+
+    def setFineTuneProgress(self, percent):
+        self.ui.fineTuneProgressBar.value = percent
 
     # -- dialogs and messages --------------------------------------------------------------
     def confirmReplace(self, segmentationNode, state):
@@ -376,7 +475,8 @@ class HRpQCTSegmenterLogic(ScriptedLoadableModuleLogic):
         from HRpQCTSegmenterLib.slicer_segmenter import start_segmentation
 
         return start_segmentation(slicer.mrmlScene, inputVolume, outputSegmentation, parameters,
-                                  confirm_replace=confirmReplace, on_log=onLog, show_3d=show3D)
+                                  confirm_replace=confirmReplace, on_log=onLog, show_3d=show3D,
+                                  keep_original_in=self.originalResultsFolder())
 
     def process(self, inputVolume, outputSegmentation=None, parameters=None,
                 confirmReplace=None, show3D=True, waitForCompletion=True, timeoutSeconds=None):
@@ -392,7 +492,48 @@ class HRpQCTSegmenterLogic(ScriptedLoadableModuleLogic):
                                           confirmReplace=confirmReplace, show3D=show3D)
         return run_segmentation(slicer.mrmlScene, inputVolume, outputSegmentation, parameters,
                                 confirm_replace=confirmReplace, show_3d=show3D,
-                                timeout_s=timeoutSeconds)
+                                timeout_s=timeoutSeconds,
+                                keep_original_in=self.originalResultsFolder())
+
+    # -- improve the model -----------------------------------------------------------------
+    @staticmethod
+    def originalResultsFolder():
+        """Where each result's original ``.seg.nrrd`` is kept (Slicer's cache folder; the
+        path is recorded on the segmentation node, see ``HRpQCTSegmenterLib.improve``)."""
+        return os.path.join(slicer.app.cachePath, MODULE_NAME, "original-results")
+
+    def addToTrainingSet(self, trainingFolder, inputVolume, segmentation):
+        """Add the volume and its corrected segmentation; returns the manifest row."""
+        from HRpQCTSegmenterLib.improve import add_corrected_node
+
+        return add_corrected_node(trainingFolder, slicer.modules.segmentations.logic(),
+                                  inputVolume, segmentation)
+
+    @staticmethod
+    def trainingSetSummary(trainingFolder):
+        """What the training set holds (``.text()`` for the panel)."""
+        from HRpQCTSegmenterLib.improve import training_set_summary
+
+        return training_set_summary(trainingFolder)
+
+    def startFineTuning(self, trainingFolder, parameters, extra=()):
+        """Fine-tune the model ``parameters`` select on the training set, in the background;
+        poll the returned ``FineTuneRun`` (or ``wait()``). ``extra``: more
+        ``train-segmenter`` options."""
+        from HRpQCTSegmenterLib.improve import start_fine_tune_run
+
+        return start_fine_tune_run(trainingFolder, parameters, extra=list(extra))
+
+    def selectModel(self, parameterNode, modelFolder):
+        """Select a model folder (model = folder) in the parameter node."""
+        from HRpQCTCore.parameter_schema import node_fields
+        from HRpQCTSegmenterLib.improve import parameters_for_model
+
+        selected = parameters_for_model(self.parameters(parameterNode), modelFolder)
+        for field in node_fields(SegmenterParameters):
+            value = getattr(selected, field.field_name)
+            if getattr(parameterNode, field.node_name) != value:
+                setattr(parameterNode, field.node_name, value)
 
     # -- sample data -----------------------------------------------------------------------
     def loadSampleScan(self, source=None):
@@ -449,6 +590,8 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
         self.test_parameter_node_gives_the_command_line()
         self.setUp()
         self.test_whole_flow()
+        self.setUp()
+        self.test_improve_the_model()
 
     def test_module_loads_and_terminology_is_registered(self):
         from HRpQCTCore import regions
@@ -576,6 +719,55 @@ class HRpQCTSegmenterTest(ScriptedLoadableModuleTest):
 
         self._radiomicsHook(volume, segmentation)
         self.delayDisplay("HRpQCTSegmenter self-test passed")
+
+    def test_improve_the_model(self):
+        """Segment -> correct two slices -> training set -> fine-tune -> select the folder."""
+        import shutil
+        import tempfile
+
+        from HRpQCTCore.background.process import JobState
+        from HRpQCTSegmenterLib.improve import original_result_path
+
+        missing = missing_dependencies(FINE_TUNING_DEPENDENCIES)
+        if missing:  # a self-test never installs packages on the machine it runs on
+            self.skipWithMessage(
+                "Improve-the-model test skipped: it needs " + ", ".join(
+                    d.requirement for d in missing) + ", which are not installed. Press "
+                "Fine-tune in the module once to install them, then run the test again.")
+            return
+        logic = HRpQCTSegmenterLogic()
+        volume = logic.loadSampleScan()
+        parameters = self._modelParameters()
+        segmentation = logic.process(volume, None, parameters, show3D=False,
+                                     timeoutSeconds=1800)
+        self.assertIsNotNone(original_result_path(segmentation))
+
+        self.delayDisplay("Correcting slices 1 and 2, then adding them to a training set")
+        segmentId = segmentation.GetSegmentation().GetNthSegmentID(0)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
+        mask[1:3, :20, :20] = 1 - mask[1:3, :20, :20]
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segmentId, volume)
+        folder = tempfile.mkdtemp(prefix="hrpqct-selftest-training-")
+        try:
+            row = logic.addToTrainingSet(folder, volume, segmentation)
+            self.assertEqual(row["slices"], "1-2")
+            summary = logic.trainingSetSummary(folder)
+            self.assertEqual((summary.scans, summary.corrected_slices), (1, 2))
+
+            self.delayDisplay("Fine-tuning in the background process (a few steps)")
+            run = logic.startFineTuning(folder, parameters, extra=[
+                "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
+                "--crop-px", "32", "--warmup-steps", "1"])
+            self.assertEqual(run.wait(1800), JobState.SUCCEEDED, run.message)
+            parameterNode = logic.getParameterNode()
+            previous = (parameterNode.model, parameterNode.modelFolder)
+            logic.selectModel(parameterNode, run.output_dir)
+            self.assertEqual((parameterNode.model, parameterNode.modelFolder),
+                             ("folder", str(run.output_dir)))
+            parameterNode.model, parameterNode.modelFolder = previous
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.delayDisplay("Improve-the-model test passed")
 
     def _radiomicsHook(self, volume, segmentation):
         """Edited segmentation -> HRpQCTRadiomics -> table -> CSV -> probability.

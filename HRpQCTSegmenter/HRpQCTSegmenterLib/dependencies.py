@@ -27,6 +27,7 @@ __all__ = [
     "ONNX_PACKAGES",
     "TORCH_PACKAGES",
     "SEGMENTER_DEPENDENCIES",
+    "FINE_TUNING_DEPENDENCIES",
     "folder_has_onnx_graph",
     "needs_torch",
     "segmenter_dependencies",
@@ -45,6 +46,8 @@ TORCH_PACKAGES: tuple[Dependency, ...] = (
 )
 #: Every package the module may need, whatever the choices (for checks and the range test).
 SEGMENTER_DEPENDENCIES: tuple[Dependency, ...] = SLICER_PACKAGES + ONNX_PACKAGES + TORCH_PACKAGES
+#: Fine-tuning a model ("Improve the model": ``hrpqct train-segmenter``) always needs PyTorch.
+FINE_TUNING_DEPENDENCIES: tuple[Dependency, ...] = SLICER_PACKAGES + TORCH_PACKAGES
 
 
 def folder_has_onnx_graph(folder: str | Path) -> bool:

@@ -14,14 +14,33 @@ Qt-free logic of the Segmenter's "Improve the model" section, also usable from a
    (the same command a researcher types, with progress and whole-tree cancel).
 3. The new folder is selected with the Segmenter's parameters ``model="folder"``,
    ``model_folder=OUT`` (:func:`parameters_for_model`).
+
+The module panel's flow (Slicer nodes, still without Qt):
+
+* the segmenter's original result is kept per segmentation node: when a run loads its
+  ``.seg.nrrd``, :func:`keep_original_result` copies that file into a cache folder and records
+  its path in the node attribute :data:`ORIGINAL_RESULT_ATTRIBUTE` (saved with the scene; a
+  re-run into the same node replaces the copy). A file, not an array in memory: it survives
+  a scene save and reload while the cache does, and it is the exact voxels the node was
+  loaded from, so an unedited node compares equal slice for slice;
+* :func:`add_corrected_node` adds the input volume and its segmentation: against the kept
+  original when there is one; as a full annotation when the segmenter never made the node
+  (drawn or loaded by the user); refused when the segmenter made it but its original is gone
+  (every uncorrected slice would otherwise be taught as truth);
+* :func:`training_set_summary` says what the folder holds (the panel's label);
+* :class:`FineTuneRun` (:func:`start_fine_tune_run`) is the fine-tuning as a run the shared
+  run panel drives, into a new folder under the training set (:func:`next_model_folder`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import shutil
+import time
+import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +48,7 @@ import numpy as np
 
 from HRpQCTCore.background.process import (
     BackgroundProcess,
+    JobState,
     Launcher,
     engine_environment,
     module_folders,
@@ -39,10 +59,19 @@ from HRpQCTCore.scan import Scan
 
 __all__ = ["MANIFEST_FILE", "MANIFEST_COLUMNS", "corrected_slices", "add_to_training_set",
            "add_segmentation_node", "fine_tune_command", "start_fine_tuning",
-           "parameters_for_model"]
+           "parameters_for_model", "ORIGINAL_RESULT_ATTRIBUTE", "keep_original_result",
+           "original_result_path", "add_corrected_node", "TrainingSetSummary",
+           "training_set_summary", "MODELS_FOLDER", "next_model_folder", "FineTuneRun",
+           "start_fine_tune_run"]
 
 MANIFEST_FILE = "manifest.csv"
 MANIFEST_COLUMNS = ("subject", "image", "labels", "slices")
+#: Segmentation node attribute: path of the copy of the segmenter's original ``.seg.nrrd``.
+ORIGINAL_RESULT_ATTRIBUTE = "HRpQCTSegmenter.OriginalResult"
+#: Sub-folder of a training set that receives the fine-tuned model folders.
+MODELS_FOLDER = "models"
+#: File a model folder written by ``hrpqct train-segmenter`` always holds.
+_MODEL_METADATA_FILE = "hrpqct_model.json"
 _ENGINE_PARENT_DIR = Path(__file__).resolve().parent.parent
 #: Share of the progress bar of each stage the training command reports.
 FINE_TUNE_SPANS: dict[str, tuple[float, float]] = {
@@ -178,3 +207,219 @@ def start_fine_tuning(training_dir: str | Path, parent_model: str | Path | None,
 def parameters_for_model(parameters: Any, model_folder: str | Path) -> Any:
     """The Segmenter's parameters with the fine-tuned folder selected."""
     return replace(parameters, model="folder", model_folder=str(model_folder))
+
+
+# ------------------------------------------------------------------------------------------
+# the module panel's flow
+# ------------------------------------------------------------------------------------------
+def keep_original_result(segmentation_node: Any, result_path: str | Path,
+                         cache_dir: str | Path) -> Path:
+    """Copy the segmenter's ``.seg.nrrd`` into ``cache_dir`` and record it on the node.
+
+    The copy this node had before (a re-run replacing its content) is removed when it lies in
+    ``cache_dir``. Returns the copy's path.
+    """
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / f"original-{uuid.uuid4().hex}.seg.nrrd"
+    shutil.copyfile(result_path, copy)
+    previous = original_result_path(segmentation_node)
+    segmentation_node.SetAttribute(ORIGINAL_RESULT_ATTRIBUTE, str(copy))
+    if previous is not None and previous.parent.resolve() == folder.resolve():
+        previous.unlink(missing_ok=True)
+    return copy
+
+
+def original_result_path(segmentation_node: Any) -> Path | None:
+    """The kept original of a segmentation node, or None (never kept, or its file is gone)."""
+    recorded = segmentation_node.GetAttribute(ORIGINAL_RESULT_ATTRIBUTE) if (
+        segmentation_node is not None) else None
+    return Path(recorded) if recorded and Path(recorded).is_file() else None
+
+
+def add_corrected_node(training_dir: str | Path, segmentations_logic: Any, volume_node: Any,
+                       segmentation_node: Any, subject: str | None = None) -> dict:
+    """Add the panel's input volume and its corrected segmentation to the training set.
+
+    Which slices count: those differing from the kept original (:func:`keep_original_result`);
+    every slice when the segmenter never made the node (a full annotation by the user).
+    ``subject`` defaults to the volume's name.
+
+    Raises
+    ------
+    HRpQCTError
+        No folder, volume or segmentation; a segmentation made from another volume; one the
+        segmenter made whose original is no longer kept; or nothing corrected.
+    """
+    from HRpQCTCore import slicer_bridge
+
+    if not training_dir:
+        raise HRpQCTError("Choose a training-set folder first.")
+    if volume_node is None or segmentation_node is None:
+        raise HRpQCTError("Select the input volume and its output segmentation (corrected in "
+                          "the Segment Editor) first.")
+    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        raise HRpQCTError(f"Segmentation {segmentation_node.GetName()!r} is empty.")
+    source = segmentation_node.GetAttribute(slicer_bridge.SOURCE_VOLUME_ATTRIBUTE)
+    if source and source != volume_node.GetID():
+        raise HRpQCTError(f"Segmentation {segmentation_node.GetName()!r} was made from another "
+                          f"volume than {volume_node.GetName()!r}: select that volume as the "
+                          "input.")
+    made_by_segmenter = bool(segmentation_node.GetAttribute(slicer_bridge.FINGERPRINT_ATTRIBUTE))
+    original = original_result_path(segmentation_node)
+    if made_by_segmenter and original is None:
+        raise HRpQCTError(
+            f"The segmenter's original result of {segmentation_node.GetName()!r} is no longer "
+            "kept, so the corrected slices cannot be told from the uncorrected ones. Segment "
+            "the volume again (into a new segmentation), correct it, then add it.")
+    return add_segmentation_node(training_dir, segmentations_logic, volume_node,
+                                 segmentation_node, subject or volume_node.GetName(), original)
+
+
+@dataclass(frozen=True)
+class TrainingSetSummary:
+    """What a training-set folder holds: scans, corrected slices, fully annotated scans."""
+
+    scans: int = 0
+    corrected_slices: int = 0
+    full_scans: int = 0
+
+    def text(self) -> str:
+        """The panel's line, e.g. ``2 scans: 14 corrected slices``."""
+        if not self.scans:
+            return "The training set is empty."
+        parts = []
+        if self.corrected_slices or self.scans > self.full_scans:
+            parts.append(f"{self.corrected_slices} corrected slice"
+                         f"{'s' if self.corrected_slices != 1 else ''}")
+        if self.full_scans:
+            parts.append(f"{self.full_scans} fully annotated")
+        return f"{self.scans} scan{'s' if self.scans != 1 else ''}: {', '.join(parts)}."
+
+
+def training_set_summary(training_dir: str | Path | None) -> TrainingSetSummary:
+    """Count the rows of the folder's manifest (an empty summary for no folder or manifest)."""
+    from HRpQCTSegmentationEngine.training import parse_slice_list
+
+    if not training_dir:
+        return TrainingSetSummary()
+    rows = _read_rows(Path(training_dir) / MANIFEST_FILE)
+    slices = [parse_slice_list(row.get("slices")) for row in rows]
+    return TrainingSetSummary(len(rows), sum(len(s) for s in slices if s is not None),
+                              sum(1 for s in slices if s is None))
+
+
+def next_model_folder(training_dir: str | Path, now: float | None = None) -> Path:
+    """A new folder ``<training set>/models/fine-tuned-YYYYMMDD-HHMMSS`` (never existing)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    base = Path(training_dir) / MODELS_FOLDER / f"fine-tuned-{stamp}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder
+
+
+class FineTuneRun:
+    """Fine-tuning as a run the module's run panel drives (poll, status, cancel, log).
+
+    ``options`` go to :func:`start_fine_tuning` (``launcher``, ``env``, ``python``,
+    ``device``, ``max_steps``, ``extra``).
+    """
+
+    def __init__(self, training_dir: str | Path, parent_model: str | Path | None,
+                 output_dir: str | Path, **options: Any) -> None:
+        self.training_dir = Path(training_dir)
+        self.parent_model = parent_model
+        self.output_dir = Path(output_dir)
+        self._options = options
+        self.process: BackgroundProcess | None = None
+        self.state = JobState.NOT_STARTED
+        self.message = ""
+
+    def start(self) -> FineTuneRun:
+        """Start the background process; returns self."""
+        self.process = start_fine_tuning(self.training_dir, self.parent_model, self.output_dir,
+                                         **self._options)
+        self.state = JobState.RUNNING
+        self.message = "Starting the fine-tuning..."
+        return self
+
+    @property
+    def fraction(self) -> float:
+        """Fraction done, for the progress bar."""
+        if self.state == JobState.SUCCEEDED:
+            return 1.0
+        return self.process.fraction if self.process is not None else 0.0
+
+    def status_text(self) -> str:
+        """A short line for the status label."""
+        update = self.process.progress if self.process is not None else None
+        if self.state != JobState.RUNNING or update is None:
+            return self.message
+        return (f"Fine-tuning, {update.stage}: {update.done} of {update.total}")
+
+    def poll(self) -> JobState:
+        """Collect progress; the final state once the process has ended."""
+        if self.process is None or self.state.finished:
+            return self.state
+        state = self.process.poll()
+        if state == JobState.RUNNING:
+            return self.state
+        if state == JobState.SUCCEEDED and not (self.output_dir / _MODEL_METADATA_FILE).is_file():
+            self.state = JobState.FAILED
+            self.message = (f"The fine-tuning ended without writing a model to "
+                            f"{self.output_dir}. Please report this with the log.")
+        elif state == JobState.SUCCEEDED:
+            self.state = state
+            self.message = (f"Fine-tuned in {self.process.seconds:.0f} s: new model folder "
+                            f"{self.output_dir} (its model card names the parent and the "
+                            "training data).")
+        else:
+            self.state = state
+            self.message = self.process.failure_message()
+        return self.state
+
+    def wait(self, timeout_s: float | None = None) -> JobState:
+        """Block until the run ends (scripts and tests)."""
+        if self.process is None:
+            raise RuntimeError("start() the run first")
+        try:
+            self.process.wait(timeout_s)
+        finally:
+            self.poll()
+        return self.state
+
+    def cancel(self) -> None:
+        """Stop the process and everything it started."""
+        if self.process is not None and self.state == JobState.RUNNING:
+            self.process.cancel()
+            self.poll()
+
+    def log_lines(self) -> Sequence[str]:
+        """Everything the process printed."""
+        return self.process.log if self.process is not None else []
+
+
+def start_fine_tune_run(training_dir: str | Path | None, parameters: Any, *,
+                        now: float | None = None, **options: Any) -> FineTuneRun:
+    """Fine-tune the model the Segmenter's ``parameters`` select (the bundled one, or their
+    model folder) on the training set, on their device, into :func:`next_model_folder`.
+
+    Raises
+    ------
+    HRpQCTError
+        No folder, an empty training set, or a model folder that is not one.
+    """
+    if not training_dir:
+        raise HRpQCTError("Choose a training-set folder first.")
+    if not training_set_summary(training_dir).scans:
+        raise HRpQCTError(f"The training set {training_dir} is empty: add a corrected "
+                          "segmentation to it first.")
+    problems = [p for p in parameters.problems() if "model" in p.lower()]
+    if problems:
+        raise HRpQCTError(" ".join(problems))
+    parent = parameters.model_folder if parameters.model == "folder" else None
+    options.setdefault("device", parameters.device_argument())
+    return FineTuneRun(training_dir, parent, next_model_folder(training_dir, now),
+                       **options).start()

@@ -12,7 +12,9 @@
    when the process succeeds, load the ``.seg.nrrd`` into the segmentation node (seven
    segments with names, colours and terminology), set the input as reference geometry, put
    the node under the input's study in the subject hierarchy, show it in 3D and record its
-   fingerprint, so the next run can tell whether the user edited it;
+   fingerprint, so the next run can tell whether the user edited it; with ``keep_original_in``
+   a copy of the ``.seg.nrrd`` goes there, recorded on the node, so the slices the user
+   corrects can be found later (:func:`.improve.keep_original_result`);
 5. always remove the temporary files.
 
 The scene is passed in, so the same code runs in Slicer and in tests with ``slicer-core``.
@@ -90,6 +92,9 @@ class SegmentationRun:
         Build the closed-surface representation so the result shows in 3D views.
     on_log:
         Called with each line the process prints (besides progress lines).
+    keep_original_in:
+        Folder that receives a copy of the result as the segmenter made it (the "Improve the
+        model" section compares the corrected segmentation with it); None: no copy.
     """
 
     def __init__(self, scene: Any, input_volume_node: Any, output_segmentation_node: Any = None,
@@ -97,7 +102,8 @@ class SegmentationRun:
                  confirm_replace: ConfirmReplace | None = None,
                  launcher: Launcher = popen_launcher, python: str | None = None,
                  env: Mapping[str, str] | None = None, show_3d: bool = True,
-                 on_log: Callable[[str], None] | None = None) -> None:
+                 on_log: Callable[[str], None] | None = None,
+                 keep_original_in: str | Path | None = None) -> None:
         if input_volume_node is None:
             raise HRpQCTError("Select an input volume (an HR-pQCT scan).")
         self.scene = scene
@@ -110,6 +116,7 @@ class SegmentationRun:
         self._env = env
         self._show_3d = show_3d
         self._on_log = on_log
+        self._keep_original_in = keep_original_in
         self.target_node = self._choose_target(output_segmentation_node)
         self._target_fingerprint = (slicer_bridge.segmentation_fingerprint(self.target_node)
                                     if self.target_node is not None else None)
@@ -269,8 +276,23 @@ class SegmentationRun:
         seconds = self.process.seconds if self.process is not None else 0.0
         self.quality = read_quality(self.qc_path)
         self.message = " ".join([f"Done in {seconds:.0f} s: {node.GetName()}.",
-                                 *quality_notes(self.quality)])
+                                 *quality_notes(self.quality), *self._keep_original(node)])
         self.process.fraction = LOADING_SPAN[1] if self.process is not None else 1.0
+
+    def _keep_original(self, node: Any) -> list[str]:
+        """Keep the result's copy for "Improve the model"; a note when that failed."""
+        from HRpQCTSegmenterLib.improve import ORIGINAL_RESULT_ATTRIBUTE, keep_original_result
+
+        if self._keep_original_in is None:  # a copy of an earlier result would now mislead
+            node.RemoveAttribute(ORIGINAL_RESULT_ATTRIBUTE)
+            return []
+        try:
+            keep_original_result(node, self.output_path, self._keep_original_in)
+        except OSError as exc:  # the segmentation itself is fine
+            node.RemoveAttribute(ORIGINAL_RESULT_ATTRIBUTE)
+            return [f"(Its original was not kept, so it cannot be added to a training set: "
+                    f"{exc}.)"]
+        return []
 
     def _cleanup(self) -> None:
         if self._work_dir is not None:
@@ -319,7 +341,8 @@ def start_segmentation(scene: Any, input_volume_node: Any, output_segmentation_n
                        confirm_replace: ConfirmReplace | None = None,
                        on_log: Callable[[str], None] | None = None, show_3d: bool = True,
                        launcher: Launcher = popen_launcher, python: str | None = None,
-                       env: Mapping[str, str] | None = None) -> SegmentationRun:
+                       env: Mapping[str, str] | None = None,
+                       keep_original_in: str | Path | None = None) -> SegmentationRun:
     """Start a background run (the Apply button); poll the returned run from a timer.
 
     Raises
@@ -331,7 +354,8 @@ def start_segmentation(scene: Any, input_volume_node: Any, output_segmentation_n
     """
     return SegmentationRun(scene, input_volume_node, output_segmentation_node, parameters,
                            confirm_replace=confirm_replace, launcher=launcher, python=python,
-                           env=env, show_3d=show_3d, on_log=on_log).start()
+                           env=env, show_3d=show_3d, on_log=on_log,
+                           keep_original_in=keep_original_in).start()
 
 
 def run_segmentation(scene: Any, input_volume_node: Any, output_segmentation_node: Any = None,

@@ -41,6 +41,11 @@ LOGIC_CALLS = {
         "ensureDependencies": "ensure_dependencies",
         "startSegmentation": "start_segmentation",
         "process": "run_segmentation",
+        # "Improve the model" (HRpQCTSegmenterLib.improve, tested in test_slicer_improve.py)
+        "addToTrainingSet": "add_corrected_node",
+        "trainingSetSummary": "training_set_summary",
+        "startFineTuning": "start_fine_tune_run",
+        "selectModel": "parameters_for_model",
     },
     "HRpQCTRadiomics/HRpQCTRadiomics.py": {
         "parameters": "RadiomicsParameters.from_parameter_node",
@@ -186,6 +191,29 @@ def test_module_ui_has_the_widgets_the_module_uses(repo_root, relative):
     assert widgets["progressBar"] == "QProgressBar"
     assert widgets["statusLabel"] == "QLabel"
     assert widgets["inputVolumeSelector"] == "qMRMLNodeComboBox"
+
+
+def test_the_segmenter_keeps_each_result_for_improving_the_model(repo_root):
+    """Every Logic run keeps the original result, and the "Improve the model" section is
+    collapsed by default, with its own run panel for the fine-tuning."""
+    relative = "HRpQCTSegmenter/HRpQCTSegmenter.py"
+    logic = _methods(_classes(repo_root, relative)["HRpQCTSegmenterLogic"])
+    for method in ("startSegmentation", "process"):
+        assert "keep_original_in=self.originalResultsFolder()" in ast.unparse(logic[method])
+    ui = ET.parse(repo_root / "HRpQCTSegmenter/Resources/UI/HRpQCTSegmenter.ui")
+    widgets = {w.get("name"): w for w in ui.iter("widget")}
+    section = widgets["improveCollapsibleButton"]
+    assert section.get("class") == "ctkCollapsibleButton"
+    props = {p.get("name"): p for p in section.findall("property")}
+    assert props["collapsed"].findtext("bool") == "true"
+    assert props["text"].findtext("string") == "Improve the model"
+    inside = {w.get("name"): w.get("class") for w in section.iter("widget")}
+    assert inside["trainingSetFolderPathLineEdit"] == "ctkPathLineEdit"
+    assert inside["addToTrainingSetButton"] == inside["fineTuneButton"] == "QPushButton"
+    assert inside["fineTuneProgressBar"] == "QProgressBar"
+    widget = ast.unparse(_classes(repo_root, relative)["HRpQCTSegmenterWidget"])
+    assert widget.count("RunPanel(") == 2 and "_fineTunePanel.poll" in widget
+    assert "FINE_TUNING_DEPENDENCIES" in widget  # PyTorch offered before fine-tuning
 
 
 def test_engine_packages_import_no_gui_and_no_slicer_at_module_level(repo_root):

@@ -218,7 +218,7 @@ def test_parameter_node_is_generated_from_the_engine_schema(repo_root):
     for name, value_range in CALIBRATION_RANGES.items():  # the panel's limits are the engine's
         assert generated[by_name[name].node_name].value_range == value_range
     declared = {name for name, field in fields.items() if not field.generated}
-    assert declared == {"inputVolume", "outputSegmentation", "show3D"}
+    assert declared == {"inputVolume", "outputSegmentation", "show3D", "trainingSetFolder"}
     # the parameter node reads back into the engine's choices, names and all
     node = SimpleNamespace(**{name: field.default for name, field in fields.items()})
     assert SegmenterParameters.from_parameter_node(node) == defaults
