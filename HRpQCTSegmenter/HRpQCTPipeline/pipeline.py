@@ -597,7 +597,7 @@ def _segment(ctx: RunContext) -> None:
     runner, config = _segmenter(ctx.model_folder, settings)
     seg = run_segmentation(scan.hu, runner, config=config, batch_size=settings.batch_size,
                            progress=ctx.progress, cancel=ctx.cancel,
-                           uncertainty=settings.uncertainty)
+                           uncertainty=settings.uncertainty, spacing_mm=scan.spacing_mm)
     log.info("segmented %d slices in %.1f s (%s, %s)", scan.n_slices, seg.seconds, seg.device,
              seg.engine)
     result = postprocess(seg.labels, scan.hu, scan.spacing_mm, preset(settings.postprocess),
@@ -615,7 +615,8 @@ def _segment(ctx: RunContext) -> None:
         "plausibility": plausibility.to_dict(), "uncertainty_method": seg.uncertainty_method,
         "uncertainty_signal": SIGNAL_OF_METHOD.get(seg.uncertainty_method),
         "slice_uncertainty": None if seg.slice_uncertainty is None else [
-            None if np.isnan(v) else float(v) for v in seg.slice_uncertainty]}
+            None if np.isnan(v) else float(v) for v in seg.slice_uncertainty],
+        "voxel_resampling": seg.voxel_resampling}
     write_text_atomic(paths["segmentation_qc"], dump_json(ctx.seg_qc))
     ctx.regions = result.regions
 

@@ -66,6 +66,12 @@ class QCThresholds:
     max_uncertain_slice_fraction:
         With more than this share of the leg's slices uncertain, the warning concerns the bone
         regions (so a probability from them is withheld); below it, it only lists the slices.
+    min_slice_area_fraction:
+        Bone -> a leg slice whose cross-section of that bone (cortical + trabecular) is below
+        this fraction of the bone's median over the leg's slices is listed
+        (``bone_slice_small``): a slice that lost half the tibia barely moves the mean area
+        or the scan's confidence. Over ``max_missing_slice_fraction`` of the slices, the
+        warning concerns the bone's regions.
     """
 
     min_mean_area_mm2: dict[str, float] = field(default_factory=lambda: {
@@ -78,6 +84,8 @@ class QCThresholds:
     max_slice_uncertainty: dict[str, float] = field(default_factory=lambda: {
         "flip_change": 0.2, "margin": 0.04})
     max_uncertain_slice_fraction: float = 0.25
+    min_slice_area_fraction: dict[str, float] = field(default_factory=lambda: {
+        "tibia": 0.6, "fibula": 0.5})
 
 
 @dataclass
@@ -316,6 +324,41 @@ def _uncertainty_warning(uncertainty: dict[str, Any], stats: list[RegionStats],
         tuple(k for keys in _BONE_REGIONS.values() for k in keys) if many else ())
 
 
+def _slice_area_warnings(by_key: dict[str, RegionStats], missing_bones: set[str],
+                         t: QCThresholds) -> list[QCWarning]:
+    """``bone_slice_small``: leg slices where a bone's cross-section collapses."""
+    if not by_key:
+        return []
+    per_region = np.array([s.area_mm2_per_slice for s in by_key.values()], dtype=np.float64)
+    if per_region.ndim != 2 or per_region.shape[1] == 0:
+        return []
+    leg = per_region.sum(axis=0) > 0
+    out = []
+    for bone, keys in _BONE_REGIONS.items():
+        fraction = t.min_slice_area_fraction.get(bone)
+        if fraction is None or bone in missing_bones or leg.sum() < 3:
+            continue
+        area = np.sum([by_key[k].area_mm2_per_slice for k in keys], axis=0)[leg]
+        median = float(np.median(area))
+        if median <= 0:
+            continue
+        small = np.flatnonzero(leg)[area < fraction * median]
+        if small.size == 0:
+            continue
+        many = small.size > t.max_missing_slice_fraction * leg.sum()
+        shown = ", ".join(str(int(z)) for z in small[:20]) + (" ..." if small.size > 20 else "")
+        smallest = float(area.min())
+        out.append(QCWarning(
+            "bone_slice_small",
+            f"The {bone}'s cross-section collapses in {small.size} slice(s): {shown} (down to "
+            f"{smallest:.0f} mm2, below {100 * fraction:.0f} % of its median {median:.0f} mm2 "
+            f"over the scan). Part of the {bone} was probably missed there; review these "
+            "slices" + (f": the {bone}'s features are not trustworthy." if many else
+                        "; their features may be wrong."),
+            keys if many else ()))
+    return out
+
+
 def plausibility_warning(plausibility: dict[str, Any] | None) -> QCWarning | None:
     """``unusual_scan`` for a scan the plausibility check refused but the user accepted."""
     if not plausibility or not plausibility.get("accepted_anyway"):
@@ -336,7 +379,8 @@ def quality_warnings(stats: list[RegionStats], *, confidence: dict[str, Any] | N
     """The warnings a reader of the report must see, most serious first.
 
     Codes: ``unusual_scan``, ``fibula_missing``, ``tibia_missing``, ``region_small``,
-    ``region_missing_slices``, ``low_confidence``, ``uncertain_slices``, ``motion``,
+    ``region_missing_slices``, ``bone_slice_small``, ``low_confidence``,
+    ``uncertain_slices``, ``motion``,
     ``postprocess`` (post-processing's own messages).
     """
     t = thresholds or QCThresholds()
@@ -367,6 +411,7 @@ def quality_warnings(stats: list[RegionStats], *, confidence: dict[str, Any] | N
             out.append(QCWarning(
                 "region_missing_slices",
                 f"{s.name} is absent from {missing} of {s.leg_slices} slices.", (s.key,)))
+    out += _slice_area_warnings(by_key, missing_bones, t)
     if confidence is not None:
         mean = confidence.get("mean_foreground", math.nan)
         per_slice = [v for v in confidence.get("per_slice_foreground", []) if v is not None]

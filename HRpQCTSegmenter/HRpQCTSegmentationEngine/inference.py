@@ -20,6 +20,21 @@ results with torch are unchanged. If ONNX Runtime cannot be used, ``"auto"`` fal
 torch with a warning. ``device="auto"`` picks CUDA, then Apple MPS, then the CPU (the CPU
 when torch is not installed); if the GPU runs out of memory the run continues on the CPU
 with a warning.
+
+Voxel size: a model folder records the in-plane voxel size of its training data
+(``training_voxel_mm`` in ``hrpqct_model.json``; the bundled model: 0.0607 mm, XtremeCT
+II). When the caller gives the scan's voxel size (``spacing_mm``) and it differs from the
+model's by more than :data:`VOXEL_TOLERANCE` (e.g. 0.082 mm, first-generation XtremeCT),
+each slice is resampled to the model's voxel size before the network and the class scores
+back to the scan's grid before the arg-max: the crop window is taken in the model's
+millimetres (``crop_yx * training / scan`` scan voxels, 1184 for 82 um) and brought to the
+network's input by the same antialiased bicubic resize as always, and the logits are
+upsampled bilinearly to that window, so labels are on the scan's grid, the scan is never
+copied and the working memory is that of one slice. The network sees what it was trained
+on: the same field in mm, the same mm per input pixel. At the model's own voxel size
+(within the tolerance) nothing changes, bit for bit. A folder without the field (older
+models) is not resampled; that, like a resampling, is logged. Slices are not resampled
+along z (the network is 2D).
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ import logging
 import shutil
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +76,8 @@ __all__ = [
     "run_segmentation",
     "prepare_segmenter",
     "ENGINES",
+    "VOXEL_TOLERANCE",
+    "model_grid",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +85,9 @@ log = logging.getLogger(__name__)
 ENGINES = ("auto", "torch", "onnx")
 DEFAULT_GPU_BATCH = 4
 PROGRESS_STAGE = "segmenting slices"
+#: Slices are resampled when the scan's in-plane voxel size differs from the model's
+#: training voxel size by more than this fraction (2 %: 60.7 um scans stay untouched).
+VOXEL_TOLERANCE = 0.02
 
 
 @dataclass
@@ -100,6 +120,10 @@ class SegmentationResult:
         ``"none"``, ``"margin"`` or ``"flip"`` (:data:`.uncertainty.UNCERTAINTY_METHODS`).
     uncertainty_signals:
         Every candidate signal computed (name -> per-slice values), for benchmarks.
+    voxel_resampling:
+        What was done about the voxel size (:func:`model_grid`): ``scan_voxel_mm``,
+        ``model_voxel_mm``, ``resampled`` and ``crop_yx`` (scan voxels per crop), and
+        ``reason`` when not resampled.
     """
 
     labels: np.ndarray
@@ -112,6 +136,7 @@ class SegmentationResult:
     slice_uncertainty: np.ndarray | None = None
     uncertainty_method: str = "none"
     uncertainty_signals: dict[str, np.ndarray] | None = None
+    voxel_resampling: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -133,6 +158,9 @@ def _move(tensor_or_module, device):
 
 class _TorchRunner:
     """Calls a torch model on a device; falls back to the CPU when the GPU memory runs out."""
+
+    #: In-plane voxel size (mm) of the model's training data; None: unknown.
+    training_voxel_mm: float | None = None
 
     def __init__(self, model, device, engine: str) -> None:
         self.model = _move(model, device)
@@ -168,6 +196,9 @@ class _OnnxRunner:
     ``backend`` says who pre- and post-processes: ``"torch"`` whenever torch is installed
     (so results are those of the torch engine's preprocessing), ``"numpy"`` without it.
     """
+
+    #: In-plane voxel size (mm) of the model's training data; None: unknown.
+    training_voxel_mm: float | None = None
 
     def __init__(self, segmenter, source: str = SOURCE_EXPORTED) -> None:
         self.segmenter = segmenter
@@ -224,7 +255,9 @@ def _prepare_folder(folder: Path, config: PreprocessingConfig | None, device: An
     config = config or metadata.preprocessing
     if _wants_onnx(engine, device, fast, metadata.architecture):
         try:
-            return _folder_onnx_runner(folder, metadata, config, num_threads), config
+            runner = _folder_onnx_runner(folder, metadata, config, num_threads)
+            runner.training_voxel_mm = metadata.training_voxel_mm
+            return runner, config
         except ArtefactError:
             raise  # a damaged graph fails loudly, as damaged weights do
         except Exception as exc:
@@ -235,7 +268,9 @@ def _prepare_folder(folder: Path, config: PreprocessingConfig | None, device: An
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             engine = "torch"
     model = load_model(folder, device="cpu")
-    return _prepare_model(model, config, device, fast, engine, num_threads)
+    runner, config = _prepare_model(model, config, device, fast, engine, num_threads)
+    runner.training_voxel_mm = metadata.training_voxel_mm
+    return runner, config
 
 
 def _wants_onnx(engine: str, device: Any, fast: bool, architecture: str) -> bool:
@@ -417,6 +452,67 @@ def _inference_context(backend: str, num_threads: int | None, device: Any = None
     return stack
 
 
+def _in_plane_mm(spacing_mm: Any) -> tuple[float, float]:
+    """``(y, x)`` voxel size from a ``(z, y, x)``, ``(y, x)`` or single spacing."""
+    values = np.atleast_1d(np.asarray(spacing_mm, dtype=np.float64)).ravel()
+    if values.size not in (1, 2, 3) or not (np.isfinite(values).all() and (values > 0).all()):
+        raise HRpQCTError(f"spacing_mm must be positive voxel sizes, got {spacing_mm!r}")
+    return (float(values[-1]),) * 2 if values.size == 1 else (float(values[-2]),
+                                                               float(values[-1]))
+
+
+def model_grid(config: PreprocessingConfig, spacing_mm: Any,
+               training_voxel_mm: float | None,
+               tolerance: float = VOXEL_TOLERANCE) -> tuple[PreprocessingConfig, dict]:
+    """The preprocessing that brings a scan's slices to the model's voxel size.
+
+    Parameters
+    ----------
+    config:
+        The model's preprocessing (its ``crop_yx`` is in training voxels).
+    spacing_mm:
+        The scan's voxel size ``(z, y, x)`` (or ``(y, x)``) in mm; None: unknown.
+    training_voxel_mm:
+        The model's training in-plane voxel size in mm; None: unknown.
+    tolerance:
+        Relative difference up to which the scan is used as it is.
+
+    Returns
+    -------
+    (PreprocessingConfig, dict)
+        ``config`` itself when nothing is resampled, else a copy whose ``crop_yx`` is the
+        same field in mm counted in scan voxels (the resize to ``input_yx`` then resamples);
+        and the description stored in :attr:`SegmentationResult.voxel_resampling`.
+    """
+    info: dict[str, Any] = {"scan_voxel_mm": None, "model_voxel_mm": training_voxel_mm,
+                            "resampled": False, "crop_yx": list(config.crop_yx)}
+    if spacing_mm is None:
+        info["reason"] = "scan voxel size not given"
+        return config, info
+    sy, sx = _in_plane_mm(spacing_mm)
+    info["scan_voxel_mm"] = [sy, sx]
+    if training_voxel_mm is None:
+        info["reason"] = "the model records no training voxel size"
+        log.info("The model records no training voxel size (training_voxel_mm); slices are "
+                 "not resampled (scan voxel %.4f x %.4f mm).", sy, sx)
+        return config, info
+    model_mm = float(training_voxel_mm)
+    if max(abs(sy / model_mm - 1.0), abs(sx / model_mm - 1.0)) <= tolerance:
+        info["reason"] = f"scan voxel within {100 * tolerance:g} % of the model's"
+        log.debug("Scan voxel %.4f x %.4f mm is the model's %.4f mm: not resampled.", sy, sx,
+                  model_mm)
+        return config, info
+    crop = tuple(max(1, round(c * model_mm / s)) for c, s in zip(config.crop_yx, (sy, sx),
+                                                                  strict=True))
+    info.update(resampled=True, crop_yx=list(crop))
+    log.info("Scan voxel %.4f x %.4f mm, model trained at %.4f mm: each slice is resampled to "
+             "the model's voxel size before the network (a %d x %d voxel window, the model's "
+             "%.1f mm field, resized to %d x %d) and the class scores back to the scan's grid "
+             "before the arg-max; the labels are on the scan's grid.", sy, sx, model_mm,
+             crop[0], crop[1], config.crop_yx[1] * model_mm, *config.input_yx)
+    return replace(config, crop_yx=crop), info
+
+
 # ------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------
@@ -425,8 +521,13 @@ def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
                      device: str | Any = "auto", fast: bool = True, engine: str = "auto",
                      num_threads: int | None = None, progress: ProgressCallback | None = None,
                      cancel: CancelToken | None = None,
-                     uncertainty: str = "none") -> SegmentationResult:
+                     uncertainty: str = "none", spacing_mm: Any = None,
+                     training_voxel_mm: float | None = None) -> SegmentationResult:
     """Segment a scan into the network's classes; see :func:`segment_volume` for parameters.
+
+    ``spacing_mm`` (the scan's ``(z, y, x)`` voxel size; default: a
+    :class:`~HRpQCTCore.scan.Scan`'s own) lets slices be resampled to the model's training
+    voxel size (``training_voxel_mm``; default: the model folder's, see :func:`model_grid`).
 
     Returns
     -------
@@ -434,6 +535,8 @@ def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
         Labels plus per-slice confidence, crop box, device and timing.
     """
     start = time.perf_counter()
+    if spacing_mm is None:
+        spacing_mm = getattr(hu_volume, "spacing_mm", None)
     volume = validate_volume(hu_volume)
     if batch_size is not None and batch_size < 1:
         raise HRpQCTError(f"batch_size must be at least 1, got {batch_size}")
@@ -444,6 +547,9 @@ def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
         on_gpu = runner.device is not None and runner.device.type != "cpu"
         batch_size = DEFAULT_GPU_BATCH if on_gpu else 1
     nz, ny, nx = volume.shape
+    if training_voxel_mm is None:
+        training_voxel_mm = getattr(runner, "training_voxel_mm", None)
+    config, resampling = model_grid(config, spacing_mm, training_voxel_mm)
     box = crop_box_for_scan(volume, config)
     labels = np.zeros(volume.shape, dtype=np.uint8)
     confidence = np.full(nz, np.nan, dtype=np.float32)
@@ -479,14 +585,14 @@ def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
         slice_foreground_confidence=foreground_confidence, crop_box=box,
         device=device_name, engine=runner.engine, seconds=time.perf_counter() - start,
         slice_uncertainty=tracker.per_slice, uncertainty_method=uncertainty,
-        uncertainty_signals=tracker.signals)
+        uncertainty_signals=tracker.signals, voxel_resampling=resampling)
 
 
 def segment_volume(hu_volume: Any, model_or_folder: Any, *,
                    config: PreprocessingConfig | None = None, batch_size: int | None = None,
                    device: str | Any = "auto", fast: bool = True, engine: str = "auto",
                    num_threads: int | None = None, progress: ProgressCallback | None = None,
-                   cancel: CancelToken | None = None) -> np.ndarray:
+                   cancel: CancelToken | None = None, spacing_mm: Any = None) -> np.ndarray:
     """Segment a scan ``[z, y, x]`` in HU into the network's five classes plus background.
 
     Parameters
@@ -518,6 +624,11 @@ def segment_volume(hu_volume: Any, model_or_folder: Any, *,
     progress, cancel:
         Progress callback (called after each batch) and cancellation token (checked before
         each batch).
+    spacing_mm:
+        The scan's voxel size ``(z, y, x)`` in mm (default: a Scan's own; None for an
+        array: unknown). Where it differs from the model's training voxel size by more
+        than :data:`VOXEL_TOLERANCE`, slices are resampled to the model's voxel size and the
+        scores back (:func:`model_grid`); labels are always on the input's grid.
 
     Returns
     -------
@@ -537,5 +648,5 @@ def segment_volume(hu_volume: Any, model_or_folder: Any, *,
     return run_segmentation(
         hu_volume, model_or_folder, config=config, batch_size=batch_size, device=device,
         fast=fast, engine=engine, num_threads=num_threads, progress=progress,
-        cancel=cancel).labels
+        cancel=cancel, spacing_mm=spacing_mm).labels
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -201,6 +202,9 @@ class ModelMetadata:
     class_keys: tuple[str, ...]
     weights_sha256: str
     extra: dict[str, Any] = field(default_factory=dict)
+    #: In-plane voxel size (mm) of the training data (``training_voxel_mm``); None for
+    #: folders that do not record it (unknown: scans are then not resampled).
+    training_voxel_mm: float | None = None
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -220,7 +224,8 @@ def _architecture_of(model) -> tuple[str, dict[str, Any], str]:
 
 
 def save_model(model, folder: str | Path, extra_metadata: Mapping[str, Any] | None = None,
-               preprocessing: PreprocessingConfig | None = None) -> Path:
+               preprocessing: PreprocessingConfig | None = None,
+               training_voxel_mm: float | None = None) -> Path:
     """Write ``model`` to ``folder`` (weights, ``config.json``, ``hrpqct_model.json``).
 
     Each file is written atomically; the metadata, holding the weights' SHA256, is written
@@ -237,6 +242,9 @@ def save_model(model, folder: str | Path, extra_metadata: Mapping[str, Any] | No
         must not reuse the reserved keys of the metadata.
     preprocessing:
         The preprocessing the model was trained with (default: the paper's).
+    training_voxel_mm:
+        In-plane voxel size (mm) of the training scans, recorded as ``training_voxel_mm``
+        (inference resamples other scans to it); None: not recorded (unknown).
 
     Returns
     -------
@@ -269,6 +277,8 @@ def save_model(model, folder: str | Path, extra_metadata: Mapping[str, Any] | No
         "saved_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "software_version": __version__,
     }
+    if training_voxel_mm is not None:
+        metadata["training_voxel_mm"] = _checked_voxel_mm(training_voxel_mm, "training_voxel_mm")
     extra = dict(extra_metadata or {})
     clash = set(extra) & set(metadata)
     if clash:
@@ -330,6 +340,16 @@ def _check_weights(folder: Path, weights: Path, expected_sha256: str | None) -> 
                 "new weights' checksum.")
 
 
+def _checked_voxel_mm(value: Any, name: str) -> float:
+    """A positive, finite voxel size in mm (a plausible one: 0.001 .. 10 mm)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of mm, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and 0.001 <= value <= 10.0):
+        raise ValueError(f"{name} must be a voxel size in mm (0.001 .. 10), got {value!r}")
+    return value
+
+
 def read_model_metadata(folder: str | Path) -> ModelMetadata:
     """Read and validate ``hrpqct_model.json`` of a saved model folder.
 
@@ -364,8 +384,15 @@ def read_model_metadata(folder: str | Path) -> ModelMetadata:
         preprocessing = PreprocessingConfig.from_dict(raw.get("preprocessing", {}))
     except (TypeError, ValueError) as exc:
         raise ModelFolderError(f"{meta_path} has invalid preprocessing settings: {exc}") from None
+    voxel = raw.get("training_voxel_mm")
+    if voxel is not None:
+        try:
+            voxel = _checked_voxel_mm(voxel, "training_voxel_mm")
+        except ValueError as exc:
+            raise ModelFolderError(f"{meta_path}: {exc}") from None
     reserved = {"architecture", "variant", "preprocessing", "class_keys", "weights_sha256"}
     return ModelMetadata(
+        training_voxel_mm=voxel,
         architecture=str(raw.get("architecture", "segformer")),
         variant=str(raw.get("variant", "custom")),
         preprocessing=preprocessing,

@@ -88,6 +88,15 @@ def _score_rows(before: dict | None, after: dict | None) -> list[str]:
     return rows
 
 
+def _voxel_line(voxel_mm: Any) -> str:
+    if voxel_mm is None:
+        return ("training voxel size: not recorded (unknown), so scans are segmented at "
+                "their own voxel size, not resampled")
+    return (f"training voxel size: {float(voxel_mm):.4f} mm in-plane (`training_voxel_mm`); "
+            "scans more than 2 % off are resampled to it slice by slice, and the labels "
+            "back to the scan's grid")
+
+
 def model_card_text(metadata: dict) -> str:
     """The Markdown model card of a fine-tuned model, from its ``hrpqct_model.json``."""
     training = metadata.get("training", {})
@@ -110,6 +119,7 @@ def model_card_text(metadata: dict) -> str:
         f"({training.get('n_subjects', '?')} subjects, {training.get('n_train_slices', '?')} "
         f"training slices) from `{manifest}` (SHA256 `{training.get('manifest_sha256')}`)",
         f"- annotated slices: {training.get('annotated_slices') or 'every slice'}",
+        f"- {_voxel_line(metadata.get('training_voxel_mm'))}",
         f"- steps: best at step {best.get('step', '?')} of {training.get('steps_run', '?')} "
         f"run ({config.get('epochs', 0) * config.get('steps_per_epoch', 0)} planned), batch "
         f"{config.get('batch_size')} of {config.get('crop_px')} px patches",

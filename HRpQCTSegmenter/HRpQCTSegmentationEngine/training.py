@@ -264,7 +264,8 @@ def split_by_slices(data: SliceDataset, validation_fraction: float, seed: int
 
 
 def _subset(data: SliceDataset, idx: list[int]) -> SliceDataset:
-    return SliceDataset(data.images[idx], data.labels[idx], [data.subjects[i] for i in idx])
+    return SliceDataset(data.images[idx], data.labels[idx], [data.subjects[i] for i in idx],
+                        [data.voxel_mm[i] for i in idx] if data.voxel_mm else [])
 
 
 @dataclass
@@ -274,6 +275,8 @@ class SliceDataset:
     images: np.ndarray  # [N, H, W] float16
     labels: np.ndarray  # [N, H, W] uint8
     subjects: list[str]
+    #: In-plane voxel size (mm) of each slice's scan (empty when not known).
+    voxel_mm: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -338,7 +341,7 @@ def load_slices(cases: Sequence[TrainingCase], preprocessing, slices_per_scan: i
     from HRpQCTCore.io import read_scan
     from HRpQCTSegmentationEngine import preprocessing as pp
 
-    images, labels, subjects = [], [], []
+    images, labels, subjects, voxels = [], [], [], []
     for i, case in enumerate(cases):
         check(cancel)
         scan = read_scan(case.image_path)
@@ -348,8 +351,26 @@ def load_slices(cases: Sequence[TrainingCase], preprocessing, slices_per_scan: i
             images.append(pp.preprocess_slice(scan.hu[z], box, preprocessing).astype(np.float16))
             labels.append(pp.labels_to_model_grid(lab[z].astype(np.uint8), box, preprocessing))
             subjects.append(case.subject)
+            voxels.append(float(np.mean(scan.spacing_mm[1:])))
         report(progress, i + 1, len(cases), "loading training scans")
-    return SliceDataset(np.stack(images), np.stack(labels), subjects)
+    return SliceDataset(np.stack(images), np.stack(labels), subjects, voxels)
+
+
+def training_voxel_mm(*datasets: SliceDataset) -> float | None:
+    """The in-plane voxel size (mm) of the training data, for ``training_voxel_mm``.
+
+    The median over the slices (None when unknown). Scans of different voxel sizes are
+    used as they are (not resampled to one): a spread of more than 2 % is logged.
+    """
+    voxels = np.array([v for d in datasets for v in d.voxel_mm], dtype=np.float64)
+    if voxels.size == 0:
+        return None
+    median = float(np.median(voxels))
+    if voxels.max() > 1.02 * median or voxels.min() < 0.98 * median:
+        log.warning("The training scans have different voxel sizes (%.4f .. %.4f mm); the "
+                    "model records their median, %.4f mm, as its training voxel size.",
+                    voxels.min(), voxels.max(), median)
+    return round(median, 6)
 
 
 # --------------------------------------------------------------------------------------
@@ -639,7 +660,8 @@ def train_segmenter(
         validation = (f"{len({c.subject for c in val_cases})} held-out subject(s) never seen "
                       "in training")
     provenance = {"validation": validation, "n_scans": len(cases),
-                  "n_subjects": n_subjects, "n_train_slices": len(train_data)}
+                  "n_subjects": n_subjects, "n_train_slices": len(train_data),
+                  "training_voxel_mm": training_voxel_mm(train_data, val_data)}
     if any(c.slices is not None for c in cases):
         provenance["annotated_slices"] = {
             str(c.label_path.name): format_slice_list(c.slices) for c in cases
@@ -683,6 +705,8 @@ def fit(
     model = _build(config, init_from).to(dev)
     model.train()
     provenance = dict(provenance or {})
+    if provenance.get("training_voxel_mm") is None:
+        provenance["training_voxel_mm"] = training_voxel_mm(train_data, val_data)
     provenance["trained_parts"] = freeze_encoder_stages(model, config.freeze_stages)
     if is_model_folder(init_from):
         provenance["parent"] = parent_description(init_from)
@@ -803,6 +827,7 @@ def _save_final(model, output_dir: Path, config: TrainingConfig, preprocessing, 
     from HRpQCTSegmentationEngine.model_card import lineage_metadata, write_model_card
 
     provenance = dict(provenance or {})
+    voxel_mm = provenance.pop("training_voxel_mm", None)  # top level, not under training
     training = {
         "training_config": config.to_dict(),
         "best_validation": best,
@@ -814,6 +839,7 @@ def _save_final(model, output_dir: Path, config: TrainingConfig, preprocessing, 
     if "parent" in provenance:  # a fine-tuned model: its name, parent and caveat on top
         extra.update(lineage_metadata(output_dir, provenance))
     cfg = replace(preprocessing) if hasattr(preprocessing, "__dataclass_fields__") else None
-    model_lib.save_model(model, output_dir, extra_metadata=extra, preprocessing=cfg)
+    model_lib.save_model(model, output_dir, extra_metadata=extra, preprocessing=cfg,
+                         training_voxel_mm=voxel_mm)
     if "parent" in provenance:
         write_model_card(output_dir)

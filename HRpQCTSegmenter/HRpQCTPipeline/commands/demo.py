@@ -140,7 +140,7 @@ def _segment_only(args: argparse.Namespace, scan, out: Path, summary: dict) -> N
     from HRpQCTSegmentationEngine.inference import run_segmentation
     from HRpQCTSegmentationEngine.postprocess import postprocess
 
-    seg = run_segmentation(scan.hu, folder)
+    seg = run_segmentation(scan.hu, folder, spacing_mm=scan.spacing_mm)
     result = postprocess(seg.labels, scan.hu, scan.spacing_mm)
     seg_path = out / "example_regions.seg.nrrd"
     check_can_write([seg_path], args.overwrite)

@@ -87,7 +87,7 @@ def run_segment(args: argparse.Namespace) -> int:
                                           accept_unusual=args.accept_unusual_scan)
     seg = run_segmentation(scan.hu, folder, batch_size=args.batch_size, device=args.device,
                            fast=not args.no_fast, engine=args.engine, progress=progress,
-                           uncertainty=args.uncertainty)
+                           uncertainty=args.uncertainty, spacing_mm=scan.spacing_mm)
     labels, warnings = seg.labels, []
     if not args.classes_only:
         config = _postprocess_config(args)
@@ -111,7 +111,8 @@ def run_segment(args: argparse.Namespace) -> int:
               "uncertainty_method": seg.uncertainty_method,
               "uncertainty_signal": SIGNAL_OF_METHOD.get(seg.uncertainty_method),
               "slice_uncertainty": None if seg.slice_uncertainty is None else [
-                  None if np.isnan(v) else float(v) for v in seg.slice_uncertainty]}
+                  None if np.isnan(v) else float(v) for v in seg.slice_uncertainty],
+              "voxel_resampling": seg.voxel_resampling}
         write_text_atomic(Path(args.qc_json), json.dumps(qc, indent=2))
     # The post-processing warnings were logged when found; logging them here again would
     # print each twice.
