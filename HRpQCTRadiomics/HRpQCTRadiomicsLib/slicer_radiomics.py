@@ -1,29 +1,13 @@
 """The HRpQCTRadiomics Slicer module's logic without Qt: segments -> regions -> features -> tables.
 
 Everything the module does that does not need Qt lives here, so it runs (and is tested) in
-plain Python with ``slicer-core``:
-
-* :func:`map_segments` -- which segment of a (possibly user-corrected) segmentation is which
-  of the seven regions: by terminology first (type code, and anatomic region where the type
-  is shared, e.g. cortical bone of tibia vs fibula), then by segment name or region key
-  (case-insensitive); missing regions, unknown and duplicate segments are reported in words.
-* :func:`region_labels_from_mapping` -- the mapped segments as the engine's region label map
-  on the volume's voxel grid (through :mod:`HRpQCTCore.slicer_bridge`).
-* :class:`RadiomicsParameters` -- mode (``prediction``: only what the classifiers need;
-  ``features``: full export), classifier files, settings, region/slice subsets.
-* :class:`RadiomicsRun` -- the extraction in a background process, exactly as the
-  Segmenter's: the volume and the region label map are written to a temporary folder, Slicer's
-  Python (``PythonSlicer``) runs ``hrpqct radiomics ... --progress machine`` (with
-  ``--classifier``/``--probabilities`` for the probability), polled from the GUI's
-  ``QTimer`` through :class:`~HRpQCTCore.background.process.BackgroundProcess` (JSON progress
-  lines; cancel stops the whole process tree); on success the features CSV and the
-  probabilities JSON go into table nodes in the caller's (GUI) thread.
-* :func:`fill_feature_table_node`, :func:`fill_probability_table_node`,
-  :func:`write_features_csv` -- results in MRML tables (the CSV schema of
-  ``HRpQCTRadiomicsEngine.table``) and as an atomically written CSV.
-* :func:`start_radiomics` (the Apply button) and :func:`run_radiomics` (scripts, self-tests),
-  which the module's Logic calls; :func:`check_pyradiomics` says how to get pyradiomics into
-  Slicer when it is missing.
+plain Python with ``slicer-core``. Segments of a (possibly user-corrected) segmentation are
+recognised by their terminology first (type code, and anatomic region where the type is
+shared, e.g. cortical bone of tibia vs fibula), then by name, and missing, unknown or
+duplicate segments are reported in words. The extraction runs ``hrpqct radiomics ...
+--progress machine`` in a background process on files written to a temporary folder, like
+the Segmenter's; its CSV and probabilities come back into table nodes in the GUI thread,
+because MRML nodes must not be touched from another thread.
 
 Why a process and not a thread: in Slicer the main thread holds Python's GIL while it idles
 in the Qt event loop, so a Python worker thread in Slicer's process barely runs.
