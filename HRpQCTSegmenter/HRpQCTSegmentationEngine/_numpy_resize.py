@@ -94,6 +94,54 @@ def resize_bicubic_antialias(image: np.ndarray, size_yx: tuple[int, int]) -> np.
 
 
 # ------------------------------------------------------------------------------------------
+# Plain bicubic (enlarging the network input: scans coarser than the model's voxel size)
+# ------------------------------------------------------------------------------------------
+def _cubic_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tap indices ``[n_out, 4]`` and weights of ``interpolate(bicubic, align_corners=False)``
+    without antialiasing: Keys' cubic with a = -0.75, taps clamped at the border (torch's
+    ``upsample_bicubic2d``), in float32."""
+    a = _F32(-0.75)
+    scale = _F32(_F32(n_in) / _F32(n_out))
+    real = scale * (np.arange(n_out, dtype=_F32) + _F32(0.5)) - _F32(0.5)
+    first = np.floor(real).astype(np.int64)
+    t = (real - first.astype(_F32)).astype(_F32)
+
+    def near(x):  # |x| <= 1
+        return ((a + _F32(2)) * x - (a + _F32(3))) * x * x + _F32(1)
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - _F32(5) * a) * x + _F32(8) * a) * x - _F32(4) * a
+
+    weights = np.stack([far(t + _F32(1)), near(t), near(_F32(1) - t), far(_F32(2) - t)],
+                       axis=1).astype(_F32)
+    index = np.clip(first[:, None] + np.arange(-1, 3)[None, :], 0, n_in - 1)
+    return index, weights
+
+
+def _resize_last_axis_cubic(image: np.ndarray, n_out: int) -> np.ndarray:
+    index, weights = _cubic_weights(image.shape[-1], n_out)
+    out = image[..., index[:, 0]] * weights[:, 0]
+    for k in range(1, 4):
+        out += image[..., index[:, k]] * weights[:, k]
+    return out
+
+
+def resize_bicubic(image: np.ndarray, size_yx: tuple[int, int]) -> np.ndarray:
+    """Resize a float32 ``[y, x]`` image like ``interpolate(bicubic, align_corners=False)``
+    without antialiasing (what the preprocessing uses to enlarge a crop).
+
+    Along the columns, then the rows, in float32: torch's kernel does the same arithmetic per
+    pixel in another order, so results agree to float32 rounding (~1e-7), not bit for bit.
+    """
+    out = np.asarray(image, dtype=_F32)
+    if out.shape[1] != size_yx[1]:
+        out = _resize_last_axis_cubic(out, int(size_yx[1]))
+    if out.shape[0] != size_yx[0]:
+        out = np.ascontiguousarray(_resize_last_axis_cubic(out.T, int(size_yx[0])).T)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
 # Bilinear (upsampling the logits)
 # ------------------------------------------------------------------------------------------
 @lru_cache(maxsize=16)

@@ -294,13 +294,11 @@ def preprocess_slices_numpy(hu_slices: np.ndarray, box: CropBox,
     of 20 million network-class voxels. When torch is installed, the engine keeps using
     :func:`preprocess_slices`, so results with torch are unchanged.
 
-    Raises
-    ------
-    HRpQCTError
-        If the resize would enlarge the crop (plain bicubic upsampling is only implemented
-        with torch).
+    A crop smaller than the network input (a scan coarser than the model's voxel size) is
+    enlarged with plain bicubic interpolation, as torch does without antialiasing, to float32
+    rounding (~1e-7).
     """
-    from HRpQCTSegmentationEngine._numpy_resize import resize_bicubic_antialias
+    from HRpQCTSegmentationEngine._numpy_resize import resize_bicubic, resize_bicubic_antialias
 
     config = config or PreprocessingConfig()
     hu_slices = np.asarray(hu_slices)
@@ -309,17 +307,12 @@ def preprocess_slices_numpy(hu_slices: np.ndarray, box: CropBox,
     out = np.empty((hu_slices.shape[0], 1, *config.input_yx), dtype=np.float32)
     resize = tuple(box.shape) != tuple(config.input_yx)
     shrinking = any(c > i for c, i in zip(box.shape, config.input_yx, strict=True))
-    if resize and not (config.antialias and shrinking):
-        from HRpQCTCore.errors import HRpQCTError
-
-        raise HRpQCTError(
-            f"Resizing a {box.shape} crop to {config.input_yx} without antialiasing needs "
-            "torch (pip install torch), or a model whose crop is larger than its input.")
+    resizer = resize_bicubic_antialias if config.antialias and shrinking else resize_bicubic
     for i, hu_slice in enumerate(hu_slices):
         crop = config.scale_hu(crop_slice(hu_slice, box, config.pad_hu, np.float32))
         if resize:
             # Bicubic kernels overshoot at sharp edges; keep the promised [0, 1] range.
-            crop = np.clip(resize_bicubic_antialias(crop, config.input_yx), 0.0, 1.0)
+            crop = np.clip(resizer(crop, config.input_yx), 0.0, 1.0)
         out[i, 0] = crop
     return out
 

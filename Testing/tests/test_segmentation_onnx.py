@@ -201,6 +201,13 @@ def test_numpy_preprocessing_is_within_float_rounding_of_torch(phantom_hu):
     small_box = CropBox(-5, 3, 64, 64)
     np.testing.assert_array_equal(preprocess_slices_numpy(phantom_hu[:1], small_box, same_size),
                                   preprocess_slices(phantom_hu[:1], small_box, same_size).numpy())
+    # A crop smaller than the input (a scan coarser than the model's voxel size, resampled
+    # to it) is enlarged by plain bicubic interpolation, as torch does without antialiasing.
+    enlarging = PreprocessingConfig(crop_yx=(37, 51), input_yx=(100, 90))
+    box = CropBox(10, 20, 37, 51)
+    expected = preprocess_slices(phantom_hu[:2], box, enlarging).numpy()
+    got = preprocess_slices_numpy(phantom_hu[:2], box, enlarging)
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 2e-6
 
 
 # ------------------------------------------------------------------------------------------
