@@ -36,6 +36,7 @@ from HRpQCTCore.background.process import (
     BackgroundProcess,
     JobState,
     Launcher,
+    ProcessRun,
     engine_environment,
     module_folders,
     popen_launcher,
@@ -336,7 +337,6 @@ class RadiomicsParameters:
             raise HRpQCTError(" ".join(found))
 
 
-
 def _classifier_regions(path: str | Path) -> list[str]:
     """The region keys a classifier file needs, read without loading the classifier.
 
@@ -610,7 +610,7 @@ def build_radiomics_command(python: str | Path, volume_path: str | Path,
     return command
 
 
-class RadiomicsRun:
+class RadiomicsRun(ProcessRun):
     """Features (and probabilities) of one volume + segmentation, in a background process.
 
     The constructor reads the inputs from the scene (caller's thread): which segment is
@@ -801,32 +801,6 @@ class RadiomicsRun:
     def _cleanup(self) -> None:
         if self._work_dir is not None:
             shutil.rmtree(self._work_dir, ignore_errors=True)
-
-    def wait(self, timeout_s: float | None = None) -> JobState:
-        """Block until the run ends (batch use and tests); returns the final state.
-
-        Raises
-        ------
-        TimeoutError
-            When it did not end within ``timeout_s`` (it was cancelled).
-        """
-        if self.process is None:
-            raise RuntimeError("start() the run first")
-        try:
-            self.process.wait(timeout_s)
-        finally:
-            self.poll()
-        return self.state
-
-    def cancel(self) -> None:
-        """Stop the process and everything it started; the tables stay as they are."""
-        if self.process is not None and self.state == JobState.RUNNING:
-            self.process.cancel()
-            self.poll()
-
-    def log_lines(self) -> list[str]:
-        """Everything the process printed (details for the error dialog and bug reports)."""
-        return self.process.log if self.process is not None else []
 
     def probability_summary(self) -> str:
         """One line per probability, with 'research use' and the caveat (for the panel)."""

@@ -50,6 +50,7 @@ from HRpQCTCore.background.process import (
     BackgroundProcess,
     JobState,
     Launcher,
+    ProcessRun,
     engine_environment,
     module_folders,
     python_executable,
@@ -320,7 +321,7 @@ def next_model_folder(training_dir: str | Path, now: float | None = None) -> Pat
     return folder
 
 
-class FineTuneRun:
+class FineTuneRun(ProcessRun):
     """Fine-tuning as a run the module's run panel drives (poll, status, cancel, log).
 
     ``options`` go to :func:`start_fine_tuning` (``launcher``, ``env``, ``python``,
@@ -379,26 +380,6 @@ class FineTuneRun:
             self.state = state
             self.message = self.process.failure_message()
         return self.state
-
-    def wait(self, timeout_s: float | None = None) -> JobState:
-        """Block until the run ends (scripts and tests)."""
-        if self.process is None:
-            raise RuntimeError("start() the run first")
-        try:
-            self.process.wait(timeout_s)
-        finally:
-            self.poll()
-        return self.state
-
-    def cancel(self) -> None:
-        """Stop the process and everything it started."""
-        if self.process is not None and self.state == JobState.RUNNING:
-            self.process.cancel()
-            self.poll()
-
-    def log_lines(self) -> Sequence[str]:
-        """Everything the process printed."""
-        return self.process.log if self.process is not None else []
 
 
 def start_fine_tune_run(training_dir: str | Path | None, parameters: Any, *,

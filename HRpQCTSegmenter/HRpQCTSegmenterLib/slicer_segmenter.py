@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from HRpQCTCore.background.process import (
     BackgroundProcess,
     JobState,
     Launcher,
+    ProcessRun,
     engine_environment,
     module_folders,
     popen_launcher,
@@ -69,7 +70,7 @@ def effective_units(parameters: SegmenterParameters, volume_node: Any) -> str:
     return parameters.units
 
 
-class SegmentationRun:
+class SegmentationRun(ProcessRun):
     """Segment one volume node in a background process (see module docstring).
 
     Parameters
@@ -224,22 +225,6 @@ class SegmentationRun:
             self._cleanup()
         return self.state
 
-    def wait(self, timeout_s: float | None = None) -> JobState:
-        """Block until the run ends (batch use and tests); returns the final state."""
-        if self.process is None:
-            raise RuntimeError("start() the run first")
-        try:
-            self.process.wait(timeout_s)
-        finally:
-            self.poll()
-        return self.state
-
-    def cancel(self) -> None:
-        """Stop the process; the scene is left as it was."""
-        if self.process is not None and self.state == JobState.RUNNING:
-            self.process.cancel()
-            self.poll()
-
     # -- the result ------------------------------------------------------------------------
     def _load_result(self) -> None:
         self.state = JobState.LOADING
@@ -297,10 +282,6 @@ class SegmentationRun:
     def _cleanup(self) -> None:
         if self._work_dir is not None:
             shutil.rmtree(self._work_dir, ignore_errors=True)
-
-    def log_lines(self) -> Sequence[str]:
-        """Everything the process printed (for the log box and bug reports)."""
-        return self.process.log if self.process is not None else []
 
 
 # ------------------------------------------------------------------------------------------

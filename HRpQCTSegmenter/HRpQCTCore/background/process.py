@@ -51,6 +51,7 @@ __all__ = [
     "process_group",
     "stop_process_tree",
     "BackgroundProcess",
+    "ProcessRun",
     "MODULE_FOLDER_NAMES",
     "module_folders",
     "engine_environment",
@@ -420,6 +421,46 @@ class BackgroundProcess:
 #: The two module folders, each holding engine packages: the core, the segmentation engine
 #: and the pipeline in the Segmenter's; the radiomics engine in the Radiomics module's.
 MODULE_FOLDER_NAMES = ("HRpQCTSegmenter", "HRpQCTRadiomics")
+
+
+
+class ProcessRun:
+    """What a module's run built on a :class:`BackgroundProcess` shares: waiting, cancelling
+    and the log. A subclass sets ``process`` (once started) and ``state``, and implements
+    ``poll()``, which turns the process's progress and end into its own state and message.
+    """
+
+    process: BackgroundProcess | None = None
+    state: JobState = JobState.NOT_STARTED
+
+    def poll(self) -> JobState:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def wait(self, timeout_s: float | None = None) -> JobState:
+        """Block until the run ends (batch use, scripts and tests); returns the final state.
+
+        Raises
+        ------
+        TimeoutError
+            When it did not end within ``timeout_s`` (it was cancelled).
+        """
+        if self.process is None:
+            raise RuntimeError("start() the run first")
+        try:
+            self.process.wait(timeout_s)
+        finally:
+            self.poll()
+        return self.state
+
+    def cancel(self) -> None:
+        """Stop the process and everything it started."""
+        if self.process is not None and self.state == JobState.RUNNING:
+            self.process.cancel()
+            self.poll()
+
+    def log_lines(self) -> list[str]:
+        """Everything the process printed (the log box, error details, bug reports)."""
+        return self.process.log if self.process is not None else []
 
 
 def module_folders(segmenter_folder: str | os.PathLike | None = None) -> list[Path]:
