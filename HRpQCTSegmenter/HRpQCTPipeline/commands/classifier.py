@@ -57,8 +57,8 @@ osteoporosis_probability column; a multiclass one (e.g. normal/osteopenia/osteop
 
 # --- train --------------------------------------------------------------------------------
 
-def read_labels(path: str | Path, subject_column: str, label_column: str) -> dict[str, int]:
-    """Subject -> 0/1 label from a CSV."""
+def _label_records(path: str | Path, subject_column: str, label_column: str):
+    """(subject, label text, path) of every row of a labels CSV, its columns checked."""
     from HRpQCTCore.io.textfiles import ensure_text_file
 
     path = ensure_text_file(path, "Labels file")
@@ -70,39 +70,31 @@ def read_labels(path: str | Path, subject_column: str, label_column: str) -> dic
             raise InputFileError(
                 f"{path} lacks column(s) {missing}; it has {header}. Use --subject-column / "
                 "--label-column.")
-        labels: dict[str, int] = {}
-        for record in reader:
-            text = (record[label_column] or "").strip()
-            try:
-                value = int(float(text))
-            except ValueError:
-                raise InputFileError(f"{path}: label {text!r} of subject "
-                                     f"{record[subject_column]!r} is not 0 or 1.") from None
-            labels[record[subject_column].strip()] = value
+        return [(record[subject_column].strip(), (record[label_column] or "").strip(), path)
+                for record in reader]
+
+
+def read_labels(path: str | Path, subject_column: str, label_column: str) -> dict[str, int]:
+    """Subject -> 0/1 label from a CSV."""
+    labels: dict[str, int] = {}
+    for subject, text, where in _label_records(path, subject_column, label_column):
+        try:
+            labels[subject] = int(float(text))
+        except ValueError:
+            raise InputFileError(f"{where}: label {text!r} of subject {subject!r} is not 0 "
+                                 "or 1.") from None
     return labels
 
 
 def read_class_labels(path: str | Path, subject_column: str,
                       label_column: str) -> dict[str, str]:
     """Subject -> class name from a CSV (multiclass training)."""
-    from HRpQCTCore.io.textfiles import ensure_text_file
-
-    path = ensure_text_file(path, "Labels file")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        missing = [c for c in (subject_column, label_column) if c not in header]
-        if missing:
-            raise InputFileError(
-                f"{path} lacks column(s) {missing}; it has {header}. Use --subject-column / "
-                "--label-column.")
-        labels: dict[str, str] = {}
-        for record in reader:
-            text = (record[label_column] or "").strip()
-            if not text:
-                raise InputFileError(f"{path}: subject {record[subject_column]!r} has no "
-                                     f"{label_column!r} label.")
-            labels[record[subject_column].strip()] = text
+    labels: dict[str, str] = {}
+    for subject, text, where in _label_records(path, subject_column, label_column):
+        if not text:
+            raise InputFileError(f"{where}: subject {subject!r} has no {label_column!r} "
+                                 "label.")
+        labels[subject] = text
     return labels
 
 
