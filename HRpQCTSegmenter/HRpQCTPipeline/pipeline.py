@@ -13,11 +13,15 @@ other stages still run where they can.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import math
+import sys
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -581,7 +585,6 @@ def _segmentation_stage(ctx: RunContext) -> None:
 
 def _segment(ctx: RunContext) -> None:
     from HRpQCTCore.io import write_label_map
-    from HRpQCTSegmentationEngine.inference import run_segmentation
     from HRpQCTSegmentationEngine.limits import require_segmentation_memory
     from HRpQCTSegmentationEngine.model_card import identity_for_qc
     from HRpQCTSegmentationEngine.plausibility import require_plausible_scan
@@ -594,14 +597,18 @@ def _segment(ctx: RunContext) -> None:
     # a metal foam or a mask would be segmented confidently and wrongly: refuse it too
     plausibility = require_plausible_scan(scan.hu, scan.spacing_mm,
                                           accept_unusual=settings.accept_unusual_scan)
-    runner, config = _segmenter(ctx.model_folder, settings)
-    seg = run_segmentation(scan.hu, runner, config=config, batch_size=settings.batch_size,
-                           progress=ctx.progress, cancel=ctx.cancel,
-                           uncertainty=settings.uncertainty, spacing_mm=scan.spacing_mm)
+    seg = _run_network(ctx)
+    _return_freed_memory()  # the runner's buffers, before post-processing's peak
     log.info("segmented %d slices in %.1f s (%s, %s)", scan.n_slices, seg.seconds, seg.device,
              seg.engine)
-    result = postprocess(seg.labels, scan.hu, scan.spacing_mm, preset(settings.postprocess),
-                         progress=ctx.progress, cancel=ctx.cancel)
+    # Memory: the network's classes are the post-processing's work array (cleaned in place,
+    # then overwritten by the regions), and no one else holds them: no second and third
+    # label volume beside the HU (0.86 GB for a full scan).
+    classes, seg.labels = seg.labels, None
+    result = postprocess(classes, scan.hu, scan.spacing_mm, preset(settings.postprocess),
+                         overwrite_input=True, progress=ctx.progress, cancel=ctx.cancel)
+    del classes
+    _return_freed_memory()  # post-processing's temporaries, before writing
     write_label_map(result.regions, scan, paths["regions_seg_nrrd"])
     write_label_map(result.regions, scan, paths["regions_nifti"])
     ctx.seg_qc = {
@@ -621,22 +628,65 @@ def _segment(ctx: RunContext) -> None:
     ctx.regions = result.regions
 
 
+def _run_network(ctx: RunContext):
+    """The network's classes for every slice (a ``SegmentationResult``).
+
+    The model runner lives only while this runs: once the network is done, nothing holds it,
+    so its memory (ONNX Runtime keeps ~0.4 GB of working buffers) is free for
+    post-processing.
+    """
+    from HRpQCTSegmentationEngine.inference import run_segmentation
+
+    scan, settings = ctx.scan, ctx.settings
+    segmenter = _segmenter(ctx.model_folder, settings)
+    return run_segmentation(scan.hu, segmenter.runner, config=segmenter.config,
+                            batch_size=settings.batch_size, progress=ctx.progress,
+                            cancel=ctx.cancel, uncertainty=settings.uncertainty,
+                            spacing_mm=scan.spacing_mm)
+
+
+def _return_freed_memory() -> None:
+    """Give the memory freed since the last call back to the system (Linux, glibc).
+
+    glibc keeps freed heap pages (and those of every thread's arena) for reuse, and they count
+    in the process's resident memory: after the network and after post-processing that is
+    ~0.1 GB which later steps would add their own memory to. Elsewhere nothing happens.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl): no trim
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+@dataclass(eq=False)
+class _Segmenter:
+    """A prepared model runner and its preprocessing settings."""
+
+    runner: Any
+    config: Any
+
+
 _runner_lock = threading.Lock()
-_runners: dict[tuple, tuple[Any, Any]] = {}
+#: Runners in use, shared by the scans that segment at the same time (threads of one process);
+#: weak, so a runner is freed when no scan uses it (preparing one again takes ~0.3 s: graphs
+#: exported from torch are cached on disk).
+_runners: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def _segmenter(folder: Path, settings: RunSettings):
-    """A prepared model runner, kept per process so a batch loads (and exports) it once."""
+def _segmenter(folder: Path, settings: RunSettings) -> _Segmenter:
+    """A prepared model runner: the one in use for this model and these settings, or a new one."""
     from HRpQCTSegmentationEngine.inference import prepare_segmenter
 
     key = (str(folder.resolve()), model_sha256(folder), settings.device, settings.engine,
            settings.fast)
     with _runner_lock:
-        if key not in _runners:
-            _runners.clear()  # one model at a time: they are large
-            _runners[key] = prepare_segmenter(folder, device=settings.device,
-                                              fast=settings.fast, engine=settings.engine)
-        return _runners[key]
+        segmenter = _runners.get(key)
+        if segmenter is None:
+            segmenter = _Segmenter(*prepare_segmenter(folder, device=settings.device,
+                                                      fast=settings.fast,
+                                                      engine=settings.engine))
+            _runners[key] = segmenter
+        return segmenter
 
 
 def _radiomics_stage(ctx: RunContext) -> None:

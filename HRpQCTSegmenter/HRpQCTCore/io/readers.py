@@ -92,9 +92,13 @@ _DICOM_FACT_TAGS = {
 
 @dataclass
 class _RawVolume:
-    """What a format reader found, before unit conversion."""
+    """What a format reader found, before unit conversion.
 
-    array: np.ndarray
+    ``array`` holds the voxels, or is None when ``voxels`` (an object with ``shape`` and
+    ``read(z0, z1)``, e.g. :class:`.scanco.Int16Voxels`) says where to read them slab by slab.
+    """
+
+    array: np.ndarray | None
     spacing_mm: tuple[float, float, float]
     origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -103,6 +107,12 @@ class _RawVolume:
     facts: dict[str, Any] = field(default_factory=dict)
     reader: str = ""
     warnings: list[str] = field(default_factory=list)
+    voxels: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The volume's shape, read or not."""
+        return tuple(self.array.shape) if self.array is not None else tuple(self.voxels.shape)
 
 
 # ------------------------------------------------------------------------------------------
@@ -172,15 +182,20 @@ def detect_format(path: str | Path) -> str:
 def _read_scanco(path: Path, fmt: str) -> _RawVolume:
     from HRpQCTCore.io import scanco
 
-    volume = scanco.read_aim(path) if fmt == "aim" else scanco.read_isq(path)
+    # lazy: int16 voxels are converted slab by slab, never held whole beside the HU volume
+    read = scanco.read_aim if fmt == "aim" else scanco.read_isq
+    volume = read(path, lazy=True)
     warnings: list[str] = []
-    if volume.array.ndim != 3 or min(volume.array.shape) < 1:
-        raise InvalidScanError(f"{path} holds an empty volume of shape {volume.array.shape}.")
+    if len(volume.shape) != 3 or min(volume.shape) < 1:
+        raise InvalidScanError(f"{path} holds an empty volume of shape {volume.shape}.")
+    facts = dict(volume.facts)
+    if volume.voxels is not None:
+        facts["dtype_on_disk"] = "int16"
     return _RawVolume(
         array=volume.array, spacing_mm=volume.spacing_mm, origin_mm=volume.origin_mm,
         calibration=volume.calibration,
         units_on_disk="label" if volume.kind == "mask" else "native",
-        facts=volume.facts, reader=scanco.backend_name(), warnings=warnings)
+        facts=facts, reader=scanco.backend_name(), warnings=warnings, voxels=volume.voxels)
 
 
 def _check_image_shape(path: Path, dimension: int, size: tuple[int, ...], components: int
@@ -537,6 +552,37 @@ def _needs_calibration(path: Path, what: str) -> CalibrationError:
         "or declare the data as HU with --units hu if it already is.")
 
 
+#: Slices converted at once when the voxels are read slab by slab (~40 MB of int16 voxels and
+#: two float32 temporaries of a 1600 x 1600 scan): the conversion's memory beside the result.
+_CONVERT_SLICES = 8
+
+
+def _as_float32(values: np.ndarray) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
+
+
+def _converted(raw: _RawVolume, convert) -> np.ndarray:
+    """``convert(voxels)`` as float32; voxels read slab by slab are converted slab by slab.
+
+    ``convert`` works voxel by voxel (casts and affine maps), so converting slabs into the
+    result gives the same bits as converting the whole volume, without the whole on-disk
+    volume (or a float32 temporary of it) beside the result.
+    """
+    if raw.voxels is None:
+        return convert(raw.array)
+    n_slices = raw.shape[0]
+    out = np.empty(raw.shape, dtype=np.float32)
+    for z0 in range(0, n_slices, _CONVERT_SLICES):
+        z1 = min(n_slices, z0 + _CONVERT_SLICES)
+        out[z0:z1] = convert(raw.voxels.read(z0, z1))
+    return out
+
+
+def _whole(raw: _RawVolume) -> np.ndarray:
+    """The voxels as stored, read whole if they were not yet."""
+    return raw.array if raw.array is not None else raw.voxels.read(0, raw.shape[0])
+
+
 def _to_hu(raw: _RawVolume, path: Path, units: str, user_cal: Calibration | None
            ) -> tuple[np.ndarray, str, str, Calibration | None]:
     """Return ``(hu, units_on_disk, units_source, calibration_used)``."""
@@ -544,14 +590,14 @@ def _to_hu(raw: _RawVolume, path: Path, units: str, user_cal: Calibration | None
     if units == "auto":
         on_disk = raw.units_on_disk
         if on_disk in ("hu", "label"):
-            return np.asarray(raw.array, dtype=np.float32), on_disk, "header", calibration
+            return _converted(raw, _as_float32), on_disk, "header", calibration
         if on_disk == "native":
             if calibration is None:
                 raise _needs_calibration(path, "native (Scanco)")
-            return calibration.native_to_hu(raw.array), "native", "header", calibration
-        found = hu_plausibility(raw.array)
+            return _converted(raw, calibration.native_to_hu), "native", "header", calibration
+        found = hu_plausibility(_whole(raw))
         if found.plausible:
-            return (np.asarray(raw.array, dtype=np.float32), "hu",
+            return (_converted(raw, _as_float32), "hu",
                     "assumed (value range plausible for HU)", calibration)
         raise CalibrationError(
             f"{path} does not say what units its values are in, and they do not look like HU "
@@ -563,12 +609,12 @@ def _to_hu(raw: _RawVolume, path: Path, units: str, user_cal: Calibration | None
             "--density-intercept), or --units hu if they are HU.")
     unit = Units.parse(units)
     if unit is Units.HU:
-        return np.asarray(raw.array, dtype=np.float32), "hu", "user", calibration
+        return _converted(raw, _as_float32), "hu", "user", calibration
     if calibration is None:
         raise _needs_calibration(path, unit.value)
     if unit is Units.NATIVE:
-        return calibration.native_to_hu(raw.array), "native", "user", calibration
-    return calibration.density_to_hu(raw.array), "density", "user", calibration
+        return _converted(raw, calibration.native_to_hu), "native", "user", calibration
+    return _converted(raw, calibration.density_to_hu), "density", "user", calibration
 
 
 # ------------------------------------------------------------------------------------------
@@ -626,17 +672,18 @@ def read_scan(path: str | Path, units: Units | str = "auto",
         raw = _read_sitk_file(path, fmt)
     check(cancel)
     report(progress, 1, 2, "convert")
-    dtype_on_disk = raw.facts.pop("dtype_on_disk", str(raw.array.dtype))
-    if raw.array.ndim != 3 or min(raw.array.shape) < 1:
-        raise InvalidScanError(f"{path} holds data of shape {raw.array.shape}, not a 3D volume.")
-    if raw.array.shape[0] < 2:
+    dtype_on_disk = raw.facts.pop("dtype_on_disk", None) or str(raw.array.dtype)
+    if len(raw.shape) != 3 or min(raw.shape) < 1:
+        raise InvalidScanError(f"{path} holds data of shape {raw.shape}, not a 3D volume.")
+    if raw.shape[0] < 2:
         raise InvalidScanError(
-            f"{path} holds a single slice (shape {raw.array.shape}); an HR-pQCT scan is a 3D "
+            f"{path} holds a single slice (shape {raw.shape}); an HR-pQCT scan is a 3D "
             "stack of slices. Load the complete volume.")
-    _check_finite(raw.array, path)
+    if raw.array is not None:  # voxels read slab by slab are int16: finite by type
+        _check_finite(raw.array, path)
     hu, on_disk, units_source, used = _to_hu(raw, path, str(getattr(units, "value", units)),
                                              calibration)
-    raw.array = hu  # drop the reference to the on-disk array early
+    raw.array, raw.voxels = hu, None  # drop the reference to the on-disk array early
     warnings = list(raw.warnings)
     spacing_text = spacing_warning(raw.spacing_mm)
     if spacing_text:

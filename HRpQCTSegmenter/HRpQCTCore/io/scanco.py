@@ -10,6 +10,11 @@ of acquisition facts. Patient name, patient/measurement index, dates, scanner se
 the free-text processing log are never copied: headers are read through an allow-list, so a
 field this module does not know cannot leak.
 
+With ``lazy=True`` an uncompressed int16 volume (every ISQ, short AIMs) comes as
+:class:`Int16Voxels` instead of an array: where its voxels lie in the file, read slab by slab,
+so that a caller converting them (to HU, float32) never holds the whole int16 volume beside
+its result (0.86 GB for a full 168 x 1600 x 1600 scan).
+
 Notes on the formats (found while testing; see ``docs/scanco-io.md``):
 
 * AIM stores the origin as an integer voxel ``position``; an origin that is not a whole number of
@@ -44,7 +49,7 @@ from HRpQCTCore.errors import CorruptFileError, InvalidScanError, UnsupportedFor
 from HRpQCTCore.native_output import native_stdout_to_log
 from HRpQCTCore.scan import DEFAULT_CALIBRATION, Calibration
 
-__all__ = ["ScancoVolume", "read_aim", "read_isq", "write_aim", "backend_name"]
+__all__ = ["ScancoVolume", "Int16Voxels", "read_aim", "read_isq", "write_aim", "backend_name"]
 
 _ISQ_MAGIC = b"CTDATA-HEADER_V1"
 _NUMBER = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"
@@ -80,6 +85,37 @@ def backend_name() -> str:
         return "aimio-py"
 
 
+@dataclass(frozen=True)
+class Int16Voxels:
+    """Uncompressed little-endian int16 voxels ``[z, y, x]`` at byte ``offset`` of ``path``.
+
+    :meth:`read` returns any run of slices, so a volume can be converted slab by slab into its
+    final array. The file's size was checked against ``shape`` when this was made.
+    """
+
+    path: Path
+    offset: int
+    shape: tuple[int, int, int]
+
+    def read(self, z0: int, z1: int) -> np.ndarray:
+        """Slices ``z0:z1`` as stored (int16, little-endian), shape ``(z1 - z0, ny, nx)``.
+
+        Raises
+        ------
+        CorruptFileError
+            If the file became shorter than its header says since it was opened.
+        """
+        _, ny, nx = self.shape
+        count = (z1 - z0) * ny * nx
+        array = np.fromfile(self.path, dtype="<i2", count=count,
+                            offset=self.offset + z0 * ny * nx * 2)
+        if array.size != count:
+            raise CorruptFileError(
+                f"{self.path} is truncated: slices {z0}..{z1 - 1} lie beyond its end. Copy the "
+                "file again from the scanner.")
+        return array.reshape(z1 - z0, ny, nx)
+
+
 @dataclass
 class ScancoVolume:
     """An AIM or ISQ volume as stored, with geometry, calibration and safe facts.
@@ -87,7 +123,8 @@ class ScancoVolume:
     Attributes
     ----------
     array:
-        Voxels ``[z, y, x]`` with the file's own dtype (int16 native, int8 mask, float32).
+        Voxels ``[z, y, x]`` with the file's own dtype (int16 native, int8 mask, float32);
+        ``None`` when ``voxels`` gives them instead (a lazy read).
     spacing_mm:
         Voxel size ``(z, y, x)`` in mm.
     origin_mm:
@@ -98,14 +135,22 @@ class ScancoVolume:
         ``"grey"`` (short/float data) or ``"mask"`` (char data).
     facts:
         Allow-listed, non-identifying header facts.
+    voxels:
+        Where the int16 voxels lie in the file (lazy reads only; else ``None``).
     """
 
-    array: np.ndarray
+    array: np.ndarray | None
     spacing_mm: tuple[float, float, float]
     origin_mm: tuple[float, float, float]
     calibration: Calibration | None
     kind: str
     facts: dict[str, Any] = field(default_factory=dict)
+    voxels: Int16Voxels | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The volume's shape ``(z, y, x)``, whether read or lazy."""
+        return tuple(self.array.shape) if self.array is not None else self.voxels.shape
 
 
 def _aimio():
@@ -200,11 +245,18 @@ def _readable_copy(path: Path, text_spans: Sequence[tuple[int, int]], header_onl
 
 
 def _aim_log_span(path: Path) -> tuple[int, int] | None:
-    """Byte range of an AIM's processing log from its pre-header (None: not understood).
+    """Byte range of an AIM's processing log from its pre-header (None: not understood)."""
+    sections = _aim_sections(path)
+    return None if sections is None else sections[:2]
+
+
+def _aim_sections(path: Path) -> tuple[int, int, int] | None:
+    """Where an AIM's processing log starts and ends and how many bytes of voxel data follow.
 
     v030 files start with ``AIMDATA_V030`` and five int64 section sizes, v020 with
     ``AIMDATA_V020`` and five int32, v010 with the five int32 directly; the sections are
-    pre-header, header struct, processing log, voxel data, associated data.
+    pre-header, header struct, processing log, voxel data, associated data. None: not a
+    layout this module understands.
     """
     with open(path, "rb") as fh:
         head = fh.read(56)
@@ -216,11 +268,11 @@ def _aim_log_span(path: Path) -> tuple[int, int] | None:
         base, sizes = 0, struct.unpack_from("<5i", head, 0)
     else:
         return None
-    pre, header, log_size = sizes[:3]
+    pre, header, log_size, data_size = sizes[:4]
     if pre not in (20, 40) or header <= 0 or log_size < 0:
         return None  # not a layout we know: aimio-py's own checks apply
     start = base + pre + header
-    return start, start + log_size
+    return start, start + log_size, data_size
 
 
 def _check_voxel_size(path: Path, sizes_mm: Sequence[float], field_name: str) -> None:
@@ -244,8 +296,18 @@ def _raise_read_error(path: Path, kind: str, exc: Exception) -> None:
         "export it to NIfTI/DICOM.") from exc
 
 
-def read_aim(path: str | Path) -> ScancoVolume:
+#: AimIO's type code of uncompressed 16-bit signed voxels (``D1Tshort``).
+_AIM_SHORT = 0x00020002
+
+
+def read_aim(path: str | Path, *, lazy: bool = False) -> ScancoVolume:
     """Read a Scanco AIM (v010/v020/v030; short, float, char and compressed char types).
+
+    Parameters
+    ----------
+    lazy:
+        For an uncompressed short AIM, read only the header and return the voxels' place in
+        the file (``voxels``, ``array`` None); other types are read whole either way.
 
     Raises
     ------
@@ -253,6 +315,10 @@ def read_aim(path: str | Path) -> ScancoVolume:
         If the file is truncated or not an AIM.
     """
     path = Path(path)
+    if lazy:
+        volume = _read_aim_lazily(path)
+        if volume is not None:
+            return volume
     pa = _aimio()
     log_span = _aim_log_span(path)
     try:
@@ -262,6 +328,39 @@ def read_aim(path: str | Path) -> ScancoVolume:
             array, meta = pa._aimio.read_aim(str(readable))
     except Exception as exc:  # AimIO raises RuntimeError for any I/O or format problem
         _raise_read_error(path, "AIM", exc)
+    return _aim_volume(path, meta, array=array)
+
+
+def _read_aim_lazily(path: Path) -> ScancoVolume | None:
+    """The AIM's header and the place of its voxels; None where only AimIO can read them.
+
+    Taken only when AimIO's header reading and this module's reading of the pre-header agree
+    on where the voxels start, and the data section holds exactly the uncompressed int16
+    voxels of the header's dimensions, all of them in the file (else AimIO reads the file
+    and reports what is wrong).
+    """
+    sections = _aim_sections(path)
+    if sections is None:
+        return None
+    log_start, data_start, data_bytes = sections
+    try:
+        # the header only; a copy of it when its text must be made readable
+        with _readable_copy(path, [(log_start, data_start)], data_start) as readable, \
+                native_stdout_to_log("AimIO"):
+            meta = _aimio()._aimio.aim_info(str(readable))
+    except Exception:  # AimIO's own full read gives the error message
+        return None
+    nx, ny, nz = (int(v) for v in meta.get("dimensions", (0, 0, 0)))
+    if (int(meta.get("aim_type", 0)) != _AIM_SHORT or int(meta.get("byte_offset", -1)) != data_start
+            or min(nx, ny, nz) <= 0 or data_bytes != nx * ny * nz * 2
+            or path.stat().st_size < data_start + data_bytes):
+        return None
+    return _aim_volume(path, meta, voxels=Int16Voxels(path, data_start, (nz, ny, nx)))
+
+
+def _aim_volume(path: Path, meta: dict[str, Any], *, array: np.ndarray | None = None,
+                voxels: Int16Voxels | None = None) -> ScancoVolume:
+    """The :class:`ScancoVolume` of an AIM from AimIO's header fields and its voxels."""
     log = meta.get("processing_log") or ""
     if not isinstance(log, str):
         log = ""
@@ -274,7 +373,7 @@ def read_aim(path: str | Path) -> ScancoVolume:
     position = [int(v) for v in meta.get("position", (0, 0, 0))]
     # float32 in the header: round to 0.1 µm so 0.0607 reads back as 0.0607.
     element_size = [round(s, 7) for s in element_size]
-    kind = "mask" if array.dtype.itemsize == 1 else "grey"
+    kind = "mask" if array is not None and array.dtype.itemsize == 1 else "grey"
     facts: dict[str, Any] = {"aim_version": int(meta.get("version", 0)),
                              "aim_type": hex(int(meta.get("aim_type", 0))),
                              "processing_log": _log_facts(log)}
@@ -285,15 +384,17 @@ def read_aim(path: str | Path) -> ScancoVolume:
         calibration=calibration,
         kind=kind,
         facts=facts,
+        voxels=voxels,
     )
 
 
-def read_isq(path: str | Path) -> ScancoVolume:
+def read_isq(path: str | Path, *, lazy: bool = False) -> ScancoVolume:
     """Read a Scanco ISQ reconstruction (int16 native values).
 
     The header (dimensions, physical size, mu_scaling and, when present, the calibration block
     with mu_water and the density rescale) comes from aimio-py; the voxels are read with numpy
-    from ``(data_offset + 1) * 512`` (see the module notes).
+    from ``(data_offset + 1) * 512`` (see the module notes). ``lazy``: return the voxels'
+    place in the file (``voxels``) instead of reading them (``array`` None).
 
     Raises
     ------
@@ -321,8 +422,7 @@ def read_isq(path: str | Path) -> ScancoVolume:
             f"{path} is truncated: its header announces {nx}x{ny}x{nz} int16 voxels "
             f"({expected} bytes with the header) but the file has {size} bytes. Copy the "
             "file again from the scanner.")
-    array = np.fromfile(path, dtype="<i2", count=nx * ny * nz, offset=data_start)
-    array = array.reshape(nz, ny, nx)
+    voxels = Int16Voxels(path, data_start, (nz, ny, nx))
     dims_um = [float(v) for v in meta["dimensions_um"]]
     spacing_xyz = [um / n / 1000.0 for um, n in zip(dims_um, (nx, ny, nz), strict=True)]
     _check_voxel_size(path, spacing_xyz, "physical size / voxels (x, y, z)")
@@ -336,10 +436,10 @@ def read_isq(path: str | Path) -> ScancoVolume:
     calibration = _calibration(mu_scaling, _finite_or_none(meta.get("mu_water")), density_slope,
                                _finite_or_none(meta.get("rescale_intercept")))
     facts = {k: meta[k] for k in _ISQ_FACT_KEYS if k in meta and meta[k] not in ("", None)}
-    return ScancoVolume(array=array,
+    return ScancoVolume(array=None if lazy else voxels.read(0, nz),
                         spacing_mm=(spacing_xyz[2], spacing_xyz[1], spacing_xyz[0]),
                         origin_mm=(0.0, 0.0, 0.0), calibration=calibration, kind="grey",
-                        facts=facts)
+                        facts=facts, voxels=voxels if lazy else None)
 
 
 _ISQ_NAME_SPAN = (128, 168)  # the 40-byte patient name: free text, often Latin-1

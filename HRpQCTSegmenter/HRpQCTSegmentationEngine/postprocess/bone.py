@@ -392,24 +392,28 @@ def _clean_bone_slice(cort: np.ndarray, trab: np.ndarray, spacing_yx_mm, max_gap
 
 
 def clean_classes(classes: np.ndarray, spacing_mm: tuple[float, float, float],
-                  config: PostprocessConfig, *, workers: int = 2
-                  ) -> tuple[np.ndarray, list[str]]:
+                  config: PostprocessConfig, *, workers: int = 2,
+                  overwrite_input: bool = False) -> tuple[np.ndarray, list[str]]:
     """Apply the clean-up rules to a 5-class label volume ``[z, y, x]``.
 
     Returns the cleaned uint8 label volume (a new array) and a list of warnings for the user.
     Besides the result, memory stays within boolean masks of the leg's bounding box and
-    slab-sized label arrays.
+    slab-sized label arrays. ``overwrite_input``: clean a writable uint8 ``classes`` in place
+    and return it (the same labels, without a second label volume: 0.43 GB for a full scan);
+    other arrays are copied as without it.
     """
     if classes.ndim != 3:
         raise ValueError(f"Expected a 3D label volume, got shape {classes.shape}")
     classes = np.asarray(classes)
-    result = np.zeros(classes.shape, dtype=np.uint8)
+    in_place = overwrite_input and classes.dtype == np.uint8 and classes.flags.writeable
+    result = classes if in_place else np.zeros(classes.shape, dtype=np.uint8)
     # Everything happens inside the bounding box of the labelled voxels (the leg); on a real
     # scan that is about half of the 1600 x 1600 field, so every pass below costs half.
     box = _bbox(classes if classes.dtype.kind in "ub" else classes > 0)
     if box is None:
         return result, ["The segmentation is empty: no leg was found in the scan."]
-    result[box] = classes[box]
+    if not in_place:  # in place, the voxels outside the box are already 0
+        result[box] = classes[box]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         warnings = _clean_in_place(result[box], spacing_mm, config,
                                    pool if workers > 1 else None)
