@@ -49,6 +49,28 @@ def region_dice(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     return out
 
 
+def read_test_case(manifest: Path, row: dict) -> tuple:
+    """A test-set row's scan, 5-class truth and 7-region truth (paths relative to the
+    manifest, as ``make_test_set.py`` writes them)."""
+    scan = read_scan(manifest.parent / row["image"])
+    truth = read_scan(manifest.parent / row["labels"], units="hu").hu.astype(np.uint8)
+    truth_regions = read_scan(manifest.parent / row["regions"], units="hu").hu.astype(np.uint8)
+    return scan, truth, truth_regions
+
+
+def score_raw(scan, truth: np.ndarray, runner, config) -> tuple:
+    """Segment ``scan`` and score the raw network output against the 5-class truth.
+
+    Returns ``(ClassScores, SegmentationResult, seconds)``. The scan's voxel size is passed
+    on, so a scan off the model's training voxel size is resampled to it (at the test sets'
+    0.0607 mm nothing changes).
+    """
+    t0 = time.perf_counter()
+    seg = run_segmentation(scan.hu, runner, config=config, spacing_mm=scan.spacing_mm)
+    seconds = time.perf_counter() - t0
+    return scores_from_labels(truth, seg.labels), seg, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,14 +94,10 @@ def main() -> None:
         tissue = {k: [] for k in variants}
         seconds = []
         for row in rows:
-            scan = read_scan(manifest.parent / row["image"])
-            truth = read_scan(manifest.parent / row["labels"], units="hu").hu.astype(np.uint8)
-            truth_regions = read_scan(manifest.parent / row["regions"],
-                                      units="hu").hu.astype(np.uint8)
-            t0 = time.perf_counter()
-            seg = run_segmentation(scan.hu, runner, config=config)
-            seconds.append(time.perf_counter() - t0)
-            raw_scores.append(scores_from_labels(truth, seg.labels))
+            scan, truth, truth_regions = read_test_case(manifest, row)
+            raw, seg, took = score_raw(scan, truth, runner, config)
+            seconds.append(took)
+            raw_scores.append(raw)
             for key, pp_config in variants.items():
                 result = postprocess(seg.labels, scan.hu, scan.spacing_mm, pp_config)
                 post_scores[key].append(scores_from_labels(truth,

@@ -5,7 +5,8 @@ Usage::
     python -m HRpQCTSegmentationEngine.export_onnx MODEL_FOLDER
 
 loads the folder's weights (after their checksum check), exports the exact folded model
-(:func:`.fast.export_onnx`) at the folder's network input size to ``model.onnx`` and records
+(:func:`.fast.export_onnx`) at the folder's network input size and input channels (three
+for a 2.5D model, ``slice_context`` 1) to ``model.onnx`` and records
 the graph's SHA256 in ``hrpqct_model.json`` (both written atomically). For the bundled model
 the package manifest (``resources/segmentation-artefacts.json``) is updated too: the metadata
 file changed, and the graph becomes an artefact of its own. Needs torch, transformers and

@@ -177,9 +177,10 @@ def export_onnx(model, path: str | Path, input_yx: tuple[int, int] = (800, 800),
                 fold: bool = True, opset: int = ONNX_OPSET) -> Path:
     """Export a SegFormer (folded by default) to an ONNX file with a dynamic batch size.
 
-    The spatial size is fixed to ``input_yx`` (the encoder's attention reshapes depend on it).
-    Needs the ``onnx`` package (``pip install onnx``; part of the ``fast`` extra). The file is
-    written atomically.
+    The spatial size is fixed to ``input_yx`` (the encoder's attention reshapes depend on it),
+    and so are the input channels: the model's own (``config.num_channels``: 3 for a 2.5D
+    model). Needs the ``onnx`` package (``pip install onnx``; part of the ``fast`` extra).
+    The file is written atomically.
     """
     torch = _torch()
     if not onnx_available():
@@ -194,7 +195,8 @@ def export_onnx(model, path: str | Path, input_yx: tuple[int, int] = (800, 800),
     if fold and not isinstance(model, FastSegformer) and hasattr(model, "decode_head"):
         model = FastSegformer(model)
     wrapped = _LogitsOnly(model).eval()
-    example = torch.zeros(1, 1, *input_yx)
+    channels = int(getattr(getattr(model, "config", None), "num_channels", 1))
+    example = torch.zeros(1, channels, *input_yx)
     # atomic_path: a temporary file beside `path`, renamed over it on success (with the
     # user's usual file permissions)
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.inference_mode():
@@ -212,7 +214,7 @@ def export_onnx(model, path: str | Path, input_yx: tuple[int, int] = (800, 800),
 class OnnxSegmenter(OnnxSession):
     """Runs an exported SegFormer with ONNX Runtime on the CPU, returning torch tensors.
 
-    Calling it with a ``[B, 1, H, W]`` float32 array or tensor returns the logits as a torch
+    Calling it with a ``[B, C, H, W]`` float32 array or tensor returns the logits as a torch
     tensor ``[B, K, H/4, W/4]``, so it drops into :func:`.inference.segment_volume`. (The
     torch-free :class:`.onnx_graph.OnnxSession` returns numpy arrays.)
     """

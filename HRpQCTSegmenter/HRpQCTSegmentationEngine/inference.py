@@ -34,7 +34,17 @@ copied and the working memory is that of one slice. The network sees what it was
 on: the same field in mm, the same mm per input pixel. At the model's own voxel size
 (within the tolerance) nothing changes, bit for bit. A folder without the field (older
 models) is not resampled; that, like a resampling, is logged. Slices are not resampled
-along z (the network is 2D).
+along z (a 2.5D model's neighbours are the scan's adjacent slices, whatever its slice
+spacing).
+
+Inter-slice context: a model folder whose ``hrpqct_model.json`` records ``slice_context`` k
+(1: a 2.5D model, input z-1, z, z+1) gets each slice with its k neighbours on each side as
+``2k + 1`` channels, the edge slice repeated at the scan's ends
+(:func:`.preprocessing.neighbour_indices`); a model object says it by its input channels.
+The neighbours are preprocessed like the slice (same crop box, voxel-size resampling
+included) and still batch by batch: a slice preprocessed for one batch is kept for the next
+batch's neighbours only, so memory stays that of a few batches of preprocessed slices and
+the scan is never copied. A 2D model (k = 0) runs exactly the loop it always did.
 """
 
 from __future__ import annotations
@@ -63,8 +73,10 @@ from HRpQCTSegmentationEngine.preprocessing import (
     CropBox,
     PreprocessingConfig,
     crop_box_for_scan,
+    neighbour_indices,
     preprocess_slices,
     preprocess_slices_numpy,
+    slice_context_of_channels,
     torch_available,
     validate_volume,
 )
@@ -163,6 +175,10 @@ class _TorchRunner:
     training_voxel_mm: float | None = None
 
     def __init__(self, model, device, engine: str) -> None:
+        from HRpQCTSegmentationEngine.model import slice_context_of_model
+
+        #: Neighbour slices on each side the model takes (from its input channels).
+        self.slice_context = slice_context_of_model(model)
         self.model = _move(model, device)
         self.device = device
         self.engine = engine
@@ -206,6 +222,9 @@ class _OnnxRunner:
         self.device = None
         self.source = source
         self.backend = "torch" if torch_available() else "numpy"
+        channels = getattr(segmenter, "num_channels", None)
+        #: Neighbour slices on each side the graph takes (from its input channels).
+        self.slice_context = 0 if channels is None else slice_context_of_channels(channels)
 
     def __call__(self, batch):
         logits = self.segmenter.run(batch)
@@ -225,8 +244,9 @@ def prepare_segmenter(model_or_folder: Any, *, config: PreprocessingConfig | Non
                       num_threads: int | None = None):
     """Resolve a model (object or folder) into a runner and its preprocessing settings.
 
-    Returns ``(runner, config)``; ``runner(batch)`` maps ``[B, 1, H, W]`` float32 CPU
-    batches to float32 logits ``[B, K, h, w]`` (on the runner's device). Building it once
+    Returns ``(runner, config)``; ``runner(batch)`` maps ``[B, C, H, W]`` float32 CPU
+    batches to float32 logits ``[B, K, h, w]`` (on the runner's device); ``C`` is
+    ``2 * runner.slice_context + 1`` (1 for a 2D model). Building it once
     and passing it as ``model_or_folder`` to :func:`run_segmentation` avoids repeating the
     set-up for many scans.
 
@@ -256,6 +276,7 @@ def _prepare_folder(folder: Path, config: PreprocessingConfig | None, device: An
     if _wants_onnx(engine, device, fast, metadata.architecture):
         try:
             runner = _folder_onnx_runner(folder, metadata, config, num_threads)
+            _check_runner_context(runner, metadata, folder)
             runner.training_voxel_mm = metadata.training_voxel_mm
             return runner, config
         except ArtefactError:
@@ -269,8 +290,20 @@ def _prepare_folder(folder: Path, config: PreprocessingConfig | None, device: An
             engine = "torch"
     model = load_model(folder, device="cpu")
     runner, config = _prepare_model(model, config, device, fast, engine, num_threads)
+    _check_runner_context(runner, metadata, folder)
     runner.training_voxel_mm = metadata.training_voxel_mm
     return runner, config
+
+
+def _check_runner_context(runner, metadata, folder: Path) -> None:
+    """The network must take the slices the folder's metadata says (its one source)."""
+    if runner.slice_context != metadata.slice_context:
+        raise ArtefactError(
+            f"The network of {folder} takes {2 * runner.slice_context + 1} input channel(s) "
+            f"but its hrpqct_model.json records slice context {metadata.slice_context} "
+            f"({metadata.num_channels} channels). The files come from different models: copy "
+            "the folder again, or re-create its graph with 'python -m "
+            "HRpQCTSegmentationEngine.export_onnx FOLDER'.")
 
 
 def _wants_onnx(engine: str, device: Any, fast: bool, architecture: str) -> bool:
@@ -516,6 +549,60 @@ def model_grid(config: PreprocessingConfig, spacing_mm: Any,
 # ------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------
+def _checked_finite(volume: np.ndarray, z0: int, z1: int) -> np.ndarray:
+    """Slices ``z0 .. z1 - 1``, refused if they hold NaN or infinite values."""
+    slices = volume[z0:z1]
+    if not np.issubdtype(volume.dtype, np.integer) and not np.isfinite(slices).all():
+        raise InvalidScanError(
+            f"Slices {z0}..{z1 - 1} contain NaN or infinite values; the scan is "
+            "damaged or was converted wrongly. Re-export it, or replace the invalid "
+            "voxels (e.g. with -1000 HU) before segmenting.")
+    return slices
+
+
+def _stack(items: list) -> Any:
+    """``np.stack`` or ``torch.stack``, whichever the preprocessing returned."""
+    if isinstance(items[0], np.ndarray):
+        return np.stack(items)
+    import torch
+
+    return torch.stack(items)
+
+
+class _NetworkInputs:
+    """The network's input, batch by batch: each slice alone (2D) or with its neighbours.
+
+    With a slice context k, the slices a batch needs (``z0 - k .. z1 - 1 + k``, clipped to
+    the scan) are preprocessed once each; the 2k the next batch needs as neighbours are kept,
+    the rest dropped, so the working memory is that of two batches of ``batch_size + 2k``
+    preprocessed slices at most, whatever the scan's length.
+    """
+
+    def __init__(self, volume: np.ndarray, box: CropBox, config: PreprocessingConfig,
+                 preprocess: Any, slice_context: int) -> None:
+        self.volume, self.box, self.config = volume, box, config
+        self.preprocess, self.slice_context = preprocess, int(slice_context)
+        self._ready: dict[int, Any] = {}  # z -> preprocessed [H, W] slice
+
+    def batch(self, z0: int, z1: int) -> Any:
+        """``[z1 - z0, 2k + 1, H, W]`` float32 network input of slices ``z0 .. z1 - 1``."""
+        if self.slice_context == 0:  # the 2D loop, exactly as it always was
+            return self.preprocess(_checked_finite(self.volume, z0, z1), self.box, self.config)
+        nz, k = self.volume.shape[0], self.slice_context
+        start = max(z0 - k, 0, max(self._ready, default=-1) + 1)  # not yet preprocessed
+        stop = min(z1 + k, nz)
+        if start < stop:
+            fresh = self.preprocess(_checked_finite(self.volume, start, stop), self.box,
+                                    self.config)
+            for i in range(stop - start):
+                self._ready[start + i] = fresh[i, 0]
+        batch = _stack([_stack([self._ready[int(j)] for j in neighbour_indices(z, nz, k)])
+                        for z in range(z0, z1)])
+        for z in [z for z in self._ready if z < z1 - k]:  # not a neighbour of later slices
+            del self._ready[z]
+        return batch
+
+
 def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
                      config: PreprocessingConfig | None = None, batch_size: int | None = None,
                      device: str | Any = "auto", fast: bool = True, engine: str = "auto",
@@ -556,21 +643,16 @@ def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
     foreground_confidence = np.full(nz, np.nan, dtype=np.float32)
     inside = _inside_scan_mask(box, config.logits_yx, (ny, nx))
     tracker = UncertaintyTracker(uncertainty, nz, inside)  # measures only: labels unchanged
-    check_finite = not np.issubdtype(volume.dtype, np.integer)
     report(progress, 0, nz, PROGRESS_STAGE)
     backend = getattr(runner, "backend", "torch")
     preprocess = preprocess_slices if backend == "torch" else preprocess_slices_numpy
+    inputs = _NetworkInputs(volume, box, config, preprocess,
+                            getattr(runner, "slice_context", 0))
     with _inference_context(backend, num_threads, runner.device):
         for z0 in range(0, nz, batch_size):
             check(cancel)
             z1 = min(z0 + batch_size, nz)
-            slices = volume[z0:z1]
-            if check_finite and not np.isfinite(slices).all():
-                raise InvalidScanError(
-                    f"Slices {z0}..{z1 - 1} contain NaN or infinite values; the scan is "
-                    "damaged or was converted wrongly. Re-export it, or replace the invalid "
-                    "voxels (e.g. with -1000 HU) before segmenting.")
-            pixel_values = preprocess(slices, box, config)
+            pixel_values = inputs.batch(z0, z1)
             logits = runner(pixel_values)
             host_logits = logits if isinstance(logits, np.ndarray) else logits.cpu()
             confidence[z0:z1], foreground_confidence[z0:z1] = _confidences(host_logits, inside)

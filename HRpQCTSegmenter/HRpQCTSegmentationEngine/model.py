@@ -10,8 +10,13 @@ A saved model is a folder with three files:
   :mod:`HRpQCTCore.regions`, the variant, training provenance, and the SHA256 of the
   weights file, which :func:`load_model` checks before reading the weights.
 
-The network has one input channel (HU scaled to [0, 1]) and six outputs
-(:data:`~HRpQCTCore.regions.NETWORK_CLASSES`: background + the paper's five classes).
+The network has six outputs (:data:`~HRpQCTCore.regions.NETWORK_CLASSES`: background + the
+paper's five classes) and ``2 * slice_context + 1`` input channels (HU scaled to [0, 1]): one
+for a 2D model (``slice_context`` 0, the bundled model), three for a 2.5D model that sees each
+slice with its neighbours z-1 and z+1 (``slice_context`` 1). ``hrpqct_model.json`` records
+``slice_context`` and ``num_channels`` (a folder without ``slice_context`` is 2D), and
+:func:`read_model_metadata` checks that they agree; :func:`inflate_input_channels` turns a
+2D model into a 2.5D one with the same output.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import logging
 import math
 import struct
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,12 @@ from HRpQCTCore.artefacts import sha256_file
 from HRpQCTCore.atomic import write_bytes_atomic
 from HRpQCTCore.errors import ArtefactError
 from HRpQCTCore.regions import NETWORK_CLASSES
-from HRpQCTSegmentationEngine.preprocessing import PreprocessingConfig
+from HRpQCTSegmentationEngine.preprocessing import (
+    PreprocessingConfig,
+    channels_for_context,
+    checked_slice_context,
+    slice_context_of_channels,
+)
 
 __all__ = [
     "SegmenterConfig",
@@ -49,6 +59,8 @@ __all__ = [
     "load_pretrained_rgb_checkpoint",
     "find_first_patch_embedding",
     "resolve_device",
+    "slice_context_of_model",
+    "inflate_input_channels",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,7 +96,8 @@ class SegmenterConfig:
 
     The numbers are those of the SegFormer paper (Xie et al. 2021) and transformers'
     ``SegformerConfig``; ``num_channels`` and ``num_labels`` are this project's (one grey
-    channel; the six network classes).
+    channel per slice fed, see :func:`build_model`'s ``slice_context``; the six network
+    classes).
     """
 
     variant: str
@@ -154,8 +167,9 @@ def _variant_name_of(hf_config) -> str:
     return "custom"
 
 
-def build_model(variant: str | SegmenterConfig = "b0", *, seed: int | None = None):
-    """A randomly initialised one-channel, six-class ``SegformerForSemanticSegmentation``.
+def build_model(variant: str | SegmenterConfig = "b0", *, seed: int | None = None,
+                slice_context: int = 0):
+    """A randomly initialised six-class ``SegformerForSemanticSegmentation``.
 
     Parameters
     ----------
@@ -163,13 +177,19 @@ def build_model(variant: str | SegmenterConfig = "b0", *, seed: int | None = Non
         ``"b0"``..``"b5"`` or a :class:`SegmenterConfig`.
     seed:
         Seed for the initialisation (``torch.manual_seed``) when reproducibility matters.
+    slice_context:
+        Neighbour slices fed on each side: 0 (default) builds the one-channel 2D model, 1 a
+        three-channel 2.5D model (z-1, z, z+1).
     """
     import torch
     from transformers import SegformerForSemanticSegmentation
 
     if seed is not None:
         torch.manual_seed(seed)
-    return SegformerForSemanticSegmentation(_variant_config(variant).to_hf_config())
+    config = _variant_config(variant)
+    if slice_context:
+        config = replace(config, num_channels=channels_for_context(slice_context))
+    return SegformerForSemanticSegmentation(config.to_hf_config())
 
 
 def resolve_device(device: str | Any = "auto"):
@@ -205,6 +225,14 @@ class ModelMetadata:
     #: In-plane voxel size (mm) of the training data (``training_voxel_mm``); None for
     #: folders that do not record it (unknown: scans are then not resampled).
     training_voxel_mm: float | None = None
+    #: Neighbour slices fed on each side (``slice_context``): 0 = 2D (folders that do not
+    #: record it), 1 = z-1, z, z+1.
+    slice_context: int = 0
+
+    @property
+    def num_channels(self) -> int:
+        """Input channels of the network: ``2 * slice_context + 1``."""
+        return channels_for_context(self.slice_context)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -259,6 +287,8 @@ def save_model(model, folder: str | Path, extra_metadata: Mapping[str, Any] | No
     folder.mkdir(parents=True, exist_ok=True)
     architecture, config_dict, variant = _architecture_of(model)
     preprocessing = preprocessing or PreprocessingConfig()
+    num_channels = int(config_dict.get("num_channels", 1))
+    slice_context = slice_context_of_channels(num_channels)  # refuses even channel counts
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     _atomic_write_bytes(folder / WEIGHTS_FILE, safetensors_save(state, metadata={"format": "pt"}))
     _atomic_write_bytes(folder / CONFIG_FILE,
@@ -268,7 +298,8 @@ def save_model(model, folder: str | Path, extra_metadata: Mapping[str, Any] | No
         "format_version": METADATA_FORMAT_VERSION,
         "architecture": architecture,
         "variant": variant,
-        "num_channels": int(config_dict.get("num_channels", 1)),
+        "num_channels": num_channels,
+        "slice_context": slice_context,
         "class_keys": [c.key for c in NETWORK_CLASSES],
         "class_names": [c.name for c in NETWORK_CLASSES],
         "preprocessing": preprocessing.to_dict(),
@@ -390,9 +421,12 @@ def read_model_metadata(folder: str | Path) -> ModelMetadata:
             voxel = _checked_voxel_mm(voxel, "training_voxel_mm")
         except ValueError as exc:
             raise ModelFolderError(f"{meta_path}: {exc}") from None
-    reserved = {"architecture", "variant", "preprocessing", "class_keys", "weights_sha256"}
+    slice_context = _checked_metadata_context(raw, meta_path)
+    reserved = {"architecture", "variant", "preprocessing", "class_keys", "weights_sha256",
+                "slice_context"}
     return ModelMetadata(
         training_voxel_mm=voxel,
+        slice_context=slice_context,
         architecture=str(raw.get("architecture", "segformer")),
         variant=str(raw.get("variant", "custom")),
         preprocessing=preprocessing,
@@ -400,6 +434,24 @@ def read_model_metadata(folder: str | Path) -> ModelMetadata:
         weights_sha256=str(raw.get("weights_sha256", "")),
         extra={k: v for k, v in raw.items() if k not in reserved},
     )
+
+
+def _checked_metadata_context(raw: dict, meta_path: Path) -> int:
+    """The metadata's ``slice_context`` (missing: 0, a 2D folder), checked against its
+    ``num_channels``."""
+    try:
+        slice_context = checked_slice_context(raw.get("slice_context", 0))
+    except ValueError as exc:
+        raise ModelFolderError(f"{meta_path}: {exc}. Re-save the model with save_model, or "
+                               "copy the folder again.") from None
+    channels = raw.get("num_channels", channels_for_context(slice_context))
+    if isinstance(channels, bool) or channels != channels_for_context(slice_context):
+        raise ModelFolderError(
+            f"{meta_path} records num_channels {channels!r} but slice_context "
+            f"{slice_context} (which needs {channels_for_context(slice_context)} input "
+            "channels: the slice and its neighbours on each side). The file was edited or "
+            "comes from another model; copy the folder again.")
+    return slice_context
 
 
 def _model_from_config_json(folder: Path, architecture: str):
@@ -518,6 +570,12 @@ def load_model(folder: str | Path, device: str | Any = "cpu"):
     except (SafetensorError, OSError) as exc:
         raise CorruptModelError(f"Cannot read {weights}: {exc}. Copy the folder again.") from None
     state = _match_key_names(state, set(model.state_dict()))
+    if int(model.config.num_channels) != metadata.num_channels:
+        raise ModelFolderError(
+            f"{folder / CONFIG_FILE} describes a {model.config.num_channels}-channel network "
+            f"but {METADATA_FILE} a slice context of {metadata.slice_context} "
+            f"({metadata.num_channels} channels). The files come from different models; copy "
+            "the complete folder again.")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -650,3 +708,93 @@ def load_pretrained_rgb_checkpoint(folder: str | Path):
              name, folder, source_config.num_labels, len(NETWORK_CLASSES))
     model.train()
     return model
+
+
+# ------------------------------------------------------------------------------------------
+# Inter-slice context (2.5D)
+# ------------------------------------------------------------------------------------------
+def slice_context_of_model(model) -> int:
+    """Neighbour slices on each side a model object takes, from its input channel count.
+
+    Works for a SegFormer, the U-Net and a :class:`~.fast.FastSegformer` (all carry a
+    ``config`` with ``num_channels``); 0 for anything without one (a 2D callable).
+    """
+    config = getattr(model, "config", None)
+    return slice_context_of_channels(int(getattr(config, "num_channels", 1)))
+
+
+def _with_channels(model, num_channels: int):
+    """A fresh model of ``model``'s architecture taking ``num_channels`` input channels."""
+    import copy
+
+    from HRpQCTSegmentationEngine.unet import UNet
+
+    if isinstance(model, UNet):
+        return UNet(replace(model.config, num_channels=num_channels))
+    if getattr(getattr(model, "config", None), "model_type", None) != "segformer":
+        raise TypeError(f"Expected a SegFormer or UNet model, got {type(model)!r}")
+    from transformers import SegformerForSemanticSegmentation
+
+    config = copy.deepcopy(model.config)
+    config.num_channels = num_channels
+    return SegformerForSemanticSegmentation(config)
+
+
+def inflate_input_channels(model, slice_context: int):
+    """A copy of a model that takes more neighbour slices, with exactly the same output.
+
+    The first patch embedding (the only kernel that sees the input) gets
+    ``2 * slice_context + 1`` input channels: the model's own kernel in the centre channels
+    and zeros in the new outer ones, so on any input the new model's logits are the old
+    model's on the centre slice(s) (zero weights add nothing); training then learns what the
+    neighbours add. Every other weight is copied. Used for ``--init-from`` a 2D model with
+    ``--slice-context 1``.
+
+    Parameters
+    ----------
+    model:
+        A SegFormer (or the project's U-Net); not modified.
+    slice_context:
+        The new context, at least the model's own.
+
+    Returns
+    -------
+    torch.nn.Module
+        The inflated model (the same model when the context is already ``slice_context``),
+        in the training mode of ``model``, on the CPU.
+
+    Raises
+    ------
+    ValueError
+        If ``slice_context`` is smaller than the model's (neighbours cannot be dropped
+        without changing what the network computes).
+    """
+    import torch
+
+    new_context, old_context = checked_slice_context(slice_context), slice_context_of_model(model)
+    if new_context == old_context:
+        return model
+    if new_context < old_context:
+        raise ValueError(
+            f"The model takes {old_context} neighbour slice(s) on each side; it cannot be "
+            f"turned into one with {new_context} (2D from 2.5D would drop trained input "
+            f"weights). Train with slice context {old_context}, or from a 2D model.")
+    old_channels, new_channels = (channels_for_context(old_context),
+                                  channels_for_context(new_context))
+    inflated = _with_channels(model, new_channels)
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    target = inflated.state_dict()
+    differing = [k for k in state if tuple(state[k].shape) != tuple(target[k].shape)]
+    if len(differing) != 1 or state[differing[0]].ndim != 4 \
+            or state[differing[0]].shape[1] != old_channels:
+        raise ModelFolderError(
+            f"Expected exactly one input kernel to inflate, found {', '.join(differing) or 'none'}")
+    key = differing[0]
+    kernel = torch.zeros(target[key].shape, dtype=state[key].dtype)
+    first = new_context - old_context  # the old channels sit in the middle
+    kernel[:, first:first + old_channels] = state[key]
+    state[key] = kernel
+    inflated.load_state_dict(state, strict=True)
+    log.info("Inflated %s from %d to %d input channels (neighbour channels zero)", key,
+             old_channels, new_channels)
+    return inflated.train(model.training)

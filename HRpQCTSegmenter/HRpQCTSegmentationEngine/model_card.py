@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["MODEL_CARD_FILE", "identity_for_qc", "is_bundled_weights", "lineage_metadata",
-           "model_identity",
+           "model_identity", "slice_context_text",
            "write_model_card"]
 
 MODEL_CARD_FILE = "MODEL_CARD.md"
@@ -59,7 +59,21 @@ def model_identity(folder: str | Path) -> dict[str, Any]:
         "parent": parent,
         "synthetic_caveat": _synthetic_caveat(meta.extra, meta.weights_sha256),
         "saved_utc": meta.extra.get("saved_utc"),
+        "slice_context": meta.slice_context,
+        "num_channels": meta.num_channels,
+        "input": slice_context_text(meta.slice_context),
     }
+
+
+def slice_context_text(slice_context: int) -> str:
+    """What the network sees per slice, in words (``hrpqct info --model``, the card)."""
+    if not slice_context:
+        return "one slice (2D, slice context 0)"
+    k = int(slice_context)
+    neighbours = "z-1, z, z+1" if k == 1 else f"z-{k} .. z+{k}"
+    return (f"each slice with {k} neighbour slice(s) on each side ({neighbours}: "
+            f"{2 * k + 1} channels, 2.5D, slice context {k}; the edge slice repeated at the "
+            "scan's ends)")
 
 
 def lineage_metadata(output_dir: str | Path, provenance: dict) -> dict[str, Any]:
@@ -119,6 +133,8 @@ def model_card_text(metadata: dict) -> str:
         f"({training.get('n_subjects', '?')} subjects, {training.get('n_train_slices', '?')} "
         f"training slices) from `{manifest}` (SHA256 `{training.get('manifest_sha256')}`)",
         f"- annotated slices: {training.get('annotated_slices') or 'every slice'}",
+        f"- network input: {slice_context_text(metadata.get('slice_context', 0))}"
+        + (f"; {training['slice_context_init']}" if training.get("slice_context_init") else ""),
         f"- {_voxel_line(metadata.get('training_voxel_mm'))}",
         f"- steps: best at step {best.get('step', '?')} of {training.get('steps_run', '?')} "
         f"run ({config.get('epochs', 0) * config.get('steps_per_epoch', 0)} planned), batch "

@@ -77,7 +77,10 @@ def onnxruntime_available() -> bool:
 
 
 class OnnxSession:
-    """An ONNX Runtime session on the CPU: ``[B, 1, H, W]`` float32 in, numpy logits out.
+    """An ONNX Runtime session on the CPU: ``[B, C, H, W]`` float32 in, numpy logits out.
+
+    ``C`` is the graph's input channels (:attr:`num_channels`: 1 for a 2D model, 3 for a
+    2.5D one taking z-1, z, z+1).
 
     Parameters
     ----------
@@ -112,6 +115,9 @@ class OnnxSession:
         shape = self.session.get_inputs()[0].shape
         self.input_yx = tuple(int(s) for s in shape[-2:]) if all(
             isinstance(s, int) for s in shape[-2:]) else None
+        #: Input channels of the graph (None if the graph leaves them open).
+        self.num_channels = int(shape[1]) if len(shape) == 4 and isinstance(shape[1], int) \
+            else None
 
     def run(self, pixel_values: Any) -> np.ndarray:
         """Logits ``[B, K, H/4, W/4]`` (float32 numpy) of a numpy array or CPU tensor."""

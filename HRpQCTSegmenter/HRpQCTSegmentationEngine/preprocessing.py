@@ -19,6 +19,12 @@ Inverse (logits -> labels in the scan's own grid), :func:`logits_to_labels`: the
 logits are upsampled bilinearly (``align_corners=False``, as transformers' SegFormer loss and
 the project's training loss do) to the crop size, the arg-max is taken, and the crop is written
 back into a label slice of the original shape; voxels outside the crop are background.
+
+Inter-slice context (2.5D): a model may take each slice with its ``slice_context``
+neighbours on each side as ``2 * slice_context + 1`` input channels (z-1, z, z+1 for a
+context of 1; the centre slice in the middle channel). At the scan's first and last slices
+the edge slice is repeated (:func:`neighbour_indices`). Each channel is preprocessed exactly
+as a 2D input (same crop box, clipping, scaling and resize). A context of 0 is the 2D model.
 """
 
 from __future__ import annotations
@@ -46,7 +52,15 @@ __all__ = [
     "preprocess_slices_numpy",
     "logits_to_labels_numpy",
     "torch_available",
+    "MAX_SLICE_CONTEXT",
+    "checked_slice_context",
+    "channels_for_context",
+    "slice_context_of_channels",
+    "neighbour_indices",
 ]
+
+#: Largest inter-slice context a model may have (neighbours on each side; 4: 9 channels).
+MAX_SLICE_CONTEXT = 4
 
 
 @dataclass(frozen=True)
@@ -160,6 +174,55 @@ class CropBox:
         sy1, sx1 = max(sy1, sy0), max(sx1, sx0)
         return (slice(sy0, sy1), slice(sx0, sx1),
                 slice(sy0 - self.y0, sy1 - self.y0), slice(sx0 - self.x0, sx1 - self.x0))
+
+
+def checked_slice_context(value: Any, name: str = "slice_context") -> int:
+    """``value`` as a slice context (neighbour slices on each side, 0 .. MAX_SLICE_CONTEXT).
+
+    Raises
+    ------
+    ValueError
+        For anything but a whole number in that range (booleans and floats included).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 0 <= int(value) <= MAX_SLICE_CONTEXT:
+        raise ValueError(
+            f"{name} must be the number of neighbour slices on each side, a whole number "
+            f"from 0 (2D: one slice) to {MAX_SLICE_CONTEXT} (1: z-1, z, z+1), got {value!r}")
+    return int(value)
+
+
+def channels_for_context(slice_context: int) -> int:
+    """Input channels of a model with ``slice_context`` neighbours on each side: 2k + 1."""
+    return 2 * checked_slice_context(slice_context) + 1
+
+
+def slice_context_of_channels(num_channels: int) -> int:
+    """The slice context of a model with ``num_channels`` input channels (1 -> 0, 3 -> 1).
+
+    Raises
+    ------
+    ValueError
+        For an even or out-of-range channel count (no centre slice).
+    """
+    channels = int(num_channels)
+    if channels < 1 or channels % 2 == 0 or (channels - 1) // 2 > MAX_SLICE_CONTEXT:
+        raise ValueError(
+            f"A segmenter takes an odd number of slices (the slice and as many neighbours "
+            f"on each side, 1 .. {2 * MAX_SLICE_CONTEXT + 1} channels), not {num_channels}")
+    return (channels - 1) // 2
+
+
+def neighbour_indices(z: int, n_slices: int, slice_context: int) -> np.ndarray:
+    """Slices fed for slice ``z``: ``z - k .. z + k``, the edge slice repeated at the ends.
+
+    >>> neighbour_indices(0, 5, 1).tolist(), neighbour_indices(4, 5, 1).tolist()
+    ([0, 0, 1], [3, 4, 4])
+    """
+    if not 0 <= z < n_slices:
+        raise IndexError(f"slice {z} is outside a scan of {n_slices} slices")
+    k = checked_slice_context(slice_context)
+    return np.clip(np.arange(z - k, z + k + 1), 0, n_slices - 1)
 
 
 def validate_volume(hu_volume: Any) -> np.ndarray:

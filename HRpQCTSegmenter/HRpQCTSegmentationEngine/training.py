@@ -28,6 +28,15 @@ stops early when validation stops improving. Partial labels: a manifest's ``slic
 ("3,7,10-12") names the slices a user corrected; only those are read, so the others never
 reach the loss; pixels labelled :data:`.losses.IGNORE_INDEX` (255) are left out of the loss
 as well.
+
+Inter-slice context (2.5D, ``slice_context`` 1): each training slice is stored with its
+neighbours z-1 and z+1 from the same scan (the edge slice repeated at the scan's ends) as
+three channels; only the centre slice needs labels (the neighbours' are never read). A patch
+gets one rotation, flip, crop and intensity change for all its channels, and noise of one SD
+drawn independently per channel (neighbouring slices of a scan have independent noise).
+Fine-tuning a 2D model folder into a 2.5D model inflates its first patch embedding
+(:func:`.model.inflate_input_channels`: neighbour channels zero, so training starts from the
+2D model's exact output) and keeps that kernel trainable even when the first stage is frozen.
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ __all__ = [
     "load_slices",
     "train_segmenter",
     "fit",
+    "resolve_slice_context",
 ]
 
 
@@ -105,6 +115,9 @@ class TrainingConfig:
     # Fine-tuning controls; their defaults change nothing for training from scratch.
     freeze_stages: int = 0  # SegFormer encoder stages (patch embedding + blocks) not trained
     early_stop_patience: int = 0  # validations without improvement before stopping; 0: never
+    #: Neighbour slices fed on each side (0: 2D, 1: z-1, z, z+1). None: the ``init_from``
+    #: model folder's own, else 0.
+    slice_context: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -270,9 +283,14 @@ def _subset(data: SliceDataset, idx: list[int]) -> SliceDataset:
 
 @dataclass
 class SliceDataset:
-    """Preprocessed slices in memory: images float16 in [0, 1], labels uint8, same size."""
+    """Preprocessed slices in memory: images float16 in [0, 1], labels uint8, same size.
 
-    images: np.ndarray  # [N, H, W] float16
+    2D: ``images`` is ``[N, H, W]``. With inter-slice context ``k`` it is
+    ``[N, 2k + 1, H, W]``: each slice with its neighbours (centre channel ``k``); the labels
+    are the centre slice's.
+    """
+
+    images: np.ndarray  # [N, H, W] or [N, C, H, W] float16
     labels: np.ndarray  # [N, H, W] uint8
     subjects: list[str]
     #: In-plane voxel size (mm) of each slice's scan (empty when not known).
@@ -280,6 +298,13 @@ class SliceDataset:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def slice_context(self) -> int:
+        """Neighbour slices on each side stored with each slice (0: 2D)."""
+        from HRpQCTSegmentationEngine.preprocessing import slice_context_of_channels
+
+        return 0 if self.images.ndim == 3 else slice_context_of_channels(self.images.shape[1])
 
 
 def _slice_indices(n_slices: int, wanted: int) -> np.ndarray:
@@ -332,11 +357,14 @@ def _case_slices(case: TrainingCase, n_slices: int, slices_per_scan: int) -> np.
 
 def load_slices(cases: Sequence[TrainingCase], preprocessing, slices_per_scan: int,
                 progress: ProgressCallback | None = None,
-                cancel: CancelToken | None = None) -> SliceDataset:
+                cancel: CancelToken | None = None, slice_context: int = 0) -> SliceDataset:
     """Read cases and preprocess ``slices_per_scan`` evenly spaced slices of each.
 
     Labels are brought to the model's input grid with the same crop and nearest-neighbour
-    resampling, so a label pixel sits exactly under the image pixel it annotates.
+    resampling, so a label pixel sits exactly under the image pixel it annotates. With
+    ``slice_context`` k > 0 each slice comes with its k neighbours on each side from the
+    same scan (:func:`.preprocessing.neighbour_indices`: the edge slice repeated at the
+    ends), preprocessed with the same crop box; only the centre slice's labels are read.
     """
     from HRpQCTCore.io import read_scan
     from HRpQCTSegmentationEngine import preprocessing as pp
@@ -347,13 +375,45 @@ def load_slices(cases: Sequence[TrainingCase], preprocessing, slices_per_scan: i
         scan = read_scan(case.image_path)
         lab = _read_training_labels(case, scan.hu.shape)
         box = pp.crop_box_for_scan(scan.hu, preprocessing)
+        stacker = _NeighbourStack(scan.hu, box, preprocessing, slice_context)
         for z in _case_slices(case, scan.n_slices, slices_per_scan):
-            images.append(pp.preprocess_slice(scan.hu[z], box, preprocessing).astype(np.float16))
+            images.append(stacker.image(int(z)))
             labels.append(pp.labels_to_model_grid(lab[z].astype(np.uint8), box, preprocessing))
             subjects.append(case.subject)
             voxels.append(float(np.mean(scan.spacing_mm[1:])))
         report(progress, i + 1, len(cases), "loading training scans")
     return SliceDataset(np.stack(images), np.stack(labels), subjects, voxels)
+
+
+class _NeighbourStack:
+    """Preprocessed slices of one scan, alone (2D) or with their neighbours as channels.
+
+    Each slice is preprocessed once and reused by the neighbouring training slices.
+    """
+
+    def __init__(self, hu: np.ndarray, box, preprocessing, slice_context: int) -> None:
+        from HRpQCTSegmentationEngine.preprocessing import checked_slice_context
+
+        self.hu, self.box, self.preprocessing = hu, box, preprocessing
+        self.slice_context = checked_slice_context(slice_context)
+        self._done: dict[int, np.ndarray] = {}
+
+    def _slice(self, z: int) -> np.ndarray:
+        from HRpQCTSegmentationEngine.preprocessing import preprocess_slice
+
+        if z not in self._done:
+            self._done[z] = preprocess_slice(self.hu[z], self.box,
+                                             self.preprocessing).astype(np.float16)
+        return self._done[z]
+
+    def image(self, z: int) -> np.ndarray:
+        """``[H, W]`` (2D) or ``[2k + 1, H, W]`` float16 network input of slice ``z``."""
+        from HRpQCTSegmentationEngine.preprocessing import neighbour_indices
+
+        if self.slice_context == 0:
+            return self._slice(z)
+        return np.stack([self._slice(int(n)) for n in
+                         neighbour_indices(z, self.hu.shape[0], self.slice_context)])
 
 
 def training_voxel_mm(*datasets: SliceDataset) -> float | None:
@@ -376,16 +436,25 @@ def training_voxel_mm(*datasets: SliceDataset) -> float | None:
 # --------------------------------------------------------------------------------------
 # Batches with augmentation
 # --------------------------------------------------------------------------------------
+def _as_batch(images: np.ndarray):
+    """Stored slices ``[B, H, W]`` (2D) or ``[B, C, H, W]`` as a float32 ``[B, C, H, W]``
+    torch tensor."""
+    import torch
+
+    batch = torch.from_numpy(images.astype(np.float32))
+    return batch.unsqueeze(1) if batch.ndim == 3 else batch
+
+
 def _sample_batch(data: SliceDataset, config: TrainingConfig, rng: np.random.Generator):
     """Draw ``batch_size`` augmented patches: returns torch tensors (images, labels)."""
     import torch
     import torch.nn.functional as F
 
     aug = config.augmentation
-    n, h, w = data.images.shape
+    n, h, w = data.labels.shape
     crop = config.crop_px
     idx = rng.integers(0, n, size=config.batch_size)
-    images = torch.from_numpy(data.images[idx].astype(np.float32)).unsqueeze(1)
+    images = _as_batch(data.images[idx])  # [B, C, H, W]: one geometry for all channels
     labels = torch.from_numpy(data.labels[idx]).unsqueeze(1).float()
 
     thetas = []
@@ -434,29 +503,90 @@ def _sample_batch(data: SliceDataset, config: TrainingConfig, rng: np.random.Gen
 # --------------------------------------------------------------------------------------
 # Model, optimiser, schedule
 # --------------------------------------------------------------------------------------
+def resolve_slice_context(config: TrainingConfig, init_from: str | Path | None
+                          ) -> TrainingConfig:
+    """``config`` with its ``slice_context`` decided: as given, else the ``init_from``
+    model folder's (fine-tuning keeps a 2.5D model 2.5D), else 0 (2D).
+
+    Raises
+    ------
+    HRpQCTError
+        For a context that is not a whole number 0 .. MAX_SLICE_CONTEXT.
+    """
+    from HRpQCTSegmentationEngine.preprocessing import checked_slice_context
+
+    context = config.slice_context
+    if context is None:
+        if not is_model_folder(init_from):
+            return replace(config, slice_context=0)
+        from HRpQCTSegmentationEngine.model import read_model_metadata
+
+        return replace(config, slice_context=read_model_metadata(init_from).slice_context)
+    try:
+        return replace(config, slice_context=checked_slice_context(context))
+    except ValueError as exc:
+        raise HRpQCTError(f"Training setting {exc}") from None
+
+
 def _build(config: TrainingConfig, init_from: str | Path | None):
+    """The model to train and, when its input was inflated, a note saying from what."""
     from HRpQCTSegmentationEngine import model as model_lib
+    from HRpQCTSegmentationEngine.preprocessing import channels_for_context
     from HRpQCTSegmentationEngine.unet import UNet, UNetConfig
 
+    context = int(config.slice_context or 0)
     if is_model_folder(init_from):  # fine-tuning: the folder's architecture, checksum checked
         model = model_lib.load_model(init_from, device="cpu")
         model.train()
-        return model
+        return _inflated(model, context, f"the model folder {Path(init_from).name}")
     if config.architecture == "unet":
-        return UNet(UNetConfig())
+        return UNet(UNetConfig(num_channels=channels_for_context(context))), None
     if config.architecture != "segformer":
         raise HRpQCTError(f"Unknown architecture {config.architecture!r}: segformer or unet")
     if init_from is not None:
-        return model_lib.load_pretrained_rgb_checkpoint(init_from)
-    return model_lib.build_model(config.variant)
+        model = model_lib.load_pretrained_rgb_checkpoint(init_from)
+        return _inflated(model, context, f"the grey-averaged checkpoint {Path(init_from).name}")
+    return model_lib.build_model(config.variant, slice_context=context), None
 
 
-def freeze_encoder_stages(model, n_stages: int) -> list[str]:
+def _refuse_fewer_neighbours(own: int, wanted: int, source: str) -> None:
+    """A model cannot lose input channels (2.5D -> 2D): its trained kernels need them."""
+    if wanted < own:
+        raise HRpQCTError(
+            f"{source[0].upper()}{source[1:]} is a 2.5D model (slice context {own}: "
+            f"{2 * own + 1} slices per input); it cannot be fine-tuned into a model with slice "
+            f"context {wanted}. Keep --slice-context {own} (the default when fine-tuning), or "
+            "start from a 2D model.")
+
+
+def _inflated(model, slice_context: int, source: str):
+    """``model`` inflated to ``slice_context`` (:func:`.model.inflate_input_channels`) and
+    a provenance note; refuses to drop neighbours with a message saying what to do."""
+    from HRpQCTSegmentationEngine.model import inflate_input_channels, slice_context_of_model
+
+    own = slice_context_of_model(model)
+    if own == slice_context:
+        return model, None
+    _refuse_fewer_neighbours(own, slice_context, source)
+    inflated = inflate_input_channels(model, slice_context)
+    note = (f"first patch embedding inflated from {2 * own + 1} to {2 * slice_context + 1} "
+            f"input channels from {source}: its kernel in the centre channel(s), zeros for "
+            "the new neighbour channels, so training started from its exact output")
+    return inflated, note
+
+
+#: The first patch embedding's input convolution (transformers 4.x and 5.x names).
+_INPUT_KERNEL = r"(?:encoder\.patch_embeddings\.0\.|stages\.0\.patch_embeddings\.)proj\."
+
+
+def freeze_encoder_stages(model, n_stages: int, train_input_kernel: bool = False) -> list[str]:
     """Stop training the first ``n_stages`` SegFormer encoder stages; returns what still trains.
 
     A stage is its patch embedding, its transformer blocks and its layer norm. Parameter names
     differ between transformers 4.x (``encoder.block.0``) and 5.x (``stages.0.blocks``), so
     both spellings are matched. The U-Net has no stages; nothing is frozen there.
+    ``train_input_kernel`` keeps the first patch embedding's convolution trainable (an
+    inflated 2.5D input: frozen, its zero neighbour channels would never learn anything).
     """
     import re
 
@@ -466,6 +596,8 @@ def freeze_encoder_stages(model, n_stages: int) -> list[str]:
             r"|stages\.(\d+)\.)")
         for name, param in model.named_parameters():
             hit = pattern.search(name)
+            if train_input_kernel and re.search(_INPUT_KERNEL, name):
+                continue
             if hit and int(hit.group(1) or hit.group(2)) < n_stages:
                 param.requires_grad_(False)
     return trained_parts(model)
@@ -476,14 +608,19 @@ def trained_parts(model) -> list[str]:
     stages 1-3``, for the model card (coarse on purpose: a list of 200 names says nothing)."""
     import re
 
+    stage = re.compile(r"(?:encoder\.(?:patch_embeddings|block|layer_norm)\.(\d+)\."
+                       r"|stages\.(\d+)\.)")
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    # a stage of which only the input convolution trains (an inflated 2.5D input) says so
+    whole_stages = {int(hit.group(1) or hit.group(2)) for name in trainable
+                    if (hit := stage.search(name)) and not re.search(_INPUT_KERNEL, name)}
     parts: dict[str, None] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        hit = re.search(r"(?:encoder\.(?:patch_embeddings|block|layer_norm)\.(\d+)\."
-                        r"|stages\.(\d+)\.)", name)
+    for name in trainable:
+        hit = stage.search(name)
         if hit:
-            parts[f"encoder stage {int(hit.group(1) or hit.group(2)) + 1}"] = None
+            index = int(hit.group(1) or hit.group(2))
+            label = f"encoder stage {index + 1}"
+            parts[label if index in whole_stages else f"{label} input kernel"] = None
         else:
             parts[name.split(".")[0] if "decode_head" not in name else "decode head"] = None
     return list(parts)
@@ -544,7 +681,7 @@ def _validate(model, data: SliceDataset, config: TrainingConfig, device) -> dict
     losses = []
     with torch.inference_mode():
         for i in chosen:
-            x = torch.from_numpy(data.images[i:i + 1].astype(np.float32)).unsqueeze(1).to(device)
+            x = _as_batch(data.images[i:i + 1]).to(device)
             y = torch.from_numpy(data.labels[i:i + 1]).long().to(device)
             logits = _forward_logits(model, x)
             losses.append(float(ce_dice_loss(logits, y)))
@@ -620,6 +757,9 @@ def train_segmenter(
         patch embedding is adapted by averaging the RGB kernels, or a model folder of this
         project (fine-tuning: its weights, checksum verified, and its preprocessing; with
         fewer than three subjects validation holds out slices, see :func:`split_by_slices`).
+        With ``config.slice_context`` larger than the model's own (a 2D model into a 2.5D
+        one) its first patch embedding is inflated (:func:`.model.inflate_input_channels`);
+        a smaller one is refused.
     max_steps:
         Stop after this many optimiser steps in this call (for time-boxed sessions); the
         schedule still spans ``epochs * steps_per_epoch``.
@@ -634,17 +774,24 @@ def train_segmenter(
     """
     from HRpQCTSegmentationEngine import preprocessing as pp
 
-    config = config or TrainingConfig()
+    config = resolve_slice_context(config or TrainingConfig(), init_from)
+    context = config.slice_context
     fine_tuning = is_model_folder(init_from)
-    if fine_tuning and preprocessing is None:  # the parent's preprocessing, not the paper's
+    if fine_tuning:
         from HRpQCTSegmentationEngine.model import read_model_metadata
 
-        preprocessing = read_model_metadata(init_from).preprocessing
+        parent = read_model_metadata(init_from)
+        # refused before any scan is read, not after
+        _refuse_fewer_neighbours(parent.slice_context, context,
+                                 f"the model folder {Path(init_from).name}")
+    if fine_tuning and preprocessing is None:  # the parent's preprocessing, not the paper's
+        preprocessing = parent.preprocessing
     preprocessing = preprocessing or pp.PreprocessingConfig()
     n_subjects = len({c.subject for c in cases})
     if fine_tuning and n_subjects < 3:
         # One or two corrected scans: no subject can be spared for validation.
-        data = load_slices(cases, preprocessing, config.slices_per_scan, progress, cancel)
+        data = load_slices(cases, preprocessing, config.slices_per_scan, progress, cancel,
+                           slice_context=context)
         train_data, val_data = split_by_slices(data, config.validation_fraction, config.seed)
         validation = (f"held-out slices of the same {len(cases)} scan(s) ({len(val_data)} "
                       "slices): optimistic, not an independent subject")
@@ -655,8 +802,9 @@ def train_segmenter(
                  len(train_cases), len({c.subject for c in train_cases}), len(val_cases),
                  len({c.subject for c in val_cases}))
         train_data = load_slices(train_cases, preprocessing, config.slices_per_scan,
-                                 progress, cancel)
-        val_data = load_slices(val_cases, preprocessing, config.slices_per_scan, None, cancel)
+                                 progress, cancel, slice_context=context)
+        val_data = load_slices(val_cases, preprocessing, config.slices_per_scan, None, cancel,
+                               slice_context=context)
         validation = (f"{len({c.subject for c in val_cases})} held-out subject(s) never seen "
                       "in training")
     provenance = {"validation": validation, "n_scans": len(cases),
@@ -695,19 +843,24 @@ def fit(
     from HRpQCTSegmentationEngine import preprocessing as pp
     from HRpQCTSegmentationEngine.losses import ce_dice_loss
 
-    config = config or TrainingConfig()
+    config = resolve_slice_context(config or TrainingConfig(), init_from)
+    _check_data_context(config.slice_context, train_data, val_data)
     preprocessing = preprocessing or pp.PreprocessingConfig()
     output_dir = Path(output_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir / "checkpoints"
     dev = model_lib.resolve_device(device)
     torch.manual_seed(config.seed)
 
-    model = _build(config, init_from).to(dev)
+    model, inflation = _build(config, init_from)
+    model = model.to(dev)
     model.train()
     provenance = dict(provenance or {})
     if provenance.get("training_voxel_mm") is None:
         provenance["training_voxel_mm"] = training_voxel_mm(train_data, val_data)
-    provenance["trained_parts"] = freeze_encoder_stages(model, config.freeze_stages)
+    provenance["trained_parts"] = freeze_encoder_stages(
+        model, config.freeze_stages, train_input_kernel=inflation is not None)
+    if inflation is not None:
+        provenance["slice_context_init"] = inflation
     if is_model_folder(init_from):
         provenance["parent"] = parent_description(init_from)
     optimizer = _optimizer(model, config)
@@ -717,7 +870,7 @@ def fit(
     if resume and last.is_file():
         state = _load_checkpoint(last)
         # from_dict fills settings added since the checkpoint with their defaults
-        if TrainingConfig.from_dict(state["config"]) != config:
+        if resolve_slice_context(TrainingConfig.from_dict(state["config"]), init_from) != config:
             raise HRpQCTError(
                 f"Checkpoint {last} was written with other training settings; resume with the "
                 "same settings or start a new checkpoint folder.")
@@ -787,6 +940,16 @@ def fit(
     return {"step": step, "total_steps": total_steps, "history": history, "best": best,
             "finished": step >= total_steps or stopped_early, "stopped_early": stopped_early,
             "validation_before": provenance.get("validation_before")}
+
+
+def _check_data_context(slice_context: int, *datasets: SliceDataset) -> None:
+    """Refuse slices stored with another number of neighbours than the model takes."""
+    for data in datasets:
+        if data.slice_context != slice_context:
+            raise HRpQCTError(
+                f"The training slices carry slice context {data.slice_context} but the model "
+                f"is trained with slice context {slice_context}; load them with "
+                f"load_slices(..., slice_context={slice_context}).")
 
 
 def _finish_metadata(output_dir: Path, step: int, history: list[dict],

@@ -103,7 +103,9 @@ def logit_signals(logits: Any, inside: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def flip_input(pixel_values: Any) -> Any:
-    """Mirror a network input ``[B, 1, H, W]`` left-right, about the pixel grid's origin.
+    """Mirror a network input ``[B, C, H, W]`` left-right, about the pixel grid's origin.
+
+    Every channel (a 2.5D input's neighbour slices too) is mirrored the same way.
 
     ``x'[i] = x[(W - i) mod W]`` rather than ``x[W - 1 - i]``: with the network's stride-4
     output grid (centres at input columns 0, 4, 8, ...) this maps output columns onto output

@@ -74,6 +74,7 @@ def _print_model(model: dict) -> None:
           f"{model['folder']}")
     print(f"  weights sha256 {model['weights_sha256']} "
           f"{'ok' if model['checksum_ok'] else 'CHECKSUM MISMATCH'}")
+    print(f"  input: {model['input']}")
     parent = model.get("parent") or {}
     if parent:
         print(f"  fine-tuned from {parent.get('name')} (sha256 {parent.get('weights_sha256')})")
@@ -120,5 +121,6 @@ def register(subparsers) -> None:
                     "their checksum status. Exit code 6 if an artefact fails its checksum.")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--model", metavar="FOLDER",
-                   help="also show a model folder's name, weights checksum and parent")
+                   help="also show a model folder's name, weights checksum, parent and "
+                        "slice context (2D or 2.5D input)")
     p.set_defaults(func=run)

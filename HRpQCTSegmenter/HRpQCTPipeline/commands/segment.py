@@ -204,12 +204,12 @@ def run_train(args: argparse.Namespace) -> int:
         parent = read_model_metadata(init_from)
         config = fine_tune_config(architecture=parent.architecture,
                                   variant=parent.variant if parent.architecture == "segformer"
-                                  else "b0")
+                                  else "b0", slice_context=parent.slice_context)
         extra = {"manifest": str(args.manifest), "manifest_sha256": sha256_file(args.manifest)}
     overrides = {k: getattr(args, k) for k in (
         "architecture", "variant", "crop_px", "batch_size", "epochs", "steps_per_epoch",
         "learning_rate", "slices_per_scan", "seed", "validation_fraction", "freeze_stages",
-        "early_stop_patience", "warmup_steps")
+        "early_stop_patience", "warmup_steps", "slice_context")
         if getattr(args, k, None) is not None}
     config = replace(config, **overrides)
     out = Path(args.out)
@@ -355,10 +355,18 @@ def register(subparsers) -> None:
             "first encoder stage frozen, early stop); with fewer than three subjects it "
             "validates on held-out slices of the same scans. The new folder gets a model "
             "card naming its parent.\n\n"
+            "2.5D: --slice-context 1 feeds each slice with its neighbours z-1 and z+1 (the "
+            "edge slice repeated at the scan's ends) as three input channels; the model "
+            "folder records it, and segmenting with it feeds the neighbours by itself. With "
+            "--init-from a 2D model the first patch embedding is inflated (neighbour "
+            "channels start at zero, so training starts from the 2D model's exact output); "
+            "fine-tuning a 2.5D model keeps its slice context.\n\n"
             "examples:\n"
             "  hrpqct train-segmenter --manifest cohort/manifest.csv --out my_model\n"
             "  hrpqct train-segmenter --manifest corrected.csv --out my_model --init-from "
             "bundled\n"
+            "  hrpqct train-segmenter --manifest corrected.csv --out my_25d --init-from "
+            "bundled --slice-context 1\n"
             "  hrpqct train-segmenter --manifest mine.csv --out m --checkpoint-dir /scratch/ck "
             "--resume --max-steps 500"))
     p.add_argument("--manifest", required=True, help="CSV of training scans")
@@ -370,6 +378,9 @@ def register(subparsers) -> None:
     p.add_argument("--init-from", metavar="FOLDER",
                    help="fine-tune a model folder ('bundled': the bundled model), or start "
                         "from a 3-channel pretrained SegFormer folder (HF format)")
+    p.add_argument("--slice-context", type=int, metavar="K",
+                   help="neighbour slices fed on each side: 0 = 2D, 1 = z-1, z, z+1 (2.5D); "
+                        "default: the --init-from model folder's, else 0")
     p.add_argument("--freeze-stages", type=int,
                    help="SegFormer encoder stages not trained (fine-tuning default 1)")
     p.add_argument("--early-stop-patience", type=int,
