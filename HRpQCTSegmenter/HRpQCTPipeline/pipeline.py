@@ -616,6 +616,7 @@ def _segment(ctx: RunContext) -> None:
         "model_identity": identity_for_qc(ctx.model_folder), "device": seg.device,
         "engine": seg.engine, "seconds": seg.seconds,
         "postprocess_preset": settings.postprocess, "warnings": list(result.warnings),
+        "soft_tissue_levels": result.soft_tissue_levels.to_dict(),
         "slice_confidence": [float(v) for v in seg.slice_confidence],
         "slice_foreground_confidence": [None if np.isnan(v) else float(v)
                                         for v in seg.slice_foreground_confidence],

@@ -8,7 +8,7 @@ import pytest
 
 from HRpQCTCore.io import read_scan, write_label_map, write_scan
 from HRpQCTCore.io.segnrrd import read_seg_nrrd
-from HRpQCTCore.regions import REGIONS
+from HRpQCTCore.regions import REGIONS, region_by_name
 from HRpQCTPipeline.cli import main
 
 
@@ -83,6 +83,34 @@ def test_keep_surfaces_switches_the_surface_refinement_off(tmp_path):
     errors = {name: np.count_nonzero((read_scan(path, units="hu").hu > 0) != leg_truth)
               for name, path in outputs.items()}
     assert errors["default"] < errors["kept"] / 3
+
+
+def test_the_soft_tissue_split_follows_the_scan_unless_fixed_on_request(tmp_path):
+    """A scan 150 HU brighter than its scanner's nominal soft tissue: the default split follows
+    the scan's own fat and muscle levels; ``--fixed-soft-tissue-split`` keeps -50 HU."""
+    from HRpQCTPhantom import PhantomParams, generate_phantom
+    from HRpQCTSegmentationEngine.postprocess import DEFAULT, postprocess
+
+    phantom = generate_phantom(PhantomParams().small(400, 2), 6)
+    phantom.scan.hu[...] = phantom.scan.hu + 150
+    scan_path, classes_path = tmp_path / "scan.nii.gz", tmp_path / "classes.nii.gz"
+    write_scan(phantom.scan, scan_path)
+    write_label_map(phantom.classes, phantom.scan, classes_path)
+    outputs = {}
+    for name, extra in (("default", []), ("fixed", ["--fixed-soft-tissue-split"])):
+        outputs[name] = tmp_path / f"{name}.nii.gz"
+        # (the offset air no longer looks like HU, so the units are given)
+        assert main(["postprocess", str(scan_path), str(classes_path), str(outputs[name]),
+                     "--units", "hu", "--progress", "none", *extra]) == 0
+    scan = read_scan(scan_path, units="hu")
+    for name, config in (("default", DEFAULT), ("fixed", DEFAULT.with_fixed_split())):
+        expected = postprocess(phantom.classes, scan.hu, scan.spacing_mm, config).regions
+        np.testing.assert_array_equal(read_scan(outputs[name], units="hu").hu, expected)
+    fat = region_by_name("adipose").label
+    truth = phantom.regions == fat
+    found = {name: read_scan(path, units="hu").hu == fat for name, path in outputs.items()}
+    overlap = {name: 2 * (f & truth).sum() / (f.sum() + truth.sum()) for name, f in found.items()}
+    assert overlap["default"] > 0.85 > overlap["fixed"] + 0.2
 
 
 def test_existing_output_is_never_replaced_without_overwrite(phantom_files, tmp_path, capsys):

@@ -18,7 +18,10 @@ FC, FT = class_by_name("fibular_cortical").label, class_by_name("fibular_trabecu
 SOFT = class_by_name("soft_tissue").label
 SKIN, MYO, FAT = (region_by_name(k).label for k in ("skin", "myotendinous", "adipose"))
 
-RAW = PostprocessConfig(smoothing_window_mm=0.0, seed_growth_mm=0.0)
+# The rules on fixed HU thresholds, as the paper states them (the scan-level split is tested
+# in test_postprocess_soft_tissue_levels.py).
+RAW = PostprocessConfig(smoothing_window_mm=0.0, seed_growth_mm=0.0).with_fixed_split()
+GROWTH = PostprocessConfig(smoothing_window_mm=0.0, seed_growth_mm=0.3).with_fixed_split()
 
 
 def _disk(shape, centre, radius):
@@ -142,7 +145,7 @@ def test_seeds_grow_across_the_split_threshold_by_the_growth_distance():
     hu[0, 95:105, 95:105] = 300.0  # a tendon seed
     no_growth = subdivide_soft_tissue(classes, hu, SPACING, RAW)
     grown = subdivide_soft_tissue(
-        classes, hu, SPACING, PostprocessConfig(smoothing_window_mm=0.0, seed_growth_mm=0.3))
+        classes, hu, SPACING, GROWTH)
     assert no_growth[0, 100, 106] == FAT
     # 0.3 mm = 3 voxels of growth (4-neighbourhood steps) from the seed's edge
     assert (grown[0, 100, 105:108] == MYO).all()
@@ -150,7 +153,7 @@ def test_seeds_grow_across_the_split_threshold_by_the_growth_distance():
     # fat seeds stop tendon growth where they meet: a fat seed right next to the tendon seed
     hu[0, 100, 105] = -400.0
     contested = subdivide_soft_tissue(
-        classes, hu, SPACING, PostprocessConfig(smoothing_window_mm=0.0, seed_growth_mm=0.3))
+        classes, hu, SPACING, GROWTH)
     assert contested[0, 100, 105] == FAT
 
 
@@ -158,7 +161,7 @@ def test_seed_windows_are_closed_intervals():
     classes = np.zeros((1, 100, 100), np.uint8)
     classes[0][_disk((100, 100), (50, 50), 45)] = SOFT
     hu = np.full(classes.shape, 0.0, np.float32)  # no seeds anywhere
-    one_step = PostprocessConfig(smoothing_window_mm=0.0, seed_growth_mm=0.1)
+    one_step = PostprocessConfig(smoothing_window_mm=0.0, seed_growth_mm=0.1).with_fixed_split()
     hu[0, 50, 50], hu[0, 50, 51] = 100.0, -60.0  # seed at the window's edge grows
     hu[0, 40, 50], hu[0, 40, 51] = 600.5, -60.0  # just outside the window: no seed
     hu[0, 60, 50], hu[0, 60, 51] = -200.0, 0.0  # fat seed at the window's edge grows
@@ -176,7 +179,7 @@ def test_smoothing_reduces_speckle_in_noisy_fat():
     inner = _disk((200, 200), (100, 100), 60)
     raw = subdivide_soft_tissue(classes, hu, SPACING, PAPER)
     smooth = subdivide_soft_tissue(classes, hu, SPACING,
-                                   PostprocessConfig(smoothing_window_mm=0.6))
+                                   PostprocessConfig(smoothing_window_mm=0.6).with_fixed_split())
     raw_fat = np.mean(raw[1][inner] == FAT)
     smooth_fat = np.mean(smooth[1][inner] == FAT)
     assert raw_fat < 0.8

@@ -48,16 +48,23 @@ def _postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
     from HRpQCTSegmentationEngine.postprocess import preset
 
     config = preset(args.preset)
-    return config.without_surface_refinement() if args.keep_surfaces else config
+    if args.keep_surfaces:
+        config = config.without_surface_refinement()
+    return config.with_fixed_split() if args.fixed_soft_tissue_split else config
 
 
 def _add_postprocess_options(p: argparse.ArgumentParser) -> None:
-    """``--preset`` and ``--keep-surfaces``, read back by :func:`_postprocess_config`."""
+    """``--preset``, ``--keep-surfaces`` and ``--fixed-soft-tissue-split``, read back by
+    :func:`_postprocess_config`."""
     p.add_argument("--preset", choices=("default", "paper"), default="default",
                    help="post-processing settings (paper: the paper's rules exactly)")
     p.add_argument("--keep-surfaces", action="store_true",
                    help="keep the network's skin and bone surfaces (no refinement to the HU "
                         "edges; the paper preset never refines them)")
+    p.add_argument("--fixed-soft-tissue-split", action="store_true",
+                   help="split myotendinous from adipose tissue at the fixed -50 HU, without "
+                        "the scan's own fat and muscle levels, streak suppression or drift "
+                        "correction (the paper preset always does)")
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -88,12 +95,13 @@ def run_segment(args: argparse.Namespace) -> int:
     seg = run_segmentation(scan.hu, folder, batch_size=args.batch_size, device=args.device,
                            fast=not args.no_fast, engine=args.engine, progress=progress,
                            uncertainty=args.uncertainty, spacing_mm=scan.spacing_mm)
-    labels, warnings = seg.labels, []
+    labels, warnings, levels = seg.labels, [], None
     if not args.classes_only:
         config = _postprocess_config(args)
         result = postprocess(seg.labels, scan.hu, scan.spacing_mm, config,
                              with_rings=bool(args.rings), progress=progress)
         labels, warnings = result.regions, result.warnings
+        levels = result.soft_tissue_levels.to_dict()
         if args.rings:
             write_label_image(result.rings, scan, Path(args.rings))
     write_label_map(labels, scan, output, segments=_segments(args.classes_only))
@@ -104,6 +112,7 @@ def run_segment(args: argparse.Namespace) -> int:
         qc = {"model": str(folder), "model_identity": identity_for_qc(folder),
               "device": seg.device, "engine": seg.engine,
               "seconds": seg.seconds, "warnings": warnings,
+              "soft_tissue_levels": levels,
               "slice_confidence": [float(v) for v in seg.slice_confidence],
               "slice_foreground_confidence": [
                   None if np.isnan(v) else float(v) for v in seg.slice_foreground_confidence],

@@ -19,8 +19,10 @@ from HRpQCTSegmentationEngine.postprocess.config import DEFAULT, PAPER, Postproc
 from HRpQCTSegmentationEngine.postprocess.soft_tissue import (
     _leg_box,
     distance_rings,
+    soft_tissue_levels,
     subdivide_soft_tissue,
 )
+from HRpQCTSegmentationEngine.postprocess.soft_tissue_levels import SoftTissueLevels
 from HRpQCTSegmentationEngine.postprocess.surfaces import refine_surfaces
 
 log = logging.getLogger(__name__)
@@ -45,12 +47,15 @@ class PostprocessResult:
         Soft-tissue distance-ring index volume (see :func:`distance_rings`) or None.
     warnings:
         Messages a reader must see (missing fibula, open cortex, ...).
+    soft_tissue_levels:
+        The scan's fat and muscle levels and the myotendinous/adipose split that was used.
     """
 
     regions: np.ndarray
     classes: np.ndarray | None
     rings: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
+    soft_tissue_levels: SoftTissueLevels | None = None
 
 
 def postprocess(classes: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, float, float],
@@ -109,7 +114,12 @@ def postprocess(classes: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, fl
     refine_surfaces(cleaned, hu, spacing_mm, config, workers=workers, cancel=cancel)
     check(cancel)
     report(progress, 2, 4, "post-processing")
-    box, regions = _soft_tissue_in_leg_box(cleaned, hu, spacing_mm, config, workers, cancel)
+    levels = soft_tissue_levels(cleaned, hu, spacing_mm, config, workers=workers)
+    log.info("%s", levels.describe())
+    if levels.source == "one peak":
+        warnings.append(levels.describe())
+    box, regions = _soft_tissue_in_leg_box(cleaned, hu, spacing_mm, config, levels, workers,
+                                           cancel)
     report(progress, 3, 4, "post-processing")
     rings = None
     if with_rings:
@@ -123,12 +133,12 @@ def postprocess(classes: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, fl
         del inner
     report(progress, 4, 4, "post-processing")
     return PostprocessResult(regions=regions, classes=None if overwrite_input else cleaned,
-                             rings=rings, warnings=warnings)
+                             rings=rings, warnings=warnings, soft_tissue_levels=levels)
 
 
 def _soft_tissue_in_leg_box(cleaned: np.ndarray, hu: np.ndarray,
                             spacing_mm: tuple[float, float, float], config: PostprocessConfig,
-                            workers: int, cancel: CancelToken | None
+                            levels: SoftTissueLevels, workers: int, cancel: CancelToken | None
                             ) -> tuple[tuple[slice, ...] | None, np.ndarray]:
     """:func:`subdivide_soft_tissue` of the leg's box: ``(box, its regions)``.
 
@@ -139,7 +149,7 @@ def _soft_tissue_in_leg_box(cleaned: np.ndarray, hu: np.ndarray,
     """
     box = _leg_box(cleaned)
     if box is None:
-        return None, subdivide_soft_tissue(cleaned, hu, spacing_mm, config, workers=workers,
-                                           cancel=cancel)
-    return box, subdivide_soft_tissue(cleaned[box], hu[box], spacing_mm, config,
+        return None, subdivide_soft_tissue(cleaned, hu, spacing_mm, config, levels=levels,
+                                           workers=workers, cancel=cancel)
+    return box, subdivide_soft_tissue(cleaned[box], hu[box], spacing_mm, config, levels=levels,
                                       workers=workers, cancel=cancel)

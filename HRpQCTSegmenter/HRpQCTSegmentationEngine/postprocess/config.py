@@ -51,9 +51,25 @@ class PostprocessConfig:
         How far seeds grow (competitively, one voxel ring per step) through unassigned soft
         tissue. The paper gives no distance; its preset uses 0.25 mm. With the local HU mean
         the seeds add nothing (growth 0 is best on phantoms, see benchmarks/RESULTS.md), so
-        the default reduces to the skin band plus the -50 HU split of the local mean.
+        the default reduces to the skin band plus the split of the local mean.
     split_hu:
         Voxels not reached by any seed: myotendinous above, adipose at or below (paper: -50).
+        Used as it is with ``split_levels="fixed"``.
+    split_levels:
+        ``"histogram"`` (this project's default): the split lies between the scan's own fat
+        and muscle levels, the peaks of its inner soft tissue's local-mean histogram, at
+        ``split_fraction``; the seed windows move with the levels. A scanner's soft-tissue
+        HU can be offset by 100 HU or more (its calibration is for bone), which a fixed split
+        turns into wholesale fat-muscle swaps. ``"fixed"``: ``split_hu`` and the seed windows
+        as given (the paper).
+    split_fraction:
+        Where the split lies between the fat (0) and muscle (1) levels.
+    streak_suppression:
+        Scale motion streaks in the soft tissue back to the slice's normal texture before the
+        rules (see :mod:`.soft_tissue_levels`); a still scan is left as it is.
+    drift_window_mm:
+        Side of the in-plane window over which the slow drift of soft-tissue HU against the
+        tissue levels (broad motion bands) is estimated and removed; 0 = off.
     smoothing_window_mm:
         Side of the cube over which HU are averaged (soft-tissue voxels only) before the rules;
         0 = the paper's rules on raw HU. HR-pQCT noise (SD 100-200 HU) is as large as the
@@ -78,16 +94,25 @@ class PostprocessConfig:
     fat_seed_hu: tuple[float, float] = (-600.0, -200.0)
     seed_growth_mm: float = 0.0
     split_hu: float = -50.0
+    split_levels: str = "histogram"
+    split_fraction: float = 0.5
+    streak_suppression: bool = True
+    drift_window_mm: float = 3.0
     smoothing_window_mm: float = 0.3
     ring_radii_mm: tuple[float, ...] = (2.0, 5.0, 10.0, 15.0, 20.0)
 
     def __post_init__(self) -> None:
         if self.connectivity not in ("2d", "3d"):
             raise ValueError(f"connectivity must be '2d' or '3d', got {self.connectivity!r}")
+        if self.split_levels not in ("fixed", "histogram"):
+            raise ValueError("split_levels must be 'fixed' or 'histogram', "
+                             f"got {self.split_levels!r}")
+        if not 0.0 <= self.split_fraction <= 1.0:
+            raise ValueError(f"split_fraction must lie in [0, 1], got {self.split_fraction}")
         for name in ("max_cortical_gap_mm", "min_bone_area_mm2", "skin_width_mm",
                      "seed_growth_mm", "smoothing_window_mm", "leg_opening_mm",
                      "skin_surface_band_mm", "skin_surface_window_mm", "periosteal_band_mm",
-                     "periosteal_window_mm"):
+                     "periosteal_window_mm", "drift_window_mm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("tendon_seed_hu", "fat_seed_hu"):
@@ -99,6 +124,11 @@ class PostprocessConfig:
         """These settings with the network's surfaces kept as predicted (see :mod:`.surfaces`)."""
         return replace(self, leg_opening_mm=0.0, skin_surface_band_mm=0.0,
                        periosteal_band_mm=0.0)
+
+    def with_fixed_split(self) -> PostprocessConfig:
+        """These settings with the soft-tissue rules on absolute HU, as the paper has them."""
+        return replace(self, split_levels="fixed", streak_suppression=False,
+                       drift_window_mm=0.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,11 +142,13 @@ class PostprocessConfig:
         return cls(**data)
 
 
-#: The paper's rules exactly: raw HU, slice-by-slice components, the network's surfaces.
+#: The paper's rules exactly: raw HU, fixed thresholds, slice-by-slice components, the
+#: network's surfaces.
 PAPER = PostprocessConfig(connectivity="2d", smoothing_window_mm=0.0,
-                          seed_growth_mm=0.25).without_surface_refinement()
-#: This project's default (the paper's thresholds, plus 3D components, surfaces refined to
-#: the HU edges and a local HU mean).
+                          seed_growth_mm=0.25).without_surface_refinement().with_fixed_split()
+#: This project's default: 3D components, surfaces refined to the HU edges, and soft tissue
+#: split on a local HU mean between the scan's own fat and muscle levels, with motion streaks
+#: and slow drifts removed first.
 DEFAULT = PostprocessConfig()
 
 

@@ -11,15 +11,18 @@ The paper's rules, in physical units (all settings in :class:`.config.Postproces
 4. **split**: voxels still unassigned are myotendinous above ``split_hu`` (-50 HU) and adipose
    at or below.
 
-Optionally (this project's default) the HU used by rules 2-4 are first replaced by their mean
-over a cube of ``smoothing_window_mm`` restricted to soft tissue (normalised convolution, so
-bone and air do not bleed in). The work is done slab by slab and slice by slice in threads:
-memory stays bounded by a slab (two float32 arrays), not the scan.
+This project's default adds, before rules 2-4 (see :mod:`.soft_tissue_levels`): motion
+streaks scaled back in each slice's spectrum; HU replaced by their mean over a cube of
+``smoothing_window_mm`` restricted to soft tissue (normalised convolution, so bone and air do
+not bleed in); the split (and the seed windows) placed between the scan's own fat and muscle
+levels; and the slow drift against those levels removed. The work is done slab by slab and
+slice by slice in threads: memory stays bounded by a slab (two float32 arrays), not the scan.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -28,8 +31,15 @@ from HRpQCTCore.progress import CancelToken, ProgressCallback, check, report
 from HRpQCTCore.regions import BONE_REGIONS, class_by_name, classes_to_regions, region_by_name
 from HRpQCTSegmentationEngine.postprocess.bone import dilate_cross, fill_holes
 from HRpQCTSegmentationEngine.postprocess.config import PostprocessConfig
+from HRpQCTSegmentationEngine.postprocess.soft_tissue_levels import (
+    SoftTissueLevels,
+    correct_drift,
+    estimate_levels,
+    fixed_levels,
+    suppress_streaks,
+)
 
-__all__ = ["subdivide_soft_tissue", "distance_rings", "smooth_within"]
+__all__ = ["subdivide_soft_tissue", "soft_tissue_levels", "distance_rings", "smooth_within"]
 
 SOFT = class_by_name("soft_tissue").label
 SKIN = region_by_name("skin").label
@@ -181,44 +191,82 @@ def _skin_band(leg: np.ndarray, width_mm: float, spacing_yx, touches_edge: bool)
     return _within_of_outside(leg, width_mm, spacing_yx)
 
 
-def _label_slice(classes2d: np.ndarray, hu2d: np.ndarray, num2d: np.ndarray | None,
-                 den2d: np.ndarray | None, view2d: np.ndarray, spacing_yx, config,
-                 growth_steps: int) -> None:
-    """Write the region labels of one slice's soft tissue into ``view2d`` (0 there before).
+@dataclass(frozen=True)
+class _Rules:
+    """The HU thresholds of rules 2-4 for one scan, and the drift window in pixels."""
 
-    ``num2d``/``den2d``: the slice of the box sums when smoothing (else None).
+    levels: SoftTissueLevels
+    tendon_seed_hu: tuple[float, float]
+    fat_seed_hu: tuple[float, float]
+    growth_steps: int
+    drift_window_px: tuple[int, int] | None
+
+    @classmethod
+    def of(cls, levels: SoftTissueLevels, config: PostprocessConfig, spacing_yx) -> _Rules:
+        if levels.source != "histogram":
+            tendon, fat = config.tendon_seed_hu, config.fat_seed_hu
+        else:
+            tendon = tuple(levels.to_scan_hu(v) for v in config.tendon_seed_hu)
+            fat = tuple(levels.to_scan_hu(v) for v in config.fat_seed_hu)
+        drift = None
+        if config.drift_window_mm > 0:
+            drift = tuple(max(1, round(config.drift_window_mm / float(s))) for s in spacing_yx)
+        return cls(levels, tendon, fat, round(config.seed_growth_mm / min(spacing_yx)), drift)
+
+
+def _slice_masks(classes2d: np.ndarray, spacing_yx, config: PostprocessConfig):
+    """The leg's box in one slice, and its soft tissue, skin band and inner soft tissue there.
+
+    None when the slice holds no soft tissue. The box is the labelled voxels' bounding box
+    plus a one-voxel margin of air, so that every array is as small as it can be.
     """
     soft_full = classes2d == SOFT
     if not soft_full.any():
-        return
-    # Work in the leg's bounding box plus a one-voxel margin of air, so that every array is as
-    # small as it can be.
+        return None
     ys = np.flatnonzero(classes2d.any(axis=1))
     xs = np.flatnonzero(classes2d.any(axis=0))
     box = (slice(max(0, ys[0] - 1), ys[-1] + 2), slice(max(0, xs[0] - 1), xs[-1] + 2))
     height, width = soft_full.shape
     touches_edge = bool(ys[0] == 0 or xs[0] == 0 or ys[-1] == height - 1 or xs[-1] == width - 1)
-    classes2d, view = classes2d[box], view2d[box]
     soft = soft_full[box]
-    del soft_full
-    leg = fill_holes(classes2d > 0)
+    leg = fill_holes(classes2d[box] > 0)
     skin = _skin_band(leg, config.skin_width_mm, spacing_yx, touches_edge)
     skin &= soft
-    del leg
-    inner = soft & ~skin
-    view[skin] = SKIN
+    return box, soft, skin, soft & ~skin
 
+
+def _local_mean(hu2d: np.ndarray, num2d: np.ndarray | None, den2d: np.ndarray | None,
+                box, soft: np.ndarray) -> np.ndarray:
+    """The local mean in the box where the window holds enough soft tissue, raw HU elsewhere."""
     if num2d is None:
-        hu = np.asarray(hu2d[box], dtype=np.float32)
-    else:
-        # the local mean where the window holds enough soft tissue, the raw value elsewhere
-        hu = np.array(hu2d[box], dtype=np.float32)
-        den = den2d[box]
-        np.divide(num2d[box], den, out=hu, where=soft & (den > _MIN_WEIGHT))
-    above = hu > config.split_hu
-    tlo, thi = config.tendon_seed_hu
-    flo, fhi = config.fat_seed_hu
-    if growth_steps == 0 and tlo > config.split_hu and fhi <= config.split_hu:
+        return np.asarray(hu2d[box], dtype=np.float32)
+    hu = np.array(hu2d[box], dtype=np.float32)
+    den = den2d[box]
+    np.divide(num2d[box], den, out=hu, where=soft & (den > _MIN_WEIGHT))
+    return hu
+
+
+def _label_slice(classes2d: np.ndarray, hu2d: np.ndarray, num2d: np.ndarray | None,
+                 den2d: np.ndarray | None, view2d: np.ndarray, spacing_yx, config,
+                 rules: _Rules) -> None:
+    """Write the region labels of one slice's soft tissue into ``view2d`` (0 there before).
+
+    ``num2d``/``den2d``: the slice of the box sums when smoothing (else None).
+    """
+    masks = _slice_masks(classes2d, spacing_yx, config)
+    if masks is None:
+        return
+    box, soft, skin, inner = masks
+    view = view2d[box]
+    view[skin] = SKIN
+    hu = _local_mean(hu2d, num2d, den2d, box, soft)
+    if rules.drift_window_px is not None:
+        hu = correct_drift(hu, inner, rules.levels, rules.drift_window_px)
+    split = rules.levels.split_hu
+    above = hu > split
+    tlo, thi = rules.tendon_seed_hu
+    flo, fhi = rules.fat_seed_hu
+    if rules.growth_steps == 0 and tlo > split and fhi <= split:
         # Without growth, and with the tendon window above the split and the fat window at or
         # below it, the seeds change nothing: the split alone decides.
         view[inner & above] = MYOTENDINOUS
@@ -227,7 +275,7 @@ def _label_slice(classes2d: np.ndarray, hu2d: np.ndarray, num2d: np.ndarray | No
     tendon = inner & (hu >= tlo) & (hu <= thi)
     fat = inner & (hu >= flo) & (hu <= fhi)
     free = inner & ~tendon & ~fat
-    for _ in range(growth_steps):
+    for _ in range(rules.growth_steps):
         t_new = dilate_cross(tendon) & free
         f_new = dilate_cross(fat) & free
         both = t_new & f_new
@@ -268,10 +316,110 @@ def _bone_regions(classes: np.ndarray, out: np.ndarray) -> None:
     out[out > len(_BONE_LABELS)] = 0
 
 
+def _suppress_slab(classes: np.ndarray, hu: np.ndarray, voxel_mm: float, out: np.ndarray,
+                   pool: ThreadPoolExecutor) -> np.ndarray:
+    """Streak-suppressed HU of a slab into ``out`` (float32), slice by slice in ``pool``."""
+
+    def work(k: int) -> None:
+        out[k] = suppress_streaks(hu[k], classes[k] == SOFT, voxel_mm)
+
+    list(pool.map(work, range(hu.shape[0])))
+    return out
+
+
+class _SlabPass:
+    """The per-slab inputs of rules 2-4: streak-suppressed HU and the local-mean box sums.
+
+    Holds the float32 slab buffers, so that a pass over the scan allocates them once.
+    """
+
+    def __init__(self, classes: np.ndarray, hu: np.ndarray, spacing_mm, config: PostprocessConfig,
+                 slab_slices: int, pool: ThreadPoolExecutor, workers: int) -> None:
+        self.classes, self.hu, self.config, self.pool = classes, hu, config, pool
+        self.workers = workers
+        self.window_vox = _window_voxels(config.smoothing_window_mm, spacing_mm)
+        self.smoothing = config.smoothing_window_mm > 0
+        self.halo = self.window_vox[0] // 2 if self.smoothing else 0
+        self.voxel_mm = float(np.mean(spacing_mm[1:]))
+        shape = (min(classes.shape[0], slab_slices + 2 * self.halo), *classes.shape[1:])
+        count = 2 if self.smoothing else int(config.streak_suppression)
+        self.buffers = [np.empty(shape, np.float32) for _ in range(count)]
+
+    def slab(self, h0: int, h1: int):
+        """HU, box-sum numerator and denominator of slices ``h0:h1`` (sums None if unused).
+
+        When smoothing, the streak-suppressed HU are summed in place (the numerator takes
+        their buffer): inside soft tissue only the local mean is used, as every soft-tissue
+        voxel lies in its own window, so the returned "HU" are the numerator there and
+        meaningless elsewhere. One float32 slab less.
+        """
+        hu = self.hu[h0:h1]
+        classes = self.classes[h0:h1]
+        if self.config.streak_suppression:
+            hu = _suppress_slab(classes, hu, self.voxel_mm, self.buffers[0][:h1 - h0],
+                                self.pool)
+        num = den = None
+        if self.smoothing:
+            soft = classes == SOFT
+            if soft.any():
+                num, den = (b[:h1 - h0] for b in self.buffers)
+                _box_sums(hu, soft, self.window_vox, num, den,
+                          self.pool if self.workers > 1 else None)
+        return hu, num, den
+
+
+#: Slices sampled (evenly) to estimate a scan's fat and muscle levels, and the most voxels
+#: taken from each.
+_LEVEL_SLICES = 8
+_LEVEL_VOXELS_PER_SLICE = 200_000
+
+
+def _levels_in_box(classes: np.ndarray, hu: np.ndarray, spacing_mm, config: PostprocessConfig,
+                   pool: ThreadPoolExecutor, workers: int) -> SoftTissueLevels:
+    n = classes.shape[0]
+    spacing_yx = (float(spacing_mm[1]), float(spacing_mm[2]))
+    slab_pass = _SlabPass(classes, hu, spacing_mm, config, 1, pool, workers)
+    halo = slab_pass.halo
+    samples = []
+    for z in np.unique(np.linspace(0, n - 1, min(n, _LEVEL_SLICES)).round().astype(int)):
+        masks = _slice_masks(classes[z], spacing_yx, config)
+        if masks is None or not masks[3].any():
+            continue
+        h0, h1 = max(0, z - halo), min(n, z + halo + 1)
+        hu_slab, num, den = slab_pass.slab(h0, h1)
+        k = z - h0
+        box, soft, _, inner = masks
+        local = _local_mean(hu_slab[k], None if num is None else num[k],
+                            None if den is None else den[k], box, soft)
+        values = local[inner]
+        samples.append(values[:: max(1, values.size // _LEVEL_VOXELS_PER_SLICE)])
+    if not samples or sum(s.size for s in samples) < 100:
+        return fixed_levels(config.split_hu)  # (almost) no inner soft tissue: nothing to split
+    return estimate_levels(np.concatenate(samples), config.split_fraction, config.split_hu)
+
+
+def soft_tissue_levels(classes: np.ndarray, hu: np.ndarray,
+                       spacing_mm: tuple[float, float, float], config: PostprocessConfig,
+                       *, workers: int = 2) -> SoftTissueLevels:
+    """The fat and muscle levels and the split that :func:`subdivide_soft_tissue` will use.
+
+    With ``config.split_levels == "fixed"`` the configured ``split_hu``; otherwise estimated
+    from the local-mean HU (after streak suppression, as the rules see them) of the inner soft
+    tissue (outside the skin band) of up to 8 evenly spaced slices.
+    """
+    if config.split_levels == "fixed":
+        return fixed_levels(config.split_hu)
+    box = _leg_box(classes)
+    if box is None:
+        return fixed_levels(config.split_hu)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return _levels_in_box(classes[box], hu[box], spacing_mm, config, pool, workers)
+
+
 def subdivide_soft_tissue(classes: np.ndarray, hu: np.ndarray,
                           spacing_mm: tuple[float, float, float], config: PostprocessConfig,
-                          *, slab_slices: int = 32, workers: int = 2,
-                          progress: ProgressCallback | None = None,
+                          *, levels: SoftTissueLevels | None = None, slab_slices: int = 32,
+                          workers: int = 2, progress: ProgressCallback | None = None,
                           cancel: CancelToken | None = None) -> np.ndarray:
     """Turn a cleaned 5-class volume and its HU into the 7-region label volume.
 
@@ -283,10 +431,13 @@ def subdivide_soft_tissue(classes: np.ndarray, hu: np.ndarray,
         The scan in HU, same shape.
     spacing_mm:
         Voxel size ``(z, y, x)`` in mm.
+    levels:
+        The scan's soft-tissue levels, if already known (from :func:`soft_tissue_levels`);
+        estimated here otherwise.
 
-    Memory beyond the result: two float32 slabs of ``slab_slices`` (plus the window's halo)
-    over the leg's bounding box when smoothing, and per-slice arrays. ``slab_slices`` sets
-    where the smoothing restarts along z, which can move a local mean by rounding: keep it.
+    Memory beyond the result: two float32 slabs of ``slab_slices`` (plus the window's
+    halo) over the leg's bounding box, and per-slice arrays. ``slab_slices`` sets where the
+    smoothing restarts along z, which can move a local mean by rounding: keep it.
     """
     if classes.shape != hu.shape:
         raise ValueError(f"Label shape {classes.shape} differs from image shape {hu.shape}")
@@ -297,35 +448,24 @@ def subdivide_soft_tissue(classes: np.ndarray, hu: np.ndarray,
     regions = np.zeros(classes.shape, dtype=np.uint8)
     classes, hu, regions_view = classes[box], hu[box], regions[box]
     spacing_yx = (float(spacing_mm[1]), float(spacing_mm[2]))
-    window_vox = _window_voxels(config.smoothing_window_mm, spacing_mm)
-    smoothing = config.smoothing_window_mm > 0
-    halo = window_vox[0] // 2 if smoothing else 0
-    growth_steps = round(config.seed_growth_mm / min(spacing_yx))
     n = classes.shape[0]
-    buffers = None
-    if smoothing:
-        shape = (min(n, slab_slices + 2 * halo), *classes.shape[1:])
-        buffers = (np.empty(shape, np.float32), np.empty(shape, np.float32))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for z0, z1, h0, h1 in _slab_bounds(n, slab_slices, halo):
+        if levels is None:
+            levels = (fixed_levels(config.split_hu) if config.split_levels == "fixed" else
+                      _levels_in_box(classes, hu, spacing_mm, config, pool, workers))
+        rules = _Rules.of(levels, config, spacing_yx)
+        slab_pass = _SlabPass(classes, hu, spacing_mm, config, slab_slices, pool, workers)
+        for z0, z1, h0, h1 in _slab_bounds(n, slab_slices, slab_pass.halo):
             check(cancel)
             _bone_regions(classes[z0:z1], regions_view[z0:z1])
-            num = den = None
-            if smoothing:
-                soft = classes[h0:h1] == SOFT
-                if soft.any():
-                    num, den = (b[:h1 - h0] for b in buffers)
-                    _box_sums(hu[h0:h1], soft, window_vox, num, den,
-                              pool if workers > 1 else None)
-                del soft
+            hu_slab, num, den = slab_pass.slab(h0, h1)
             offset = z0 - h0
 
-            def work(k: int, offset=offset, z0=z0, num=num, den=den) -> None:
-                z = z0 + k
-                _label_slice(classes[z], hu[z],
-                             None if num is None else num[offset + k],
-                             None if den is None else den[offset + k],
-                             regions_view[z], spacing_yx, config, growth_steps)
+            def work(k: int, z0=z0, offset=offset, hu_slab=hu_slab, num=num, den=den) -> None:
+                j = offset + k  # the slice's index in the slab
+                _label_slice(classes[z0 + k], hu_slab[j], None if num is None else num[j],
+                             None if den is None else den[j], regions_view[z0 + k],
+                             spacing_yx, config, rules)
 
             list(pool.map(work, range(z1 - z0)))  # each slice writes its own plane
             report(progress, z1, n, "soft-tissue subdivision")
