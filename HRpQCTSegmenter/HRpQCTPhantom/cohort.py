@@ -17,6 +17,16 @@ DXA, is an imperfect proxy of the tibia's state), and drives every parameter exa
 binary cohort. The manifest then gains ``diagnosis`` and ``t_score`` columns; ``osteoporosis``
 stays 0/1 (1 = the osteoporosis group) so binary training works unchanged. The default
 (two groups) draws exactly the same subjects and writes exactly the same manifest as before.
+
+Soft tissue on its own (``soft_tissue_effect``, ``hrpqct cohort --soft-tissue-effect X``, two
+groups only): the soft-tissue parameters (:data:`~.params.SOFT_TISSUE_PARAMETERS`: marbling,
+muscle/tendon/fat HU, muscle and tendon size) follow a latent soft-tissue score
+``s ~ N(+-X/2, 1)`` (controls +) of their own, independent of bone health, instead of ``h``:
+``X = 0`` gives both groups the same soft-tissue distribution, ``X = effect_size`` the
+soft-tissue group difference of the default cohort. ``s`` comes from a separate seed stream,
+so the subjects are otherwise exactly those of the cohort without it (same ages, sexes, bone,
+noise, pose). The manifest then gains ``soft_tissue_effect`` and ``soft_tissue_health``
+columns after ``bone_health``; without it, nothing changes.
 """
 
 from __future__ import annotations
@@ -31,7 +41,12 @@ import numpy as np
 
 from HRpQCTCore.atomic import atomic_path
 from HRpQCTCore.progress import CancelToken, ProgressCallback, check, report
-from HRpQCTPhantom.params import BONE_HEALTH_LOADINGS, PhantomParams, params_from_bone_health
+from HRpQCTPhantom.params import (
+    BONE_HEALTH_LOADINGS,
+    PhantomParams,
+    check_soft_tissue_effect,
+    params_from_bone_health,
+)
 
 __all__ = ["Subject", "sample_cohort", "generate_cohort", "MANIFEST_NAME", "MANIFEST_COLUMNS",
            "DIAGNOSIS_GROUPS", "diagnosis_from_t_score"]
@@ -45,6 +60,8 @@ _EXTRA_COLUMNS = (
     "motion_grade", "noise_sd_hu", "n_slices", "field_px", "voxel_mm")
 #: Added after ``osteoporosis`` in three-class manifests only (binary ones are unchanged).
 _DIAGNOSIS_COLUMNS = ("diagnosis", "t_score")
+#: Added after ``bone_health`` when the cohort has its own soft-tissue effect.
+_SOFT_TISSUE_COLUMNS = ("soft_tissue_effect", "soft_tissue_health")
 
 #: Three-class groups: name -> (T band low, high, mean age), in order of severity.
 DIAGNOSIS_GROUPS: dict[str, tuple[float, float, float]] = {
@@ -77,19 +94,27 @@ class Subject:
     seed: int
     diagnosis: str | None = None  # three-class cohorts only
     t_score: float | None = None
+    soft_tissue_effect: float | None = None  # cohorts with their own soft-tissue effect only
+    soft_tissue_health: float | None = None
 
 
 def sample_cohort(n_subjects: int, seed: int, *, effect_size: float = 2.0,
                   fraction_osteoporotic: float = 0.5, loadings: dict | None = None,
-                  n_classes: int = 2, **image_overrides: Any) -> list[Subject]:
+                  n_classes: int = 2, soft_tissue_effect: float | None = None,
+                  **image_overrides: Any) -> list[Subject]:
     """Draw subjects (no images): balanced groups, ages 50-85, both sexes.
 
     ``image_overrides`` fix image-geometry parameters (``n_slices``, ``field_px``,
     ``voxel_mm``...) for every subject. ``n_classes=3``: normal / osteopenia / osteoporosis
     thirds (module docstring; ``fraction_osteoporotic`` is then not used).
+    ``soft_tissue_effect``: soft tissue on its own latent score (module docstring).
     """
     if n_subjects < 1:
         raise ValueError("n_subjects must be >= 1")
+    if soft_tissue_effect is not None:
+        check_soft_tissue_effect(soft_tissue_effect)
+        if n_classes != 2:
+            raise ValueError("soft_tissue_effect applies to two-group cohorts only")
     if n_classes == 3:
         return _sample_three_classes(n_subjects, seed, effect_size, loadings, image_overrides)
     if n_classes != 2:
@@ -99,6 +124,8 @@ def sample_cohort(n_subjects: int, seed: int, *, effect_size: float = 2.0,
     status = np.array([1] * n_op + [0] * (n_subjects - n_op))
     rng.shuffle(status)
     child_seeds = rng.integers(0, 2**31 - 1, n_subjects)
+    # Its own stream, so the other draws (and subjects) stay those of the default cohort.
+    soft_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC0407, 5]))
     subjects = []
     width = max(3, len(str(n_subjects)))
     for i, op in enumerate(status):
@@ -106,12 +133,27 @@ def sample_cohort(n_subjects: int, seed: int, *, effect_size: float = 2.0,
         age = float(np.clip(rng.normal(70.0 if op else 66.0, 7.0), 50.0, 85.0))
         # Bone health: group shift, a little loss with age and in women, own variation.
         h = float(rng.normal((-1 if op else 1) * effect_size / 2.0, 1.0))
+        soft = _soft_tissue_draw(soft_rng, bool(op), soft_tissue_effect)
         params = params_from_bone_health(rng, h, age_years=age, sex=sex,
                                          effect_size=effect_size, loadings=loadings,
-                                         **image_overrides)
-        subjects.append(Subject(f"sub-{i + 1:0{width}d}", round(age, 1), sex, int(op),
-                                round(h, 4), params, int(child_seeds[i])))
+                                         **soft, **image_overrides)
+        subject = Subject(f"sub-{i + 1:0{width}d}", round(age, 1), sex, int(op),
+                          round(h, 4), params, int(child_seeds[i]))
+        if soft:
+            subject.soft_tissue_effect = float(soft_tissue_effect)
+            subject.soft_tissue_health = round(soft["soft_tissue_health"], 4)
+        subjects.append(subject)
     return subjects
+
+
+def _soft_tissue_draw(rng: np.random.Generator, osteoporotic: bool,
+                      soft_tissue_effect: float | None) -> dict[str, float]:
+    """Keyword arguments of :func:`params_from_bone_health` for the soft-tissue score."""
+    if soft_tissue_effect is None:
+        return {}
+    sign = -1.0 if osteoporotic else 1.0
+    return {"soft_tissue_health": float(rng.normal(sign * soft_tissue_effect / 2.0, 1.0)),
+            "soft_tissue_effect": float(soft_tissue_effect)}
 
 
 def _sample_three_classes(n_subjects: int, seed: int, effect_size: float,
@@ -155,6 +197,9 @@ def _render_subject(subject: Subject, out_dir: Path, formats: tuple[str, ...]) -
                                 "bone_health": subject.bone_health}
     if subject.diagnosis is not None:
         phantom.truth["subject"].update(diagnosis=subject.diagnosis, t_score=subject.t_score)
+    if subject.soft_tissue_effect is not None:
+        phantom.truth["subject"].update(soft_tissue_effect=subject.soft_tissue_effect,
+                                        soft_tissue_health=subject.soft_tissue_health)
     paths = write_phantom(phantom, out_dir / subject.subject_id, subject.subject_id, formats)
     return {k: str(p.relative_to(out_dir)) for k, p in paths.items()}
 
@@ -176,6 +221,9 @@ def _row(subject: Subject, paths: dict) -> dict:
            **({} if subject.diagnosis is None
               else {"diagnosis": subject.diagnosis, "t_score": subject.t_score}),
            "bone_health": subject.bone_health,
+           **({} if subject.soft_tissue_effect is None
+              else {"soft_tissue_effect": subject.soft_tissue_effect,
+                    "soft_tissue_health": subject.soft_tissue_health}),
            "scan_path": paths.get("scan", paths.get("scan_aim", "")),
            "classes_path": paths.get("classes", ""), "regions_path": paths.get("regions", ""),
            "truth_path": paths.get("truth", "")}
@@ -187,7 +235,8 @@ def _row(subject: Subject, paths: dict) -> dict:
 
 def generate_cohort(n_subjects: int, out_dir: str | Path, seed: int, *,
                     effect_size: float = 2.0, fraction_osteoporotic: float = 0.5,
-                    loadings: dict | None = None, n_classes: int = 2, n_jobs: int = 1,
+                    loadings: dict | None = None, n_classes: int = 2,
+                    soft_tissue_effect: float | None = None, n_jobs: int = 1,
                     formats: tuple[str, ...] = ("nifti",),
                     progress: ProgressCallback | None = None,
                     cancel: CancelToken | None = None, overwrite: bool = True,
@@ -197,6 +246,7 @@ def generate_cohort(n_subjects: int, out_dir: str | Path, seed: int, *,
     Scans go to ``out_dir/<subject_id>/``; manifest paths are relative to ``out_dir``.
     ``n_jobs > 1`` renders subjects in parallel processes (joblib); the output is identical.
     ``n_classes=3`` draws normal / osteopenia / osteoporosis thirds (module docstring).
+    ``soft_tissue_effect`` gives soft tissue its own group effect (module docstring).
     ``overwrite=False`` refuses, before rendering anything, when the manifest or a subject's
     file exists (the command line passes it unless ``--overwrite`` is given).
     """
@@ -205,7 +255,8 @@ def generate_cohort(n_subjects: int, out_dir: str | Path, seed: int, *,
     out = Path(out_dir)
     subjects = sample_cohort(n_subjects, seed, effect_size=effect_size,
                              fraction_osteoporotic=fraction_osteoporotic, loadings=loadings,
-                             n_classes=n_classes, **image_overrides)
+                             n_classes=n_classes, soft_tissue_effect=soft_tissue_effect,
+                             **image_overrides)
     if not overwrite:
         _refuse_existing_files(subjects, out, formats)
     ensure_folder(out)
@@ -231,14 +282,18 @@ def generate_cohort(n_subjects: int, out_dir: str | Path, seed: int, *,
             report(progress, i + 1, len(subjects), "cohort")
     manifest = out / MANIFEST_NAME
     with atomic_path(manifest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=_manifest_columns(n_classes))
+        writer = csv.DictWriter(fh, fieldnames=_manifest_columns(
+            n_classes, soft_tissue=soft_tissue_effect is not None))
         writer.writeheader()
         writer.writerows(rows)
     return manifest
 
 
-def _manifest_columns(n_classes: int) -> list[str]:
+def _manifest_columns(n_classes: int, soft_tissue: bool = False) -> list[str]:
     columns = list(MANIFEST_COLUMNS)
+    if soft_tissue:
+        at = columns.index("bone_health") + 1
+        columns[at:at] = _SOFT_TISSUE_COLUMNS
     if n_classes == 3:
         at = columns.index("osteoporosis") + 1
         columns[at:at] = _DIAGNOSIS_COLUMNS

@@ -331,6 +331,7 @@ class _Renderer:
         if self.fields.noise is not None:
             noise = self.fields.noise.draw(rng, (n, n))
             full += noise * np.float32(p.noise_sd_hu)
+        _calibrate(full, p)
         noisy = full[work[0]:work[1], work[2]:work[3]]
         stats["tissue_noisy_sum"] = np.bincount(tissue.ravel(), weights=noisy.ravel(),
                                                 minlength=nt)
@@ -416,6 +417,16 @@ class _Renderer:
                     tb_bone[z][dst] = bone[src]
                     tb_comp[z][dst] = comp[src]
         return out
+
+
+def _calibrate(image: np.ndarray, p: PhantomParams) -> None:
+    """Another site's HU calibration, in place (see ``PhantomParams.calibration_scale``)."""
+    if p.calibration_scale == 1.0 and p.calibration_offset_hu == 0.0:
+        return  # bit-identical images for the default calibration
+    # Scale the attenuation (HU + 1000), so air stays air, then shift.
+    image += np.float32(1000.0)
+    image *= np.float32(p.calibration_scale)
+    image += np.float32(p.calibration_offset_hu - 1000.0)
 
 
 def Ellipse_inside(du, dv, a, b):  # noqa: N802 -- mirrors the Ellipse class's name

@@ -18,7 +18,9 @@ from HRpQCTCore.scan import XTREMECT2_VOXEL_MM
 __all__ = [
     "PhantomParams",
     "BONE_HEALTH_LOADINGS",
+    "SOFT_TISSUE_PARAMETERS",
     "MOTION_GRADES",
+    "check_soft_tissue_effect",
     "params_from_bone_health",
 ]
 
@@ -96,6 +98,13 @@ class PhantomParams:
     motion_grade:
         1 (none) to 5 (severe): ghosted cortex and streaks from a block of projections of a
         moved leg (see :data:`MOTION_GRADES`).
+    calibration_scale, calibration_offset_hu:
+        Another site's or scanner's HU calibration, applied to the final image (noise and
+        artefacts included): ``HU' = -1000 + calibration_scale * (HU + 1000) +
+        calibration_offset_hu``. The scale acts on attenuation (air stays at -1000 HU before
+        the offset, as a wrong water reference or beam-hardening correction would leave it);
+        the offset shifts every voxel. 1 and 0 (the defaults) leave the image unchanged; the
+        truth's noise-free HU and densities stay those of the true tissue.
     """
 
     # image geometry
@@ -145,6 +154,8 @@ class PhantomParams:
     noise_sd_hu: float = 150.0
     noise_corr_mm: float = 0.045
     motion_grade: int = 1
+    calibration_scale: float = 1.0
+    calibration_offset_hu: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -171,6 +182,10 @@ class PhantomParams:
             problems.append("fibula_gap_mm must be >= 0.5")
         if self.motion_grade not in MOTION_GRADES:
             problems.append("motion_grade must be 1..5")
+        if not 0.5 <= self.calibration_scale <= 2.0:
+            problems.append("calibration_scale must lie in 0.5..2")
+        if abs(self.calibration_offset_hu) > 500.0:
+            problems.append("calibration_offset_hu must lie in -500..500 HU")
         if self.noise_sd_hu < 0 or self.blur_sigma_mm < 0:
             problems.append("noise_sd_hu and blur_sigma_mm must be >= 0")
         if self.skin_width_mm <= 0 or self.dermis_mm <= 0:
@@ -219,6 +234,7 @@ class PhantomParams:
     @classmethod
     def sample(cls, rng: np.random.Generator, osteoporotic: bool, effect_size: float = 2.0,
                *, age_years: float | None = None, sex: str | None = None,
+               soft_tissue_effect: float | None = None,
                **overrides: Any) -> PhantomParams:
         """Draw one subject's parameters for a group.
 
@@ -226,11 +242,22 @@ class PhantomParams:
         drives the bone and soft-tissue parameters through :data:`BONE_HEALTH_LOADINGS`; each
         parameter also has its own independent variation, so groups overlap on every single
         parameter. ``overrides`` fix image-geometry fields (``n_slices``, ``field_px``...).
+
+        ``soft_tissue_effect`` (SD units, >= 0): the :data:`SOFT_TISSUE_PARAMETERS` follow
+        their own latent score ``s ~ N(+-soft_tissue_effect/2, 1)``, drawn after ``h`` and
+        independent of it, instead of ``h``: 0 gives both groups the same soft tissue, and
+        ``soft_tissue_effect == effect_size`` the soft-tissue group difference of the default,
+        without its tie to bone. None (the default) keeps soft tissue on ``h`` as before.
         """
         sign = -1.0 if osteoporotic else 1.0
         h = float(rng.normal(sign * effect_size / 2.0, 1.0))
+        soft = {}
+        if soft_tissue_effect is not None:
+            check_soft_tissue_effect(soft_tissue_effect)
+            soft = {"soft_tissue_health": float(rng.normal(sign * soft_tissue_effect / 2.0, 1.0)),
+                    "soft_tissue_effect": soft_tissue_effect}
         return params_from_bone_health(rng, h, age_years=age_years, sex=sex,
-                                      effect_size=effect_size, **overrides)
+                                      effect_size=effect_size, **soft, **overrides)
 
 
 #: How each parameter follows the latent bone health ``h`` (SD units): parameter =
@@ -256,25 +283,50 @@ BONE_HEALTH_LOADINGS: dict[str, tuple[float, float, float, float, float]] = {
     "muscle_scale": (1.0, 0.10, 0.40, 0.7, 1.3),
 }
 
+#: The soft-tissue entries of :data:`BONE_HEALTH_LOADINGS`: muscle marbling, muscle, tendon
+#: and fat HU, tendon and muscle size. A soft-tissue effect (``soft_tissue_effect``) moves
+#: these, and only these, on a latent score of their own instead of bone health.
+SOFT_TISSUE_PARAMETERS: tuple[str, ...] = (
+    "intramuscular_fat_fraction", "muscle_hu", "tendon_hu", "fat_hu", "tendon_scale",
+    "muscle_scale")
+
+
+def check_soft_tissue_effect(soft_tissue_effect: float) -> None:
+    """Raise ValueError unless the soft-tissue effect is a finite number >= 0 (SD units)."""
+    if not (math.isfinite(soft_tissue_effect) and soft_tissue_effect >= 0.0):
+        raise ValueError(f"soft_tissue_effect must be a finite number >= 0 (SD units), "
+                         f"not {soft_tissue_effect}")
+
 
 def params_from_bone_health(rng: np.random.Generator, bone_health: float, *,
                             age_years: float | None = None, sex: str | None = None,
                             effect_size: float = 2.0, loadings: dict | None = None,
+                            soft_tissue_health: float | None = None,
+                            soft_tissue_effect: float = 0.0,
                             **overrides: Any) -> PhantomParams:
     """Parameters of a subject with latent bone health ``bone_health``.
 
     Anatomy unrelated to bone health (bone and leg size, pose, side, subcutaneous fat, noise,
     motion) varies independently; motion is worse with age (grades average ~2.7, as in large
     cohorts). ``loadings`` overrides entries of :data:`BONE_HEALTH_LOADINGS`.
+
+    ``soft_tissue_health``: a latent soft-tissue score that drives the
+    :data:`SOFT_TISSUE_PARAMETERS` in place of ``bone_health`` (standardised like it, with
+    ``soft_tissue_effect`` as the group separation); None keeps them on ``bone_health``.
+    Every other draw is the same either way, so only the soft tissue changes.
     """
     table = dict(BONE_HEALTH_LOADINGS)
     table.update(loadings or {})
     # h over a balanced cohort has variance 1 + (effect/2)^2: standardise it.
     h_std = bone_health / math.sqrt(1.0 + (effect_size / 2.0) ** 2)
+    s_std = h_std
+    if soft_tissue_health is not None:
+        s_std = soft_tissue_health / math.sqrt(1.0 + (soft_tissue_effect / 2.0) ** 2)
     values: dict[str, Any] = {}
     for name, (mean, sd, loading, lo, hi) in table.items():
         own = float(rng.standard_normal())
-        v = mean + sd * (loading * h_std + math.sqrt(max(0.0, 1.0 - loading**2)) * own)
+        latent = s_std if name in SOFT_TISSUE_PARAMETERS else h_std
+        v = mean + sd * (loading * latent + math.sqrt(max(0.0, 1.0 - loading**2)) * own)
         values[name] = float(np.clip(v, lo, hi))
     female = (sex == "F") if sex is not None else bool(rng.integers(2))
     size = float(np.clip(rng.normal(0.92 if female else 1.05, 0.06), 0.8, 1.2))

@@ -146,3 +146,36 @@ def test_invalid_params_are_rejected():
         PhantomParams(motion_grade=7)
     with pytest.raises(ValueError, match="Unknown phantom parameter"):
         PhantomParams.from_dict({"tibia_bvtv": 0.2})
+
+
+def test_calibration_maps_the_image_and_keeps_labels_and_truth():
+    from HRpQCTPhantom import PhantomParams, generate_phantom
+
+    base = PhantomParams(motion_grade=2).small(200, 2)
+    plain = generate_phantom(base, 11)
+    shifted = generate_phantom(base.replace(calibration_scale=0.85,
+                                            calibration_offset_hu=120.0), 11)
+    assert np.array_equal(plain.regions, shifted.regions)
+    # HU' = -1000 + scale * (HU + 1000) + offset, noise and motion included (int16 rounding
+    # of both images: at most one HU apart).
+    expected = -1000.0 + 0.85 * (plain.scan.hu.astype(np.float64) + 1000.0) + 120.0
+    assert np.abs(shifted.scan.hu - expected).max() <= 1.0
+    # Air stays -1000 before the offset; bone loses 15 % of its attenuation.
+    air = shifted.truth["hu_by_tissue"]["air"]["mean_hu"]
+    assert air == pytest.approx(-880.0, abs=3.0)
+    bone_plain = plain.truth["hu_by_tissue"]["cortical_bone"]
+    bone = shifted.truth["hu_by_tissue"]["cortical_bone"]
+    assert bone["mean_hu"] == pytest.approx(
+        -1000 + 0.85 * (bone_plain["mean_hu"] + 1000) + 120, rel=1e-3)
+    # The truth's noise-free HU and densities are the tissue's, not the site's.
+    assert bone["mean_hu_noise_free"] == pytest.approx(bone_plain["mean_hu_noise_free"])
+    assert shifted.truth["morphometrics"] == plain.truth["morphometrics"]
+
+
+def test_invalid_calibration_is_rejected():
+    from HRpQCTPhantom import PhantomParams
+
+    with pytest.raises(ValueError, match="calibration_scale"):
+        PhantomParams(calibration_scale=0.2)
+    with pytest.raises(ValueError, match="calibration_offset_hu"):
+        PhantomParams(calibration_offset_hu=-900.0)

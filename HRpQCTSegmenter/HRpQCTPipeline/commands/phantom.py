@@ -23,6 +23,8 @@ _EPILOG_COHORT = """examples:
   hrpqct cohort cohort/ --subjects 122 --seed 7 --jobs 2      # the paper's 61 + 61
   hrpqct cohort cohort/ --subjects 20 --small --slices 8       # quick, coarse voxels
   hrpqct cohort c3/ --subjects 36 --classes 3 --small --slices 2  # normal/osteopenia/osteoporosis
+  hrpqct cohort st/ --subjects 122 --effect-size 0 --soft-tissue-effect 1 --small --slices 2
+                                         # soft tissue differs between the groups, bone not
 """
 
 
@@ -126,13 +128,27 @@ def run_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_soft_tissue_effect(args: argparse.Namespace) -> None:
+    from HRpQCTPhantom.params import check_soft_tissue_effect
+
+    if args.soft_tissue_effect is None:
+        return
+    try:
+        check_soft_tissue_effect(args.soft_tissue_effect)
+    except ValueError as exc:
+        raise HRpQCTError(f"--soft-tissue-effect: {exc}") from None
+    if args.classes != 2:
+        raise HRpQCTError("--soft-tissue-effect applies to two-group cohorts (--classes 2).")
+
+
 def run_cohort(args: argparse.Namespace) -> int:
     from HRpQCTPhantom import generate_cohort
 
+    _check_soft_tissue_effect(args)  # before anything is written
     manifest = generate_cohort(
         args.subjects, Path(args.out_dir), args.seed, effect_size=args.effect_size,
         fraction_osteoporotic=args.fraction_osteoporotic, n_classes=args.classes,
-        n_jobs=args.jobs,
+        soft_tissue_effect=args.soft_tissue_effect, n_jobs=args.jobs,
         formats=_formats(args), progress=_progress(args), overwrite=args.overwrite,
         **_image_overrides(args))
     print(str(manifest))
@@ -171,6 +187,11 @@ def register(subparsers) -> None:
     c.add_argument("--subjects", type=int, required=True, help="number of subjects")
     c.add_argument("--effect-size", type=float, default=2.0,
                    help="group separation of latent bone health, SD units (default 2.0)")
+    c.add_argument("--soft-tissue-effect", type=float, metavar="X",
+                   help="give soft tissue (marbling, muscle/tendon/fat HU, muscle and tendon "
+                        "size) its own group separation X in SD units, independent of bone "
+                        "health: 0 = no soft-tissue difference between the groups; recorded "
+                        "in the manifest (default: soft tissue follows bone health)")
     c.add_argument("--fraction-osteoporotic", type=float, default=0.5,
                    help="share of osteoporotic subjects (default 0.5; two classes only)")
     c.add_argument("--classes", type=int, choices=(2, 3), default=2,
