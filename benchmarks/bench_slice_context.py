@@ -45,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, peak_rss_gb
 from bench_segmentation_accuracy import read_test_case, score_raw
+from bench_soft_tissue_motion import middle_slices as middle_slices_of
 
 from HRpQCTPipeline.cli import main as hrpqct
 from HRpQCTSegmentationEngine.bundled import resolve_model_folder
@@ -82,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--limit", type=int, help="only the first N scans of each test set")
+    parser.add_argument("--score-only", action="store_true",
+                        help="score the two arms already fine-tuned in --out (no training)")
+    parser.add_argument("--middle-slices", type=int, metavar="N",
+                        help="score only the middle N slices of each test scan")
+    parser.add_argument("--without-bundled", action="store_true",
+                        help="do not score the untouched bundled model")
     args = parser.parse_args(argv)
     args.validate_every = min(args.validate_every, args.steps)
     if args.steps < 1 or args.steps % args.validate_every:
@@ -124,7 +131,21 @@ def fine_tune(args: argparse.Namespace, parent: Path, name: str) -> dict:
             "slice_context": read_model_metadata(out).slice_context}
 
 
-def score_test_set(manifest: Path, models: dict[str, Path], limit: int | None) -> dict:
+def trained_arm(args: argparse.Namespace, name: str) -> dict:
+    """An arm fine-tuned by an earlier run (``--score-only``); its cost is in that run's log."""
+    out = args.out / ("model-" + name.replace(".", "_"))
+    metadata = read_model_metadata(out)
+    best = metadata.extra.get("training", {})
+    summary = {"step": float("nan"), "best": best.get("best_validation",
+                                                      {"val_mean_iou": float("nan"),
+                                                       "step": float("nan")})}
+    return {"folder": str(out), "command": "(fine-tuned by an earlier run)",
+            "cpu_seconds": float("nan"), "wall_seconds": float("nan"), "summary": summary,
+            "slice_context": metadata.slice_context}
+
+
+def score_test_set(manifest: Path, models: dict[str, Path], limit: int | None,
+                   middle_slices: int | None = None) -> dict:
     """Raw-output scores of every model on one test set, all scans and per motion grade."""
     with open(manifest, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))[:limit]
@@ -133,7 +154,9 @@ def score_test_set(manifest: Path, models: dict[str, Path], limit: int | None) -
     by_grade: dict[tuple[str, str], list] = defaultdict(list)
     seconds: dict[str, list] = defaultdict(list)
     for row in rows:
-        scan, truth, _ = read_test_case(manifest, row)
+        scan, truth, regions = read_test_case(manifest, row)
+        if middle_slices:
+            scan, truth, _ = middle_slices_of(middle_slices, scan, truth, regions)
         grade = str(row.get("motion_grade", "?"))
         for name, (runner, config) in runners.items():
             raw, _, took = score_raw(scan, truth, runner, config)
@@ -182,15 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_before = os.getloadavg()
     warm_up()
-    arms = {name: fine_tune(args, parent, name) for name in ARMS}
-    models = {"bundled (untouched)": parent,
-              **{name: Path(arm["folder"]) for name, arm in arms.items()}}
+    arms = {name: trained_arm(args, name) if args.score_only else fine_tune(args, parent, name)
+            for name in ARMS}
+    models = {} if args.without_bundled else {"bundled (untouched)": parent}
+    models.update({name: Path(arm["folder"]) for name, arm in arms.items()})
     results = {"machine": machine(), "started": started, "load_before": load_before,
                "arguments": {k: str(v) for k, v in vars(args).items()}, "arms": arms,
                "test_sets": {}}
     for manifest in args.test_manifest:
         name = f"{manifest.parent.name}/{manifest.name}"
-        results["test_sets"][name] = report(name, score_test_set(manifest, models, args.limit))
+        results["test_sets"][name] = report(name, score_test_set(manifest, models, args.limit,
+                                                                 args.middle_slices))
     print("\n### fine-tuning cost (same steps, batch, learning rate, seed and data)\n")
     print("| arm | slice context | steps | best val mIoU (step) | CPU s | wall s |")
     print("|---|---|---|---|---|---|")
