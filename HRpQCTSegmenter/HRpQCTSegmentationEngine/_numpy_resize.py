@@ -85,11 +85,18 @@ def resize_bicubic_antialias(image: np.ndarray, size_yx: tuple[int, int]) -> np.
 
     Columns first, then rows (torch's order); an axis of unchanged size is left alone.
     """
+    return _columns_then_rows(image, size_yx, _resize_last_axis)
+
+
+def _columns_then_rows(image: np.ndarray, size_yx: tuple[int, int], resize_last_axis
+                       ) -> np.ndarray:
+    """A separable resize in float32: ``resize_last_axis`` along the columns, then the rows;
+    an axis of unchanged size is left alone."""
     out = np.asarray(image, dtype=_F32)
     if out.shape[1] != size_yx[1]:
-        out = _resize_last_axis(out, int(size_yx[1]))
+        out = resize_last_axis(out, int(size_yx[1]))
     if out.shape[0] != size_yx[0]:
-        out = np.ascontiguousarray(_resize_last_axis(out.T, int(size_yx[0])).T)
+        out = np.ascontiguousarray(resize_last_axis(out.T, int(size_yx[0])).T)
     return out
 
 
@@ -133,12 +140,7 @@ def resize_bicubic(image: np.ndarray, size_yx: tuple[int, int]) -> np.ndarray:
     Along the columns, then the rows, in float32: torch's kernel does the same arithmetic per
     pixel in another order, so results agree to float32 rounding (~1e-7), not bit for bit.
     """
-    out = np.asarray(image, dtype=_F32)
-    if out.shape[1] != size_yx[1]:
-        out = _resize_last_axis_cubic(out, int(size_yx[1]))
-    if out.shape[0] != size_yx[0]:
-        out = np.ascontiguousarray(_resize_last_axis_cubic(out.T, int(size_yx[0])).T)
-    return out
+    return _columns_then_rows(image, size_yx, _resize_last_axis_cubic)
 
 
 # ------------------------------------------------------------------------------------------
