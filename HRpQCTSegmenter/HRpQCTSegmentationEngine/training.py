@@ -49,6 +49,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -357,7 +358,8 @@ def _case_slices(case: TrainingCase, n_slices: int, slices_per_scan: int) -> np.
 
 def load_slices(cases: Sequence[TrainingCase], preprocessing, slices_per_scan: int,
                 progress: ProgressCallback | None = None,
-                cancel: CancelToken | None = None, slice_context: int = 0) -> SliceDataset:
+                cancel: CancelToken | None = None, slice_context: int = 0,
+                voxel_mm: float | None = None) -> SliceDataset:
     """Read cases and preprocess ``slices_per_scan`` evenly spaced slices of each.
 
     Labels are brought to the model's input grid with the same crop and nearest-neighbour
@@ -365,22 +367,31 @@ def load_slices(cases: Sequence[TrainingCase], preprocessing, slices_per_scan: i
     ``slice_context`` k > 0 each slice comes with its k neighbours on each side from the
     same scan (:func:`.preprocessing.neighbour_indices`: the edge slice repeated at the
     ends), preprocessed with the same crop box; only the centre slice's labels are read.
+
+    ``voxel_mm`` (in-plane, mm; fine-tuning passes the parent model's training voxel size):
+    a scan more than 2 % off it is brought to it exactly as at inference
+    (:func:`.inference.model_grid`: the model's field in mm, resized to the network input),
+    so a model fine-tuned on 82 um scans still sees structures at the size it was trained
+    on, and segmenting with it resamples the same way. None: scans are used as they are.
     """
     from HRpQCTCore.io import read_scan
     from HRpQCTSegmentationEngine import preprocessing as pp
+    from HRpQCTSegmentationEngine.inference import model_grid
 
     images, labels, subjects, voxels = [], [], [], []
     for i, case in enumerate(cases):
         check(cancel)
         scan = read_scan(case.image_path)
         lab = _read_training_labels(case, scan.hu.shape)
-        box = pp.crop_box_for_scan(scan.hu, preprocessing)
-        stacker = _NeighbourStack(scan.hu, box, preprocessing, slice_context)
+        on_grid, grid = model_grid(preprocessing, scan.spacing_mm, voxel_mm)
+        box = pp.crop_box_for_scan(scan.hu, on_grid)
+        stacker = _NeighbourStack(scan.hu, box, on_grid, slice_context)
+        seen_mm = voxel_mm if grid["resampled"] else float(np.mean(scan.spacing_mm[1:]))
         for z in _case_slices(case, scan.n_slices, slices_per_scan):
             images.append(stacker.image(int(z)))
-            labels.append(pp.labels_to_model_grid(lab[z].astype(np.uint8), box, preprocessing))
+            labels.append(pp.labels_to_model_grid(lab[z].astype(np.uint8), box, on_grid))
             subjects.append(case.subject)
-            voxels.append(float(np.mean(scan.spacing_mm[1:])))
+            voxels.append(seen_mm)
         report(progress, i + 1, len(cases), "loading training scans")
     return SliceDataset(np.stack(images), np.stack(labels), subjects, voxels)
 
@@ -787,11 +798,15 @@ def train_segmenter(
     if fine_tuning and preprocessing is None:  # the parent's preprocessing, not the paper's
         preprocessing = parent.preprocessing
     preprocessing = preprocessing or pp.PreprocessingConfig()
+    # A fine-tune keeps its parent's voxel size: other scans are resampled to it.
+    voxel_mm = parent.training_voxel_mm if fine_tuning else None
+    load = partial(load_slices, preprocessing=preprocessing,
+                   slices_per_scan=config.slices_per_scan, cancel=cancel,
+                   slice_context=context, voxel_mm=voxel_mm)
     n_subjects = len({c.subject for c in cases})
     if fine_tuning and n_subjects < 3:
         # One or two corrected scans: no subject can be spared for validation.
-        data = load_slices(cases, preprocessing, config.slices_per_scan, progress, cancel,
-                           slice_context=context)
+        data = load(cases, progress=progress)
         train_data, val_data = split_by_slices(data, config.validation_fraction, config.seed)
         validation = (f"held-out slices of the same {len(cases)} scan(s) ({len(val_data)} "
                       "slices): optimistic, not an independent subject")
@@ -801,10 +816,8 @@ def train_segmenter(
         log.info("Training on %d scans (%d subjects), validating on %d scans (%d subjects)",
                  len(train_cases), len({c.subject for c in train_cases}), len(val_cases),
                  len({c.subject for c in val_cases}))
-        train_data = load_slices(train_cases, preprocessing, config.slices_per_scan,
-                                 progress, cancel, slice_context=context)
-        val_data = load_slices(val_cases, preprocessing, config.slices_per_scan, None, cancel,
-                               slice_context=context)
+        train_data = load(train_cases, progress=progress)
+        val_data = load(val_cases)
         validation = (f"{len({c.subject for c in val_cases})} held-out subject(s) never seen "
                       "in training")
     provenance = {"validation": validation, "n_scans": len(cases),

@@ -102,6 +102,54 @@ def test_seven_region_seg_nrrd_is_collapsed_to_classes(tmp_path, tiny_preprocess
     assert set(np.unique(data.labels)) == {0, 1, 5}  # adipose (7) became soft tissue (5)
 
 
+def _write_scan_at(folder, name, hu, labels, voxel_mm):
+    from HRpQCTCore.io import write_label_map, write_scan
+    from HRpQCTCore.scan import Scan
+
+    scan = Scan(hu, (0.5, voxel_mm, voxel_mm))
+    image = write_scan(scan, folder / f"{name}.nii.gz")
+    label_path = folder / f"{name}_labels.nii.gz"
+    write_label_map(labels, scan, label_path)
+    return image, label_path
+
+
+def test_scans_off_the_target_voxel_size_are_resampled_like_at_inference(tmp_path,
+                                                                         tiny_preprocessing):
+    # The same leg at the model's 0.25 mm and at 0.5 mm (every second pixel): brought to
+    # 0.25 mm, the coarse scan's labels land where the fine scan's do; left alone, the leg
+    # fills half the field.
+    hu, regions = _leg(n_slices=2, size=96)
+    fine = _write_scan_at(tmp_path, "fine", hu, regions, 0.25)
+    coarse = _write_scan_at(tmp_path, "coarse", hu[:, ::2, ::2], regions[:, ::2, ::2], 0.5)
+    reference = load_slices([TrainingCase("f", *fine)], tiny_preprocessing, 0, voxel_mm=0.25)
+    resampled = load_slices([TrainingCase("c", *coarse)], tiny_preprocessing, 0,
+                            voxel_mm=0.25)
+    as_is = load_slices([TrainingCase("c", *coarse)], tiny_preprocessing, 0)
+    assert resampled.voxel_mm == [0.25, 0.25] and as_is.voxel_mm == [0.5, 0.5]
+    assert training.training_voxel_mm(resampled) == 0.25
+    assert resampled.images.shape == reference.images.shape == as_is.images.shape
+    agree = np.mean(resampled.labels == reference.labels)
+    assert agree > 0.97, agree
+    assert np.mean(as_is.labels == reference.labels) < 0.9
+    # bone pixels: the disk keeps its size in the model's millimetres
+    assert np.sum(resampled.labels == 1) == pytest.approx(np.sum(reference.labels == 1),
+                                                          rel=0.1)
+
+
+def test_fine_tuning_keeps_the_parent_voxel_size(tmp_path, tiny_preprocessing):
+    from HRpQCTSegmentationEngine.model import build_model, read_model_metadata, save_model
+
+    parent = save_model(build_model("b0", seed=3), tmp_path / "parent-025",
+                        preprocessing=tiny_preprocessing, training_voxel_mm=0.25,
+                        extra_metadata={"name": "tiny-parent"})
+    hu, regions = _leg(n_slices=6, size=32)
+    cases = [TrainingCase("s1", *_write_scan_at(tmp_path, "c", hu, regions, 0.5))]
+    config = fine_tune_config(epochs=1, steps_per_epoch=1, batch_size=2, crop_px=32,
+                              warmup_steps=1, validation_slices=2)
+    train_segmenter(cases, tmp_path / "child", config=config, init_from=parent, device="cpu")
+    assert read_model_metadata(tmp_path / "child").training_voxel_mm == 0.25
+
+
 def test_manifest_reads_the_slices_column(tmp_path):
     path = tmp_path / "m.csv"
     with open(path, "w", newline="", encoding="utf-8") as fh:
