@@ -81,7 +81,8 @@ def postprocess(classes: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, fl
         Use ``classes`` (a writable uint8 array, which the caller no longer needs) as the
         work's memory: it is cleaned in place, then overwritten by the seven regions, which
         ``regions`` returns (``classes`` is then None). The same regions, without two more
-        label volumes (0.86 GB for a full 168 x 1600 x 1600 scan).
+        label volumes (0.86 GB for a full 168 x 1600 x 1600 scan) nor the leg box's region
+        array during the soft-tissue subdivision (about 0.2 GB more).
 
     Raises
     ------
@@ -118,17 +119,20 @@ def postprocess(classes: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, fl
     log.info("%s", levels.describe())
     if levels.source == "one peak":
         warnings.append(levels.describe())
-    box, regions = _soft_tissue_in_leg_box(cleaned, hu, spacing_mm, config, levels, workers,
-                                           cancel)
-    report(progress, 3, 4, "post-processing")
     rings = None
-    if with_rings:
+    if with_rings:  # before the subdivision: in place, it overwrites the classes rings read
         check(cancel)
         rings = distance_rings(cleaned, spacing_mm, config.ring_radii_mm, workers=workers)
-    if box is not None:
+    # `cleaned` is a writable uint8 array of ours after `overwrite_input` (the input or
+    # clean_classes' copy of it), so the subdivision always writes into it then.
+    box, regions = _soft_tissue_in_leg_box(cleaned, hu, spacing_mm, config, levels, workers,
+                                           cancel, overwrite_input)
+    report(progress, 3, 4, "post-processing")
+    if overwrite_input:
+        regions = cleaned  # the box's regions are in it; outside the box it is 0
+    elif box is not None:
         # Outside the leg's box there are no labels: the box's regions complete the volume.
-        inner, regions = regions, cleaned if overwrite_input else np.zeros(cleaned.shape,
-                                                                             np.uint8)
+        inner, regions = regions, np.zeros(cleaned.shape, np.uint8)
         regions[box] = inner
         del inner
     report(progress, 4, 4, "post-processing")
@@ -138,18 +142,19 @@ def postprocess(classes: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, fl
 
 def _soft_tissue_in_leg_box(cleaned: np.ndarray, hu: np.ndarray,
                             spacing_mm: tuple[float, float, float], config: PostprocessConfig,
-                            levels: SoftTissueLevels, workers: int, cancel: CancelToken | None
+                            levels: SoftTissueLevels, workers: int, cancel: CancelToken | None,
+                            overwrite_input: bool = False
                             ) -> tuple[tuple[slice, ...] | None, np.ndarray]:
     """:func:`subdivide_soft_tissue` of the leg's box: ``(box, its regions)``.
 
     The subdivision itself works only inside this box (all slices, the in-plane bounding box
     of the labels with its margin), so giving it the box alone gives the same labels there,
-    in an array of the box's size instead of the scan's (about a third of it). ``box`` is
-    None when there are no labels: the regions are then the whole volume's.
+    in an array of the box's size instead of the scan's (about a third of it), or, with
+    ``overwrite_input``, in ``cleaned`` itself (the regions are then a view of its box).
+    ``box`` is None when there are no labels: the regions are then the whole volume's.
     """
     box = _leg_box(cleaned)
-    if box is None:
-        return None, subdivide_soft_tissue(cleaned, hu, spacing_mm, config, levels=levels,
-                                           workers=workers, cancel=cancel)
-    return box, subdivide_soft_tissue(cleaned[box], hu[box], spacing_mm, config, levels=levels,
-                                      workers=workers, cancel=cancel)
+    where = (slice(None),) * cleaned.ndim if box is None else box
+    return box, subdivide_soft_tissue(cleaned[where], hu[where], spacing_mm, config,
+                                      levels=levels, workers=workers,
+                                      overwrite_input=overwrite_input, cancel=cancel)

@@ -17,10 +17,13 @@ streaks scaled back in each slice's spectrum; HU replaced by their mean over a c
 not bleed in); the split (and the seed windows) placed between the scan's own fat and muscle
 levels; and the slow drift against those levels removed. The work is done slab by slab and
 slice by slice in threads: memory stays bounded by a slab (two float32 arrays), not the scan.
+With ``overwrite_input`` the regions are written into the classes array itself, which then
+needs no region array beside it (see :func:`subdivide_soft_tissue`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -249,11 +252,13 @@ def _local_mean(hu2d: np.ndarray, num2d: np.ndarray | None, den2d: np.ndarray | 
 def _label_slice(classes2d: np.ndarray, hu2d: np.ndarray, num2d: np.ndarray | None,
                  den2d: np.ndarray | None, view2d: np.ndarray, spacing_yx, config,
                  rules: _Rules) -> None:
-    """Write the region labels of one slice's soft tissue into ``view2d`` (0 there before).
+    """Write the region labels of one slice into ``view2d``, which may be ``classes2d`` itself.
 
     ``num2d``/``den2d``: the slice of the box sums when smoothing (else None).
     """
     masks = _slice_masks(classes2d, spacing_yx, config)
+    # Only now, with the masks taken: in place this overwrites the classes they are read from.
+    _bone_regions(classes2d, view2d)
     if masks is None:
         return
     box, soft, skin, inner = masks
@@ -316,9 +321,12 @@ def _bone_regions(classes: np.ndarray, out: np.ndarray) -> None:
     out[out > len(_BONE_LABELS)] = 0
 
 
-def _suppress_slab(classes: np.ndarray, hu: np.ndarray, voxel_mm: float, out: np.ndarray,
-                   pool: ThreadPoolExecutor) -> np.ndarray:
-    """Streak-suppressed HU of a slab into ``out`` (float32), slice by slice in ``pool``."""
+def _suppress_slab(classes: Sequence[np.ndarray], hu: np.ndarray, voxel_mm: float,
+                   out: np.ndarray, pool: ThreadPoolExecutor) -> np.ndarray:
+    """Streak-suppressed HU of a slab into ``out`` (float32), slice by slice in ``pool``.
+
+    ``classes``: the slab's class slices (a 3D array or a list of 2D ones).
+    """
 
     def work(k: int) -> None:
         out[k] = suppress_streaks(hu[k], classes[k] == SOFT, voxel_mm)
@@ -330,11 +338,17 @@ def _suppress_slab(classes: np.ndarray, hu: np.ndarray, voxel_mm: float, out: np
 class _SlabPass:
     """The per-slab inputs of rules 2-4: streak-suppressed HU and the local-mean box sums.
 
-    Holds the float32 slab buffers, so that a pass over the scan allocates them once.
+    Holds the float32 slab buffers, so that a pass over the scan allocates them once. With
+    ``keep_halo`` the caller overwrites each slab's classes with its regions once the slab is
+    read (:meth:`keep` first): the pass then keeps a copy of the classes of the ``halo``
+    slices before the next slab, the only overwritten ones that a later slab still reads
+    (its smoothing and streak suppression need their soft tissue, which the regions no
+    longer show: skin has the soft-tissue class's label, the rest of it other labels).
     """
 
     def __init__(self, classes: np.ndarray, hu: np.ndarray, spacing_mm, config: PostprocessConfig,
-                 slab_slices: int, pool: ThreadPoolExecutor, workers: int) -> None:
+                 slab_slices: int, pool: ThreadPoolExecutor, workers: int, *,
+                 keep_halo: bool = False) -> None:
         self.classes, self.hu, self.config, self.pool = classes, hu, config, pool
         self.workers = workers
         self.window_vox = _window_voxels(config.smoothing_window_mm, spacing_mm)
@@ -344,6 +358,26 @@ class _SlabPass:
         shape = (min(classes.shape[0], slab_slices + 2 * self.halo), *classes.shape[1:])
         count = 2 if self.smoothing else int(config.streak_suppression)
         self.buffers = [np.empty(shape, np.float32) for _ in range(count)]
+        self.keep_halo = keep_halo
+        self.kept = classes[:0].copy()  # the classes of slices kept_from:kept_from + len(kept)
+        self.kept_from = 0
+
+    def _classes(self, z: int) -> np.ndarray:
+        """The classes of slice ``z``: the kept copy where the slice holds regions already."""
+        k = z - self.kept_from
+        return self.kept[k] if 0 <= k < len(self.kept) else self.classes[z]
+
+    def keep(self, z0: int, z1: int) -> None:
+        """Before slices ``z0:z1`` are overwritten: keep the classes the next slab reads.
+
+        Those are the ``halo`` slices up to ``z1`` (partly kept already when a slab is
+        thinner than the halo); the slices after ``z1`` are not overwritten yet.
+        """
+        if not self.keep_halo or self.halo == 0:
+            return
+        start = max(0, z1 - self.halo)
+        self.kept = np.stack([self._classes(z) for z in range(start, z1)])
+        self.kept_from = start
 
     def slab(self, h0: int, h1: int):
         """HU, box-sum numerator and denominator of slices ``h0:h1`` (sums None if unused).
@@ -354,13 +388,16 @@ class _SlabPass:
         meaningless elsewhere. One float32 slab less.
         """
         hu = self.hu[h0:h1]
-        classes = self.classes[h0:h1]
+        # views, slice by slice: the kept copies stand in for slices already overwritten
+        classes = [self._classes(z) for z in range(h0, h1)]
         if self.config.streak_suppression:
             hu = _suppress_slab(classes, hu, self.voxel_mm, self.buffers[0][:h1 - h0],
                                 self.pool)
         num = den = None
         if self.smoothing:
-            soft = classes == SOFT
+            soft = np.empty(hu.shape, bool)
+            for k, plane in enumerate(classes):
+                np.equal(plane, SOFT, out=soft[k])
             if soft.any():
                 num, den = (b[:h1 - h0] for b in self.buffers)
                 _box_sums(hu, soft, self.window_vox, num, den,
@@ -419,7 +456,8 @@ def soft_tissue_levels(classes: np.ndarray, hu: np.ndarray,
 def subdivide_soft_tissue(classes: np.ndarray, hu: np.ndarray,
                           spacing_mm: tuple[float, float, float], config: PostprocessConfig,
                           *, levels: SoftTissueLevels | None = None, slab_slices: int = 32,
-                          workers: int = 2, progress: ProgressCallback | None = None,
+                          workers: int = 2, overwrite_input: bool = False,
+                          progress: ProgressCallback | None = None,
                           cancel: CancelToken | None = None) -> np.ndarray:
     """Turn a cleaned 5-class volume and its HU into the 7-region label volume.
 
@@ -434,31 +472,40 @@ def subdivide_soft_tissue(classes: np.ndarray, hu: np.ndarray,
     levels:
         The scan's soft-tissue levels, if already known (from :func:`soft_tissue_levels`);
         estimated here otherwise.
+    overwrite_input:
+        Write the regions into ``classes`` (if it is a writable uint8 array, which the caller
+        no longer needs) and return it; otherwise, as without the option, into a new array.
+        The same regions without a second label array of the input's size (0.40 GiB for a
+        full 168 x 1600 x 1600 scan). If cancelled, ``classes`` is left part overwritten.
 
     Memory beyond the result: two float32 slabs of ``slab_slices`` (plus the window's
-    halo) over the leg's bounding box, and per-slice arrays. ``slab_slices`` sets where the
-    smoothing restarts along z, which can move a local mean by rounding: keep it.
+    halo) over the leg's bounding box, and per-slice arrays; in place, a copy of the classes
+    of the halo's slices. ``slab_slices`` sets where the smoothing restarts along z, which
+    can move a local mean by rounding: keep it.
     """
     if classes.shape != hu.shape:
         raise ValueError(f"Label shape {classes.shape} differs from image shape {hu.shape}")
+    in_place = (overwrite_input and isinstance(classes, np.ndarray)
+                and classes.dtype == np.uint8 and classes.flags.writeable)
     box = _leg_box(classes)
-    if box is None:
-        return classes_to_regions(classes)
+    if box is None:  # no labels at all: every voxel is background, which in place it is
+        return classes if in_place else classes_to_regions(classes)
     # Outside the box there are no labels: only the box needs converting and subdividing.
-    regions = np.zeros(classes.shape, dtype=np.uint8)
+    regions = classes if in_place else np.zeros(classes.shape, dtype=np.uint8)
     classes, hu, regions_view = classes[box], hu[box], regions[box]
     spacing_yx = (float(spacing_mm[1]), float(spacing_mm[2]))
     n = classes.shape[0]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        if levels is None:
+        if levels is None:  # before the first slab, so from the classes as they came
             levels = (fixed_levels(config.split_hu) if config.split_levels == "fixed" else
                       _levels_in_box(classes, hu, spacing_mm, config, pool, workers))
         rules = _Rules.of(levels, config, spacing_yx)
-        slab_pass = _SlabPass(classes, hu, spacing_mm, config, slab_slices, pool, workers)
+        slab_pass = _SlabPass(classes, hu, spacing_mm, config, slab_slices, pool, workers,
+                              keep_halo=in_place)
         for z0, z1, h0, h1 in _slab_bounds(n, slab_slices, slab_pass.halo):
             check(cancel)
-            _bone_regions(classes[z0:z1], regions_view[z0:z1])
             hu_slab, num, den = slab_pass.slab(h0, h1)
+            slab_pass.keep(z0, z1)  # in place, the work below overwrites slices z0:z1
             offset = z0 - h0
 
             def work(k: int, z0=z0, offset=offset, hu_slab=hu_slab, num=num, den=den) -> None:
@@ -467,7 +514,8 @@ def subdivide_soft_tissue(classes: np.ndarray, hu: np.ndarray,
                              None if den is None else den[j], regions_view[z0 + k],
                              spacing_yx, config, rules)
 
-            list(pool.map(work, range(z1 - z0)))  # each slice writes its own plane
+            # each slice reads and writes its own plane only (in place: one and the same)
+            list(pool.map(work, range(z1 - z0)))
             report(progress, z1, n, "soft-tissue subdivision")
     return regions
 
