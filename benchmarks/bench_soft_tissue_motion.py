@@ -44,15 +44,18 @@ from HRpQCTSegmentationEngine.postprocess.soft_tissue import (
 RULES = {
     "paper rules (raw HU, fixed thresholds)": PAPER,
     "before: 0.3 mm local mean, fixed -50 HU split": DEFAULT.with_fixed_split(),
-    "scan's own levels only": replace(DEFAULT, streak_suppression=False, drift_window_mm=0.0),
-    "own levels + streak suppression": replace(DEFAULT, drift_window_mm=0.0),
-    "**default** (own levels, streaks, drift)": DEFAULT,
+    "scan's own levels only": replace(DEFAULT, streak_suppression=False, drift_window_mm=0.0,
+                                      myotendinous_opening_mm=0.0),
+    "own levels + streak suppression": replace(DEFAULT, drift_window_mm=0.0,
+                                               myotendinous_opening_mm=0.0),
+    "own levels, streaks, drift": replace(DEFAULT, myotendinous_opening_mm=0.0),
+    "**default** (own levels, streaks, drift, opening)": DEFAULT,
 }
 #: Under re-calibration and on the network's split only these (the ablation steps, on the
 #: true split, say what each step adds).
 CALIBRATION_RULES = ("paper rules (raw HU, fixed thresholds)",
                      "before: 0.3 mm local mean, fixed -50 HU split",
-                     "**default** (own levels, streaks, drift)")
+                     "**default** (own levels, streaks, drift, opening)")
 CALIBRATIONS = {"as scanned": (1.0, 0.0), "+150 HU": (1.0, 150.0), "-150 HU": (1.0, -150.0),
                 "x 0.85": (0.85, 0.0)}
 

@@ -1,7 +1,10 @@
 """Each post-processing rule, proved on constructed masks with known answers."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from HRpQCTCore.regions import class_by_name, region_by_name
 from HRpQCTSegmentationEngine.postprocess import (
@@ -186,6 +189,34 @@ def test_smoothing_reduces_speckle_in_noisy_fat():
     assert smooth_fat > 0.97
 
 
+def test_thin_bright_lines_in_fat_are_opened_away_and_muscle_is_kept():
+    # Fat with a muscle belly (3 mm square) and a bright line 0.3 mm wide, as a motion streak
+    # leaves one: the opening turns the line into adipose and keeps the belly whole.
+    classes = np.zeros((1, 200, 200), np.uint8)
+    classes[0][_disk((200, 200), (100, 100), 95)] = SOFT
+    hu = np.where(classes == SOFT, -100.0, -1000.0).astype(np.float32)
+    hu[0, 60:90, 60:90] = 50.0  # the belly
+    hu[0, 120:123, 40:160] = 150.0  # the streak, 3 voxels of 0.1 mm
+    config = PostprocessConfig(smoothing_window_mm=0.0).with_fixed_split()
+    opened = replace(config, myotendinous_opening_mm=0.4)
+    before = subdivide_soft_tissue(classes, hu, SPACING, config)[0]
+    after = subdivide_soft_tissue(classes, hu, SPACING, opened)[0]
+    assert (before[120:123, 40:160] == MYO).all()  # the split alone calls the line muscle
+    assert (after[120:123, 40:160] == FAT).all()
+    assert (after[60:90, 60:90] == MYO).all() and (after == MYO).sum() == 900
+    # a line as wide as the square (0.5 mm: 5 voxels) stays
+    hu[0, 120:125, 40:160] = 150.0
+    assert (subdivide_soft_tissue(classes, hu, SPACING, opened)[0][120:125, 40:160] == MYO).all()
+
+
+def test_the_opening_is_off_in_the_paper_rules():
+    assert PAPER.myotendinous_opening_mm == 0
+    assert PostprocessConfig().with_fixed_split().myotendinous_opening_mm == 0
+    assert PostprocessConfig().myotendinous_opening_mm == 0.4
+    with pytest.raises(ValueError, match="myotendinous_opening_mm"):
+        PostprocessConfig(myotendinous_opening_mm=-1.0)
+
+
 def test_distance_rings_have_the_requested_radii():
     classes = np.zeros((1, 400, 400), np.uint8)
     classes[0][_disk((400, 400), (200, 200), 190)] = SOFT
@@ -204,7 +235,16 @@ def test_postprocess_end_to_end_returns_seven_regions_and_rejects_region_maps():
     hu = np.where(classes == SOFT, 40.0, 1500.0).astype(np.float32)
     result = postprocess(classes, hu, SPACING, with_rings=True)
     assert result.regions.dtype == np.uint8
-    assert set(np.unique(result.regions)) == {0, TC, TT, FC, FT, SKIN, MYO}
+    assert set(np.unique(result.regions)) == {0, TC, TT, FC, FT, SKIN, MYO, FAT}
+    # Muscle-level tissue is myotendinous except where the opening's square cannot reach:
+    # a few voxels in the staircase of the small fibula's digital circle.
+    fat = result.regions == FAT
+    assert fat.sum() < 2e-3 * (result.regions == MYO).sum()
+    near_bone = ndi.binary_dilation(np.isin(result.regions, (FC, FT, TC, TT)),
+                                    iterations=4)  # closer than the square's side (5)
+    assert near_bone[fat].all()
+    plain = postprocess(classes, hu, SPACING, PostprocessConfig(myotendinous_opening_mm=0.0))
+    assert set(np.unique(plain.regions)) == {0, TC, TT, FC, FT, SKIN, MYO}
     assert result.rings is not None and result.rings.max() >= 1
     with pytest.raises(ValueError, match="5-class"):
         postprocess(np.full((1, 4, 4), 7, np.uint8), np.zeros((1, 4, 4), np.float32), SPACING)

@@ -70,6 +70,12 @@ class PostprocessConfig:
     drift_window_mm:
         Side of the in-plane window over which the slow drift of soft-tissue HU against the
         tissue levels (broad motion bands) is estimated and removed; 0 = off.
+    myotendinous_opening_mm:
+        Side of the square with which the myotendinous region of each slice is opened: parts
+        of it too thin to hold the square become adipose; 0 = off. Motion streaks cross the
+        fat as bright lines a few voxels wide that survive the local mean and the split;
+        muscle bellies and tendons are millimetres across. 0.4 mm (7 voxels at 60.7 um) was
+        chosen on development phantoms outside both test sets (benchmarks/RESULTS.md).
     smoothing_window_mm:
         Side of the cube over which HU are averaged (soft-tissue voxels only) before the rules;
         0 = the paper's rules on raw HU. HR-pQCT noise (SD 100-200 HU) is as large as the
@@ -98,6 +104,7 @@ class PostprocessConfig:
     split_fraction: float = 0.5
     streak_suppression: bool = True
     drift_window_mm: float = 3.0
+    myotendinous_opening_mm: float = 0.4
     smoothing_window_mm: float = 0.3
     ring_radii_mm: tuple[float, ...] = (2.0, 5.0, 10.0, 15.0, 20.0)
 
@@ -112,7 +119,7 @@ class PostprocessConfig:
         for name in ("max_cortical_gap_mm", "min_bone_area_mm2", "skin_width_mm",
                      "seed_growth_mm", "smoothing_window_mm", "leg_opening_mm",
                      "skin_surface_band_mm", "skin_surface_window_mm", "periosteal_band_mm",
-                     "periosteal_window_mm", "drift_window_mm"):
+                     "periosteal_window_mm", "drift_window_mm", "myotendinous_opening_mm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("tendon_seed_hu", "fat_seed_hu"):
@@ -126,9 +133,10 @@ class PostprocessConfig:
                        periosteal_band_mm=0.0)
 
     def with_fixed_split(self) -> PostprocessConfig:
-        """These settings with the soft-tissue rules on absolute HU, as the paper has them."""
+        """These settings with the soft-tissue rules on absolute HU, as the paper has them
+        (no streak suppression, drift correction or opening either)."""
         return replace(self, split_levels="fixed", streak_suppression=False,
-                       drift_window_mm=0.0)
+                       drift_window_mm=0.0, myotendinous_opening_mm=0.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,7 +156,7 @@ PAPER = PostprocessConfig(connectivity="2d", smoothing_window_mm=0.0,
                           seed_growth_mm=0.25).without_surface_refinement().with_fixed_split()
 #: This project's default: 3D components, surfaces refined to the HU edges, and soft tissue
 #: split on a local HU mean between the scan's own fat and muscle levels, with motion streaks
-#: and slow drifts removed first.
+#: and slow drifts removed first and streak remnants opened away after.
 DEFAULT = PostprocessConfig()
 
 
