@@ -87,11 +87,26 @@ def read_manifest(path: str | Path) -> list[ScanJob]:
     Raises
     ------
     InputFileError
-        If the file is missing, has no ``scan`` column, lists nothing, or repeats a scan id.
+        If the file is missing, is not UTF-8 text CSV, has no ``scan`` column, lists nothing,
+        or repeats a scan id.
     """
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"Manifest {path} does not exist.")
+    try:
+        jobs = _read_jobs(path)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputFileError(
+            f"Manifest {path} is not a UTF-8 CSV text file ({exc}); give the CSV that lists "
+            "the scans (a 'scan' column), not a scan or another binary file.") from exc
+    if not jobs:
+        raise InputFileError(f"Manifest {path} lists no scans.")
+    _check_unique(jobs, str(path))
+    return jobs
+
+
+def _read_jobs(path: Path) -> list[ScanJob]:
+    """The manifest's rows as jobs (paths relative to the manifest's folder)."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = [h.strip() for h in reader.fieldnames or []]
@@ -118,9 +133,6 @@ def read_manifest(path: str | Path) -> list[ScanJob]:
                 regions = path.parent / regions
             jobs.append(ScanJob.from_path(scan, record.get("scan_id") or None,
                                           record.get("subject", ""), regions))
-    if not jobs:
-        raise InputFileError(f"Manifest {path} lists no scans.")
-    _check_unique(jobs, str(path))
     return jobs
 
 

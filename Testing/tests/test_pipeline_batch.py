@@ -164,3 +164,16 @@ def test_a_cohort_manifest_is_read_by_its_own_column_names(tmp_path):
                                                       ("sub-002", "sub-002")]
     assert jobs[0].scan == tmp_path / "sub-001" / "sub-001.nii.gz"
     assert all(j.regions is None for j in jobs)
+
+
+@pytest.mark.parametrize("content", [b"\x1f\x8b\x08\x00\xff\xfe binary",  # a gzip header
+                                     "scan\na.nii\n".encode("utf-16")])  # UTF-16 text
+def test_a_binary_file_as_manifest_is_refused_with_a_message(tmp_path, content):
+    """A scan or other binary file given as the manifest: InputFileError, not a traceback."""
+    from HRpQCTCore.errors import InputFileError
+    from HRpQCTPipeline.batch import read_manifest
+
+    manifest = tmp_path / "scan.nii.gz"
+    manifest.write_bytes(content)
+    with pytest.raises(InputFileError, match="not a UTF-8 CSV text file"):
+        read_manifest(manifest)
