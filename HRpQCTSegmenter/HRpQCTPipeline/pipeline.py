@@ -124,10 +124,11 @@ class RunSettings:
     accept_unusual_scan:
         Segment a scan the plausibility check refuses (not a distal tibia/fibula HR-pQCT scan,
         see :mod:`HRpQCTSegmentationEngine.plausibility`); its results carry an
-        ``unusual_scan`` warning and no probability.
+        ``unusual_scan`` warning and no probability. Part of the segmentation's resume key.
     uncertainty:
         The segmentation's per-slice uncertainty for the QC (``none``, ``margin`` or ``flip``,
-        see :mod:`HRpQCTSegmentationEngine.uncertainty`); QC only, labels are unchanged.
+        see :mod:`HRpQCTSegmentationEngine.uncertainty`); QC only, labels are unchanged. Part
+        of the segmentation's resume key (the QC it records changes).
     """
 
     model: str | None = None
@@ -528,8 +529,12 @@ def _stage_keys(ctx: RunContext) -> dict[str, str | None]:
     if ctx.job.regions:
         seg_key = stage_key({"input": input_key, "provided_regions": ctx.regions_fp["sha256"]})
     elif ctx.model_folder is not None:
+        # the plausibility override and the uncertainty method change what the stage
+        # records (a refused scan, the QC's per-slice uncertainty), so they are in its key
         seg_key = stage_key({"input": input_key, "model": model_sha256(ctx.model_folder),
                              "postprocess": settings.postprocess,
+                             "accept_unusual_scan": bool(settings.accept_unusual_scan),
+                             "uncertainty": settings.uncertainty,
                              "version": STAGE_VERSIONS["segmentation"]})
     else:
         seg_key = None

@@ -174,3 +174,31 @@ def test_motion_index_separates_still_and_moved_scans():
                                      phantom.scan.spacing_mm)["median_hu"]
     limit = QCThresholds().max_streak_hu
     assert values[1] < limit < values[5]
+
+
+def test_run_redoes_segmentation_when_its_qc_options_change(tmp_path, pipeline_scans,
+                                                            tiny_model_folder):
+    """The uncertainty method and the plausibility override are in the segmentation's key:
+    a resumed run with another one does not keep the QC the earlier option recorded."""
+    scan = pipeline_scans[0]
+    out = tmp_path / "out"
+    base = ["run", str(scan.scan), "--out", str(out), "--model", str(tiny_model_folder),
+            "--classifier", "none", "--features", "none", "--no-report", "--jobs", "1",
+            "--progress", "none", "--units", "hu", "--accept-unusual-scan"]
+
+    def seg_qc():
+        return json.loads((out / "scan0_segmentation_qc.json").read_text(encoding="utf-8"))
+
+    assert main([*base, "--uncertainty", "none"]) == 0
+    assert _stages(out)["segmentation"] == "ran"
+    assert seg_qc()["uncertainty_method"] == "none"
+    assert main([*base, "--uncertainty", "none"]) == 0
+    assert _stages(out)["segmentation"] == "reused"
+    assert main([*base, "--uncertainty", "margin"]) == 0
+    assert _stages(out)["segmentation"] == "ran"
+    assert seg_qc()["uncertainty_method"] == "margin"
+    # without the override the (plausible) scan is checked and segmented again: results made
+    # while the check was overridden are never kept for a run that did not override it
+    assert main([arg for arg in base if arg != "--accept-unusual-scan"]
+                + ["--uncertainty", "margin"]) == 0
+    assert _stages(out)["segmentation"] == "ran"
