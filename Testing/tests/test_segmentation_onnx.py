@@ -86,6 +86,22 @@ def test_shipped_graph_equals_the_torch_reference(bundled_folder, phantom_hu):
     np.testing.assert_array_equal(logits.argmax(1), reference.argmax(1))
 
 
+def test_sessions_without_the_memory_pattern_give_the_same_logits(bundled_folder, phantom_hu):
+    """Ours plans no memory pattern (less resident memory); the logits are ONNX Runtime's
+    default's, bit for bit, on the first call (which plans the pattern) and later ones."""
+    metadata = read_model_metadata(bundled_folder)
+    config = metadata.preprocessing
+    graph = onnx_graph.folder_graph(bundled_folder, metadata, config.input_yx)
+    box = crop_box_for_scan(phantom_hu, config)
+    inputs = [preprocess_slices(phantom_hu[z:z + 1], box, config).numpy() for z in (0, 2)]
+    ours = onnx_graph.OnnxSession(graph.path)
+    default = onnx_graph.OnnxSession(graph.path, memory_pattern=True)
+    assert not ours.session.get_session_options().enable_mem_pattern
+    assert default.session.get_session_options().enable_mem_pattern
+    for pixels in inputs:
+        np.testing.assert_array_equal(ours.run(pixels), default.run(pixels))
+
+
 def test_shipped_graph_is_a_checksummed_artefact_tied_to_the_metadata(bundled_folder):
     path = verified_path("segformer-b0-phantoms:onnx")
     assert path == bundled_folder / onnx_graph.ONNX_FILE
