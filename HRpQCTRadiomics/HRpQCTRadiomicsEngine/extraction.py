@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from HRpQCTCore.errors import HRpQCTError, InvalidScanError
+from HRpQCTCore.hu_volume import as_hu_volume
 from HRpQCTCore.progress import CancelToken, ProgressCallback, check, report
 from HRpQCTCore.regions import REGIONS, region_by_label
 from HRpQCTRadiomicsEngine.feature_classes import feature_classes_for_one_image
@@ -642,7 +643,7 @@ def extract_features(hu: np.ndarray, regions_map: np.ndarray,
         order.
     """
     settings = load_settings(settings)
-    hu = np.asarray(hu)
+    hu = as_hu_volume(hu)  # read slice by slice (or one box): no whole float copy
     regions_map = _as_labels(regions_map)
     if hu.ndim != 3 or hu.shape != regions_map.shape:
         raise InvalidScanError(

@@ -201,7 +201,10 @@ class Scan:
     Attributes
     ----------
     hu:
-        Grey values in HU, shape ``(z, y, x)``; float32 (or int16 when exact).
+        Grey values in HU, shape ``(z, y, x)``: a float32 array, or (files stored as 16-bit
+        integers) a :class:`~HRpQCTCore.hu_volume.StoredHUVolume` that keeps the integers and
+        gives the same float32 HU wherever it is read, in half the memory. Read it a slice,
+        slab or box at a time (``hu[z]``, ``hu[z0:z1]``); ``numpy.asarray(hu)`` converts all.
     spacing_mm:
         Voxel size per array axis ``(z, y, x)`` in mm.
     origin_mm:

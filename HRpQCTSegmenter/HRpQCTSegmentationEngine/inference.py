@@ -551,7 +551,7 @@ def model_grid(config: PreprocessingConfig, spacing_mm: Any,
 # ------------------------------------------------------------------------------------------
 def _checked_finite(volume: np.ndarray, z0: int, z1: int) -> np.ndarray:
     """Slices ``z0 .. z1 - 1``, refused if they hold NaN or infinite values."""
-    slices = volume[z0:z1]
+    slices = np.asarray(volume[z0:z1])  # a stored volume's HU: converted once, here
     if not np.issubdtype(volume.dtype, np.integer) and not np.isfinite(slices).all():
         raise InvalidScanError(
             f"Slices {z0}..{z1 - 1} contain NaN or infinite values; the scan is "

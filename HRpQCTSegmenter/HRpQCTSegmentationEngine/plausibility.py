@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from HRpQCTCore.errors import InvalidScanError
+from HRpQCTCore.hu_volume import as_hu_volume
 
 __all__ = [
     "PlausibilityLimits",
@@ -296,7 +297,7 @@ def check_scan_plausibility(hu_volume: Any, spacing_mm: tuple[float, float, floa
         ``report.plausible`` is False when any rule fired; never raises for a 3D array.
     """
     lim = limits or PlausibilityLimits()
-    volume = np.asarray(getattr(hu_volume, "hu", hu_volume))
+    volume = as_hu_volume(getattr(hu_volume, "hu", hu_volume))  # only a few slices are read
     if volume.ndim == 2:
         volume = volume[np.newaxis]
     m = _measure(volume, spacing_mm, lim)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from HRpQCTCore.errors import InvalidScanError
+from HRpQCTCore.hu_volume import as_hu_volume
 from HRpQCTCore.regions import BACKGROUND
 
 __all__ = [
@@ -226,12 +227,12 @@ def neighbour_indices(z: int, n_slices: int, slice_context: int) -> np.ndarray:
 
 
 def validate_volume(hu_volume: Any) -> np.ndarray:
-    """Return ``hu_volume`` as a 3D numpy array ``[z, y, x]`` or raise InvalidScanError.
+    """Return ``hu_volume`` as a 3D volume ``[z, y, x]`` or raise InvalidScanError.
 
-    Accepts a numpy array or a :class:`~HRpQCTCore.scan.Scan` (its ``hu``).
+    Accepts a numpy array, a :class:`~HRpQCTCore.hu_volume.StoredHUVolume` (returned as it
+    is: read slice by slice) or a :class:`~HRpQCTCore.scan.Scan` (its ``hu``).
     """
-    array = getattr(hu_volume, "hu", hu_volume)
-    array = np.asarray(array)
+    array = as_hu_volume(getattr(hu_volume, "hu", hu_volume))
     if array.ndim != 3:
         what = {2: "a single 2D slice", 4: "a 4D (multi-component or time) image"}.get(
             array.ndim, f"a {array.ndim}D array")
@@ -270,7 +271,7 @@ def crop_box_for_scan(hu_volume: np.ndarray, config: PreprocessingConfig | None 
     from scipy import ndimage
 
     config = config or PreprocessingConfig()
-    volume = np.asarray(hu_volume)
+    volume = as_hu_volume(hu_volume)
     if volume.ndim == 2:
         volume = volume[np.newaxis]
     volume = validate_volume(volume)

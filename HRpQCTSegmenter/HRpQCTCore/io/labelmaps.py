@@ -158,7 +158,7 @@ def _read_voxels(path: Path, name: str) -> tuple[np.ndarray, _Geometry | None]:
         from HRpQCTCore.io.readers import read_scan
 
         scan = read_scan(path, units="hu")  # values as stored: no unit conversion
-        return scan.hu, _Geometry(scan.spacing_mm, scan.origin_mm, scan.direction)
+        return np.asarray(scan.hu), _Geometry(scan.spacing_mm, scan.origin_mm, scan.direction)
     import SimpleITK as sitk
 
     if format_from_name(path) == "nifti":

@@ -96,6 +96,8 @@ class Int16Voxels:
     path: Path
     offset: int
     shape: tuple[int, int, int]
+    #: The type :meth:`read` returns.
+    dtype = np.dtype("<i2")
 
     def read(self, z0: int, z1: int) -> np.ndarray:
         """Slices ``z0:z1`` as stored (int16, little-endian), shape ``(z1 - z0, ny, nx)``.
