@@ -30,3 +30,24 @@ def machine() -> str:
 def peak_rss_gb() -> float:
     """Peak resident memory of this process so far, in GB (Linux: ru_maxrss in kB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+_KIB_PER_GIB = 2**20
+
+
+def status_gib(field: str, pid: str = "self") -> float:
+    """``VmHWM`` / ``VmRSS`` of a process in GiB from /proc (NaN if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / _KIB_PER_GIB
+    except OSError:
+        pass
+    return float("nan")
+
+
+def cpu_s() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime

@@ -17,29 +17,15 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import cpu_s as _cpu_s
 from _common import machine
-
-_KIB_PER_GIB = 2**20
-
-
-def _status_gib(field: str) -> float:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / _KIB_PER_GIB
-    return float("nan")
-
-
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+from _common import status_gib as _status_gib
 
 
 def _arm(pattern: bool, slices: int, threads: int) -> dict:

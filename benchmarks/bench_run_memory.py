@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -37,33 +36,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import cpu_s as _cpu_s
 from _common import machine
-
-_KIB_PER_GIB = 2**20
+from _common import status_gib as _status_gb
 
 
 def _reset_peak() -> None:
     """Reset this process's resident-memory high-water mark (Linux >= 4.0)."""
     with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
         fh.write("5")
-
-
-def _status_gb(field: str, pid: str = "self") -> float:
-    """``VmHWM`` / ``VmRSS`` of a process in GiB (NaN if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / _KIB_PER_GIB
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _cpu_s() -> float:
-    """User + system CPU seconds of this process so far (all threads)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _descendants(pid: int) -> list[int]:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
-__all__ = ["StoredHUVolume", "as_hu_volume", "is_stored_hu"]
+__all__ = ["StoredHUVolume", "as_hu_volume", "keeps_stored"]
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +114,20 @@ class StoredHUVolume(NDArrayOperatorsMixin):
         for z in range(len(self)):
             yield self._convert(self._stored[z])
 
+    def _reduce(self, name: str, axis: Any, kwargs: dict[str, Any]) -> Any:
+        if axis is None and not {k: v for k, v in kwargs.items() if v is not None}:
+            reduce = min if name == "min" else max
+            return np.float32(reduce(getattr(self._convert(plane), name)()
+                                     for plane in self._stored))
+        return getattr(self.__array__(), name)(axis=axis, **kwargs)
+
     def min(self, axis: Any = None, **kwargs: Any) -> Any:
         """Smallest HU (slice by slice for the whole volume; else as numpy)."""
-        if axis is None and not {k: v for k, v in kwargs.items() if v is not None}:
-            return np.float32(min(self._convert(plane).min() for plane in self._stored))
-        return self.__array__().min(axis=axis, **kwargs)
+        return self._reduce("min", axis, kwargs)
 
     def max(self, axis: Any = None, **kwargs: Any) -> Any:
         """Largest HU (slice by slice for the whole volume; else as numpy)."""
-        if axis is None and not {k: v for k, v in kwargs.items() if v is not None}:
-            return np.float32(max(self._convert(plane).max() for plane in self._stored))
-        return self.__array__().max(axis=axis, **kwargs)
+        return self._reduce("max", axis, kwargs)
 
     # --- everything else: as the whole float32 volume -----------------------------------------
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
@@ -160,9 +163,10 @@ class StoredHUVolume(NDArrayOperatorsMixin):
         return (StoredHUVolume, (self._stored, self._to_hu))
 
 
-def is_stored_hu(volume: Any) -> bool:
-    """Whether ``volume`` is a :class:`StoredHUVolume`."""
-    return isinstance(volume, StoredHUVolume)
+def keeps_stored(dtype: Any) -> bool:
+    """Whether voxels of ``dtype`` are kept as stored: integers of up to 16 bits."""
+    dtype = np.dtype(dtype)
+    return bool(np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2)
 
 
 def as_hu_volume(volume: Any) -> np.ndarray | StoredHUVolume:

@@ -47,7 +47,7 @@ from HRpQCTCore.errors import (
     InvalidScanError,
     UnsupportedFormatError,
 )
-from HRpQCTCore.hu_volume import StoredHUVolume
+from HRpQCTCore.hu_volume import StoredHUVolume, keeps_stored
 from HRpQCTCore.progress import CancelToken, ProgressCallback, check, report
 from HRpQCTCore.scan import XTREMECT1_VOXEL_MM, XTREMECT2_VOXEL_MM, Calibration, Scan, Units
 
@@ -234,8 +234,7 @@ def _sitk_to_raw(image, path: Path, reader_name: str) -> _RawVolume:
     array = sitk.GetArrayViewFromImage(image)
     # One copy: 16-bit integers as they are (the scan keeps them: :func:`_convert_voxels`),
     # anything else into float32 straight away; integer files convert exactly.
-    small_ints = np.issubdtype(array.dtype, np.integer) and array.dtype.itemsize <= 2
-    voxels = np.array(array) if small_ints else np.array(array, dtype=np.float32)
+    voxels = np.array(array) if keeps_stored(array.dtype) else np.array(array, dtype=np.float32)
     return _RawVolume(
         array=voxels, spacing_mm=tuple(reversed(image.GetSpacing())),  # type: ignore[arg-type]
         origin_mm=tuple(image.GetOrigin()), direction=tuple(image.GetDirection()),  # type: ignore[arg-type]
@@ -568,7 +567,7 @@ def _as_float32(values: np.ndarray) -> np.ndarray:
 
 
 def _convert_voxels(raw: _RawVolume, convert, keep_stored: bool = False
-               ) -> np.ndarray | StoredHUVolume:
+                    ) -> np.ndarray | StoredHUVolume:
     """``convert(voxels)`` as float32; voxels read slab by slab are converted slab by slab.
 
     ``convert`` works voxel by voxel (casts and affine maps), so converting slabs into the
@@ -577,10 +576,8 @@ def _convert_voxels(raw: _RawVolume, convert, keep_stored: bool = False
     stored as integers of up to 16 bits are kept as they are and converted where read
     (:class:`~HRpQCTCore.hu_volume.StoredHUVolume`: the same values, half the memory).
     """
-    if keep_stored:
-        dtype = (raw.voxels if raw.voxels is not None else raw.array).dtype
-        if np.issubdtype(dtype, np.integer) and np.dtype(dtype).itemsize <= 2:
-            return StoredHUVolume(np.ascontiguousarray(_whole(raw)), convert)
+    if keep_stored and keeps_stored((raw.voxels if raw.voxels is not None else raw.array).dtype):
+        return StoredHUVolume(np.ascontiguousarray(_whole(raw)), convert)
     if raw.voxels is None:
         return convert(raw.array)
     n_slices = raw.shape[0]
