@@ -46,7 +46,7 @@ from HRpQCTCore.errors import HRpQCTError, InvalidScanError
 from HRpQCTCore.hu_volume import as_hu_volume
 from HRpQCTCore.progress import CancelToken, ProgressCallback, check, report
 from HRpQCTCore.regions import REGIONS, region_by_label
-from HRpQCTRadiomicsEngine.feature_classes import feature_classes_for_one_image
+from HRpQCTRadiomicsEngine.feature_classes import feature_classes_for_one_image, shape_class
 from HRpQCTRadiomicsEngine.settings import RadiomicsSettings, load_settings, settings_for_mode
 from HRpQCTRadiomicsEngine.texture_matrices import ImageTextures
 
@@ -244,7 +244,7 @@ def _skip_reason(count: int, bbox: np.ndarray | None, setting: Mapping[str, Any]
 def _shape_features(image, mask, bbox, class_name: str, names: list[str] | None,
                     kwargs: Mapping[str, Any]) -> dict[str, float]:
     """Shape features as ``RadiomicsFeatureExtractor.computeShape`` computes them."""
-    from radiomics import getFeatureClasses, imageoperations
+    from radiomics import imageoperations
 
     n_dims = mask.GetDimension()
     if class_name == "shape" and n_dims != 3:
@@ -257,7 +257,7 @@ def _shape_features(image, mask, bbox, class_name: str, names: list[str] | None,
         if not size[kwargs.get("force2Ddimension", 0)] > 1:
             return {}
     cropped_image, cropped_mask = imageoperations.cropToTumorMask(image, mask, bbox)
-    shape = getFeatureClasses()[class_name](cropped_image, cropped_mask, **kwargs)
+    shape = shape_class(class_name)(cropped_image, cropped_mask, **kwargs)
     for name in names or []:
         shape.enableFeatureByName(name)
     return {f"original_{class_name}_{k}": float(v) for k, v in shape.execute().items()}
@@ -472,14 +472,14 @@ def _region_shape_features(image, mask, bbox, plan: Plan, feature_classes_all: M
                            kwargs: Mapping[str, Any]) -> dict[str, float]:
     """The shape classes a region's plan asks for (pyradiomics computes them first)."""
     features: dict[str, float] = {}
-    for shape_class in ("shape", "shape2D"):
+    for shape_name in ("shape", "shape2D"):
         if plan is None:
-            if shape_class in feature_classes_all:
-                features.update(_shape_features(image, mask, bbox, shape_class,
-                                                feature_classes_all[shape_class], kwargs))
-        elif shape_class in plan.get("original", {}):
-            features.update(_shape_features(image, mask, bbox, shape_class,
-                                            plan["original"][shape_class], kwargs))
+            if shape_name in feature_classes_all:
+                features.update(_shape_features(image, mask, bbox, shape_name,
+                                                feature_classes_all[shape_name], kwargs))
+        elif shape_name in plan.get("original", {}):
+            features.update(_shape_features(image, mask, bbox, shape_name,
+                                            plan["original"][shape_name], kwargs))
     return features
 
 

@@ -37,7 +37,7 @@ import numpy as np
 from HRpQCTRadiomicsEngine.glcm_coefficients import calculate_glcm_coefficients, mcc_feature_value
 from HRpQCTRadiomicsEngine.texture_matrices import ImageTextures
 
-__all__ = ["bin_image", "feature_classes_for_one_image"]
+__all__ = ["bin_image", "feature_classes_for_one_image", "shape_class"]
 
 #: Percentiles pyradiomics' first-order class uses (10/90: features and robust MAD;
 #: 25/75: interquartile range).
@@ -74,12 +74,47 @@ def _present_levels(values: np.ndarray) -> np.ndarray:
     return np.unique(values)
 
 
+#: First-order features that read the discretised image (through ``p_i``).
+_BINNED_FIRST_ORDER = frozenset({"Entropy", "Uniformity"})
+
+
 class _FirstOrderSharing:
-    """Mixin for ``RadiomicsFirstOrder``: percentiles and moments computed once."""
+    """Mixin for ``RadiomicsFirstOrder``: percentiles and moments computed once, and the
+    discretisation only when a feature reads it.
+
+    pyradiomics bins the region in ``__init__`` and counts the bins (``numpy.unique``, a sort)
+    in ``_initCalculation`` for every first-order call, although only Entropy and Uniformity
+    use them; prediction mode often asks for a Mean or a Median alone. Here the binned image
+    is made on first access (the same ``_applyBinning`` on the same array) and ``p_i`` only
+    when one of those two features is enabled; the other features never read either.
+    """
+
+    def __init__(self, inputImage, inputMask, **kwargs):
+        from radiomics.base import RadiomicsFeaturesBase
+
+        # RadiomicsFirstOrder.__init__ without its eager binning
+        RadiomicsFeaturesBase.__init__(self, inputImage, inputMask, **kwargs)
+        self.pixelSpacing = inputImage.GetSpacing()
+        self.voxelArrayShift = kwargs.get("voxelArrayShift", 0)
+        self._hrpqct_binned: np.ndarray | None = None
+        if self.voxelBased:  # its _initCalculation reads grayLevels before the binned image
+            self._hrpqct_binned = self._applyBinning(self.imageArray.copy())
+
+    @property
+    def discretizedImageArray(self) -> np.ndarray:  # noqa: N802
+        """The binned image, made on first use (pyradiomics makes it in ``__init__``)."""
+        if self._hrpqct_binned is None:
+            self._hrpqct_binned = self._applyBinning(self.imageArray.copy())
+        return self._hrpqct_binned
 
     def _initCalculation(self, voxelCoordinates=None):  # noqa: N802 (pyradiomics' names)
         self._hrpqct_shared: dict[Any, np.ndarray] = {}
-        super()._initCalculation(voxelCoordinates)
+        enabled = {name for name, on in self.enabledFeatures.items() if on}
+        if voxelCoordinates is not None or enabled & _BINNED_FIRST_ORDER:
+            super()._initCalculation(voxelCoordinates)
+            return
+        # pyradiomics' segment-based _initCalculation without p_i (read by no enabled feature)
+        self.targetVoxelArray = self.imageArray[self.maskArray].astype("float").reshape((1, -1))
 
     def _percentile(self, q: int) -> np.ndarray:
         shared = self._hrpqct_shared
@@ -188,6 +223,88 @@ class _SharedNGTDM(_SharedMatrix):
 
 _SHARED_MATRIX_MIXINS: dict[str, type] = {
     "glrlm": _SharedGLRLM, "gldm": _SharedGLDM, "ngtdm": _SharedNGTDM}
+
+
+class _LazyMeshShape2D:
+    """Mixin for ``RadiomicsShape2D``: perimeter, surface and diameter computed on first use.
+
+    pyradiomics walks the whole (padded) mask box in C for the mesh perimeter, surface and
+    maximum diameter when the class is created; the axis lengths and Elongation need only
+    the eigenvalues of the pixel coordinates. ``_initSegmentBasedCalculation`` below is
+    pyradiomics' own (3.0.1) with that one call moved into :meth:`_mesh`, which runs the
+    same C function on the same arguments when a feature reads one of the three values.
+    """
+
+    def _initSegmentBasedCalculation(self):  # noqa: N802 (pyradiomics' names)
+        import SimpleITK as sitk
+
+        self._hrpqct_mesh: tuple[float, float, float] | None = None
+        self.maskArray = (sitk.GetArrayFromImage(self.inputMask) == self.label)
+        n_dims = self.inputMask.GetDimension()
+        if n_dims == 3:
+            if not self.settings.get("force2D", False):
+                raise ValueError("Shape2D is can only be calculated when input is 2D or 3D "
+                                 "with `force2D=True`")
+            force2d_dimension = self.settings.get("force2Ddimension", 0)
+            axes = [0, 1, 2]
+            axes.remove(force2d_dimension)
+            self.pixelSpacing = np.array(self.inputImage.GetSpacing()[::-1])[(axes,)]
+            if self.maskArray.shape[force2d_dimension] > 1:
+                raise ValueError("Size of the mask in dimension %i is more than 1, cannot "
+                                 "compute 2D shape")
+            self.maskArray = np.squeeze(self.maskArray, axis=force2d_dimension)
+        elif n_dims == 2:
+            self.pixelSpacing = np.array(self.inputImage.GetSpacing()[::-1])
+        else:
+            raise ValueError("Shape2D is can only be calculated when input is 2D or 3D with "
+                             "`force2D=True`")
+        self.maskArray = np.pad(self.maskArray, pad_width=1, mode="constant", constant_values=0)
+        self.labelledPixelCoordinates = np.where(self.maskArray != 0)
+        n_p = len(self.labelledPixelCoordinates[0])
+        coordinates = np.array(self.labelledPixelCoordinates, dtype="int").transpose((1, 0))
+        physical = coordinates * self.pixelSpacing[None, :]
+        physical -= np.mean(physical, axis=0)
+        physical /= np.sqrt(n_p)
+        covariance = np.dot(physical.T.copy(), physical)
+        self.eigenValues = np.linalg.eigvals(covariance)
+        machine_errors = np.bitwise_and(self.eigenValues < 0, self.eigenValues > -1e-10)
+        if np.sum(machine_errors) > 0:
+            self.eigenValues[machine_errors] = 0
+        self.eigenValues.sort()
+
+    def _mesh(self) -> tuple[float, float, float]:
+        if self._hrpqct_mesh is None:
+            from radiomics import cShape
+
+            self._hrpqct_mesh = cShape.calculate_coefficients2D(self.maskArray, self.pixelSpacing)
+        return self._hrpqct_mesh
+
+    Perimeter = property(lambda self: self._mesh()[0])
+    Surface = property(lambda self: self._mesh()[1])
+    Diameter = property(lambda self: self._mesh()[2])
+
+
+def shape_class(name: str) -> type:
+    """pyradiomics' shape class ``name`` (``shape`` or ``shape2D``), as the engine runs it.
+
+    ``shape2D`` computes its mesh values only when a feature reads them
+    (:class:`_LazyMeshShape2D`); ``shape`` is pyradiomics' own class.
+    """
+    from radiomics import getFeatureClasses
+
+    cls = getFeatureClasses()[name]
+    if name != "shape2D":
+        return cls
+    key = "shape2D-lazy"
+    if key not in _SHAPE_CLASSES:
+        names = _feature_names(cls)
+        _SHAPE_CLASSES[key] = type(cls.__name__, (_LazyMeshShape2D, cls), {
+            "getFeatureNames": classmethod(lambda _cls, names=names: dict(names)),
+            "__module__": cls.__module__})
+    return _SHAPE_CLASSES[key]
+
+
+_SHAPE_CLASSES: dict[str, type] = {}
 
 
 def _feature_names(cls: type) -> dict[str, bool]:
