@@ -241,22 +241,35 @@ def _skip_reason(count: int, bbox: np.ndarray | None, setting: Mapping[str, Any]
     return ""
 
 
+def _shape_applies(n_dims: int, bbox: np.ndarray, class_name: str,
+                   kwargs: Mapping[str, Any]) -> bool:
+    """Whether ``computeShape`` computes ``class_name`` for a mask of ``n_dims`` dimensions."""
+    if class_name == "shape":
+        return n_dims == 3
+    if n_dims == 3:
+        if not kwargs.get("force2D", False):
+            return False
+        # pyradiomics indexes its (x, y, z)-ordered box with force2Ddimension; mirrored here
+        size = bbox[1::2] - bbox[0::2] + 1
+        return bool(size[kwargs.get("force2Ddimension", 0)] > 1)
+    return True
+
+
 def _shape_features(image, mask, bbox, class_name: str, names: list[str] | None,
                     kwargs: Mapping[str, Any]) -> dict[str, float]:
     """Shape features as ``RadiomicsFeatureExtractor.computeShape`` computes them."""
     from radiomics import imageoperations
 
-    n_dims = mask.GetDimension()
-    if class_name == "shape" and n_dims != 3:
+    if not _shape_applies(mask.GetDimension(), bbox, class_name, kwargs):
         return {}
-    if class_name == "shape2D" and n_dims == 3:
-        if not kwargs.get("force2D", False):
-            return {}
-        # pyradiomics indexes its (x, y, z)-ordered box with force2Ddimension; mirrored here
-        size = bbox[1::2] - bbox[0::2] + 1
-        if not size[kwargs.get("force2Ddimension", 0)] > 1:
-            return {}
     cropped_image, cropped_mask = imageoperations.cropToTumorMask(image, mask, bbox)
+    return _cropped_shape_features(cropped_image, cropped_mask, class_name, names, kwargs)
+
+
+def _cropped_shape_features(cropped_image, cropped_mask, class_name: str,
+                            names: list[str] | None, kwargs: Mapping[str, Any]
+                            ) -> dict[str, float]:
+    """One shape class on a region's box (only ``names``; all when empty or None)."""
     shape = shape_class(class_name)(cropped_image, cropped_mask, **kwargs)
     for name in names or []:
         shape.enableFeatureByName(name)
@@ -271,6 +284,15 @@ def _texture_features(image, mask, bbox, image_name: str,
     from radiomics import imageoperations
 
     cropped_image, cropped_mask = imageoperations.cropToTumorMask(image, mask, bbox)
+    return _region_texture_features(cropped_image, cropped_mask, image_name, classes, kwargs,
+                                    textures)
+
+
+def _region_texture_features(cropped_image, cropped_mask, image_name: str,
+                             classes: Mapping[str, list[str] | None],
+                             kwargs: Mapping[str, Any],
+                             textures: ImageTextures | None = None) -> dict[str, float]:
+    """First-order and texture classes of one image already cropped to the region's box."""
     feature_classes = feature_classes_for_one_image(textures)
     out: dict[str, float] = {}
     for class_name, names in classes.items():
@@ -408,6 +430,13 @@ def _extract_image(array: np.ndarray, labels: np.ndarray, spacing_xyz: tuple[flo
     if not todo:
         return results
 
+    if (all(plan is not None for *_, plan in todo)
+            and not setting.get("normalize", False)):
+        # prediction mode: only the voxels of the (image, region) pairs the plans name
+        return sorted(results + _extract_by_region(
+            array, labels, {label: boxes[label - 1] for label, *_ in todo}, spacing_xyz,
+            params, todo, slice_index), key=lambda r: r.region_label)
+
     # Which image types any region needs (None: all enabled ones).
     if any(plan is None for *_, plan in todo):
         wanted = None
@@ -466,6 +495,143 @@ def _extract_image(array: np.ndarray, labels: np.ndarray, spacing_xyz: tuple[flo
             results.append(RegionFeatures(slice_index, label, count, STATUS_OK, "",
                                           features[label]))
     return sorted(results, key=lambda r: r.region_label)
+
+
+def _images_needed(params: Mapping[str, Any], todo) -> dict[str, dict[str, list[int]]]:
+    """Image type -> image name -> labels of the regions whose plans read that image, in
+    the order of the settings' image types (pyradiomics' order; shape is not an image)."""
+    by_type: dict[str, dict[str, list[int]]] = {}
+    for label, _, _, plan in todo:
+        for image_name, classes in plan.items():
+            if not classes or classes.keys() <= {"shape", "shape2D"}:
+                continue
+            names = by_type.setdefault(_image_type_of(image_name), {})
+            names.setdefault(image_name, []).append(label)
+    enabled = params.get("imageType") or {"Original": {}}
+    return {t: by_type[t] for t in enabled if t in by_type}
+
+
+def _extract_by_region(array: np.ndarray, labels: np.ndarray,
+                       boxes: Mapping[int, tuple[slice, ...]], spacing_xyz: tuple[float, ...],
+                       params: Mapping[str, Any], todo, slice_index: int | None
+                       ) -> list[RegionFeatures]:
+    """Prediction mode: each (image, region) pair a plan names, on the region's box only.
+
+    The values are those of the whole-image path (:mod:`.region_images` says why): the same
+    pyradiomics filters and feature classes on the same values at the region's voxels.
+    Features keep pyradiomics' order (shape, then image by image). A filter that fails
+    fails the regions that need its image.
+    """
+    import SimpleITK as sitk
+
+    from HRpQCTRadiomicsEngine.region_images import RegionBoxes
+    from HRpQCTRadiomicsEngine.region_matrices import RegionTextures
+
+    setting = dict(params.get("setting") or {})
+    regions = RegionBoxes(array, labels, boxes, spacing_xyz)
+    features: dict[int, dict[str, float]] = {}
+    failed: dict[int, str] = {}
+    for label, _, bbox, plan in todo:
+        try:
+            features[label] = _region_box_shape_features(
+                regions, label, bbox, plan, dict(setting, label=label))
+        except Exception as exc:
+            failed[label] = f"pyradiomics error: {type(exc).__name__}: {exc}"
+    extreme: list[float] = []  # a value of the largest |value|, found on first need
+    plans = {label: plan for label, _, _, plan in todo}
+    for image_type, names in _images_needed(params, todo).items():
+        needing = sorted({lab for labs in names.values() for lab in labs} - failed.keys())
+        if not needing:
+            continue
+        try:
+            images = _region_images(image_type, names, needing, regions, params, extreme)
+        except Exception as exc:
+            for label in needing:
+                failed[label] = f"pyradiomics filter error: {exc}"
+            continue
+        for image_name, kwargs, per_region in images:
+            for label, (image, values) in per_region.items():
+                if label in failed:
+                    continue
+                try:
+                    if values is None:
+                        values = sitk.GetArrayViewFromImage(image)[regions.inside(label)]
+                    textures = RegionTextures(values, regions.coordinates(label),
+                                              regions.inside(label).shape, label, kwargs)
+                    features[label].update(_region_texture_features(
+                        image, regions.mask(label), image_name, plans[label][image_name],
+                        dict(kwargs, label=label), textures))
+                except Exception as exc:
+                    failed[label] = f"pyradiomics error: {type(exc).__name__}: {exc}"
+    results = []
+    for label, count, _, _ in todo:
+        if label in failed:
+            results.append(RegionFeatures(slice_index, label, count, STATUS_FAILED, failed[label]))
+        else:
+            results.append(RegionFeatures(slice_index, label, count, STATUS_OK, "",
+                                          features[label]))
+    return results
+
+
+def _region_images(image_type: str, names: Mapping[str, list[int]], needing: list[int],
+                   regions, params: Mapping[str, Any], extreme: list[float]):
+    """Yield (image name, settings, {label: (image of its box, values at its voxels or None)})
+    for one image type's names.
+
+    Point filters: pyradiomics' filter on the needed voxels only
+    (:func:`.region_images.point_filter_values`). Original: the crop. Others: the filter on
+    an exact box around the regions that need it (:func:`_exact_crop`).
+    """
+    import SimpleITK as sitk
+
+    from HRpQCTRadiomicsEngine.region_images import point_filter_values
+
+    setting = dict(params.get("setting") or {})
+    args = dict(setting)
+    args.update((params.get("imageType") or {}).get(image_type) or {})
+    if image_type == "Original":
+        for image_name, labs in names.items():
+            yield image_name, args, {lab: (regions.original(lab), regions.values(lab))
+                                     for lab in labs if lab in needing}
+        return
+    if image_type in _POINT_FILTERS:
+        if not extreme:
+            flat = regions.array.reshape(-1)
+            extreme.append(flat[int(np.argmax(np.abs(flat)))])
+        image_name, kwargs, values = point_filter_values(image_type, regions, needing,
+                                                         extreme[0], args)
+        labs = names.get(image_name, [])
+        yield image_name, kwargs, {lab: (regions.scatter(lab, values[lab]), values[lab])
+                                   for lab in labs if lab in needing}
+        return
+    one_type = {"imageType": {image_type: params["imageType"][image_type]}, "setting": setting}
+    crop = _exact_crop(regions.array, regions.labels, needing, one_type, None)
+    if crop is None:
+        crop = tuple(slice(0, n) for n in regions.array.shape)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(regions.array[crop]))
+    image.SetSpacing(regions.spacing)
+    mask = sitk.GetImageFromArray(regions.labels[crop].astype(np.uint32))
+    mask.CopyInformation(image)
+    offset = [s.start for s in crop]
+    for filtered, image_name, kwargs in _filtered_images(image, mask, one_type, None):
+        labs = [lab for lab in names.get(image_name, []) if lab in needing]
+        if labs:
+            values = sitk.GetArrayViewFromImage(filtered)
+            yield image_name, kwargs, {lab: (regions.from_filtered(lab, values, offset), None)
+                                       for lab in labs}
+
+
+def _region_box_shape_features(regions, label: int, bbox: np.ndarray, plan: Plan,
+                               kwargs: Mapping[str, Any]) -> dict[str, float]:
+    """The shape classes ``plan`` asks for, on the region's own box."""
+    out: dict[str, float] = {}
+    for shape_name in ("shape", "shape2D"):
+        if shape_name in plan.get("original", {}) and _shape_applies(
+                regions.labels.ndim, bbox, shape_name, kwargs):
+            out.update(_cropped_shape_features(regions.original(label), regions.mask(label),
+                                               shape_name, plan["original"][shape_name],
+                                               kwargs))
+    return out
 
 
 def _region_shape_features(image, mask, bbox, plan: Plan, feature_classes_all: Mapping[str, Any],

@@ -30,12 +30,15 @@ and the GLCM parts bit for bit (``test_radiomics_glcm_coefficients``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from HRpQCTRadiomicsEngine.glcm_coefficients import calculate_glcm_coefficients, mcc_feature_value
 from HRpQCTRadiomicsEngine.texture_matrices import ImageTextures
+
+if TYPE_CHECKING:
+    from HRpQCTRadiomicsEngine.region_matrices import RegionTextures
 
 __all__ = ["bin_image", "feature_classes_for_one_image", "shape_class"]
 
@@ -155,7 +158,7 @@ class _SharedMatrix:
     """
 
     _hrpqct_kind = ""
-    _hrpqct_textures: ImageTextures | None = None
+    _hrpqct_textures: ImageTextures | RegionTextures | None = None
 
     def _shared_matrix(self) -> np.ndarray | None:
         textures = self._hrpqct_textures
@@ -164,7 +167,35 @@ class _SharedMatrix:
             return None
         if not np.array_equal(textures.gray_levels(self.label), self.coefficients["grayLevels"]):
             return None  # not the same discretisation (cannot happen; be safe)
-        return getattr(textures, self._hrpqct_kind)(self.label)
+        matrix = getattr(textures, self._hrpqct_kind, None)
+        return None if matrix is None else matrix(self.label)
+
+
+class _SharedGLCM(_SharedMatrix):
+    _hrpqct_kind = "glcm"
+
+    def _calculateMatrix(self, voxelCoordinates=None):  # noqa: N802 (pyradiomics' names)
+        p_glcm = self._shared_matrix()
+        if p_glcm is None:
+            return super()._calculateMatrix(voxelCoordinates)
+        # pyradiomics' RadiomicsGLCM._calculateMatrix after its C call (which returns the
+        # same counts); weighting: pyradiomics' own method runs instead
+        n_g = self.coefficients["Ng"]
+        empty = np.array(list(set(range(1, n_g + 1)) - set(self.coefficients["grayLevels"])),
+                         dtype=int)
+        p_glcm = np.delete(p_glcm, empty - 1, 1)
+        p_glcm = np.delete(p_glcm, empty - 1, 2)
+        if self.symmetricalGLCM:
+            p_glcm += np.transpose(p_glcm, (0, 2, 1, 3)).copy()
+        sum_p = np.sum(p_glcm, (1, 2))
+        if p_glcm.shape[3] > 1:
+            empty_angles = np.where(np.sum(sum_p, 0) == 0)
+            if len(empty_angles[0]) > 0:
+                p_glcm = np.delete(p_glcm, empty_angles, 3)
+                sum_p = np.delete(sum_p, empty_angles, 1)
+        sum_p[sum_p == 0] = np.nan
+        p_glcm /= sum_p[:, None, None, :]
+        return p_glcm
 
 
 class _SharedGLRLM(_SharedMatrix):
@@ -315,7 +346,8 @@ def _feature_names(cls: type) -> dict[str, bool]:
     return _FEATURE_NAMES[key]
 
 
-def feature_classes_for_one_image(textures: ImageTextures | None = None) -> dict[str, type]:
+def feature_classes_for_one_image(textures: ImageTextures | RegionTextures | None = None
+                                  ) -> dict[str, type]:
     """Feature class name -> subclass of pyradiomics' class, for one (image, region) pair.
 
     The discretisation shared between the classes lives in this call's closure: call again
@@ -371,8 +403,10 @@ def feature_classes_for_one_image(textures: ImageTextures | None = None) -> dict
             members["_initSegmentBasedCalculation"] = _init_segment_based_calculation
         bases: tuple[type, ...] = (cls,)
         if name == "glcm":
+            bases = (_SharedGLCM, cls)
             members["_calculateCoefficients"] = calculate_glcm_coefficients
             members["getMCCFeatureValue"] = mcc_feature_value
+            members["_hrpqct_textures"] = textures
         elif name == "firstorder":
             bases = (_FirstOrderSharing, cls)
         elif name in _SHARED_MATRIX_MIXINS:

@@ -1,0 +1,167 @@
+"""GLCM, GLDM and NGTDM of one region from its own voxels, equal to pyradiomics' C code.
+
+pyradiomics' C functions walk the region's whole bounding box, voxel by voxel and angle by
+angle. The soft-tissue regions of an HR-pQCT slice are thin annuli whose box is most of the
+leg: skin holds ~2 % of its box. Here only the region's voxels are visited: their flat
+indices in a zero-padded copy of the box's grey levels, shifted by each angle, give the
+neighbours' levels (0: outside the region) in one gather per angle.
+
+* **GLCM** counts, per angle, the pairs (voxel, voxel + angle) of region voxels by their grey
+  levels: integer counts (exact in float64, any order gives the same matrix), laid out as
+  the C function returns them (``(1, Ng, Ng, angles)``, every level ``1..Ng``).
+* **GLDM** and **NGTDM** as :mod:`.texture_matrices` computes them for a whole image (the
+  same neighbour counts, level sums and divisions, and NGTDM's differences added one after
+  the other in raster order, the order of the C loop): bit-identical.
+
+Angles are pyradiomics' own (``cMatrices.generate_angles`` for the region's box). Only the
+in-plane case (a 2D image, or a one-slice volume with ``force2D`` along the slice axis) and
+segment-based extraction are handled; anything else returns None and pyradiomics' C code runs.
+Tests compare every matrix with pyradiomics' ``_calculateMatrix``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from HRpQCTRadiomicsEngine.texture_matrices import _in_plane, angles_for, region_levels
+
+__all__ = ["RegionTextures"]
+
+#: Above this many GLCM cells per angle, the C code is used (the dense count tables would
+#: need as much memory as pyradiomics' own matrix, several times over).
+_MAX_GLCM_CELLS = 2**22
+
+
+class RegionTextures:
+    """Texture matrices of one region of one filtered image, from the region's voxels only.
+
+    Offers the interface :class:`.feature_classes` expects of an image's shared matrices
+    (``covers``, ``gray_levels``, ``region_levels``, ``glcm``, ``gldm``, ``ngtdm``,
+    ``glrlm``); a method returning None means pyradiomics' C code computes that matrix.
+
+    Parameters
+    ----------
+    values:
+        The filtered image's values at the region's voxels, in raster order.
+    coordinates:
+        In-plane ``(y, x)`` indices of those voxels in the region's box (``numpy.nonzero``).
+    box_size:
+        Size of the region's box in array order (as pyradiomics crops it).
+    label:
+        The region's label.
+    settings:
+        pyradiomics settings of this image (bin width, ``force2D``, ``distances``, ``gldm_a``).
+    """
+
+    def __init__(self, values: np.ndarray, coordinates: tuple[np.ndarray, np.ndarray],
+                 box_size: tuple[int, ...], label: int, settings: Mapping[str, Any]) -> None:
+        self.settings = dict(settings)
+        self.label = int(label)
+        self.box_size = tuple(int(n) for n in box_size)
+        self.supported = (_in_plane(self.box_size, settings)
+                          and not settings.get("voxelBased", False))
+        self._inputs: tuple[np.ndarray, tuple] | None = (values, coordinates)
+        self._cache: dict[Any, Any] = {}
+
+    def covers(self, label: int) -> bool:
+        """Whether this object holds ``label``'s grey levels (else: pyradiomics' own)."""
+        return self.supported and label == self.label
+
+    def _prepare(self) -> None:
+        """Grey levels, and flat indices of the region's voxels in a zero-padded level frame."""
+        if self._inputs is None:
+            return
+        values, (ys, xs) = self._inputs
+        self._inputs = None
+        self.levels = region_levels(values, self.settings)
+        self.present = np.flatnonzero(np.bincount(self.levels))
+        self.n_levels = int(self.present[-1])
+        self.pad = max(1, int(np.max(np.abs(angles_for(self.box_size, self.settings, True)))))
+        self.width = self.box_size[-1] + 2 * self.pad
+        self.index = (ys + self.pad) * self.width + xs + self.pad
+        self.frame = np.zeros((self.box_size[-2] + 2 * self.pad) * self.width, dtype=np.int64)
+        self.frame[self.index] = self.levels
+
+    def gray_levels(self, label: int) -> np.ndarray:
+        """The grey levels present in the region (pyradiomics' ``grayLevels``)."""
+        self._prepare()
+        return self.present
+
+    def region_levels(self, label: int) -> np.ndarray:
+        """The region's grey level of each of its voxels, in raster order (``binImage``'s)."""
+        self._prepare()
+        return self.levels
+
+    def _angles(self, bidirectional: bool, distances: bool = True) -> np.ndarray:
+        return angles_for(self.box_size, self.settings, bidirectional, distances)[:, -2:]
+
+    def _neighbours(self, dy: int, dx: int) -> np.ndarray:
+        """Grey level of each region voxel's neighbour at (dy, dx); 0 outside the region."""
+        return self.frame[self.index + (int(dy) * self.width + int(dx))]
+
+    def glcm(self, label: int) -> np.ndarray | None:
+        """``calculate_glcm``'s matrix: ``(1, Ng, Ng, angles)`` pair counts, as float64."""
+        self._prepare()
+        n = self.n_levels
+        if n * n > _MAX_GLCM_CELLS:
+            return None
+        angles = self._angles(bidirectional=False)
+        out = np.empty((1, n, n, len(angles)))
+        first = self.levels - 1
+        for a, (dy, dx) in enumerate(angles):
+            neighbour = self._neighbours(dy, dx)
+            pair = neighbour > 0
+            out[0, :, :, a] = np.bincount(first[pair] * n + (neighbour[pair] - 1),
+                                          minlength=n * n).reshape(n, n)
+        return out
+
+    def _neighbour_tables(self) -> dict[str, np.ndarray]:
+        """GLDM counts ``[level, dependence]`` and NGTDM ``n_i``, ``s_i`` per level, at once."""
+        if "tables" not in self._cache:
+            self._prepare()
+            angles = self._angles(bidirectional=True)
+            alpha = self.settings.get("gldm_a", 0)
+            count = np.zeros(self.levels.size, dtype=np.int64)
+            total = np.zeros(self.levels.size, dtype=np.int64)
+            dependent = np.zeros(self.levels.size, dtype=np.int64)
+            for dy, dx in angles:
+                neighbour = self._neighbours(dy, dx)
+                same = neighbour > 0
+                count += same
+                total += neighbour
+                dependent += same & (np.abs(self.levels - neighbour) <= alpha)
+            width = 2 * len(angles) + 1
+            size = self.n_levels + 1
+            gldm = np.bincount(self.levels * width + dependent, minlength=size * width)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                # C: diff = (double)image[i] - (sum / count), 0 without neighbours, then |.|
+                diff = np.abs(self.levels.astype(np.float64)
+                              - total.astype(np.float64) / count.astype(np.float64))
+            diff[count == 0] = 0.0
+            self._cache["tables"] = {
+                "gldm": gldm.reshape(size, width).astype(np.float64),
+                "n_i": np.bincount(self.levels, minlength=size).astype(np.float64),
+                # bincount adds the weights one after the other, in the order given
+                "s_i": np.bincount(self.levels, weights=diff, minlength=size),
+            }
+        return self._cache["tables"]
+
+    def gldm(self, label: int) -> np.ndarray:
+        """``calculate_gldm`` with absent grey levels removed: ``(1, n, 2 Na + 1)``."""
+        return self._neighbour_tables()["gldm"][None, self.present].copy()
+
+    def ngtdm(self, label: int) -> np.ndarray:
+        """``calculate_ngtdm`` with absent grey levels removed: ``(1, n, 3)``."""
+        tables = self._neighbour_tables()
+        out = np.empty((1, self.present.size, 3))
+        out[0, :, 0] = tables["n_i"][self.present]
+        out[0, :, 1] = tables["s_i"][self.present]
+        out[0, :, 2] = self.present
+        return out
+
+    def glrlm(self, label: int) -> None:
+        """Not computed here: pyradiomics' C code (runs need whole lines of the box)."""
+        return None
