@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RegionBoxes", "point_filter_values"]
+__all__ = ["RegionBoxes", "point_filter_values", "wavelet_images"]
 
 
 class RegionBoxes:
@@ -151,3 +151,87 @@ def point_filter_values(image_type: str, regions: RegionBoxes, region_labels: Se
     ends = np.cumsum([part.size for part in parts])
     return name, kwargs, {int(label): out[end - part.size:end]
                           for label, part, end in zip(region_labels, parts, ends, strict=True)}
+
+
+def wavelet_images(image: Any, wanted: set[str], kwargs: Mapping[str, Any]):
+    """pyradiomics' ``getWaveletImage``, computing only the decompositions in ``wanted``.
+
+    ``pywt.swtn`` (what pyradiomics' ``_swt3`` calls, one level at a time) transforms axis
+    after axis, splitting every sub-band of the previous axis into its low and high half
+    (one ``swt_axis`` call each). A decomposition such as ``LH`` needs only its own path:
+    here each split is made with ``pywt.swtn`` on that one axis, which is the same
+    ``swt_axis`` call on the same array, and only the splits on the way to a wanted
+    decomposition (or to the approximation that the next level or the ``LL..`` image
+    needs) are made. Padding, trimming, names and order are ``_swt3``'s.
+
+    Yields
+    ------
+    tuple
+        ``(SimpleITK image, name, kwargs)`` for each wanted name, in pyradiomics' order.
+    """
+    import pywt
+    import SimpleITK as sitk
+
+    n_dims = image.GetDimension()
+    axes = list(range(n_dims - 1, -1, -1))
+    if kwargs.get("force2D", False):
+        axes.remove(kwargs.get("force2Ddimension", 0))
+    wavelet = kwargs.get("wavelet", "coif1")
+    level = kwargs.get("level", 1)
+    start_level = kwargs.get("start_level", 0)
+    if not isinstance(wavelet, pywt.Wavelet):
+        wavelet = pywt.Wavelet(wavelet)
+    matrix = sitk.GetArrayFromImage(image)
+    original_shape = matrix.shape
+    padding = tuple((0, 1 if dim % 2 != 0 else 0) for dim in original_shape)
+    data = np.pad(matrix.copy(), padding, "wrap")
+    trim = tuple(slice(None, -1 if dim % 2 != 0 else None) for dim in original_shape)
+    approx_key = "a" * len(axes)
+    last = start_level + level - 1
+    final_name = f"wavelet-{'L' * len(axes)}" if level == 1 else \
+        f"wavelet{level}-{'L' * len(axes)}"
+
+    def name_of(key: str, index: int) -> str:
+        decomposition = key.replace("a", "L").replace("d", "H")
+        return f"wavelet-{decomposition}" if index == 1 else f"wavelet{index}-{decomposition}"
+
+    def as_image(array: np.ndarray) -> Any:
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(image)
+        return out
+
+    for i in range(start_level + level):
+        index = i - start_level + 1
+        keys = [] if i < start_level else [
+            k for k in _subband_keys(len(axes)) if k != approx_key
+            and name_of(k, index) in wanted]
+        need_approx = i < last or final_name in wanted
+        bands = _split(data, wavelet, axes, keys + ([approx_key] if need_approx else []))
+        for key in keys:
+            yield as_image(bands[key].copy()[trim]), name_of(key, index), kwargs
+        if not need_approx:
+            return
+        data = bands[approx_key].copy()
+    if final_name in wanted:
+        yield as_image(data[trim]), final_name, kwargs
+
+
+def _subband_keys(n_axes: int) -> list[str]:
+    """``swtn``'s sub-band keys in its order: 'aa', 'ad', 'da', 'dd' for two axes."""
+    keys = [""]
+    for _ in range(n_axes):
+        keys = [k + c for k in keys for c in "ad"]
+    return keys
+
+
+def _split(data: np.ndarray, wavelet: Any, axes: Sequence[int], keys: Sequence[str]
+           ) -> dict[str, np.ndarray]:
+    """The sub-bands ``keys`` of one ``swtn`` level, splitting only the paths to them."""
+    import pywt
+
+    nodes: dict[str, np.ndarray] = {"": data}
+    for depth, axis in enumerate(axes):
+        for parent in sorted({k[:depth] for k in keys}):
+            [split] = pywt.swtn(nodes[parent], wavelet, level=1, start_level=0, axes=[axis])
+            nodes[parent + "a"], nodes[parent + "d"] = split["a"], split["d"]
+    return {k: nodes[k] for k in keys}
