@@ -76,13 +76,14 @@ class RegionTextures:
             return
         values, (ys, xs) = self._inputs
         self._inputs = None
-        self.levels = region_levels(values, self.settings)
+        self.levels = region_levels(values, self.settings).astype(np.int32)
         self.present = np.flatnonzero(np.bincount(self.levels))
         self.n_levels = int(self.present[-1])
         self.pad = max(1, int(np.max(np.abs(angles_for(self.box_size, self.settings, True)))))
         self.width = self.box_size[-1] + 2 * self.pad
         self.index = (ys + self.pad) * self.width + xs + self.pad
-        self.frame = np.zeros((self.box_size[-2] + 2 * self.pad) * self.width, dtype=np.int64)
+        # int32 levels (a region's levels fit: pyradiomics' own matrices would not fit first)
+        self.frame = np.zeros((self.box_size[-2] + 2 * self.pad) * self.width, dtype=np.int32)
         self.frame[self.index] = self.levels
 
     def gray_levels(self, label: int) -> np.ndarray:
@@ -99,66 +100,70 @@ class RegionTextures:
         return angles_for(self.box_size, self.settings, bidirectional, distances)[:, -2:]
 
     def _neighbours(self, dy: int, dx: int) -> np.ndarray:
-        """Grey level of each region voxel's neighbour at (dy, dx); 0 outside the region."""
-        return self.frame[self.index + (int(dy) * self.width + int(dx))]
+        """Grey level of each region voxel's neighbour at (dy, dx); 0 outside the region.
+
+        Kept per angle: GLCM's angles are half of GLDM's and NGTDM's, and classes of the same
+        image and region share this object.
+        """
+        key = ("neighbours", int(dy), int(dx))
+        if key not in self._cache:
+            self._cache[key] = self.frame[self.index + (int(dy) * self.width + int(dx))]
+        return self._cache[key]
 
     def glcm(self, label: int) -> np.ndarray | None:
         """``calculate_glcm``'s matrix: ``(1, Ng, Ng, angles)`` pair counts, as float64."""
         self._prepare()
         n = self.n_levels
-        if n * n > _MAX_GLCM_CELLS:
+        if n * (n + 1) > _MAX_GLCM_CELLS:
             return None
         angles = self._angles(bidirectional=False)
         out = np.empty((1, n, n, len(angles)))
-        first = self.levels - 1
+        # column 0 of each row collects the pairs whose neighbour is outside the region
+        first = (self.levels - 1) * (n + 1)
         for a, (dy, dx) in enumerate(angles):
-            neighbour = self._neighbours(dy, dx)
-            pair = neighbour > 0
-            out[0, :, :, a] = np.bincount(first[pair] * n + (neighbour[pair] - 1),
-                                          minlength=n * n).reshape(n, n)
+            counts = np.bincount(first + self._neighbours(dy, dx), minlength=n * (n + 1))
+            out[0, :, :, a] = counts.reshape(n, n + 1)[:, 1:]
         return out
-
-    def _neighbour_tables(self) -> dict[str, np.ndarray]:
-        """GLDM counts ``[level, dependence]`` and NGTDM ``n_i``, ``s_i`` per level, at once."""
-        if "tables" not in self._cache:
-            self._prepare()
-            angles = self._angles(bidirectional=True)
-            alpha = self.settings.get("gldm_a", 0)
-            count = np.zeros(self.levels.size, dtype=np.int64)
-            total = np.zeros(self.levels.size, dtype=np.int64)
-            dependent = np.zeros(self.levels.size, dtype=np.int64)
-            for dy, dx in angles:
-                neighbour = self._neighbours(dy, dx)
-                same = neighbour > 0
-                count += same
-                total += neighbour
-                dependent += same & (np.abs(self.levels - neighbour) <= alpha)
-            width = 2 * len(angles) + 1
-            size = self.n_levels + 1
-            gldm = np.bincount(self.levels * width + dependent, minlength=size * width)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                # C: diff = (double)image[i] - (sum / count), 0 without neighbours, then |.|
-                diff = np.abs(self.levels.astype(np.float64)
-                              - total.astype(np.float64) / count.astype(np.float64))
-            diff[count == 0] = 0.0
-            self._cache["tables"] = {
-                "gldm": gldm.reshape(size, width).astype(np.float64),
-                "n_i": np.bincount(self.levels, minlength=size).astype(np.float64),
-                # bincount adds the weights one after the other, in the order given
-                "s_i": np.bincount(self.levels, weights=diff, minlength=size),
-            }
-        return self._cache["tables"]
 
     def gldm(self, label: int) -> np.ndarray:
         """``calculate_gldm`` with absent grey levels removed: ``(1, n, 2 Na + 1)``."""
-        return self._neighbour_tables()["gldm"][None, self.present].copy()
+        if "gldm" not in self._cache:
+            self._prepare()
+            angles = self._angles(bidirectional=True)
+            alpha = self.settings.get("gldm_a", 0)
+            dependent = np.zeros(self.levels.size, dtype=np.int32)
+            for dy, dx in angles:
+                neighbour = self._neighbours(dy, dx)
+                if alpha == 0:  # same level implies inside the region (levels start at 1)
+                    dependent += neighbour == self.levels
+                else:
+                    dependent += (neighbour > 0) & (np.abs(self.levels - neighbour) <= alpha)
+            width = 2 * len(angles) + 1
+            size = self.n_levels + 1
+            counts = np.bincount(self.levels.astype(np.int64) * width + dependent,
+                                 minlength=size * width)
+            self._cache["gldm"] = counts.reshape(size, width).astype(np.float64)
+        return self._cache["gldm"][None, self.present].copy()
 
     def ngtdm(self, label: int) -> np.ndarray:
         """``calculate_ngtdm`` with absent grey levels removed: ``(1, n, 3)``."""
-        tables = self._neighbour_tables()
+        self._prepare()
+        count = np.zeros(self.levels.size, dtype=np.int32)
+        total = np.zeros(self.levels.size, dtype=np.int64)
+        for dy, dx in self._angles(bidirectional=True):
+            neighbour = self._neighbours(dy, dx)
+            count += neighbour > 0
+            total += neighbour
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # C: diff = (double)image[i] - (sum / count), 0 without neighbours, then |.|
+            diff = np.abs(self.levels.astype(np.float64)
+                          - total.astype(np.float64) / count.astype(np.float64))
+        diff[count == 0] = 0.0
+        size = self.n_levels + 1
         out = np.empty((1, self.present.size, 3))
-        out[0, :, 0] = tables["n_i"][self.present]
-        out[0, :, 1] = tables["s_i"][self.present]
+        out[0, :, 0] = np.bincount(self.levels, minlength=size)[self.present]
+        # bincount adds the weights one after the other, in the order given (raster order)
+        out[0, :, 1] = np.bincount(self.levels, weights=diff, minlength=size)[self.present]
         out[0, :, 2] = self.present
         return out
 
