@@ -252,8 +252,22 @@ class _SharedNGTDM(_SharedMatrix):
         return super()._calculateMatrix(voxelCoordinates) if p_ngtdm is None else p_ngtdm
 
 
+class _SharedGLSZM(_SharedMatrix):
+    _hrpqct_kind = "glszm"
+
+    def _calculateMatrix(self, voxelCoordinates=None):  # noqa: N802
+        p_glszm = self._shared_matrix()
+        if p_glszm is None:
+            return super()._calculateMatrix(voxelCoordinates)
+        # pyradiomics' RadiomicsGLSZM._calculateMatrix after its C call (the same counts)
+        n_g = self.coefficients["Ng"]
+        empty = np.array(list(set(range(1, n_g + 1)) - set(self.coefficients["grayLevels"])),
+                         dtype=int)
+        return np.delete(p_glszm, empty - 1, 1)
+
+
 _SHARED_MATRIX_MIXINS: dict[str, type] = {
-    "glrlm": _SharedGLRLM, "gldm": _SharedGLDM, "ngtdm": _SharedNGTDM}
+    "glrlm": _SharedGLRLM, "gldm": _SharedGLDM, "ngtdm": _SharedNGTDM, "glszm": _SharedGLSZM}
 
 
 class _LazyMeshShape2D:

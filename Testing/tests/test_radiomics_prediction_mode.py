@@ -196,3 +196,37 @@ def test_point_filters_on_region_voxels_equal_whole_image(whole_slice, image_typ
     for label in (5, 7, 2):
         assert values[label].dtype == whole.dtype
         assert np.array_equal(values[label], whole[labels == label])
+
+
+def test_region_matrices_equal_pyradiomics_c_code():
+    """GLCM, GLSZM, GLDM and NGTDM from the region's voxels == pyradiomics' C functions, on
+    random regions with holes, lines and single voxels."""
+    from radiomics import _cmatrices
+
+    from HRpQCTRadiomicsEngine.region_matrices import RegionTextures
+
+    rng = np.random.default_rng(0)
+    settings = {"binWidth": 25, "force2D": True, "force2Ddimension": 0}
+    compared = 0
+    for _ in range(300):
+        h, w = (int(n) for n in rng.integers(1, 25, 2))
+        grey = rng.integers(1, rng.integers(2, 6), (1, h, w)) * 25.0 + 0.5
+        mask = rng.random((1, h, w)) < rng.random()
+        if not mask.any():
+            continue
+        ours = RegionTextures(grey[mask], np.nonzero(mask[0]), (1, h, w), 1, settings)
+        levels = np.zeros((1, h, w), dtype=int)
+        levels[mask] = ours.region_levels(1)
+        n_g = int(levels.max())
+        present = ours.gray_levels(1)
+        one = np.array([1])
+        glcm, _ = _cmatrices.calculate_glcm(levels, mask, one, n_g, True, 0)
+        assert np.array_equal(ours.glcm(1), glcm)
+        glszm = _cmatrices.calculate_glszm(levels, mask, n_g, int(mask.sum()), True, 0)
+        assert np.array_equal(ours.glszm(1), glszm)
+        gldm = _cmatrices.calculate_gldm(levels, mask, one, n_g, 0, True, 0)
+        assert np.array_equal(ours.gldm(1), gldm[:, present - 1])
+        ngtdm = _cmatrices.calculate_ngtdm(levels, mask, one, n_g, True, 0)
+        assert np.array_equal(ours.ngtdm(1), ngtdm[:, present - 1])
+        compared += 1
+    assert compared > 250
