@@ -162,7 +162,7 @@ def wavelet_images(image: Any, wanted: set[str], kwargs: Mapping[str, Any]):
     here each split is made with ``pywt.swtn`` on that one axis, which is the same
     ``swt_axis`` call on the same array, and only the splits on the way to a wanted
     decomposition (or to the approximation that the next level or the ``LL..`` image
-    needs) are made. Padding, trimming, names and order are ``_swt3``'s.
+    needs) are made. Names and order are ``_swt3``'s; the slice axis is not padded (below).
 
     Yields
     ------
@@ -183,9 +183,12 @@ def wavelet_images(image: Any, wanted: set[str], kwargs: Mapping[str, Any]):
         wavelet = pywt.Wavelet(wavelet)
     matrix = sitk.GetArrayFromImage(image)
     original_shape = matrix.shape
-    padding = tuple((0, 1 if dim % 2 != 0 else 0) for dim in original_shape)
-    data = np.pad(matrix.copy(), padding, "wrap")
-    trim = tuple(slice(None, -1 if dim % 2 != 0 else None) for dim in original_shape)
+    # _swt3 pads every odd axis by one (wrapping) and trims it off at the end; along an axis
+    # that is not transformed (the slice axis with force2D) that copy never meets the
+    # others, as each line is transformed on its own: only the transformed axes are padded.
+    odd = [dim % 2 != 0 and axis in axes for axis, dim in enumerate(original_shape)]
+    data = np.pad(matrix.copy(), tuple((0, 1 if o else 0) for o in odd), "wrap")
+    trim = tuple(slice(None, -1 if o else None) for o in odd)
     approx_key = "a" * len(axes)
     last = start_level + level - 1
     final_name = f"wavelet-{'L' * len(axes)}" if level == 1 else \

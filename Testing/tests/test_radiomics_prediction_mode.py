@@ -153,6 +153,8 @@ def test_tiny_and_empty_regions_in_prediction_mode_match_full(whole_slice):
     ((1, 37, 50), {"force2D": True, "force2Ddimension": 0}),
     ((1, 36, 51), {"force2D": True, "level": 2, "start_level": 1, "wavelet": "db2"}),
     ((9, 10, 11), {}),
+    ((3, 21, 20), {"force2D": True, "force2Ddimension": 0}),  # odd axis not transformed
+    ((7, 6, 5), {"force2D": True, "force2Ddimension": 2}),
     ((40, 31), {"level": 3}),
 ])
 def test_wavelet_decompositions_alone_equal_pyradiomics(shape, settings):
