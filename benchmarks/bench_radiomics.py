@@ -8,7 +8,12 @@ Input: a full-size phantom (1600 x 1600 slices, 60.7 um, 7 regions). Three measu
 (b) **full**: the engine with every feature of the preset (939 for ``paper``);
 (c) **prediction**: the engine restricted to a classifier's features (``PREDICTION_FEATURES``:
     21 features of 4 regions from all 10 images and all feature classes incl. shape, a heavy
-    but realistic selected set), on every slice and on every ``--slice-step``-th slice.
+    but realistic selected set), on every slice and on every ``--slice-step``-th slice;
+(d) **prediction_classifier**: the same with the bundled classifier's 11 features (what
+    ``hrpqct run`` extracts with the bundled classifier), serial and with the pool.
+
+``--no-stock`` (same as ``--stock-slices 0``) and ``--no-full`` skip (a) and (b), e.g. to
+time prediction mode alone.
 
 Every variant reports CPU seconds (this process and its worker processes, via psutil when
 installed; otherwise this process only) and wall seconds per slice, and a linear projection
@@ -19,6 +24,7 @@ average is printed with them.
 
     python benchmarks/bench_radiomics.py --slices 4 --jobs 2
     python benchmarks/bench_radiomics.py --slices 168 --stock-slices 0   # a whole scan
+    python benchmarks/bench_radiomics.py --slices 8 --no-full --stock-slices 0  # prediction
 """
 
 from __future__ import annotations
@@ -111,6 +117,32 @@ def per_slice(t: Timer, n_slices: int, scan_slices: int, prefix: str, out: dict,
         t.cpu / n_slices * scan_slices / workers, 1)
 
 
+def bundled_classifier_features() -> dict[int, list[str]]:
+    """The bundled classifier's features by region (what ``hrpqct run`` extracts with it)."""
+    from importlib import resources
+
+    from HRpQCTRadiomicsEngine.prediction import features_by_region
+
+    text = (resources.files("HRpQCTRadiomicsEngine") / "resources"
+            / "osteoporosis-soft-tissue.classifier.json").read_text()
+    return features_by_region(json.loads(text)["features"])
+
+
+def serial_prediction(hu, labels, spacing, settings, features, args, out: dict,
+                      prefix: str) -> None:
+    """Prediction mode on slice 0 in this process (``--serial-repeats`` times, median)."""
+    from HRpQCTRadiomicsEngine.extraction import extract_features
+
+    timers = []
+    for _ in range(max(1, args.serial_repeats)):
+        with Timer() as t:
+            extract_features(hu[:1], labels[:1], spacing, settings=settings,
+                             features=features, n_jobs=1)
+        timers.append(t)
+    timers.sort(key=lambda t: t.cpu)
+    per_slice(timers[len(timers) // 2], 1, args.scan_slices, prefix, out)
+
+
 def main() -> None:
     from HRpQCTPhantom import PhantomParams, generate_phantom
     from HRpQCTRadiomicsEngine.extraction import extract_features
@@ -127,6 +159,10 @@ def main() -> None:
                         help="prediction on every n-th slice as well (1: skip that variant)")
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-full", action="store_true",
+                        help="skip the full feature set (b): prediction mode only")
+    parser.add_argument("--serial-repeats", type=int, default=1,
+                        help="repeat the serial prediction measurements (median reported)")
     args = parser.parse_args()
     logging.getLogger("radiomics").setLevel(logging.ERROR)
 
@@ -158,25 +194,24 @@ def main() -> None:
             per_slice(total, measured, args.scan_slices, name, out)
 
     # (b) full feature set: serial (CPU per slice), then the worker pool (wall)
-    with Timer() as t:
-        serial = extract_features(hu[:1], labels[:1], spacing, settings=settings, n_jobs=1)
-    per_slice(t, 1, args.scan_slices, "full_serial", out)
-    out["n_features"] = len(serial.feature_names)
     with Timer() as t:  # start the pool: loky keeps its workers for the next calls
         extract_features(hu[:1], labels[:1], spacing, settings=settings, n_jobs=args.jobs,
                          slices=[0], regions=[3])
     out["pool_startup_wall_s"] = round(t.wall, 2)
-    with Timer() as t:
-        table = extract_features(hu, labels, spacing, settings=settings, n_jobs=args.jobs)
-    per_slice(t, n, args.scan_slices, "full_pool", out, args.jobs)
-    out["rows_ok"] = len(table.ok_rows())
+    if not args.no_full:
+        with Timer() as t:
+            serial = extract_features(hu[:1], labels[:1], spacing, settings=settings, n_jobs=1)
+        per_slice(t, 1, args.scan_slices, "full_serial", out)
+        out["n_features"] = len(serial.feature_names)
+        with Timer() as t:
+            table = extract_features(hu, labels, spacing, settings=settings, n_jobs=args.jobs)
+        per_slice(t, n, args.scan_slices, "full_pool", out, args.jobs)
+        out["rows_ok"] = len(table.ok_rows())
 
     # (c) prediction mode
     out["prediction_features"] = {k: len(v) for k, v in PREDICTION_FEATURES.items()}
-    with Timer() as t:
-        extract_features(hu[:1], labels[:1], spacing, settings=settings,
-                         features=PREDICTION_FEATURES, n_jobs=1)
-    per_slice(t, 1, args.scan_slices, "prediction_serial", out)
+    serial_prediction(hu, labels, spacing, settings, PREDICTION_FEATURES, args, out,
+                      "prediction_serial")
     with Timer() as t:
         extract_features(hu, labels, spacing, settings=settings, features=PREDICTION_FEATURES,
                          n_jobs=args.jobs)
@@ -189,6 +224,16 @@ def main() -> None:
             out["prediction_pool_wall_s_per_slice"] * kept, 1)
         out["prediction_pool_every_kth_cpu_bound_wall_s_per_scan"] = round(
             out["prediction_pool_cpu_s_per_slice"] * kept / args.jobs, 1)
+
+    # (d) prediction mode with the bundled classifier's features
+    classifier = bundled_classifier_features()
+    out["prediction_classifier_features"] = {k: len(v) for k, v in classifier.items()}
+    serial_prediction(hu, labels, spacing, settings, classifier, args, out,
+                      "prediction_classifier_serial")
+    with Timer() as t:
+        extract_features(hu, labels, spacing, settings=settings, features=classifier,
+                         n_jobs=args.jobs)
+    per_slice(t, n, args.scan_slices, "prediction_classifier_pool", out, args.jobs)
 
     out["load_average_at_end"] = os.getloadavg()
     out["peak_rss_gb_parent"] = round(peak_rss_gb(), 2)

@@ -691,11 +691,25 @@ def _image_textures(filtered, labels: np.ndarray, todo, feature_classes_all: Map
     return out
 
 
+#: Stored types whose every value float32 holds exactly: a worker converts them itself.
+_EXACT_IN_FLOAT32 = frozenset(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16))
+
+
+def _slice_for_worker(hu2d: Any) -> np.ndarray:
+    """A slice to send to a worker: 16-bit integers as they are (half the bytes to pickle;
+    the worker's float32 conversion is exact), anything else as float32."""
+    if isinstance(hu2d, np.ndarray) and hu2d.dtype in _EXACT_IN_FLOAT32:
+        return hu2d
+    return np.asarray(hu2d, dtype=np.float32)
+
+
 def _slice_task(hu2d: np.ndarray, labels2d: np.ndarray, spacing_mm: tuple[float, float, float],
                 params: dict, geometry: str, requests: list[tuple[int, Plan]],
                 slice_index: int, single_thread: bool) -> list[RegionFeatures]:
     """One slice; runs in a worker process when extracting in parallel."""
     from threadpoolctl import threadpool_limits
+
+    hu2d = np.asarray(hu2d, dtype=np.float32)
 
     if single_thread:
         import SimpleITK as sitk
@@ -864,7 +878,7 @@ def _extract_slices(hu, regions_map, spacing_mm, params, geometry, requests, ind
         return rows
     from joblib import Parallel, delayed
 
-    tasks = (delayed(_slice_task)(np.asarray(hu[z], dtype=np.float32), regions_map[z],
+    tasks = (delayed(_slice_task)(_slice_for_worker(hu[z]), regions_map[z],
                                   spacing_mm, params, geometry, requests, z, True)
              for z in indices)
     parallel = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator")

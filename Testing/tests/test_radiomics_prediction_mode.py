@@ -232,3 +232,17 @@ def test_region_matrices_equal_pyradiomics_c_code():
         assert np.array_equal(ours.ngtdm(1), ngtdm[:, present - 1])
         compared += 1
     assert compared > 250
+
+
+def test_worker_pool_on_16_bit_slices_gives_the_serial_rows(whole_slice):
+    """16-bit slices go to the workers as stored (converted there): the same rows."""
+    hu, regions, spacing = whole_slice
+    stored = np.concatenate([hu, hu[:, ::-1]]).astype(np.int16)
+    labels = np.concatenate([regions, regions[:, ::-1]])
+    request = _bundled_classifier_request()
+    serial = extract_features(stored.astype(np.float32), labels, spacing, features=request,
+                              n_jobs=1)
+    pooled = extract_features(stored, labels, spacing, features=request, n_jobs=2)
+    assert pooled.feature_names == serial.feature_names
+    assert [(r.slice_index, r.region_label, r.status, r.features) for r in pooled.rows] == [
+        (r.slice_index, r.region_label, r.status, r.features) for r in serial.rows]
