@@ -24,7 +24,13 @@ The values are pyradiomics' own: for every region the result equals
 * **Parallel slices.** Slices go to a pool of worker processes (joblib/loky), each with
   SimpleITK limited to one thread.
 * **Prediction mode.** ``features=`` restricts the work to the features a trained classifier
-  uses: unused filters, feature classes and features are not computed at all.
+  uses: unused filters, feature classes and features are not computed at all. Each
+  (image, region) pair is computed on the region's own box (:func:`_extract_by_region`):
+  point filters on the region's voxels only and other filters on a box around the
+  regions that need them (:mod:`.region_images`), only the wavelet decompositions asked
+  for, GLCM/GLSZM/GLDM/NGTDM from the region's voxels (:mod:`.region_matrices`), and
+  first-order binning and the 2D shape mesh only when a requested feature reads them.
+  Tests compare every value with the full extraction (``test_radiomics_prediction_mode``).
 
 Skipped regions (empty, a single voxel, a line, fewer voxels than ``minimumROISize``) and
 regions where pyradiomics fails are reported with ``status`` and ``reason``; extraction goes on.
@@ -543,8 +549,9 @@ def _extract_by_region(array: np.ndarray, labels: np.ndarray,
         needing = sorted({lab for labs in names.values() for lab in labs} - failed.keys())
         if not needing:
             continue
-        try:
-            images = _region_images(image_type, names, needing, regions, params, extreme)
+        try:  # the filters run while the generator is consumed: inside the try
+            images = list(_region_images(image_type, names, needing, regions, params,
+                                         extreme))
         except Exception as exc:
             for label in needing:
                 failed[label] = f"pyradiomics filter error: {exc}"

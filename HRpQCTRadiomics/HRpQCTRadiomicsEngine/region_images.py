@@ -17,8 +17,8 @@ pyradiomics' ``cropToTumorMask`` makes), and nothing else:
   that need that image type only, with :func:`.extraction._exact_crop`'s margins.
 * Values outside a region are left at 0 in its box: no feature reads them.
 
-:func:`RegionBoxes` holds the boxes; the extraction itself is
-:func:`.extraction._extract_by_region`.
+:class:`RegionBoxes` holds the boxes, :func:`point_filter_values` and :func:`wavelet_images`
+the filters; the extraction itself is :func:`.extraction._extract_by_region`.
 """
 
 from __future__ import annotations
