@@ -8,6 +8,9 @@ The 7-region result is also scored against the phantom's tissue truth (skin, myo
 adipose). Prints tables in the layout of the paper's segmentation table and writes all scores
 as JSON.
 
+``--input-fit field --input-fit leg`` scores each model twice, with the network seeing the
+whole crop window (the paper's) and only the leg's part of it (the default), side by side.
+
 Usage:
   python benchmarks/make_test_set.py /tmp/test_set
   python benchmarks/bench_segmentation_accuracy.py /tmp/test_set/manifest.csv \\
@@ -21,6 +24,7 @@ import csv
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +42,7 @@ from HRpQCTSegmentationEngine.metrics import (
     summarise_scores,
 )
 from HRpQCTSegmentationEngine.postprocess import DEFAULT, PAPER, postprocess
+from HRpQCTSegmentationEngine.preprocessing import INPUT_FITS
 
 
 def region_dice(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -47,6 +52,14 @@ def region_dice(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
         den = a.sum() + b.sum()
         out[r.key] = float(2 * np.logical_and(a, b).sum() / den) if den else float("nan")
     return out
+
+
+def input_fit(text: str) -> dict:
+    """``field``, ``leg`` or ``leg:MARGIN`` -> PreprocessingConfig fields to replace."""
+    fit, _, margin = text.partition(":")
+    if fit not in INPUT_FITS or (margin and not margin.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected field, leg or leg:MARGIN_PX, not {text!r}")
+    return {"input_fit": fit, **({"leg_margin_px": int(margin)} if margin else {})}
 
 
 def read_test_case(manifest: Path, row: dict) -> tuple:
@@ -78,6 +91,11 @@ def main() -> None:
     parser.add_argument("--model", action="append", required=True, metavar="NAME=FOLDER")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--limit", type=int, help="only the first N scans")
+    parser.add_argument("--input-fit", action="append", type=input_fit,
+                        metavar="{field,leg}[:MARGIN_PX]",
+                        help="what of the crop window the network sees, e.g. 'field', 'leg' "
+                             "or 'leg:16' (16 network pixels of air around the leg); repeat "
+                             "to compare (default: the model's setting)")
     args = parser.parse_args()
     manifest = Path(args.manifest)
     with open(manifest, newline="", encoding="utf-8") as fh:
@@ -87,16 +105,20 @@ def main() -> None:
                 "post-processed (paper preset)": PAPER}
     results: dict = {"machine": machine(), "scans": len(rows), "models": {}}
     comparison = {}
-    for spec in args.model:
+    for spec, fit in [(m, f) for m in args.model for f in (args.input_fit or [None])]:
         name, folder = spec.split("=", 1)
         runner, config = prepare_segmenter(folder)
+        if fit is not None:
+            config = replace(config, **fit)
+            name = f"{name} ({':'.join(str(v) for v in fit.values())})"
         raw_scores, post_scores = [], {k: [] for k in variants}
         tissue = {k: [] for k in variants}
-        seconds = []
+        seconds, windows = [], []
         for row in rows:
             scan, truth, truth_regions = read_test_case(manifest, row)
             raw, seg, took = score_raw(scan, truth, runner, config)
             seconds.append(took)
+            windows.append(list(seg.crop_box.shape))
             raw_scores.append(raw)
             for key, pp_config in variants.items():
                 result = postprocess(seg.labels, scan.hu, scan.spacing_mm, pp_config)
@@ -105,7 +127,9 @@ def main() -> None:
                 tissue[key].append(region_dice(truth_regions, result.regions))
             print(f"{name} {row['subject']}: done", flush=True)
         entry = {"raw": summarise_scores(raw_scores).to_dict(),
-                 "seconds_per_scan": float(np.mean(seconds))}
+                 "seconds_per_scan": float(np.mean(seconds)), "network_windows": windows}
+        print(f"\n{name}: segmentation {np.mean(seconds):.1f} s per scan; network windows "
+              f"(voxels) {', '.join('x'.join(map(str, w)) for w in windows)}")
         print(f"\n### {name}: raw network output\n")
         print(format_class_table(summarise_scores(raw_scores)))
         comparison[f"{name} (raw)"] = summarise_scores(raw_scores)

@@ -5,7 +5,7 @@ Usage::
     python -m HRpQCTSegmentationEngine.export_onnx MODEL_FOLDER
 
 loads the folder's weights (after their checksum check), exports the exact folded model
-(:func:`.fast.export_onnx`) at the folder's network input size and input channels (three
+(:func:`.fast.export_onnx`; any input size, the folder's input channels: three
 for a 2.5D model, ``slice_context`` 1) to ``model.onnx`` and records
 the graph's SHA256 in ``hrpqct_model.json`` (both written atomically). For the bundled model
 the package manifest (``resources/segmentation-artefacts.json``) is updated too: the metadata
@@ -63,7 +63,7 @@ def add_onnx_graph(folder: str | Path, opset: int = ONNX_OPSET) -> Path:
     graph = export_onnx(model, folder / ONNX_FILE, input_yx=input_yx, opset=opset)
     meta_path = folder / METADATA_FILE
     raw = json.loads(meta_path.read_text(encoding="utf-8"))
-    raw.update(onnx_metadata(graph, metadata.weights_sha256, input_yx, opset))
+    raw.update(onnx_metadata(graph, metadata.weights_sha256, None, opset))
     # same layout as save_model writes, so the file stays diff-friendly
     write_text_atomic(meta_path, json.dumps(raw, indent=2, default=str) + "\n")
     return graph

@@ -175,12 +175,14 @@ class _LogitsOnly(_torch().nn.Module):
 
 def export_onnx(model, path: str | Path, input_yx: tuple[int, int] = (800, 800),
                 fold: bool = True, opset: int = ONNX_OPSET) -> Path:
-    """Export a SegFormer (folded by default) to an ONNX file with a dynamic batch size.
+    """Export a SegFormer (folded by default) to an ONNX file of any batch and spatial size.
 
-    The spatial size is fixed to ``input_yx`` (the encoder's attention reshapes depend on it),
-    and so are the input channels: the model's own (``config.num_channels``: 3 for a 2.5D
-    model). Needs the ``onnx`` package (``pip install onnx``; part of the ``fast`` extra).
-    The file is written atomically.
+    ``input_yx`` is the size the graph is traced at; the exported graph takes any rows and
+    columns (its attention reshapes follow the input's shape; the tests compare it with
+    torch at several sizes), so one graph serves every network input
+    (:func:`.preprocessing.network_window`). The input channels are fixed: the model's own
+    (``config.num_channels``: 3 for a 2.5D model). Needs the ``onnx`` package (``pip install
+    onnx``; part of the ``fast`` extra). The file is written atomically.
     """
     torch = _torch()
     if not onnx_available():
@@ -206,7 +208,8 @@ def export_onnx(model, path: str | Path, input_yx: tuple[int, int] = (800, 800),
         torch.onnx.export(
             wrapped, (example,), str(tmp), dynamo=False, opset_version=opset,
             input_names=["pixel_values"], output_names=["logits"],
-            dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+            dynamic_axes={"pixel_values": {0: "batch", 2: "rows", 3: "columns"},
+                          "logits": {0: "batch", 2: "logit_rows", 3: "logit_columns"}},
             do_constant_folding=True)
     return path
 

@@ -72,8 +72,8 @@ from HRpQCTSegmentationEngine.onnx_graph import (
 from HRpQCTSegmentationEngine.preprocessing import (
     CropBox,
     PreprocessingConfig,
-    crop_box_for_scan,
     neighbour_indices,
+    network_window,
     preprocess_slices,
     preprocess_slices_numpy,
     slice_context_of_channels,
@@ -118,7 +118,9 @@ class SegmentationResult:
         The same restricted to pixels not predicted as background (NaN if none): air is easy,
         so this is the more sensitive figure for the leg itself.
     crop_box:
-        The crop window used for every slice.
+        The window of every slice the network saw: the paper's crop window, narrowed to the
+        leg unless the preprocessing's ``input_fit`` is ``"field"``
+        (:func:`.preprocessing.network_window`).
     device:
         Where the network finally ran (``"cpu"`` after an out-of-memory fallback).
     engine:
@@ -226,6 +228,12 @@ class _OnnxRunner:
         #: Neighbour slices on each side the graph takes (from its input channels).
         self.slice_context = 0 if channels is None else slice_context_of_channels(channels)
 
+    @property
+    def fixed_input_yx(self) -> tuple[int, int] | None:
+        """The only input size the graph takes; None if it takes any (current exports)."""
+        fixed = getattr(self.segmenter, "input_yx", None)
+        return None if fixed is None else tuple(int(v) for v in fixed)
+
     def __call__(self, batch):
         logits = self.segmenter.run(batch)
         if self.backend == "numpy":
@@ -329,6 +337,9 @@ def _runs_on_cpu(device: Any) -> bool:
 
 def _folder_onnx_runner(folder: Path, metadata, config: PreprocessingConfig,
                         num_threads: int | None) -> _OnnxRunner:
+    from HRpQCTSegmentationEngine.model import verify_weights
+
+    verify_weights(folder, metadata)  # a damaged folder fails whichever graph is used
     graph = resolve_graph(folder, metadata, config.input_yx,
                           export=lambda path: _export_folder(folder, config, path))
     session = OnnxSession(graph.path, num_threads)
@@ -410,6 +421,25 @@ def _torch_threads(num_threads: int | None):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _network_window(volume: np.ndarray, config: PreprocessingConfig,
+                    runner: Any) -> tuple[CropBox, PreprocessingConfig]:
+    """:func:`.preprocessing.network_window` for a runner (a graph of one fixed input size
+    gets the whole window), with a log line saying what the network sees."""
+    fixed = getattr(runner, "fixed_input_yx", None)
+    if config.input_fit == "leg" and fixed is not None:
+        log.info("The model's ONNX graph takes only %d x %d inputs, so the network sees the "
+                 "whole crop window. Re-create the graph ('python -m "
+                 "HRpQCTSegmentationEngine.export_onnx FOLDER') to let it see only the leg "
+                 "(faster).", *fixed)
+        config = replace(config, input_fit="field")
+    full_yx = config.crop_yx
+    box, fitted = network_window(volume, config)
+    if fitted is not config:
+        log.info("The network sees the leg's %d x %d voxels of the %d x %d crop window "
+                 "(input %d x %d).", *box.shape, *full_yx, *fitted.input_yx)
+    return box, fitted
 
 
 def _inside_scan_mask(box: CropBox, logits_yx: tuple[int, int],
@@ -637,7 +667,7 @@ def run_segmentation(hu_volume: Any, model_or_folder: Any, *,
     if training_voxel_mm is None:
         training_voxel_mm = getattr(runner, "training_voxel_mm", None)
     config, resampling = model_grid(config, spacing_mm, training_voxel_mm)
-    box = crop_box_for_scan(volume, config)
+    box, config = _network_window(volume, config, runner)
     labels = np.zeros(volume.shape, dtype=np.uint8)
     confidence = np.full(nz, np.nan, dtype=np.float32)
     foreground_confidence = np.full(nz, np.nan, dtype=np.float32)

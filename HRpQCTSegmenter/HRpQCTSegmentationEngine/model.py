@@ -533,6 +533,22 @@ def _match_key_names(state: dict, expected: set[str]) -> dict:
     return state
 
 
+def verify_weights(folder: str | Path, metadata: ModelMetadata | None = None) -> None:
+    """Check a folder's weights file (complete, and its recorded SHA256) without loading it.
+
+    For runs that use an ONNX graph instead of the weights: a damaged folder is refused
+    whichever file of it the run reads.
+
+    Raises
+    ------
+    ModelFolderError, CorruptModelError, ModelChecksumError
+        As :func:`load_model`.
+    """
+    folder = Path(folder)
+    metadata = metadata or read_model_metadata(folder)
+    _check_weights(folder, folder / WEIGHTS_FILE, metadata.weights_sha256)
+
+
 def load_model(folder: str | Path, device: str | Any = "cpu"):
     """Load a model saved by :func:`save_model`, after checking the weights' SHA256.
 

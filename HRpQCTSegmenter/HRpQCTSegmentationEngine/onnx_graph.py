@@ -6,12 +6,17 @@ Where the graph comes from, in this order (:func:`resolve_graph`):
    its SHA256 (the bundled model ships one; ``python -m HRpQCTSegmentationEngine.export_onnx
    FOLDER`` adds one to any folder). The file is checked against that checksum before use;
    for the bundled model the metadata itself is checked against the package manifest.
-2. **the user cache** -- a graph exported earlier for the same weights, architecture and
-   input size: ``$HRPQCT_CACHE_DIR/onnx/<key>.onnx`` (default ``~/.cache/hrpqct/onnx``, or
+2. **the user cache** -- a graph exported earlier for the same weights and architecture:
+   ``$HRPQCT_CACHE_DIR/onnx/<key>.onnx`` (default ``~/.cache/hrpqct/onnx``, or
    ``$XDG_CACHE_HOME/hrpqct/onnx``), with a ``<key>.json`` beside it recording the graph's
    SHA256; a file that does not match it is never used (it is exported again).
 3. **exported now** from the weights, which needs torch and transformers (and ``onnx``),
    then stored in the cache.
+
+Graphs are exported with an open batch size and spatial size (rows and columns), so one
+graph serves every network input size (:func:`.preprocessing.network_window` fits the input
+to each scan's leg); a folder's graph recorded with a fixed ``onnx_input_yx`` (made by an
+earlier version) serves only that size.
 
 Running a graph needs only ``onnxruntime`` and numpy (:class:`OnnxSession`): this module
 imports neither torch nor transformers.
@@ -58,7 +63,8 @@ ONNX_OPSET = 17
 #: Environment variable naming the cache folder (its ``onnx`` subfolder holds the graphs).
 CACHE_ENV = "HRPQCT_CACHE_DIR"
 #: Version of the cache entries' layout and of the export recipe; bump to invalidate them.
-CACHE_FORMAT = 1
+#: 2: graphs of any spatial size (1: fixed to the model's input size).
+CACHE_FORMAT = 2
 
 #: Where each kind of graph came from, as logged and as stored on the runner.
 SOURCE_BUNDLED = "bundled graph"
@@ -152,11 +158,17 @@ class ResolvedGraph:
 # ------------------------------------------------------------------------------------------
 # The model folder's own graph
 # ------------------------------------------------------------------------------------------
-def onnx_metadata(onnx_path: Path, weights_sha256: str, input_yx: tuple[int, int],
+def onnx_metadata(onnx_path: Path, weights_sha256: str,
+                  input_yx: tuple[int, int] | None = None,
                   opset: int = ONNX_OPSET) -> dict[str, Any]:
-    """The keys ``hrpqct_model.json`` gets for a graph exported from its weights."""
+    """The keys ``hrpqct_model.json`` gets for a graph exported from its weights.
+
+    ``input_yx`` is the graph's fixed input size, None (recorded as null) for a graph of
+    any size (what :func:`.fast.export_onnx` makes).
+    """
     return {"onnx_file": onnx_path.name, "onnx_sha256": sha256_file(onnx_path),
-            "onnx_weights_sha256": weights_sha256, "onnx_input_yx": list(input_yx),
+            "onnx_weights_sha256": weights_sha256,
+            "onnx_input_yx": None if input_yx is None else list(input_yx),
             "onnx_opset": int(opset), "onnx_decoder": "folded"}
 
 
@@ -168,7 +180,7 @@ def _is_bundled(folder: Path) -> bool:
 def folder_graph(folder: str | Path, metadata, input_yx: tuple[int, int]
                  ) -> ResolvedGraph | None:
     """The folder's listed graph after its checksum check; None if it lists none (or one
-    made for another input size or other weights).
+    made for other weights, or fixed to another input size than ``input_yx``).
 
     Raises
     ------
@@ -181,8 +193,9 @@ def folder_graph(folder: str | Path, metadata, input_yx: tuple[int, int]
     name, expected = extra.get("onnx_file"), extra.get("onnx_sha256")
     if not name or not expected:
         return None
+    fixed_yx = extra.get("onnx_input_yx")
     if (extra.get("onnx_weights_sha256") != metadata.weights_sha256
-            or list(extra.get("onnx_input_yx", [])) != list(input_yx)):
+            or (fixed_yx is not None and list(fixed_yx) != list(input_yx))):
         log.info("The ONNX graph in %s is for other weights or another input size; "
                  "not using it", folder)
         return None
@@ -216,11 +229,10 @@ def cache_dir() -> Path:
     return base / "hrpqct" / "onnx"
 
 
-def cache_key(folder: str | Path, metadata, input_yx: tuple[int, int],
-              opset: int = ONNX_OPSET) -> str:
+def cache_key(folder: str | Path, metadata, opset: int = ONNX_OPSET) -> str:
     """SHA256 naming a cached graph: the weights, the architecture (``config.json``), the
-    input size, the opset and the export recipe -- everything the exported graph depends
-    on."""
+    opset and the export recipe -- everything the exported graph depends on (it takes any
+    input size)."""
     import hashlib
 
     from HRpQCTSegmentationEngine.model import CONFIG_FILE
@@ -228,8 +240,8 @@ def cache_key(folder: str | Path, metadata, input_yx: tuple[int, int],
     config = Path(folder) / CONFIG_FILE
     identity = {"format": CACHE_FORMAT, "weights_sha256": metadata.weights_sha256,
                 "config_sha256": sha256_file(config) if config.is_file() else None,
-                "architecture": metadata.architecture, "input_yx": list(input_yx),
-                "opset": int(opset), "decoder": "folded"}
+                "architecture": metadata.architecture, "opset": int(opset),
+                "decoder": "folded"}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -283,7 +295,7 @@ def resolve_graph(folder: str | Path, metadata, input_yx: tuple[int, int],
     own = folder_graph(folder, metadata, input_yx)
     if own is not None:
         return own
-    key = cache_key(folder, metadata, input_yx)
+    key = cache_key(folder, metadata)
     cached = cached_graph(key)
     if cached is not None:
         return cached

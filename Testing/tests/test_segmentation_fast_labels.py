@@ -123,7 +123,7 @@ def test_segmenting_gives_the_reference_labels(random_b0, engine):
     from HRpQCTSegmentationEngine.inference import run_segmentation
     from HRpQCTSegmentationEngine.preprocessing import (
         PreprocessingConfig,
-        crop_box_for_scan,
+        network_window,
         preprocess_slices,
     )
 
@@ -134,10 +134,11 @@ def test_segmenting_gives_the_reference_labels(random_b0, engine):
     volume = np.where(leg, 40.0, -1000.0) + rng.normal(0, 150, (3, 300, 380))
     volume = volume.astype(np.float32)
     result = run_segmentation(volume, random_b0, config=config, device="cpu", engine=engine)
-    box = crop_box_for_scan(volume, config)
+    box, fitted = network_window(volume, config)  # the leg's part of the window
+    assert result.crop_box == box and box.shape < config.crop_yx
     with torch.inference_mode():
         expected = np.stack([
-            logits_to_labels_batch(random_b0(preprocess_slices(s[None], box, config)).logits,
+            logits_to_labels_batch(random_b0(preprocess_slices(s[None], box, fitted)).logits,
                                    box, s.shape)[0] for s in volume])
     np.testing.assert_array_equal(result.labels, expected)
 

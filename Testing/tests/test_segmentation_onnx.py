@@ -148,8 +148,7 @@ def test_a_folder_without_graph_is_exported_once_then_cached(random_b0, tiny_pre
     assert "ONNX Runtime, exported now" in caplog.text
     assert "ONNX Runtime, cached graph" in caplog.text
     (cached,) = onnx_graph.cache_dir().glob("*.onnx")
-    assert cached.name == onnx_graph.cache_key(folder, read_model_metadata(folder),
-                                               tiny_preprocessing.input_yx) + ".onnx"
+    assert cached.name == onnx_graph.cache_key(folder, read_model_metadata(folder)) + ".onnx"
     expected = run_segmentation(volume, folder, device="cpu", engine="torch").labels
     np.testing.assert_array_equal(
         run_segmentation(volume, second, config=tiny_preprocessing).labels, expected)
@@ -177,12 +176,27 @@ def test_an_unwritable_cache_exports_to_a_temporary_file(random_b0, tiny_preproc
 
 def test_other_weights_get_another_cache_entry(random_b0, tiny_preprocessing, tmp_path):
     folder = _tiny_folder(random_b0, tiny_preprocessing, tmp_path / "model")
-    key = onnx_graph.cache_key(folder, read_model_metadata(folder), (32, 32))
-    assert key != onnx_graph.cache_key(folder, read_model_metadata(folder), (64, 64))
+    key = onnx_graph.cache_key(folder, read_model_metadata(folder))
     with torch.no_grad():
         next(random_b0.parameters()).add_(1.0)
     save_model(random_b0, folder, preprocessing=tiny_preprocessing)
-    assert onnx_graph.cache_key(folder, read_model_metadata(folder), (32, 32)) != key
+    assert onnx_graph.cache_key(folder, read_model_metadata(folder)) != key
+
+
+def test_one_graph_takes_any_input_size_and_equals_torch(bundled_folder):
+    """The shipped graph has open rows and columns: the leg-fitted inputs run on it."""
+    metadata = read_model_metadata(bundled_folder)
+    session = onnx_graph.OnnxSession(verified_path("segformer-b0-phantoms:onnx"))
+    assert session.input_yx is None and metadata.extra["onnx_input_yx"] is None
+    model = load_model(bundled_folder)
+    rng = np.random.default_rng(5)
+    for shape in [(256, 192), (160, 224)]:
+        pixels = rng.random((1, 1, *shape), dtype=np.float32)
+        with torch.inference_mode():
+            reference = model(torch.from_numpy(pixels)).logits.numpy()
+        logits = session.run(pixels)
+        assert logits.shape == (1, 6, shape[0] // 4, shape[1] // 4)
+        assert np.abs(logits - reference).max() / np.abs(reference).max() < 1e-4
 
 
 # ------------------------------------------------------------------------------------------

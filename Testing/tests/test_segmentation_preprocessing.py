@@ -1,5 +1,7 @@
 """Preprocessing (crop, clip, scale, resize) and its exact inverse for the logits."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from HRpQCTSegmentationEngine.preprocessing import (
     labels_to_model_grid,
     logits_to_labels,
     logits_to_labels_batch,
+    network_window,
     preprocess_slice,
     preprocess_slices,
     validate_volume,
@@ -155,3 +158,54 @@ def test_label_grid_matches_image_grid(tiny_preprocessing):
 def test_bad_volumes_are_rejected(bad):
     with pytest.raises(InvalidScanError, match=r"scan|Segmentation"):
         validate_volume(bad)
+
+
+# ------------------------------------------------------------------------------------------
+# The network input fitted to the leg (input_fit="leg")
+# ------------------------------------------------------------------------------------------
+def test_network_window_holds_the_leg_with_its_margin_on_the_windows_pixel_grid():
+    config = PreprocessingConfig(crop_yx=(256, 256), input_yx=(128, 128), leg_margin_px=8,
+                                 input_multiple_px=16)
+    volume = leg_volume((300, 280), centre_yx=(150, 120), radius=40)
+    field, field_config = network_window(volume, replace(config, input_fit="field"))
+    assert field == crop_box_for_scan(volume, config) and field_config.input_fit == "field"
+    box, fitted = network_window(volume, config)
+    assert fitted.input_yx == (64, 64)  # 81 voxels of leg / 2 + 2 x 8 margin, up to 16 x k
+    assert fitted.crop_yx == box.shape == (128, 128)
+    assert (box.y0 - field.y0) % 2 == 0 and (box.x0 - field.x0) % 2 == 0
+    leg = volume[0] > -400
+    inside = crop_slice(volume[0], box, -1000.0) > -400
+    assert inside.sum() == leg.sum()  # the whole leg is in the network's input
+    rows = np.flatnonzero(leg.any(axis=1))
+    assert rows[0] - box.y0 >= 2 * 8 and box.y0 + box.height - 1 - rows[-1] >= 2 * 8
+    # The input's inner pixels are the whole window's, pixel for pixel.
+    full = preprocess_slice(volume[0], field, config)
+    part = preprocess_slice(volume[0], box, fitted)
+    oy, ox = (box.y0 - field.y0) // 2, (box.x0 - field.x0) // 2
+    np.testing.assert_array_equal(part[4:-4, 4:-4], full[oy + 4:oy + 60, ox + 4:ox + 60])
+
+
+def test_network_window_keeps_the_field_where_it_cannot_fit():
+    config = PreprocessingConfig(crop_yx=(64, 64), input_yx=(32, 32), leg_margin_px=4,
+                                 input_multiple_px=8)
+    big = leg_volume((64, 64), centre_yx=(32, 32), radius=31)
+    assert network_window(big, config)[1] is config  # the leg needs the whole window
+    empty = np.full((2, 64, 64), -1000, dtype=np.int16)
+    assert network_window(empty, config)[1] is config  # no leg
+    odd = PreprocessingConfig(crop_yx=(60, 60), input_yx=(32, 32))  # not a whole ratio
+    small = leg_volume((64, 64), centre_yx=(32, 32), radius=5)
+    assert network_window(small, odd)[1] is odd
+    assert network_window(small, config)[1].input_yx == (16, 16)
+    with pytest.raises(ValueError, match="input_fit"):
+        PreprocessingConfig(input_fit="leg only")
+
+
+def test_noise_in_single_slices_does_not_widen_the_window():
+    config = PreprocessingConfig(crop_yx=(256, 256), input_yx=(128, 128), leg_margin_px=8,
+                                 input_multiple_px=16)
+    volume = leg_volume((256, 256), centre_yx=(128, 128), radius=30, n_slices=40)
+    clean, _ = network_window(volume, config)
+    rng = np.random.default_rng(0)
+    for z in range(40):  # scattered bright noise pixels, a few per slice
+        volume[z, rng.integers(0, 256, 30), rng.integers(0, 256, 30)] = 500
+    assert network_window(volume, config)[0] == clean
