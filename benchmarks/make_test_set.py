@@ -8,7 +8,12 @@ confirmation set of settings chosen while looking at the first). Writes NIfTI sc
 and 7-region truth, and ``manifest.csv`` with columns ``subject, image, labels, regions,
 noise_sd_hu, motion_grade``.
 
+``--fibula-gap-mm 0.5 1.2`` draws a set whose fibulae come closer to the tibia than the
+default cohorts' (a set for the wedge between the bones; the same seeds give the same subjects
+otherwise).
+
 Usage: python benchmarks/make_test_set.py OUT_DIR [--slices 12] [--repeats 1] [--seed-base 9000]
+                                          [--fibula-gap-mm LOW HIGH]
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from HRpQCTPhantom import PhantomParams, generate_phantom, write_phantom
+from HRpQCTPhantom import FIBULA_GAP_RANGE_MM, PhantomParams, generate_phantom, write_phantom
 
 TEST_SEED_BASE = 9000
 NOISE_LEVELS_HU = (100.0, 150.0, 200.0)
@@ -33,6 +38,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed-base", type=int, default=TEST_SEED_BASE,
                         help="first seed (>= 9000: never used by training cohorts)")
+    parser.add_argument("--fibula-gap-mm", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        default=FIBULA_GAP_RANGE_MM,
+                        help="range of the narrowest tibia-fibula distance (default 1.2 4.5)")
     args = parser.parse_args()
     if args.seed_base < TEST_SEED_BASE:
         parser.error(f"--seed-base must be >= {TEST_SEED_BASE} (lower seeds are training seeds)")
@@ -46,7 +54,8 @@ def main() -> None:
                 seed = args.seed_base + k
                 rng = np.random.default_rng(seed)
                 params = PhantomParams.sample(rng, osteoporotic=bool(k % 2), n_slices=args.slices,
-                                              noise_sd_hu=noise, motion_grade=motion)
+                                              noise_sd_hu=noise, motion_grade=motion,
+                                              fibula_gap_range_mm=tuple(args.fibula_gap_mm))
                 phantom = generate_phantom(params, seed=seed)
                 stem = f"test-{k:03d}"
                 paths = write_phantom(phantom, out / stem, stem)

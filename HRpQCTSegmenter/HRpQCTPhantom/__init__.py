@@ -8,6 +8,7 @@ They are synthetic: plausible anatomy, intensities and artefacts from public fig
 from HRpQCTPhantom.generator import TISSUES, Phantom, generate_phantom
 from HRpQCTPhantom.params import (
     BONE_HEALTH_LOADINGS,
+    FIBULA_GAP_RANGE_MM,
     MOTION_GRADES,
     PhantomParams,
     params_from_bone_health,
@@ -22,6 +23,7 @@ __all__ = [
     "params_from_bone_health",
     "BONE_HEALTH_LOADINGS",
     "MOTION_GRADES",
+    "FIBULA_GAP_RANGE_MM",
     "TISSUES",
 ]
 

@@ -20,6 +20,8 @@ __all__ = [
     "BONE_HEALTH_LOADINGS",
     "SOFT_TISSUE_PARAMETERS",
     "MOTION_GRADES",
+    "FIBULA_GAP_RANGE_MM",
+    "check_fibula_gap_range",
     "check_soft_tissue_effect",
     "params_from_bone_health",
 ]
@@ -34,6 +36,14 @@ MOTION_GRADES: dict[int, tuple[float, float]] = {
     4: (8.0, 0.13),
     5: (14.0, 0.16),
 }
+
+
+#: The default range of the narrowest tibia-fibula distance drawn per subject (mm): the range
+#: the bundled model's training cohort and the held-out test sets were drawn from. Real distal
+#: tibiae come closer (the fibula sits in the fibular notch); cohorts that must cover that pass
+#: ``fibula_gap_range_mm`` (``hrpqct cohort --fibula-gap-mm``). The generator's floor is 0.5.
+FIBULA_GAP_RANGE_MM: tuple[float, float] = (1.2, 4.5)
+MIN_FIBULA_GAP_MM = 0.5
 
 
 @dataclass(frozen=True)
@@ -178,8 +188,8 @@ class PhantomParams:
                 problems.append(f"{name} must lie in [0, 0.9]")
         if not 0.3 <= self.tibia_ct_th_mm <= 4.0 or not 0.3 <= self.fibula_ct_th_mm <= 3.0:
             problems.append("cortical thickness must lie in 0.3..4 mm (tibia), 0.3..3 (fibula)")
-        if self.fibula_gap_mm < 0.5:
-            problems.append("fibula_gap_mm must be >= 0.5")
+        if self.fibula_gap_mm < MIN_FIBULA_GAP_MM:
+            problems.append(f"fibula_gap_mm must be >= {MIN_FIBULA_GAP_MM}")
         if self.motion_grade not in MOTION_GRADES:
             problems.append("motion_grade must be 1..5")
         if not 0.5 <= self.calibration_scale <= 2.0:
@@ -291,6 +301,15 @@ SOFT_TISSUE_PARAMETERS: tuple[str, ...] = (
     "muscle_scale")
 
 
+def check_fibula_gap_range(gap_range_mm: tuple[float, float]) -> tuple[float, float]:
+    """Return (low, high) in mm; raise ValueError unless 0.5 <= low <= high, both finite."""
+    low, high = (float(v) for v in gap_range_mm)
+    if not (math.isfinite(low) and math.isfinite(high) and MIN_FIBULA_GAP_MM <= low <= high):
+        raise ValueError(f"fibula gap range must be finite with {MIN_FIBULA_GAP_MM} <= low <= "
+                         f"high (mm), not {gap_range_mm}")
+    return low, high
+
+
 def check_soft_tissue_effect(soft_tissue_effect: float) -> None:
     """Raise ValueError unless the soft-tissue effect is a finite number >= 0 (SD units)."""
     if not (math.isfinite(soft_tissue_effect) and soft_tissue_effect >= 0.0):
@@ -303,6 +322,7 @@ def params_from_bone_health(rng: np.random.Generator, bone_health: float, *,
                             effect_size: float = 2.0, loadings: dict | None = None,
                             soft_tissue_health: float | None = None,
                             soft_tissue_effect: float = 0.0,
+                            fibula_gap_range_mm: tuple[float, float] = FIBULA_GAP_RANGE_MM,
                             **overrides: Any) -> PhantomParams:
     """Parameters of a subject with latent bone health ``bone_health``.
 
@@ -314,7 +334,11 @@ def params_from_bone_health(rng: np.random.Generator, bone_health: float, *,
     :data:`SOFT_TISSUE_PARAMETERS` in place of ``bone_health`` (standardised like it, with
     ``soft_tissue_effect`` as the group separation); None keeps them on ``bone_health``.
     Every other draw is the same either way, so only the soft tissue changes.
+
+    ``fibula_gap_range_mm``: (low, high) of the uniform draw of the narrowest tibia-fibula
+    distance; another range changes only that parameter (the same random numbers are used).
     """
+    gap_low_mm, gap_high_mm = check_fibula_gap_range(fibula_gap_range_mm)
     table = dict(BONE_HEALTH_LOADINGS)
     table.update(loadings or {})
     # h over a balanced cohort has variance 1 + (effect/2)^2: standardise it.
@@ -336,7 +360,7 @@ def params_from_bone_health(rng: np.random.Generator, bone_health: float, *,
     values.update(
         tibia_area_mm2=float(np.clip(rng.normal(750.0, 90.0) * size**2, 500, 1050)),
         fibula_area_mm2=float(np.clip(rng.normal(120.0, 18.0) * size**2, 80, 170)),
-        fibula_gap_mm=float(rng.uniform(1.2, 4.5)),
+        fibula_gap_mm=float(rng.uniform(gap_low_mm, gap_high_mm)),
         leg_scale=size,
         subcutaneous_fat_mm=float(np.clip(rng.normal(6.0 if female else 4.5, 1.5), 2.0, 11)),
         fibula_tb_th_mm=float(np.clip(values["tibia_tb_th_mm"] - 0.02, 0.18, 0.3)),

@@ -1,8 +1,10 @@
 """Synthetic cohort: balance, overlap of groups, manifest, and the CLI (issue 3)."""
 
 import csv
+from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from HRpQCTPhantom.cohort import MANIFEST_COLUMNS, sample_cohort
 from HRpQCTPhantom.params import BONE_HEALTH_LOADINGS
@@ -114,8 +116,6 @@ def test_larger_soft_tissue_effect_separates_soft_tissue_and_leaves_the_rest_alo
 
 
 def test_sample_with_a_soft_tissue_effect():
-    import pytest
-
     from HRpQCTPhantom.params import PhantomParams
 
     def draw(osteoporotic, effect, n=400, seed=0):
@@ -166,3 +166,36 @@ def test_cli_cohort_records_the_soft_tissue_effect(tmp_path, capsys):
         assert main(["cohort", str(refused), *bad, *common]) == 2
         assert "--soft-tissue-effect" in capsys.readouterr().err
         assert not refused.exists()
+
+
+def test_a_fibula_gap_range_changes_only_the_gap():
+    from HRpQCTPhantom import FIBULA_GAP_RANGE_MM
+
+    default = sample_cohort(40, seed=8)
+    narrow = sample_cohort(40, seed=8, fibula_gap_range_mm=(0.5, 1.2))
+    gaps = np.array([s.params.fibula_gap_mm for s in narrow])
+    assert gaps.min() >= 0.5 and gaps.max() <= 1.2 and gaps.std() > 0.1
+    assert all(FIBULA_GAP_RANGE_MM[0] <= s.params.fibula_gap_mm <= FIBULA_GAP_RANGE_MM[1]
+               for s in default)
+    for a, b in zip(default, narrow, strict=True):
+        assert replace(a.params, fibula_gap_mm=1.0) == replace(b.params, fibula_gap_mm=1.0)
+        assert a.seed == b.seed
+    for bad in ((0.2, 1.0), (2.0, 1.0), (float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="fibula gap range"):
+            sample_cohort(2, seed=8, fibula_gap_range_mm=bad)
+
+
+def test_cli_cohort_draws_the_fibula_gap_from_the_given_range(tmp_path, capsys):
+    from HRpQCTPipeline.cli import main
+
+    common = ["--subjects", "3", "--field-px", "200", "--voxel-mm", "0.4856", "--slices", "1",
+              "--seed", "3", "--progress", "none"]
+    out = tmp_path / "cohort"
+    assert main(["cohort", str(out), "--fibula-gap-mm", "0.5", "0.9", *common]) == 0
+    with open(out / "manifest.csv", newline="") as fh:
+        gaps = [float(r["fibula_gap_mm"]) for r in csv.DictReader(fh)]
+    assert len(gaps) == 3 and all(0.5 <= g <= 0.9 for g in gaps)
+    refused = tmp_path / "refused"
+    assert main(["cohort", str(refused), "--fibula-gap-mm", "0.3", "0.9", *common]) == 2
+    assert "--fibula-gap-mm" in capsys.readouterr().err
+    assert not refused.exists()

@@ -179,3 +179,19 @@ def test_invalid_calibration_is_rejected():
         PhantomParams(calibration_scale=0.2)
     with pytest.raises(ValueError, match="calibration_offset_hu"):
         PhantomParams(calibration_offset_hu=-900.0)
+
+
+def test_a_fibula_half_a_millimetre_from_the_tibia():
+    """The narrow gaps a fine-tuning cohort draws (``--fibula-gap-mm``) are rendered as asked."""
+    from HRpQCTPhantom import PhantomParams, generate_phantom
+
+    params = PhantomParams(fibula_gap_mm=0.6, n_slices=2, field_px=800, voxel_mm=0.1214)
+    ph = generate_phantom(params, 3)
+    vox = ph.scan.spacing_mm[1]
+    for reg in ph.regions:
+        dist = ndimage.distance_transform_edt(~np.isin(reg, (TIB_CORT, TIB_TRAB))) * vox
+        narrowest = dist[np.isin(reg, (FIB_CORT, FIB_TRAB))].min()
+        assert 0.6 - 2 * vox <= narrowest <= 0.6 + 2 * vox
+        # The wedge between the bones is soft tissue, not bone.
+        assert np.count_nonzero((dist > 0) & (dist < 0.6 - 2 * vox)
+                                & np.isin(reg, (FIB_CORT, FIB_TRAB))) == 0

@@ -65,6 +65,8 @@ def _image_overrides(args) -> dict:
         over["voxel_mm"] = args.voxel_mm
     if args.slices is not None:
         over["n_slices"] = args.slices
+    if getattr(args, "fibula_gap_mm", None) is not None:
+        over["fibula_gap_range_mm"] = tuple(args.fibula_gap_mm)
     return over
 
 
@@ -141,10 +143,22 @@ def _check_soft_tissue_effect(args: argparse.Namespace) -> None:
         raise HRpQCTError("--soft-tissue-effect applies to two-group cohorts (--classes 2).")
 
 
+def _check_fibula_gap(args: argparse.Namespace) -> None:
+    from HRpQCTPhantom.params import check_fibula_gap_range
+
+    if args.fibula_gap_mm is None:
+        return
+    try:
+        check_fibula_gap_range(tuple(args.fibula_gap_mm))
+    except ValueError as exc:
+        raise HRpQCTError(f"--fibula-gap-mm: {exc}") from None
+
+
 def run_cohort(args: argparse.Namespace) -> int:
     from HRpQCTPhantom import generate_cohort
 
     _check_soft_tissue_effect(args)  # before anything is written
+    _check_fibula_gap(args)
     manifest = generate_cohort(
         args.subjects, Path(args.out_dir), args.seed, effect_size=args.effect_size,
         fraction_osteoporotic=args.fraction_osteoporotic, n_classes=args.classes,
@@ -197,6 +211,9 @@ def register(subparsers) -> None:
     c.add_argument("--classes", type=int, choices=(2, 3), default=2,
                    help="2: osteoporotic/control (default); 3: normal/osteopenia/osteoporosis "
                         "thirds by T-score cut-offs -1 and -2.5 (manifest gains 'diagnosis')")
+    c.add_argument("--fibula-gap-mm", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="range of the narrowest tibia-fibula distance drawn per subject "
+                        "(default 1.2 4.5, the bundled model's cohort; >= 0.5)")
     c.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
     _add_image_options(c)
     c.set_defaults(func=run_cohort)
