@@ -383,10 +383,15 @@ def _fit_axis(start: int, first: int, stop: int, n_input: int, scale: int,
     if hi <= lo:
         return None  # the leg lies outside the window (not expected: it is centred on it)
     multiple = config.input_multiple_px
-    size = min(-(-(hi - lo) // multiple) * multiple, n_input)
+    size = min(max(-(-(hi - lo) // multiple) * multiple, MIN_FITTED_INPUT_PX), n_input)
     lo = min(max(lo - (size - (hi - lo)) // 2, 0), n_input - size)  # the extra, both sides
     return start + lo * scale, size
 
+
+#: The smallest network input a fitted window gets (pixels per axis): a SegFormer's first
+#: stage reduces its attention keys by 8 x 8 on the quarter-resolution map, so a smaller input
+#: cannot run (a tiny leg with a small ``input_multiple_px`` would give one).
+MIN_FITTED_INPUT_PX = 32
 
 #: Share of the slices a pixel must be above the leg threshold in to widen the leg's
 #: extent: low, so a leg that moves or tapers along the scan stays inside the network's

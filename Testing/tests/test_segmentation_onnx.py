@@ -199,6 +199,49 @@ def test_one_graph_takes_any_input_size_and_equals_torch(bundled_folder):
         assert np.abs(logits - reference).max() / np.abs(reference).max() < 1e-4
 
 
+def test_a_graph_fixed_to_one_input_size_gets_the_whole_window(random_b0, tmp_path, caplog):
+    """A folder graph of the older kind (rows and columns fixed at export) still runs: the
+    network sees the whole crop window, and the log says how to re-create the graph."""
+    from dataclasses import replace
+
+    from HRpQCTSegmentationEngine.fast import FastSegformer, _LogitsOnly
+
+    config = PreprocessingConfig(crop_yx=(128, 128), input_yx=(64, 64), leg_margin_px=4,
+                                 input_multiple_px=8)
+    folder = _tiny_folder(random_b0, config, tmp_path / "model")
+    graph = folder / "model.onnx"
+    with torch.inference_mode():
+        torch.onnx.export(_LogitsOnly(FastSegformer(random_b0)).eval(),
+                          (torch.zeros(1, 1, 64, 64),), str(graph), dynamo=False,
+                          opset_version=onnx_graph.ONNX_OPSET, input_names=["pixel_values"],
+                          output_names=["logits"],
+                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+    meta = json.loads((folder / METADATA_FILE).read_text())
+    meta.update(onnx_graph.onnx_metadata(graph, read_model_metadata(folder).weights_sha256,
+                                         (64, 64)))
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    yy, xx = np.mgrid[:140, :150]
+    leg = (yy - 70) ** 2 + (xx - 75) ** 2 <= 12**2  # a small leg: "leg" would narrow
+    noise = np.random.default_rng(2).normal(0, 300, (3, 140, 150))
+    volume = np.where(leg, 40 + noise, -1000).astype(np.float32)
+
+    runner, _ = prepare_segmenter(folder, device="cpu")
+    assert runner.source == onnx_graph.SOURCE_FOLDER and runner.fixed_input_yx == (64, 64)
+    with caplog.at_level(logging.INFO, logger="HRpQCTSegmentationEngine"):
+        labels = run_segmentation(volume, runner, config=config).labels
+    assert "takes only 64 x 64 inputs" in caplog.text and "export_onnx" in caplog.text
+    assert "sees the leg's" not in caplog.text
+    whole = replace(config, input_fit="field")
+    np.testing.assert_array_equal(
+        labels, run_segmentation(volume, folder, device="cpu", engine="torch",
+                                 config=whole).labels)
+    caplog.clear()  # the torch engine takes any size: there the network sees only the leg
+    with caplog.at_level(logging.INFO, logger="HRpQCTSegmentationEngine"):
+        run_segmentation(volume, folder, device="cpu", engine="torch", config=config)
+    assert "sees the leg's 64 x 64 voxels of the 128 x 128 crop window (input 32 x 32)" \
+        in caplog.text
+
+
 # ------------------------------------------------------------------------------------------
 # numpy pre- and post-processing (used without torch)
 # ------------------------------------------------------------------------------------------

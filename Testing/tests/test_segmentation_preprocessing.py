@@ -9,6 +9,7 @@ import torch
 from HRpQCTCore.errors import InvalidScanError
 from HRpQCTCore.regions import NETWORK_CLASSES
 from HRpQCTSegmentationEngine.preprocessing import (
+    MIN_FITTED_INPUT_PX,
     CropBox,
     PreprocessingConfig,
     crop_box_for_scan,
@@ -195,7 +196,12 @@ def test_network_window_keeps_the_field_where_it_cannot_fit():
     odd = PreprocessingConfig(crop_yx=(60, 60), input_yx=(32, 32))  # not a whole ratio
     small = leg_volume((64, 64), centre_yx=(32, 32), radius=5)
     assert network_window(small, odd)[1] is odd
-    assert network_window(small, config)[1].input_yx == (16, 16)
+    # a SegFormer cannot take less than MIN_FITTED_INPUT_PX: a tiny leg gets that much
+    assert MIN_FITTED_INPUT_PX == 32
+    assert network_window(small, config)[1].input_yx == (32, 32)
+    wider = replace(config, crop_yx=(128, 128), input_yx=(64, 64))
+    box, fitted = network_window(leg_volume((128, 128), centre_yx=(64, 64), radius=5), wider)
+    assert fitted.input_yx == (32, 32) and box.shape == (64, 64)
     with pytest.raises(ValueError, match="input_fit"):
         PreprocessingConfig(input_fit="leg only")
 
