@@ -19,7 +19,10 @@ Recipe (the paper's loss, the official SegFormer optimiser):
   atomically to ``checkpoint_dir/last.pt`` so an interrupted run resumes exactly
   (``resume=True``); randomness is derived from ``(seed, step)``, so a resumed run draws the same
   batches as an uninterrupted one;
-* the weights with the best validation mean IoU are saved with :func:`.model.save_model`.
+* the weights with the best validation mean IoU are saved with :func:`.model.save_model`;
+  validation scores each held-out slice on the part of it that segmenting feeds the network
+  (the leg's window, :func:`.preprocessing.network_window`), so the scores in the model
+  card are those of the input the model gets in use.
 
 Fine-tuning (:func:`fine_tune_config`) starts from a saved model folder (the bundled one
 included, its checksum verified), keeps its preprocessing, trains at a low learning rate for
@@ -279,7 +282,8 @@ def split_by_slices(data: SliceDataset, validation_fraction: float, seed: int
 
 def _subset(data: SliceDataset, idx: list[int]) -> SliceDataset:
     return SliceDataset(data.images[idx], data.labels[idx], [data.subjects[i] for i in idx],
-                        [data.voxel_mm[i] for i in idx] if data.voxel_mm else [])
+                        [data.voxel_mm[i] for i in idx] if data.voxel_mm else [],
+                        [data.windows[i] for i in idx] if data.windows else [])
 
 
 @dataclass
@@ -296,9 +300,20 @@ class SliceDataset:
     subjects: list[str]
     #: In-plane voxel size (mm) of each slice's scan (empty when not known).
     voxel_mm: list[float] = field(default_factory=list)
+    #: Per slice, the image pixels the network sees when it segments the scan,
+    #: ``(row0, row1, col0, col1)`` (ends exclusive): the leg's window with the default
+    #: ``input_fit="leg"`` (:func:`.preprocessing.network_window`). Empty: the whole image.
+    windows: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def seen(self, i: int) -> tuple[slice, slice]:
+        """Rows and columns of slice ``i``'s image that the network sees when segmenting."""
+        if not self.windows:
+            return slice(None), slice(None)
+        r0, r1, c0, c1 = self.windows[i]
+        return slice(r0, r1), slice(c0, c1)
 
     @property
     def slice_context(self) -> int:
@@ -373,18 +388,23 @@ def load_slices(cases: Sequence[TrainingCase], preprocessing, slices_per_scan: i
     (:func:`.inference.model_grid`: the model's field in mm, resized to the network input),
     so a model fine-tuned on 82 um scans still sees structures at the size it was trained
     on, and segmenting with it resamples the same way. None: scans are used as they are.
+
+    The images cover the whole crop window (training draws patches anywhere in it); each
+    slice also records the part of it that segmenting feeds the network (``windows``, the
+    leg's window), where validation scores the model.
     """
     from HRpQCTCore.io import read_scan
     from HRpQCTSegmentationEngine import preprocessing as pp
     from HRpQCTSegmentationEngine.inference import model_grid
 
-    images, labels, subjects, voxels = [], [], [], []
+    images, labels, subjects, voxels, windows = [], [], [], [], []
     for i, case in enumerate(cases):
         check(cancel)
         scan = read_scan(case.image_path)
         lab = _read_training_labels(case, scan.hu.shape)
         on_grid, grid = model_grid(preprocessing, scan.spacing_mm, voxel_mm)
         box = pp.crop_box_for_scan(scan.hu, on_grid)
+        seen = window_in_input(box, pp.network_window(scan.hu, on_grid)[0], on_grid)
         stacker = _NeighbourStack(scan.hu, box, on_grid, slice_context)
         seen_mm = voxel_mm if grid["resampled"] else float(np.mean(scan.spacing_mm[1:]))
         for z in _case_slices(case, scan.n_slices, slices_per_scan):
@@ -392,8 +412,26 @@ def load_slices(cases: Sequence[TrainingCase], preprocessing, slices_per_scan: i
             labels.append(pp.labels_to_model_grid(lab[z].astype(np.uint8), box, on_grid))
             subjects.append(case.subject)
             voxels.append(seen_mm)
+            windows.append(seen)
         report(progress, i + 1, len(cases), "loading training scans")
-    return SliceDataset(np.stack(images), np.stack(labels), subjects, voxels)
+    return SliceDataset(np.stack(images), np.stack(labels), subjects, voxels, windows)
+
+
+def window_in_input(box, window, preprocessing) -> tuple[int, int, int, int]:
+    """The network-input pixels of crop window ``box`` that its sub-window ``window`` covers.
+
+    ``(row0, row1, col0, col1)``, ends exclusive. ``window`` comes from
+    :func:`.preprocessing.network_window` for the same scan and ``preprocessing``: ``box``
+    itself, or a part of it starting on a network-pixel boundary. There the input pixels of
+    ``box`` are those segmenting computes, but for a few at the edges (in the leg's air
+    margin), where segmenting's resize sees the window's edge.
+    """
+    rows, cols = preprocessing.input_yx
+    if window == box:
+        return 0, rows, 0, cols
+    scale_y, scale_x = box.height // rows, box.width // cols
+    r0, c0 = (window.y0 - box.y0) // scale_y, (window.x0 - box.x0) // scale_x
+    return r0, r0 + window.height // scale_y, c0, c0 + window.width // scale_x
 
 
 class _NeighbourStack:
@@ -692,16 +730,19 @@ def _validate(model, data: SliceDataset, config: TrainingConfig, device) -> dict
     losses = []
     with torch.inference_mode():
         for i in chosen:
-            x = _as_batch(data.images[i:i + 1]).to(device)
-            y = torch.from_numpy(data.labels[i:i + 1]).long().to(device)
+            # scored on what segmenting feeds the network: the leg's window by default
+            rows, cols = data.seen(int(i))
+            image = data.images[i:i + 1][..., rows, cols]
+            truth = data.labels[i:i + 1][..., rows, cols]
+            x = _as_batch(image).to(device)
+            y = torch.from_numpy(truth).long().to(device)
             logits = _forward_logits(model, x)
             losses.append(float(ce_dice_loss(logits, y)))
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear",
                                    align_corners=False)
             pred = logits.argmax(1).to(torch.uint8).cpu().numpy()
-            known = data.labels[i:i + 1] != IGNORE_INDEX  # unannotated pixels are not scored
-            conf += confusion_matrix(data.labels[i:i + 1][known], pred[known],
-                                     len(NETWORK_CLASSES))
+            known = truth != IGNORE_INDEX  # unannotated pixels are not scored
+            conf += confusion_matrix(truth[known], pred[known], len(NETWORK_CLASSES))
     model.train()
     iou = iou_from_confusion(conf)
     foreground = [float(v) for v in iou[1:] if not math.isnan(v)]

@@ -226,3 +226,67 @@ def test_descendants_of_the_bundled_model_keep_the_synthetic_caveat(tmp_path):
     assert lineage["synthetic_caveat"] and lineage["parent"]["weights_sha256"]
     card = model_card_text({**lineage, "training": {"n_scans": 2, "manifest": "x.csv"}})
     assert "synthetic phantoms" in card and "trained on 2 scans" in card
+
+
+# ------------------------------------------------------------------------------------------
+# Validation scores what segmenting feeds the network (the leg's window)
+# ------------------------------------------------------------------------------------------
+def _leg_fit_preprocessing():
+    from HRpQCTSegmentationEngine.preprocessing import PreprocessingConfig
+
+    return PreprocessingConfig(crop_yx=(256, 256), input_yx=(128, 128), leg_margin_px=8,
+                               input_multiple_px=16)
+
+
+def test_training_slices_record_the_leg_window_the_network_sees(tmp_path):
+    from HRpQCTSegmentationEngine.preprocessing import (
+        crop_box_for_scan,
+        network_window,
+        preprocess_slice,
+    )
+
+    config = _leg_fit_preprocessing()
+    hu, regions = _leg(n_slices=2, size=256)  # a leg 180 voxels across in a 256 field
+    image, lab = _write_case(tmp_path, "a", hu, regions)
+    data = load_slices([TrainingCase("s1", image, lab)], config, 0)
+    box = crop_box_for_scan(hu, config)
+    window, fitted = network_window(hu, config)
+    assert fitted.input_yx == (112, 112)  # narrower than the 128 x 128 field
+    r0, c0 = (window.y0 - box.y0) // 2, (window.x0 - box.x0) // 2
+    assert data.windows == [(r0, r0 + 112, c0, c0 + 112)] * 2
+    rows, cols = data.seen(0)
+    # the same input pixels as segmenting's (but for the edge pixels, in the air margin,
+    # where the resize sees the window's edge instead of more air)
+    np.testing.assert_allclose(data.images[0][rows, cols][4:-4, 4:-4],
+                               preprocess_slice(hu[0], window, fitted)[4:-4, 4:-4], atol=1e-3)
+    # every labelled pixel of the leg is inside the window
+    assert np.count_nonzero(data.labels[0][rows, cols]) == np.count_nonzero(data.labels[0])
+    # whole images are kept for training's patches
+    assert data.images.shape[1:] == (128, 128)
+
+
+def test_validation_scores_only_the_window_segmenting_feeds_the_network():
+    from HRpQCTSegmentationEngine.training import SliceDataset, TrainingConfig, _validate
+    from HRpQCTSegmentationEngine.unet import UNet, UNetConfig
+
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 64, 64)).astype(np.float16)
+    labels = rng.integers(0, 6, (3, 64, 64)).astype(np.uint8)
+    windows = [(16, 48, 0, 64), (0, 32, 32, 64), (0, 64, 0, 64)]
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=4, depth=2)).eval()
+    config = TrainingConfig(validation_slices=3)
+    scored = _validate(model, SliceDataset(images, labels, ["a", "b", "c"], [], windows),
+                       config, "cpu")
+    # garbage outside the windows changes nothing
+    garbage = labels.copy()
+    for i, (r0, r1, c0, c1) in enumerate(windows):
+        outside = np.ones((64, 64), bool)
+        outside[r0:r1, c0:c1] = False
+        garbage[i][outside] = (garbage[i][outside] + 1) % 6
+    again = _validate(model, SliceDataset(images, garbage, ["a", "b", "c"], [], windows),
+                      config, "cpu")
+    assert again == scored
+    # and without windows the whole images are scored (a different result here)
+    whole = _validate(model, SliceDataset(images, labels, ["a", "b", "c"]), config, "cpu")
+    assert whole["val_iou"] != scored["val_iou"]
