@@ -174,11 +174,15 @@ def region_stats(regions: np.ndarray, spacing_mm: tuple[float, float, float],
     n_slices = regions.shape[0]
     counts = np.zeros((n_slices, len(REGIONS) + 1), dtype=np.int64)
     sums = np.zeros(len(REGIONS) + 1, dtype=np.float64)
+    # Outside the labelled voxels' box all is background (not counted): the box alone is read,
+    # in the same order, so every count and sum is the whole slice's, bit for bit.
+    rows, cols = _labelled_box(regions)
     for z in range(n_slices):
-        plane = regions[z].ravel()
+        plane = regions[z, rows, cols].ravel()
         counts[z] = np.bincount(plane, minlength=len(REGIONS) + 1)[: len(REGIONS) + 1]
         if hu is not None:
-            sums += np.bincount(plane, weights=np.asarray(hu[z], dtype=np.float64).ravel(),
+            sums += np.bincount(plane, weights=np.asarray(hu[z, rows, cols],
+                                                          dtype=np.float64).ravel(),
                                 minlength=len(REGIONS) + 1)[: len(REGIONS) + 1]
     leg = counts[:, 1:].sum(axis=1) > 0
     n_leg = int(leg.sum())
@@ -193,6 +197,18 @@ def region_stats(regions: np.ndarray, spacing_mm: tuple[float, float, float],
             mean_hu=float(sums[d.label] / total) if (hu is not None and total) else math.nan,
             area_mm2_per_slice=[float(c * pixel_mm2) for c in per_slice]))
     return out
+
+
+def _labelled_box(regions: np.ndarray) -> tuple[slice, slice]:
+    """Rows and columns holding every labelled voxel of a ``[z, y, x]`` label map."""
+    if regions.size == 0:
+        return slice(0, 0), slice(0, 0)
+    plane = regions.max(axis=0) if regions.dtype.kind in "ub" else (regions != 0).any(axis=0)
+    rows = np.flatnonzero(plane.any(axis=1))
+    if rows.size == 0:
+        return slice(0, 0), slice(0, 0)
+    cols = np.flatnonzero(plane.any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:

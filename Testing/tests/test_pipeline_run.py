@@ -1,6 +1,7 @@
 """`hrpqct run`: the whole job for one scan, its report, and resuming."""
 
 import json
+import math
 import re
 import shutil
 
@@ -160,6 +161,31 @@ def test_quality_warnings_catch_missing_fibula_small_regions_and_low_confidence(
     small = [w.message for w in warnings if w.code == "region_small"]
     assert any("Tibial cortical" in m for m in small)
     assert not any("Fibular" in m for m in small)
+
+
+def test_region_stats_read_only_the_labelled_box_and_equal_the_whole_slices_bit_for_bit():
+    from HRpQCTCore.hu_volume import StoredHUVolume
+    from HRpQCTCore.regions import REGIONS
+    from HRpQCTPipeline import qc
+
+    rng = np.random.default_rng(3)
+    regions = np.zeros((5, 70, 90), dtype=np.uint8)
+    regions[:, 12:50, 20:81] = rng.integers(0, 8, (5, 38, 61))
+    regions[2] = 0  # a slice without the leg
+    stored = rng.integers(-2000, 6000, regions.shape).astype(np.int16)
+    hu = StoredHUVolume(stored, lambda v: v.astype(np.float32) * np.float32(0.7) - 3)
+    stats = {s.key: s for s in qc.region_stats(regions, (0.5, 0.25, 0.25), hu)}
+    values = np.asarray(hu)
+    for d in REGIONS:  # the definition: every voxel of every whole slice
+        total = int((regions == d.label).sum())
+        sums = sum(np.bincount(regions[z].ravel(), weights=values[z].astype(np.float64).ravel(),
+                               minlength=8)[d.label] for z in range(5))
+        assert stats[d.key].voxels == total
+        assert stats[d.key].mean_hu == sums / total  # the same additions in the same order
+        assert stats[d.key].leg_slices == 4
+    assert qc.region_stats(np.zeros((0, 4, 4), np.uint8), (1, 1, 1))[0].voxels == 0
+    empty = qc.region_stats(np.zeros((2, 4, 4), np.uint8), (1, 1, 1), hu[:2, :4, :4])
+    assert empty[0].leg_slices == 0 and math.isnan(empty[0].mean_hu)
 
 
 def test_motion_index_separates_still_and_moved_scans():
