@@ -10,12 +10,14 @@ uses by default (bundled model and classifier, radiomics of every ``--slice-step
 in this process, so that each stage's peak resident memory can be measured: before each stage
 the process's high-water mark is reset (Linux ``/proc/self/clear_refs``) and read back after
 it. The stages are the functions the pipeline calls: reading the scan (``read_scan``), the
-network (``run_segmentation``), post-processing (``postprocess``, and inside it the clean-up,
-the surface refinement and the soft-tissue subdivision), writing the region maps
+plausibility check (``require_plausible_scan``), the network (``run_segmentation``),
+post-processing (``postprocess``, and inside it the clean-up, the surface refinement and the
+soft-tissue subdivision), writing the region maps
 (``write_label_map``, both files), the radiomics stage (features and their CSV; its worker
-processes are measured separately, each one's own high-water mark) and the QC report.
-"between stages" is the largest peak outside these functions (the plausibility check, loading
-the model, the classification). The run's peak is the largest of them all. Memory is in GiB
+processes are measured separately, each one's own high-water mark), the classification
+stage (with the regions' QC statistics it computes first, reused by the report) and the QC
+report. "between stages" is the largest peak outside these functions (loading the model, the
+network's window). The run's peak is the largest of them all. Memory is in GiB
 (2**30 bytes), as ``/usr/bin/time -v`` kB / 2**20, the unit of ``benchmarks/RESULTS.md``.
 
 ``--only-read`` measures reading the scan alone (quick). ``--out`` keeps the run's outputs there
@@ -140,10 +142,14 @@ def instrument(meter: StageMeter) -> None:
     """Wrap the functions the pipeline calls for each stage (looked up at call time)."""
     import HRpQCTCore.io as core_io
     import HRpQCTPipeline.pipeline as pipeline
+    import HRpQCTPipeline.qc as qc
     import HRpQCTSegmentationEngine.inference as inference
+    import HRpQCTSegmentationEngine.plausibility as plausibility
     import HRpQCTSegmentationEngine.postprocess as postprocess
 
     core_io.read_scan = meter.wrap("read scan", core_io.read_scan)
+    plausibility.require_plausible_scan = meter.wrap("plausibility check",
+                                                     plausibility.require_plausible_scan)
     inference.run_segmentation = meter.wrap("segmentation (network)",
                                             inference.run_segmentation)
     postprocess.postprocess = meter.wrap("post-processing", postprocess.postprocess)
@@ -153,9 +159,16 @@ def instrument(meter: StageMeter) -> None:
     core_io.write_label_map = meter.wrap("write regions", core_io.write_label_map)
     # the radiomics stage as the pipeline lists it: wrapping its extraction function would
     # import the radiomics engine (~0.1 GiB) before the scan is read, which the run does not
-    pipeline._STAGE_STEPS = tuple(
-        (stage, meter.wrap("radiomics (parent)", step, workers=True)
-         if stage == "radiomics" else step) for stage, step in pipeline._STAGE_STEPS)
+    wrapped = {"radiomics": meter.wrap("radiomics (parent)", dict(pipeline._STAGE_STEPS)[
+        "radiomics"], workers=True)}
+    wrapped["classification"] = meter.wrap("classification", dict(pipeline._STAGE_STEPS)[
+        "classification"])
+    pipeline._STAGE_STEPS = tuple((stage, wrapped.get(stage, step))
+                                  for stage, step in pipeline._STAGE_STEPS)
+    # the regions' QC (computed once, in the classification stage, reused by the report)
+    for step, name in (("region_stats", "- QC region statistics"),
+                       ("motion_index", "- QC motion index")):
+        setattr(qc, step, meter.wrap(name, getattr(qc, step)))
     pipeline._report = meter.wrap("QC report", pipeline._report)
 
 
