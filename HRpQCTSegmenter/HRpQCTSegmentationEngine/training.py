@@ -54,12 +54,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from HRpQCTCore.errors import HRpQCTError, InputFileError
 from HRpQCTCore.progress import CancelToken, ProgressCallback, check, report
 from HRpQCTCore.regions import NETWORK_CLASSES
+
+if TYPE_CHECKING:
+    from HRpQCTSegmentationEngine.preprocessing import CropBox, PreprocessingConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,7 @@ __all__ = [
     "split_by_subject",
     "split_by_slices",
     "load_slices",
+    "window_in_input",
     "train_segmenter",
     "fit",
     "resolve_slice_context",
@@ -417,7 +422,8 @@ def load_slices(cases: Sequence[TrainingCase], preprocessing, slices_per_scan: i
     return SliceDataset(np.stack(images), np.stack(labels), subjects, voxels, windows)
 
 
-def window_in_input(box, window, preprocessing) -> tuple[int, int, int, int]:
+def window_in_input(box: CropBox, window: CropBox,
+                    preprocessing: PreprocessingConfig) -> tuple[int, int, int, int]:
     """The network-input pixels of crop window ``box`` that its sub-window ``window`` covers.
 
     ``(row0, row1, col0, col1)``, ends exclusive. ``window`` comes from
