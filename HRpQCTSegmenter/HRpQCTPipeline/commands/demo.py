@@ -8,16 +8,23 @@ outputs. It used to convert the example to a gzipped NIfTI copy too (660 MB and 
 full example, read by nothing; ``hrpqct convert`` makes one), and to read the whole scan once
 more just to print its size. Without the radiomics engine installed, only the segmentation
 runs; missing bundled artefacts (model, classifier) are reported and their steps skipped.
+
+Run again in the same folder, the demo reuses the example it made there (its record in
+``demo_summary.json``: seed, slices, a checksum of the generator's code and of both files)
+instead of making it again, and ``hrpqct run`` reuses its unchanged stages; an example that
+differs in any of these is made afresh (replacing files needs ``--overwrite``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 
+from HRpQCTCore.artefacts import sha256_file
 from HRpQCTCore.cli_options import (
     EXAMPLES_FORMATTER,
     add_overwrite_option,
@@ -31,6 +38,8 @@ log = logging.getLogger("hrpqct")
 
 #: The demo extracts features on every n-th slice (a full scan's radiomics takes minutes).
 DEMO_SLICE_STEP = 4
+#: The demo's summary in its output folder; it also records the example it made.
+SUMMARY_NAME = "demo_summary.json"
 
 
 def _step(title: str) -> float:
@@ -51,35 +60,86 @@ def run(args: argparse.Namespace) -> int:
     print(f"hrpqct demo: Python {info['python']}, torch {info['versions'].get('torch')}, "
           f"output in {out}")
 
-    t = _step(f"1. making the bundled example scan ({args.slices} slices, seed {EXAMPLE_SEED})")
-    phantom = generate_phantom(example_params(args.slices), seed=EXAMPLE_SEED)
     writes_aim = hasattr(io, "write_scan_aim")
     example = out / ("example_scan.AIM" if writes_aim else "example_scan.nii.gz")
     truth = out / "example_truth_regions.nii.gz"
-    check_can_write([example, truth], args.overwrite)
-    if writes_aim:
-        io.write_scan_aim(phantom.scan, example)
+    made = _example_record(args.slices)
+    t = _step(f"1. the bundled example scan ({args.slices} slices, seed {EXAMPLE_SEED})")
+    reused = _made_here_before(out / SUMMARY_NAME, example, truth, made)
+    if reused is not None:
+        made = reused
+        print(f"   reusing {example.name} and its 7-region truth: a demo made them here with "
+              "this generator, and their checksums match")
     else:
-        io.write_scan(phantom.scan, example, dtype="int16")
-    io.write_label_map(phantom.regions, phantom.scan, truth)
-    print(f"   wrote {example.name} and its 7-region truth ({time.perf_counter() - t:.1f} s)")
-    del phantom
+        check_can_write([example, truth], args.overwrite)  # before minutes of work
+        phantom = generate_phantom(example_params(args.slices), seed=EXAMPLE_SEED)
+        if writes_aim:
+            io.write_scan_aim(phantom.scan, example)
+        else:
+            io.write_scan(phantom.scan, example, dtype="int16")
+        io.write_label_map(phantom.regions, phantom.scan, truth)
+        del phantom
+        made.update(example_sha256=sha256_file(example), truth_sha256=sha256_file(truth))
+        print(f"   wrote {example.name} and its 7-region truth ({time.perf_counter() - t:.1f} s)")
 
-    summary: dict = {"example": str(example), "truth": str(truth)}
+    summary: dict = {"example": str(example), "truth": str(truth), "example_made": made}
+    from HRpQCTCore.atomic import write_text_atomic
+
+    summary_path = out / SUMMARY_NAME
+    # at once: a demo stopped later finds its example here and need not make it again
+    write_text_atomic(summary_path, json.dumps(summary, indent=2))
     try:
         from HRpQCTPipeline.pipeline import RunSettings, ScanJob, run_scan
     except ImportError:  # the segmentation engine alone: segment, no features or report
         _segment_only(args, io.read_scan(example), out, summary)
     else:
         _run_job(args, example, out, summary, RunSettings, ScanJob, run_scan)
-    summary_path = out / "demo_summary.json"
-    from HRpQCTCore.atomic import write_text_atomic
-
     write_text_atomic(summary_path, json.dumps(summary, indent=2))
     print(f"== done in {time.perf_counter() - start:.0f} s; summary: {summary_path}")
     print("   Synthetic example and models trained on synthetic phantoms: research use only, "
           "not for clinical decisions.")
     return 0
+
+
+def _generator_sha256() -> str:
+    """One SHA256 over the source of the code that makes and writes the example."""
+    import HRpQCTCore.io
+    import HRpQCTPhantom
+
+    digest = hashlib.sha256()
+    for package in (HRpQCTPhantom, HRpQCTCore.io):
+        folder = Path(package.__file__).parent
+        for source in sorted(folder.rglob("*.py")):
+            digest.update(source.relative_to(folder).as_posix().encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def _example_record(n_slices: int) -> dict:
+    """What defines the example a demo makes: its seed, slices and the code that makes it."""
+    return {"seed": EXAMPLE_SEED, "slices": int(n_slices), "generator_sha256": _generator_sha256()}
+
+
+def _made_here_before(summary_path: Path, example: Path, truth: Path, wanted: dict) -> dict | None:
+    """The record of an example a demo made in this folder, if it is the one wanted, unchanged.
+
+    A rerun then skips minutes of making it again (and ``hrpqct run`` reuses its own
+    unchanged stages). The record must name the same seed, slices and generator code, and the
+    files' SHA256 must still be those written; anything else (no record, a damaged or edited
+    file) gives None and the example is made afresh.
+    """
+    try:
+        record = json.loads(summary_path.read_text(encoding="utf-8"))["example_made"]
+        if not isinstance(record, dict) or any(record.get(k) != v for k, v in wanted.items()):
+            return None
+        if not (example.is_file() and truth.is_file()):
+            return None
+        if (sha256_file(example), sha256_file(truth)) != (record.get("example_sha256"),
+                                                          record.get("truth_sha256")):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record
 
 
 def _run_job(args: argparse.Namespace, example: Path, out: Path, summary: dict,
@@ -162,7 +222,9 @@ def register(subparsers) -> None:
         description=(
             "Make the bundled example scan (a synthetic phantom, generated from a fixed seed), "
             "read it back like a user scan and run the pipeline on it, leaving every output "
-            "in OUT.\n\nexamples:\n  hrpqct demo --out demo-output\n"
+            "in OUT. Run again in OUT, it reuses the example it made there (checked by "
+            "checksum) and the run's unchanged steps.\n\nexamples:\n"
+            "  hrpqct demo --out demo-output\n"
             "  hrpqct demo --out /tmp/d --slices 16      # quicker, fewer slices"))
     p.add_argument("--out", default="demo-output", help="output folder (default %(default)s)")
     p.add_argument("--slices", type=int, default=EXAMPLE_SLICES,
