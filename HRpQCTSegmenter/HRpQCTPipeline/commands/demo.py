@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from HRpQCTCore.artefacts import sha256_file
@@ -77,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
             io.write_scan_aim(phantom.scan, example)
         else:
             io.write_scan(phantom.scan, example, dtype="int16")
-        io.write_label_map(phantom.regions, phantom.scan, truth)
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the scan's checksum (~1 s for a
+            example_sha256 = pool.submit(sha256_file, example)  # full one) beside the truth
+            io.write_label_map(phantom.regions, phantom.scan, truth)
+            made.update(example_sha256=example_sha256.result(), truth_sha256=sha256_file(truth))
         del phantom
-        made.update(example_sha256=sha256_file(example), truth_sha256=sha256_file(truth))
         print(f"   wrote {example.name} and its 7-region truth ({time.perf_counter() - t:.1f} s)")
 
     summary: dict = {"example": str(example), "truth": str(truth), "example_made": made}
