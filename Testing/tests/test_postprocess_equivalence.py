@@ -381,3 +381,20 @@ def test_the_local_mean_matches_out_of_place_filtering(damaged):
         for hu_in in (hu, hu.astype(np.float32), hu.astype(np.float64)):
             np.testing.assert_array_equal(smooth_within(hu_in, soft, window),
                                           _reference.smooth_within(hu_in, soft, window))
+
+
+@pytest.mark.parametrize("width_mm", [0.0, 0.13, 0.75, 1.1, 2.0, 6.0])
+def test_the_reach_test_equals_a_distance_transform_whichever_row_pass_runs(width_mm):
+    # Widths up to ~1.4 mm at these pixel sizes count row distances by shifted ANDs, wider ones
+    # by running extrema (soft_tissue._SHIFTED_ROW_DISTANCE_MAX): both must be exact.
+    from HRpQCTSegmentationEngine.postprocess.soft_tissue import _within_of_outside
+
+    rng = np.random.default_rng(int(width_mm * 100))
+    for _ in range(25):
+        shape = tuple(int(v) for v in rng.integers(1, 60, 2))
+        spacing = (float(rng.uniform(0.05, 0.1)), float(rng.uniform(0.05, 0.1)))
+        inside = ndi.binary_opening(rng.random(shape) < rng.uniform(0.3, 0.95))
+        # beyond the array counts as outside: pad with outside, measure, crop
+        distance = ndi.distance_transform_edt(np.pad(inside, 1), sampling=spacing)[1:-1, 1:-1]
+        np.testing.assert_array_equal(_within_of_outside(inside, width_mm, spacing),
+                                      distance <= width_mm)

@@ -140,6 +140,37 @@ def _half_widths(width_mm: float, spacing_yx) -> np.ndarray:
     return out
 
 
+#: Up to this cap the row distance is counted by shifted ANDs (about twice as fast for the
+#: narrow bands of the surface step); beyond it by running extrema, whose cost does not grow.
+_SHIFTED_ROW_DISTANCE_MAX = 24
+
+
+def _row_distance(inside: np.ndarray, cap: int, itype) -> np.ndarray:
+    """Per pixel, the row distance to the nearest pixel of its column not in ``inside``
+    (rows beyond the array count as outside), capped at ``cap``; 0 outside."""
+    h = inside.shape[0]
+    if cap <= _SHIFTED_ROW_DISTANCE_MAX:
+        # the distance is the number of k in 0..cap-1 with rows i-k..i+k all inside
+        g = inside.astype(np.uint8)
+        run = inside.copy()
+        for k in range(1, min(cap, h)):
+            run[:h - k] &= inside[k:]
+            run[h - k:] = False
+            run[k:] &= inside[:h - k]
+            run[:k] = False
+            np.add(g, run, out=g, casting="unsafe")
+        return g
+    rows = np.arange(h, dtype=itype)[:, None]
+    above = np.where(inside, itype(-1), rows)
+    np.maximum.accumulate(above, axis=0, out=above)
+    below = np.where(inside, itype(h), rows)
+    np.minimum.accumulate(below[::-1], axis=0, out=below[::-1])
+    np.subtract(rows, above, out=above)
+    np.subtract(below, rows, out=below)
+    g = np.minimum(above, below, out=above)
+    return np.minimum(g, cap, out=g)
+
+
 def _within_of_outside(inside: np.ndarray, width_mm: float, spacing_yx) -> np.ndarray:
     """Pixels within ``width_mm`` (in-plane Euclidean) of a pixel not in ``inside``.
 
@@ -154,17 +185,7 @@ def _within_of_outside(inside: np.ndarray, width_mm: float, spacing_yx) -> np.nd
     # int16 where it holds every index: the running extrema are 2-3x faster than on int32
     itype = np.int16 if max(h, w) < 2**14 else np.int32
     half = np.maximum(half, -(w + 1)).astype(itype)  # "none" still reaches no column
-    rows = np.arange(h, dtype=itype)[:, None]
-    above = np.where(inside, itype(-1), rows)
-    np.maximum.accumulate(above, axis=0, out=above)
-    below = np.where(inside, itype(h), rows)
-    np.minimum.accumulate(below[::-1], axis=0, out=below[::-1])
-    np.subtract(rows, above, out=above)
-    np.subtract(below, rows, out=below)
-    g = np.minimum(above, below, out=above)
-    np.minimum(g, half.size - 1, out=g)
-    reach = half[g]  # columns reached each way
-    del above, below, g
+    reach = np.take(half, _row_distance(inside, half.size - 1, itype))  # columns reached
     cols = np.arange(w, dtype=itype)
     right = reach + cols
     np.maximum.accumulate(right, axis=1, out=right)
