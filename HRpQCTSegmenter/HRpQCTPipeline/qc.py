@@ -24,6 +24,7 @@ __all__ = [
     "QCWarning",
     "RegionStats",
     "region_stats",
+    "labelled_box",
     "motion_index",
     "confidence_summary",
     "quality_warnings",
@@ -176,7 +177,7 @@ def region_stats(regions: np.ndarray, spacing_mm: tuple[float, float, float],
     sums = np.zeros(len(REGIONS) + 1, dtype=np.float64)
     # Outside the labelled voxels' box all is background (not counted): the box alone is read,
     # in the same order, so every count and sum is the whole slice's, bit for bit.
-    rows, cols = _labelled_box(regions)
+    rows, cols = labelled_box(regions)
     for z in range(n_slices):
         plane = regions[z, rows, cols].ravel()
         counts[z] = np.bincount(plane, minlength=len(REGIONS) + 1)[: len(REGIONS) + 1]
@@ -199,16 +200,20 @@ def region_stats(regions: np.ndarray, spacing_mm: tuple[float, float, float],
     return out
 
 
-def _labelled_box(regions: np.ndarray) -> tuple[slice, slice]:
-    """Rows and columns holding every labelled voxel of a ``[z, y, x]`` label map."""
-    if regions.size == 0:
-        return slice(0, 0), slice(0, 0)
-    plane = regions.max(axis=0) if regions.dtype.kind in "ub" else (regions != 0).any(axis=0)
-    rows = np.flatnonzero(plane.any(axis=1))
-    if rows.size == 0:
-        return slice(0, 0), slice(0, 0)
-    cols = np.flatnonzero(plane.any(axis=0))
-    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+def labelled_box(regions: np.ndarray, margin_px: int = 0) -> tuple[slice, slice]:
+    """Rows and columns holding every labelled voxel of a ``[z, y, x]`` label map.
+
+    Widened by ``margin_px`` on each side (within the slice); the whole slice when nothing is
+    labelled. Read slice by slice: no whole-volume temporary.
+    """
+    any_yx = np.zeros(regions.shape[1:], dtype=bool)
+    for plane in regions:
+        any_yx |= plane > 0
+    if not any_yx.any():
+        return slice(None), slice(None)
+    ys, xs = np.nonzero(any_yx)
+    return (slice(max(0, int(ys.min()) - margin_px), int(ys.max()) + 1 + margin_px),
+            slice(max(0, int(xs.min()) - margin_px), int(xs.max()) + 1 + margin_px))
 
 
 def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:

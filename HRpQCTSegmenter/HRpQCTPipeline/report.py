@@ -26,6 +26,7 @@ import numpy as np
 
 from HRpQCTCore.atomic import atomic_path, write_text_atomic
 from HRpQCTCore.regions import REGIONS
+from HRpQCTPipeline.qc import labelled_box
 
 __all__ = [
     "HU_WINDOW",
@@ -106,17 +107,6 @@ def representative_slices(n_slices: int, extra: Sequence[int] = (), count: int =
     return sorted(dict.fromkeys(picks))
 
 
-def _crop_box(regions: np.ndarray, margin_px: int) -> tuple[slice, slice]:
-    any_yx = np.zeros(regions.shape[1:], dtype=bool)
-    for plane in regions:  # slice by slice: ``regions > 0`` at once is a 0.4 GB temporary
-        any_yx |= plane > 0
-    if not any_yx.any():
-        return slice(None), slice(None)
-    ys, xs = np.nonzero(any_yx)
-    return (slice(max(0, ys.min() - margin_px), ys.max() + 1 + margin_px),
-            slice(max(0, xs.min() - margin_px), xs.max() + 1 + margin_px))
-
-
 def _colour_lut() -> np.ndarray:
     lut = np.zeros((256, 4), dtype=np.float32)
     for d in REGIONS:
@@ -150,7 +140,7 @@ def overlay_figure(hu: np.ndarray, regions: np.ndarray, spacing_mm: tuple[float,
     from matplotlib.patches import Patch
 
     pixel_mm = float(spacing_mm[1])
-    box = _crop_box(regions, margin_px=round(3.0 / pixel_mm))
+    box = labelled_box(regions, margin_px=round(3.0 / pixel_mm))
     lut = _colour_lut()
     n = len(slices)
     fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 8.8), squeeze=False)
