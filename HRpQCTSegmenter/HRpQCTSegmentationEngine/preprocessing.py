@@ -47,6 +47,7 @@ __all__ = [
     "CropBox",
     "crop_box_for_scan",
     "network_window",
+    "crop_and_network_windows",
     "fit_window_to_leg",
     "INPUT_FITS",
     "crop_slice",
@@ -324,12 +325,26 @@ def network_window(hu_volume: np.ndarray, config: PreprocessingConfig | None = N
         The window, and ``config`` with ``crop_yx``/``input_yx`` set to the window's size and
         the network input's size.
     """
+    _, box, fitted = crop_and_network_windows(hu_volume, config, chunk_slices)
+    return box, fitted
+
+
+def crop_and_network_windows(hu_volume: np.ndarray, config: PreprocessingConfig | None = None,
+                             chunk_slices: int = 16
+                             ) -> tuple[CropBox, CropBox, PreprocessingConfig]:
+    """:func:`crop_box_for_scan`'s window and :func:`network_window`'s, from one pass.
+
+    Returns
+    -------
+    (CropBox, CropBox, PreprocessingConfig)
+        The crop window, the part of it the network sees, and the preprocessing of that part.
+    """
     config = config or PreprocessingConfig()
     counts, nz = _leg_slice_counts(hu_volume, config, chunk_slices)
     box = _centred_window(counts, nz, config)
     if config.input_fit == "field":
-        return box, config
-    return fit_window_to_leg(box, _leg_extent(counts, nz), config)
+        return box, box, config
+    return box, *fit_window_to_leg(box, _leg_extent(counts, nz), config)
 
 
 def fit_window_to_leg(box: CropBox, leg_extent_yx: tuple[int, int, int, int] | None,

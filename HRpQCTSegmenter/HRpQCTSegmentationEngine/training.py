@@ -408,8 +408,8 @@ def load_slices(cases: Sequence[TrainingCase], preprocessing, slices_per_scan: i
         scan = read_scan(case.image_path)
         lab = _read_training_labels(case, scan.hu.shape)
         on_grid, grid = model_grid(preprocessing, scan.spacing_mm, voxel_mm)
-        box = pp.crop_box_for_scan(scan.hu, on_grid)
-        seen = window_in_input(box, pp.network_window(scan.hu, on_grid)[0], on_grid)
+        box, window, _ = pp.crop_and_network_windows(scan.hu, on_grid)
+        seen = window_in_input(box, window, on_grid)
         stacker = _NeighbourStack(scan.hu, box, on_grid, slice_context)
         seen_mm = voxel_mm if grid["resampled"] else float(np.mean(scan.spacing_mm[1:]))
         for z in _case_slices(case, scan.n_slices, slices_per_scan):
@@ -426,9 +426,9 @@ def window_in_input(box: CropBox, window: CropBox,
                     preprocessing: PreprocessingConfig) -> tuple[int, int, int, int]:
     """The network-input pixels of crop window ``box`` that its sub-window ``window`` covers.
 
-    ``(row0, row1, col0, col1)``, ends exclusive. ``window`` comes from
-    :func:`.preprocessing.network_window` for the same scan and ``preprocessing``: ``box``
-    itself, or a part of it starting on a network-pixel boundary. There the input pixels of
+    ``(row0, row1, col0, col1)``, ends exclusive. Both windows come from
+    :func:`.preprocessing.crop_and_network_windows` for one scan and ``preprocessing``:
+    ``window`` is ``box`` itself, or a part of it starting on a network-pixel boundary. There the input pixels of
     ``box`` are those segmenting computes, but for a few at the edges (in the leg's air
     margin), where segmenting's resize sees the window's edge.
     """
