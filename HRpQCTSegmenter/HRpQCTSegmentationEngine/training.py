@@ -428,9 +428,9 @@ def window_in_input(box: CropBox, window: CropBox,
 
     ``(row0, row1, col0, col1)``, ends exclusive. Both windows come from
     :func:`.preprocessing.crop_and_network_windows` for one scan and ``preprocessing``:
-    ``window`` is ``box`` itself, or a part of it starting on a network-pixel boundary. There the input pixels of
-    ``box`` are those segmenting computes, but for a few at the edges (in the leg's air
-    margin), where segmenting's resize sees the window's edge.
+    ``window`` is ``box`` itself, or a part of it starting on a network-pixel boundary. There
+    the input pixels of ``box`` are those segmenting computes, but for a few at the edges (in
+    the leg's air margin), where segmenting's resize sees the window's edge.
     """
     rows, cols = preprocessing.input_yx
     if window == box:
