@@ -34,6 +34,7 @@ from scipy import ndimage as ndi
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine
 from bench_segmentation_accuracy import read_test_case
+from bench_soft_tissue_motion import dice
 
 from HRpQCTCore.regions import region_by_name
 from HRpQCTSegmentationEngine.postprocess import DEFAULT
@@ -99,10 +100,6 @@ def variants(pixel_mm: float) -> dict:
         out[f"thin parts dropped, w = {width_mm} mm"] = (
             lambda view, hu, levels, h=half: thin_parts(view, h))
     return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
 
 
 def main() -> None:
