@@ -41,21 +41,24 @@ from HRpQCTSegmentationEngine.postprocess.soft_tissue import (
     subdivide_soft_tissue,
 )
 
+_RULES_ONLY = replace(DEFAULT, soft_tissue_model="none")
 RULES = {
     "paper rules (raw HU, fixed thresholds)": PAPER,
     "before: 0.3 mm local mean, fixed -50 HU split": DEFAULT.with_fixed_split(),
-    "scan's own levels only": replace(DEFAULT, streak_suppression=False, drift_window_mm=0.0,
-                                      myotendinous_opening_mm=0.0),
-    "own levels + streak suppression": replace(DEFAULT, drift_window_mm=0.0,
+    "scan's own levels only": replace(_RULES_ONLY, streak_suppression=False,
+                                      drift_window_mm=0.0, myotendinous_opening_mm=0.0),
+    "own levels + streak suppression": replace(_RULES_ONLY, drift_window_mm=0.0,
                                                myotendinous_opening_mm=0.0),
-    "own levels, streaks, drift": replace(DEFAULT, myotendinous_opening_mm=0.0),
-    "**default** (own levels, streaks, drift, opening)": DEFAULT,
+    "own levels, streaks, drift": replace(_RULES_ONLY, myotendinous_opening_mm=0.0),
+    "rules: own levels, streaks, drift, opening": _RULES_ONLY,
+    "**default** (the rules, then the learned split)": DEFAULT,
 }
 #: Under re-calibration and on the network's split only these (the ablation steps, on the
 #: true split, say what each step adds).
 CALIBRATION_RULES = ("paper rules (raw HU, fixed thresholds)",
                      "before: 0.3 mm local mean, fixed -50 HU split",
-                     "**default** (own levels, streaks, drift, opening)")
+                     "rules: own levels, streaks, drift, opening",
+                     "**default** (the rules, then the learned split)")
 CALIBRATIONS = {"as scanned": (1.0, 0.0), "+150 HU": (1.0, 150.0), "-150 HU": (1.0, -150.0),
                 "x 0.85": (0.85, 0.0)}
 
@@ -125,6 +128,8 @@ def main() -> None:
                         help="re-calibrate only the scans of the first N manifests")
     parser.add_argument("--slices", type=int, default=None, metavar="N",
                         help="score only the middle N slices of each scan (all by default)")
+    parser.add_argument("--no-ablation", action="store_true",
+                        help="on the true split too, only the rule sets of the calibration rows")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     runner = config = None
@@ -155,8 +160,8 @@ def main() -> None:
                     shifted = hu * np.float32(scale) + np.float32(offset)
                     levels = soft_tissue_levels(classes, shifted, scan.spacing_mm, DEFAULT)
                     # the ablation steps on the true split only
-                    rules = RULES if cal == "as scanned" and split == "truth" else {
-                        k: RULES[k] for k in CALIBRATION_RULES}
+                    ablation = cal == "as scanned" and split == "truth" and not args.no_ablation
+                    rules = RULES if ablation else {k: RULES[k] for k in CALIBRATION_RULES}
                     records.append({**base, "split": split, "calibration": cal,
                                     "levels": levels.to_dict(),
                                     "scores": score_scan(classes, shifted, scan.spacing_mm,

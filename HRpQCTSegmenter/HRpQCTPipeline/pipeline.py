@@ -522,6 +522,9 @@ def _resolve_classifier(settings: RunSettings) -> tuple[Any, str | None]:
 
 def _stage_keys(ctx: RunContext) -> dict[str, str | None]:
     """Stage -> resume key; each key includes the keys of the stages it depends on."""
+    from HRpQCTSegmentationEngine.postprocess import preset
+    from HRpQCTSegmentationEngine.postprocess.soft_tissue_model import split_identity
+
     settings = ctx.settings
     calibration = None if settings.calibration is None else settings.calibration.to_dict()
     input_key = stage_key({"scan": ctx.input_fp["sha256"], "units": settings.units,
@@ -533,6 +536,8 @@ def _stage_keys(ctx: RunContext) -> dict[str, str | None]:
         # records (a refused scan, the QC's per-slice uncertainty), so they are in its key
         seg_key = stage_key({"input": input_key, "model": model_sha256(ctx.model_folder),
                              "postprocess": settings.postprocess,
+                             "soft_tissue_split": split_identity(
+                                 preset(settings.postprocess).soft_tissue_model),
                              "accept_unusual_scan": bool(settings.accept_unusual_scan),
                              "uncertainty": settings.uncertainty,
                              "version": STAGE_VERSIONS["segmentation"]})
@@ -594,6 +599,7 @@ def _segment(ctx: RunContext) -> None:
     from HRpQCTSegmentationEngine.model_card import identity_for_qc
     from HRpQCTSegmentationEngine.plausibility import require_plausible_scan
     from HRpQCTSegmentationEngine.postprocess import postprocess, preset
+    from HRpQCTSegmentationEngine.postprocess.soft_tissue_model import split_identity
     from HRpQCTSegmentationEngine.uncertainty import SIGNAL_OF_METHOD
 
     scan, settings, paths = ctx.scan, ctx.settings, ctx.paths
@@ -622,6 +628,7 @@ def _segment(ctx: RunContext) -> None:
         "engine": seg.engine, "seconds": seg.seconds,
         "postprocess_preset": settings.postprocess, "warnings": list(result.warnings),
         "soft_tissue_levels": result.soft_tissue_levels.to_dict(),
+        "soft_tissue_split": split_identity(preset(settings.postprocess).soft_tissue_model),
         "slice_confidence": [float(v) for v in seg.slice_confidence],
         "slice_foreground_confidence": [None if np.isnan(v) else float(v)
                                         for v in seg.slice_foreground_confidence],

@@ -58,7 +58,8 @@ RECORD_FORMAT = "hrpqct-run"
 RECORD_VERSION = 1
 STAGES = ("segmentation", "radiomics", "classification", "report")
 #: Bumped when a stage's output would change for the same inputs (invalidates old records).
-STAGE_VERSIONS = {"segmentation": 1, "radiomics": 1, "classification": 1, "report": 1}
+#: segmentation 2: the learned myotendinous/adipose split (post-processing default).
+STAGE_VERSIONS = {"segmentation": 2, "radiomics": 1, "classification": 1, "report": 1}
 #: The outputs (names of :func:`.pipeline.output_paths`) each stage writes.
 STAGE_FILES = {
     "segmentation": ("regions_seg_nrrd", "regions_nifti", "segmentation_qc"),

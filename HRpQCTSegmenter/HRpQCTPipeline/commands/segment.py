@@ -45,22 +45,37 @@ def _segments(classes_only: bool) -> Sequence[LabelDefinition]:
 
 
 def _postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
+    from dataclasses import replace
+
     from HRpQCTSegmentationEngine.postprocess import preset
 
     config = preset(args.preset)
     if args.keep_surfaces:
         config = config.without_surface_refinement()
+    if args.soft_tissue_model is not None and config.soft_tissue_model != "none":
+        config = replace(config, soft_tissue_model=str(args.soft_tissue_model))
+    if args.soft_tissue_rules:
+        config = replace(config, soft_tissue_model="none")
     return config.with_fixed_split() if args.fixed_soft_tissue_split else config
 
 
 def _add_postprocess_options(p: argparse.ArgumentParser) -> None:
-    """``--preset``, ``--keep-surfaces`` and ``--fixed-soft-tissue-split``, read back by
+    """``--preset``, ``--keep-surfaces``, ``--soft-tissue-rules``, ``--soft-tissue-model``
+    and ``--fixed-soft-tissue-split``, read back by
     :func:`_postprocess_config`."""
     p.add_argument("--preset", choices=("default", "paper"), default="default",
                    help="post-processing settings (paper: the paper's rules exactly)")
     p.add_argument("--keep-surfaces", action="store_true",
                    help="keep the network's skin and bone surfaces (no refinement to the HU "
                         "edges; the paper preset never refines them)")
+    p.add_argument("--soft-tissue-rules", action="store_true",
+                   help="split myotendinous from adipose tissue by the rules alone, without the "
+                        "bundled learned split (trained on synthetic phantoms; the paper preset "
+                        "never uses it)")
+    p.add_argument("--soft-tissue-model", type=Path, metavar="FILE.json",
+                   help="a learned myotendinous/adipose split of your own (made like "
+                        "benchmarks/train_soft_tissue_model.py makes the bundled one) instead "
+                        "of the bundled one")
     p.add_argument("--fixed-soft-tissue-split", action="store_true",
                    help="split myotendinous from adipose tissue at the fixed -50 HU, without "
                         "the scan's own fat and muscle levels, streak suppression or drift "

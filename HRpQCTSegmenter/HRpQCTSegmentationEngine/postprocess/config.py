@@ -76,6 +76,12 @@ class PostprocessConfig:
         fat as bright lines a few voxels wide that survive the local mean and the split;
         muscle bellies and tendons are millimetres across. 0.4 mm (7 voxels at 60.7 um) was
         chosen on development phantoms outside both test sets (benchmarks/RESULTS.md).
+    soft_tissue_model:
+        Who splits the inner soft tissue into myotendinous and adipose once the rules have:
+        ``"bundled"`` (this project's default: gradient-boosted trees over each slice's local
+        context, trained on synthetic phantoms, see :mod:`.soft_tissue_model`), a path to a
+        model file of that format (one trained on your own data), or ``"none"`` (the rules'
+        split stays). Used only where the scan's own fat and muscle levels were found.
     smoothing_window_mm:
         Side of the cube over which HU are averaged (soft-tissue voxels only) before the rules;
         0 = the paper's rules on raw HU. HR-pQCT noise (SD 100-200 HU) is as large as the
@@ -105,6 +111,7 @@ class PostprocessConfig:
     streak_suppression: bool = True
     drift_window_mm: float = 3.0
     myotendinous_opening_mm: float = 0.4
+    soft_tissue_model: str = "bundled"
     smoothing_window_mm: float = 0.3
     ring_radii_mm: tuple[float, ...] = (2.0, 5.0, 10.0, 15.0, 20.0)
 
@@ -122,6 +129,11 @@ class PostprocessConfig:
                      "periosteal_window_mm", "drift_window_mm", "myotendinous_opening_mm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if not isinstance(self.soft_tissue_model, str) or not (
+                self.soft_tissue_model in ("bundled", "none")
+                or self.soft_tissue_model.endswith(".json")):
+            raise ValueError("soft_tissue_model must be 'bundled', 'none' or a model file "
+                             f"(.json), got {self.soft_tissue_model!r}")
         for name in ("tendon_seed_hu", "fat_seed_hu"):
             lo, hi = getattr(self, name)
             if lo > hi:
@@ -134,9 +146,10 @@ class PostprocessConfig:
 
     def with_fixed_split(self) -> PostprocessConfig:
         """These settings with the soft-tissue rules on absolute HU, as the paper has them
-        (no streak suppression, drift correction or opening either)."""
+        (no streak suppression, drift correction, opening or learned split either)."""
         return replace(self, split_levels="fixed", streak_suppression=False,
-                       drift_window_mm=0.0, myotendinous_opening_mm=0.0)
+                       drift_window_mm=0.0, myotendinous_opening_mm=0.0,
+                       soft_tissue_model="none")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,7 +169,8 @@ PAPER = PostprocessConfig(connectivity="2d", smoothing_window_mm=0.0,
                           seed_growth_mm=0.25).without_surface_refinement().with_fixed_split()
 #: This project's default: 3D components, surfaces refined to the HU edges, and soft tissue
 #: split on a local HU mean between the scan's own fat and muscle levels, with motion streaks
-#: and slow drifts removed first and streak remnants opened away after.
+#: and slow drifts removed first, streak remnants opened away after, and the split then
+#: decided by the bundled model from each slice's context.
 DEFAULT = PostprocessConfig()
 
 

@@ -17,12 +17,16 @@ streaks scaled back in each slice's spectrum; HU replaced by their mean over a c
 not bleed in); the split (and the seed windows) placed between the scan's own fat and muscle
 levels; and the slow drift against those levels removed. The work is done slab by slab and
 slice by slice in threads: memory stays bounded by a slab (two float32 arrays), not the scan.
+After rules 2-4 (and the opening of the myotendinous region), the default lets a learned model
+(:mod:`.soft_tissue_model`) decide the inner soft tissue's split from each slice's context:
+ghost arcs of the moved cortex and streak residue, which no per-voxel rule separates.
 With ``overwrite_input`` the regions are written into the classes array itself, which then
 needs no region array beside it (see :func:`subdivide_soft_tissue`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +45,13 @@ from HRpQCTSegmentationEngine.postprocess.soft_tissue_levels import (
     fixed_levels,
     suppress_streaks,
 )
+from HRpQCTSegmentationEngine.postprocess.soft_tissue_model import (
+    SoftTissueModel,
+    bundled_model,
+    load_model,
+)
+
+log = logging.getLogger(__name__)
 
 __all__ = ["subdivide_soft_tissue", "soft_tissue_levels", "distance_rings", "smooth_within"]
 
@@ -225,6 +236,7 @@ class _Rules:
     growth_steps: int
     drift_window_px: tuple[int, int] | None
     opening_half_px: tuple[int, int] | None  # half-side (y, x) of the myotendinous opening
+    model: SoftTissueModel | None = None  # the learned split, where the levels allow it
 
     @classmethod
     def of(cls, levels: SoftTissueLevels, config: PostprocessConfig, spacing_yx) -> _Rules:
@@ -240,7 +252,24 @@ class _Rules:
             opening = tuple(max(0, round((config.myotendinous_opening_mm / float(s) - 1) / 2))
                             for s in spacing_yx)
         return cls(levels, tendon, fat, round(config.seed_growth_mm / min(spacing_yx)), drift,
-                   opening if opening and any(opening) else None)
+                   opening if opening and any(opening) else None,
+                   _split_model(config, levels, float(np.mean(spacing_yx))))
+
+
+def _split_model(config: PostprocessConfig, levels: SoftTissueLevels,
+                 pixel_mm: float) -> SoftTissueModel | None:
+    """The learned split of ``config``; None for the rules' split, where the scan's own fat
+    and muscle levels are unknown (the model reads HU relative to them), or where the voxel
+    size lies outside the model's range (then a log line says so)."""
+    if config.soft_tissue_model == "none" or levels.source != "histogram":
+        return None
+    model = (bundled_model() if config.soft_tissue_model == "bundled"
+             else load_model(config.soft_tissue_model))
+    if not model.applies_to(pixel_mm):
+        log.info("Soft tissue split by the rules: the learned split is made for voxels of "
+                 "%.3f-%.3f mm, this scan's are %.3f mm.", *model.voxel_mm_range, pixel_mm)
+        return None
+    return model
 
 
 def _slice_masks(classes2d: np.ndarray, spacing_yx, config: PostprocessConfig):
@@ -305,6 +334,8 @@ def _label_slice(classes2d: np.ndarray, hu2d: np.ndarray, num2d: np.ndarray | No
         _grow_seeds(view, inner, hu, above, rules)
     if rules.opening_half_px is not None:
         _open_myotendinous(view, rules.opening_half_px)
+    if rules.model is not None:
+        rules.model.relabel(view, inner, hu, rules.levels, float(np.mean(spacing_yx)))
 
 
 def _grow_seeds(view: np.ndarray, inner: np.ndarray, hu: np.ndarray, above: np.ndarray,

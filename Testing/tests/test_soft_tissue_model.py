@@ -1,0 +1,192 @@
+"""The learned myotendinous/adipose split: its file format, its trees, and what it changes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from HRpQCTCore.errors import ArtefactError
+from HRpQCTSegmentationEngine.postprocess import DEFAULT, PAPER, PostprocessConfig
+from HRpQCTSegmentationEngine.postprocess import soft_tissue_model as stm
+from HRpQCTSegmentationEngine.postprocess.soft_tissue import subdivide_soft_tissue
+
+MYO, FAT, SKIN = 6, 7, 5
+RULES = replace(DEFAULT, soft_tissue_model="none")
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A small scikit-learn model on random features, and its JSON document."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, len(stm.FEATURE_NAMES))).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 3] * x[:, 7] + rng.normal(0, 0.3, 3000)) > 0
+    classifier = HistGradientBoostingClassifier(max_iter=12, max_leaf_nodes=7,
+                                                random_state=0).fit(x, y)
+    document = stm.model_to_dict(classifier, stm.BLOCK_MM, (0.05, 0.09), {"test": True})
+    return classifier, json.loads(json.dumps(document)), x
+
+
+@pytest.fixture(scope="module")
+def moving_leg():
+    """Two full-resolution (60.7 um) slices of a leg with motion grade 3 (held-out seed)."""
+    from HRpQCTPhantom import PhantomParams, generate_phantom
+
+    return generate_phantom(PhantomParams(n_slices=2, motion_grade=3, noise_sd_hu=150.0), 9801)
+
+
+def test_the_trees_give_scikit_learns_probabilities(fitted):
+    classifier, document, x = fitted
+    model = stm.model_from_dict(document)
+    probe = np.concatenate([x[:500], np.random.default_rng(1).normal(
+        0, 3, (500, x.shape[1])).astype(np.float32)])
+    assert np.allclose(model.ensemble.probability(probe), classifier.predict_proba(probe)[:, 1],
+                       rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: d.update(format="something else"),
+    lambda d: d.update(format_version=99),
+    lambda d: d.update(features=d["features"][::-1]),
+    lambda d: d.update(block_mm=-1),
+    lambda d: d.update(baseline=float("nan")),
+    lambda d: d.update(voxel_mm_range=[0.09, 0.05]),
+    lambda d: d.update(trees=[]),
+    lambda d: d["trees"][0].update(value=d["trees"][0]["value"][:-1]),
+    lambda d: d["trees"][0].update(left=[0] * len(d["trees"][0]["left"])),  # a cycle
+    lambda d: d["trees"][0].update(feature=[99] * len(d["trees"][0]["feature"])),
+    lambda d: d["trees"][0].update(value=[float("inf")] * len(d["trees"][0]["value"])),
+    lambda d: d["trees"][0].pop("threshold"),
+])
+def test_a_damaged_model_file_is_refused(fitted, damage):
+    document = json.loads(json.dumps(fitted[1]))
+    damage(document)
+    with pytest.raises(ArtefactError):
+        stm.model_from_dict(document)
+
+
+def test_a_file_failing_its_checksum_is_refused(fitted, tmp_path):
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(fitted[1]), encoding="utf-8")
+    assert stm.load_model(path).provenance == {"test": True}
+    with pytest.raises(ArtefactError, match="checksum"):
+        stm.load_model(path, sha256="0" * 64)
+    path.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ArtefactError, match="Cannot read"):
+        stm.load_model(path)
+
+
+def test_the_bundled_model_is_checked_and_says_where_it_comes_from():
+    model = stm.bundled_model()
+    assert model.sha256 and len(model.sha256) == 64
+    assert model.applies_to(0.0607) and model.applies_to(0.082)
+    assert not model.applies_to(0.2428)
+    assert "phantom" in model.provenance["trained_on"]
+    path = stm.Path(stm.__file__).parents[1] / "resources" / "soft_tissue"
+    document = json.loads((path / f"{stm.BUNDLED_SOFT_TISSUE_MODEL}.json").read_text())
+    assert "not validated on real scans" in document["caveat"]
+
+
+def test_settings_choose_the_split():
+    assert DEFAULT.soft_tissue_model == "bundled"
+    assert PAPER.soft_tissue_model == "none"
+    assert DEFAULT.with_fixed_split().soft_tissue_model == "none"
+    assert PostprocessConfig(soft_tissue_model="own.json").soft_tissue_model == "own.json"
+    with pytest.raises(ValueError, match="soft_tissue_model"):
+        PostprocessConfig(soft_tissue_model="learned")
+
+
+def test_the_model_moves_only_myotendinous_and_adipose_voxels(moving_leg):
+    phantom = moving_leg
+    hu, spacing = phantom.scan.hu, phantom.scan.spacing_mm
+    rules = subdivide_soft_tissue(phantom.classes, hu, spacing, RULES)
+    learned = subdivide_soft_tissue(phantom.classes, hu, spacing, DEFAULT)
+    changed = rules != learned
+    assert changed.any()
+    assert set(np.unique(rules[changed])) <= {MYO, FAT}
+    assert set(np.unique(learned[changed])) <= {MYO, FAT}
+    assert np.array_equal(rules == SKIN, learned == SKIN)
+
+
+def test_under_motion_the_model_beats_the_rules(moving_leg):
+    """Held-out seed, motion grade 3: the ghost arcs and streak residue the rules keep."""
+    phantom = moving_leg
+    hu, spacing, truth = phantom.scan.hu, phantom.scan.spacing_mm, phantom.regions
+    rules = subdivide_soft_tissue(phantom.classes, hu, spacing, RULES)
+    learned = subdivide_soft_tissue(phantom.classes, hu, spacing, DEFAULT)
+    for label, gain in ((MYO, 0.02), (FAT, 0.005)):
+        assert _dice(learned == label, truth == label) > _dice(rules == label,
+                                                              truth == label) + gain
+
+
+def test_the_model_is_calibration_free(moving_leg):
+    """The features are relative to the scan's own levels: +150 HU changes next to nothing."""
+    phantom = moving_leg
+    hu, spacing, truth = phantom.scan.hu.astype(np.float32), phantom.scan.spacing_mm, \
+        phantom.regions
+    plain = subdivide_soft_tissue(phantom.classes, hu, spacing, DEFAULT)
+    shifted = subdivide_soft_tissue(phantom.classes, hu + np.float32(150), spacing, DEFAULT)
+    for label in (MYO, FAT):
+        assert abs(_dice(plain == label, truth == label)
+                   - _dice(shifted == label, truth == label)) < 0.005
+
+
+def test_other_voxel_sizes_keep_the_rules(small_phantom, caplog):
+    """At 0.24 mm (outside the model's range) the split is the rules', and the log says so."""
+    phantom = small_phantom
+    args = (phantom.classes, phantom.scan.hu, phantom.scan.spacing_mm)
+    with caplog.at_level("INFO"):
+        learned = subdivide_soft_tissue(*args, DEFAULT)
+    assert np.array_equal(learned, subdivide_soft_tissue(*args, RULES))
+    assert "made for voxels" in caplog.text
+
+
+def test_an_own_model_file_is_used(moving_leg, fitted, tmp_path):
+    path = tmp_path / "own.json"
+    path.write_text(json.dumps(fitted[1]), encoding="utf-8")
+    phantom = moving_leg
+    args = (phantom.classes, phantom.scan.hu, phantom.scan.spacing_mm)
+    own = subdivide_soft_tissue(*args, replace(DEFAULT, soft_tissue_model=str(path)))
+    assert not np.array_equal(own, subdivide_soft_tissue(*args, DEFAULT))
+
+
+def test_in_place_regions_equal_the_copying_call(moving_leg):
+    phantom = moving_leg
+    copied = subdivide_soft_tissue(phantom.classes, phantom.scan.hu, phantom.scan.spacing_mm,
+                                   DEFAULT, slab_slices=1)
+    work = phantom.classes.copy()
+    in_place = subdivide_soft_tissue(work, phantom.scan.hu, phantom.scan.spacing_mm, DEFAULT,
+                                     slab_slices=1, overwrite_input=True)
+    assert in_place is work
+    assert np.array_equal(in_place, copied)
+
+
+def test_the_command_line_can_keep_the_rules():
+    import argparse
+
+    from HRpQCTPipeline.commands.segment import _add_postprocess_options, _postprocess_config
+
+    parser = argparse.ArgumentParser()
+    _add_postprocess_options(parser)
+    assert _postprocess_config(parser.parse_args([])).soft_tissue_model == "bundled"
+    rules = _postprocess_config(parser.parse_args(["--soft-tissue-rules"]))
+    assert rules.soft_tissue_model == "none"
+    assert _postprocess_config(parser.parse_args(["--preset", "paper"])).soft_tissue_model \
+        == "none"
+    own = _postprocess_config(parser.parse_args(["--soft-tissue-model", "own.json"]))
+    assert own.soft_tissue_model == "own.json"
+
+
+def test_the_run_records_which_split_it_used():
+    assert stm.split_identity("none") == {"split": "rules"}
+    bundled = stm.split_identity("bundled")
+    assert bundled["model"] == stm.BUNDLED_SOFT_TISSUE_MODEL
+    assert bundled["sha256"] == stm.bundled_model().sha256
