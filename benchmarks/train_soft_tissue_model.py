@@ -5,15 +5,20 @@ Usage::
     python benchmarks/train_soft_tissue_model.py --out model.json            # train, score
     python benchmarks/train_soft_tissue_model.py --out model.json --bundle   # + bundle it
 
-Data: full-size phantoms made here with seeds outside both test sets (``9600-9608`` for
-training: motion grades 2 and 3 at seeds 9600-9605, grade 1 at 9606-9608; ``9700-9705`` held
-out for the printed scores), ``--slices`` slices each, noise 100/150/200 HU by seed. On the
-phantom's true bone/soft-tissue split, each slice goes through the default rules with the
+Data: full-size phantoms made here with seeds outside both test sets (30 for training:
+motion grades 2 and 3 at seeds 9600-9605 and 9610-9615, grade 1 at 9606-9608 and 9616-9618;
+``9700-9711`` held out for the printed scores, grades 2-3 at 9700-9703, grade 1 at
+9704-9711), ``--slices`` slices each, noise 100/150/200 HU by seed. On the phantom's true
+bone/soft-tissue split, each slice goes through the default rules with the
 model off; the model's features (:func:`slice_features`) and the truth's majority
-(myotendinous or adipose) of each block's inner soft tissue are collected. A
-``HistGradientBoostingClassifier`` (``--trees`` iterations of at most ``--leaves`` leaves)
-is fitted and written as the module's JSON format. The held-out scans are then split by the
-rules and by the model and Dice is printed per motion grade. ``--bundle`` copies the file into
+(myotendinous or adipose) of each block's inner soft tissue are collected. Stage 0, a
+``HistGradientBoostingClassifier`` (``--trees`` iterations of at most ``--leaves`` leaves),
+is fitted on them; each later stage (``--stages``) on them plus the context of the previous
+stage's probabilities (:func:`context_features`), those probabilities taken out of fold
+(``FOLDS`` groups of phantoms, each predicted by a model fitted without it), so the later
+stage learns from calls as wrong as those on unseen scans. The stages are written as the
+module's JSON format with ``--rules-band``. The held-out scans are then split by the rules and
+by the model and Dice is printed per motion grade. ``--bundle`` copies the file into
 the segmentation engine's resources and records its checksum in the artefact manifest.
 
 For one's own data, the same functions apply: collect ``slice_features`` of corrected slices
@@ -42,12 +47,14 @@ from HRpQCTSegmentationEngine.postprocess import DEFAULT
 from HRpQCTSegmentationEngine.postprocess import soft_tissue as st
 from HRpQCTSegmentationEngine.postprocess import soft_tissue_model as stm
 
-TRAIN = [(seed, grade) for seed in range(9600, 9606) for grade in (2, 3)] + \
-    [(seed, 1) for seed in range(9606, 9609)]
+TRAIN = [(seed, grade) for seeds in (range(9600, 9606), range(9610, 9616)) for seed in seeds
+         for grade in (2, 3)] + [(seed, 1) for seed in (*range(9606, 9609), *range(9616, 9619))]
 HELD_OUT = [(seed, grade) for seed in range(9700, 9704) for grade in (2, 3)] + \
-    [(seed, 1) for seed in range(9704, 9706)]
+    [(seed, 1) for seed in range(9704, 9712)]
 NOISE_SD_HU = (100.0, 150.0, 200.0)
 RULES = replace(DEFAULT, soft_tissue_model="none")
+#: Groups of training phantoms for the out-of-fold probabilities a later stage learns from.
+FOLDS = 3
 #: In-plane voxel sizes the model is applied to: around the phantoms' 60.7 um, up to the
 #: 82 um of first-generation XtremeCT; other scans keep the rules' split.
 VOXEL_MM_RANGE = (0.05, 0.09)
@@ -97,18 +104,57 @@ def block_targets(item: dict) -> tuple[np.ndarray, np.ndarray]:
     return myo > fat, (myo + fat) > 0
 
 
-def training_rows(cases, slices: int) -> tuple[np.ndarray, np.ndarray]:
-    x, y = [], []
+def training_blocks(cases, slices: int) -> list[dict]:
+    """Per training slice: the model's features, block geometry, targets and phantom seed."""
+    blocks = []
     for seed, grade in cases:
         for item in rules_slices(_phantom(seed, grade, slices)):
-            features, rows, _ = stm.slice_features(item["local"], item["inner"], item["view"],
-                                                   item["levels"], item["pixel_mm"])
+            features, rows, weights = stm.slice_features(item["local"], item["inner"],
+                                                         item["view"], item["levels"],
+                                                         item["pixel_mm"])
             target, known = block_targets(item)
-            keep = known[rows]
-            x.append(features[keep])
-            y.append(target[rows][keep])
+            blocks.append({"features": features, "rows": rows, "weights": weights,
+                           "pixel_mm": item["pixel_mm"], "keep": known[rows],
+                           "target": target[rows][known[rows]], "seed": seed})
         print(f"  seed {seed}, motion grade {grade}: collected", flush=True)
-    return np.concatenate(x), np.concatenate(y)
+    return blocks
+
+
+def _stage_input(block: dict, previous: np.ndarray | None) -> np.ndarray:
+    if previous is None:
+        return block["features"]
+    probability = np.zeros(block["rows"].shape, np.float32)
+    probability[block["rows"]] = previous
+    return np.concatenate([block["features"], stm.context_features(
+        probability, block["rows"], block["weights"], block["pixel_mm"])], axis=1)
+
+
+def stage_names(stage: int, dropped: list[str]) -> list[str]:
+    """The features a stage is fitted on: all it can read but ``dropped`` (ablations)."""
+    return [n for n in stm.stage_feature_names(stage) if n not in dropped]
+
+
+def fit_stages(blocks: list[dict], stages: int, fit, dropped: list[str]) -> list:
+    """``stages`` classifiers, each later one fitted on out-of-fold earlier probabilities."""
+    classifiers, previous = [], [None] * len(blocks)
+    seeds = sorted({b["seed"] for b in blocks})
+    for stage in range(stages):
+        every = stm.stage_feature_names(stage)
+        columns = [every.index(n) for n in stage_names(stage, dropped)]
+        inputs = [_stage_input(b, p)[:, columns]
+                  for b, p in zip(blocks, previous, strict=True)]
+        classifiers.append(fit(inputs, range(len(blocks))))
+        if stage == stages - 1:
+            break
+        held_seeds = [set(seeds[k::FOLDS]) for k in range(FOLDS)]
+        for fold in held_seeds:
+            inside = [i for i, b in enumerate(blocks) if b["seed"] not in fold]
+            model = fit(inputs, inside)
+            for i, b in enumerate(blocks):
+                if b["seed"] in fold:
+                    previous[i] = model.predict_proba(inputs[i])[:, 1]
+        print(f"  stage {stage}: fitted, out-of-fold probabilities made", flush=True)
+    return classifiers
 
 
 def held_out_scores(model: stm.SoftTissueModel, slices: int) -> dict:
@@ -136,29 +182,52 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--slices", type=int, default=3)
-    parser.add_argument("--trees", type=int, default=50)
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--trees", type=int, default=100)
     parser.add_argument("--leaves", type=int, default=15)
+    parser.add_argument("--rules-band", type=float, default=0.05)
+    parser.add_argument("--drop-features", nargs="*", default=[], metavar="NAME",
+                        help="features left out (ablations; the file records what it reads)")
     parser.add_argument("--bundle", action="store_true",
                         help="copy into the engine's resources and register the checksum")
     args = parser.parse_args()
     start = time.perf_counter()
     print("collecting training blocks", flush=True)
-    x, y = training_rows(TRAIN, args.slices)
-    classifier = HistGradientBoostingClassifier(max_iter=args.trees, max_leaf_nodes=args.leaves,
-                                                random_state=0).fit(x, y)
+    blocks = training_blocks(TRAIN, args.slices)
+
+    def fit(inputs, chosen):
+        x = np.concatenate([inputs[i][blocks[i]["keep"]] for i in chosen])
+        y = np.concatenate([blocks[i]["target"] for i in chosen])
+        return HistGradientBoostingClassifier(max_iter=args.trees, max_leaf_nodes=args.leaves,
+                                              random_state=0).fit(x, y)
+
+    unknown = set(args.drop_features) - set(stm.stage_feature_names(1))
+    if unknown:
+        parser.error(f"unknown features: {sorted(unknown)}")
+    classifiers = fit_stages(blocks, args.stages, fit, args.drop_features)
+    y = np.concatenate([b["target"] for b in blocks])
     provenance = {"trained_on": "synthetic phantoms (HRpQCTPhantom), true bone/soft-tissue "
                                 "split, default rules before the model",
                   "seeds_and_motion_grades": TRAIN, "slices_per_phantom": args.slices,
                   "blocks": len(y), "myotendinous_share": round(float(y.mean()), 4),
-                  "trees": args.trees, "max_leaves": args.leaves,
+                  "stages": args.stages, "trees": args.trees, "max_leaves": args.leaves,
+                  "out_of_fold_groups": FOLDS, "dropped_features": args.drop_features,
                   "script": "benchmarks/train_soft_tissue_model.py"}
     # trained at 60.7 um; first-generation scanners' 82 um is the widest it is offered for
-    document = stm.model_to_dict(classifier, stm.BLOCK_MM, VOXEL_MM_RANGE, provenance)
+    document = stm.model_to_dict(classifiers, stm.BLOCK_MM, VOXEL_MM_RANGE, provenance,
+                                 rules_band=args.rules_band,
+                                 stage_features=[stage_names(k, args.drop_features)
+                                                 for k in range(args.stages)])
     args.out.write_text(json.dumps(document) + "\n", encoding="utf-8")
     model = stm.load_model(args.out)
-    check = x[:: max(1, len(x) // 20000)]
-    assert np.allclose(model.ensemble.probability(check), classifier.predict_proba(check)[:, 1],
-                       rtol=0, atol=1e-12), "the JSON trees disagree with scikit-learn"
+    block, previous = blocks[0], None
+    for k, (stage, classifier) in enumerate(zip(model.stages, classifiers, strict=True)):
+        every = stm.stage_feature_names(k)
+        check = _stage_input(block, previous)[
+            :, [every.index(n) for n in stage_names(k, args.drop_features)]]
+        previous = stage.probability(check)
+        assert np.allclose(previous, classifier.predict_proba(check)[:, 1],
+                           rtol=0, atol=1e-12), "the JSON trees disagree with scikit-learn"
     print("scoring the held-out phantoms", flush=True)
     scores = held_out_scores(model, args.slices)
     print(json.dumps({"machine": machine(), "seconds": round(time.perf_counter() - start),

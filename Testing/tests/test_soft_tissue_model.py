@@ -31,8 +31,20 @@ def fitted():
     y = (x[:, 0] + 0.5 * x[:, 3] * x[:, 7] + rng.normal(0, 0.3, 3000)) > 0
     classifier = HistGradientBoostingClassifier(max_iter=12, max_leaf_nodes=7,
                                                 random_state=0).fit(x, y)
-    document = stm.model_to_dict(classifier, stm.BLOCK_MM, (0.05, 0.09), {"test": True})
+    document = stm.model_to_dict([classifier], stm.BLOCK_MM, (0.05, 0.09), {"test": True})
     return classifier, json.loads(json.dumps(document)), x
+
+
+def _constant_model(probability: float, rules_band: float) -> stm.SoftTissueModel:
+    """One stage, one leaf: the same probability for every block."""
+    leaf = {"feature": [-1], "threshold": [0.0], "left": [0], "right": [0], "value": [0.0]}
+    document = {"format": stm.FORMAT, "format_version": stm.FORMAT_VERSION,
+                "block_mm": stm.BLOCK_MM, "voxel_mm_range": [0.05, 0.09],
+                "rules_band": rules_band,
+                "stages": [{"features": list(stm.FEATURE_NAMES),
+                            "baseline": float(np.log(probability / (1 - probability))),
+                            "trees": [leaf]}]}
+    return stm.model_from_dict(document)
 
 
 @pytest.fixture(scope="module")
@@ -48,23 +60,127 @@ def test_the_trees_give_scikit_learns_probabilities(fitted):
     model = stm.model_from_dict(document)
     probe = np.concatenate([x[:500], np.random.default_rng(1).normal(
         0, 3, (500, x.shape[1])).astype(np.float32)])
-    assert np.allclose(model.ensemble.probability(probe), classifier.predict_proba(probe)[:, 1],
-                       rtol=0, atol=1e-12)
+    assert np.allclose(model.stages[0].probability(probe),
+                       classifier.predict_proba(probe)[:, 1], rtol=0, atol=1e-12)
+
+
+def test_a_later_stage_reads_the_context_of_the_earlier_ones_probabilities(moving_leg):
+    """Two stages: the block map equals scikit-learn's chain, stage 1 fed stage 0's context."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from HRpQCTSegmentationEngine.postprocess import soft_tissue as st
+
+    captured = []
+    original = st._label_slice
+
+    def spy(classes2d, hu2d, num2d, den2d, view2d, spacing_yx, config, rules):
+        masks = st._slice_masks(classes2d, spacing_yx, config)  # before view2d is written
+        original(classes2d, hu2d, num2d, den2d, view2d, spacing_yx, config, rules)
+        if masks is not None and not captured:
+            box, soft, _, inner = masks
+            local = st._local_mean(hu2d, num2d, den2d, box, soft)
+            captured.append((local, inner, view2d[box].copy(), rules.levels))
+
+    phantom = moving_leg
+    st._label_slice = spy
+    try:
+        subdivide_soft_tissue(phantom.classes, phantom.scan.hu, phantom.scan.spacing_mm, RULES,
+                              workers=1)
+    finally:
+        st._label_slice = original
+    local, inner, view, levels = captured[0]
+    pixel_mm = float(phantom.scan.spacing_mm[1])
+    features, rows, weights = stm.slice_features(local, inner, view, levels, pixel_mm)
+    target = features[:, 0] + 0.1 * features[:, 7] > 0
+    first = HistGradientBoostingClassifier(max_iter=8, max_leaf_nodes=7,
+                                           random_state=0).fit(features, target)
+    blocks = np.zeros(rows.shape, np.float32)
+    blocks[rows] = first.predict_proba(features)[:, 1]
+    context = stm.context_features(blocks, rows, weights, pixel_mm)
+    assert context.shape == (rows.sum(), len(stm.CONTEXT_FEATURE_NAMES))
+    second_input = np.concatenate([features, context], axis=1)
+    second = HistGradientBoostingClassifier(max_iter=8, max_leaf_nodes=7,
+                                            random_state=0).fit(second_input, target)
+    model = stm.model_from_dict(json.loads(json.dumps(stm.model_to_dict(
+        [first, second], stm.BLOCK_MM, (0.05, 0.09), {}))))
+    assert len(model.stages) == 2
+    assert np.allclose(model.block_probability(features, rows, weights, pixel_mm)[rows],
+                       second.predict_proba(second_input)[:, 1], rtol=0, atol=1e-6)
+
+
+def test_a_stage_reads_its_features_by_name(fitted):
+    """A file trained on fewer features (an older version's) reads just those columns."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    _, document, x = fitted
+    chosen = [1, 4, 0, 9]
+    y = x[:, 4] - x[:, 9] > 0
+    classifier = HistGradientBoostingClassifier(max_iter=6, max_leaf_nodes=5,
+                                                random_state=0).fit(x[:, chosen], y)
+    stage = stm._stage_to_dict(classifier, 0, [stm.FEATURE_NAMES[i] for i in chosen])
+    model = stm.model_from_dict({**document, "stages": [stage]})
+    every = np.ones(len(x), dtype=bool)
+    assert np.allclose(model.block_probability(x, every, every.astype(np.float32), 0.0607),
+                       classifier.predict_proba(x[:, chosen])[:, 1], rtol=0, atol=1e-6)
+
+
+def test_a_version_1_file_is_still_read(fitted):
+    classifier, document, x = fitted
+    stage = document["stages"][0]
+    old = {k: v for k, v in document.items() if k not in ("stages", "rules_band")}
+    old.update(format_version=1, features=stage["features"], baseline=stage["baseline"],
+               trees=stage["trees"])
+    model = stm.model_from_dict(old)
+    assert model.rules_band == 0.0 and len(model.stages) == 1
+    assert np.allclose(model.stages[0].probability(x[:200]),
+                       classifier.predict_proba(x[:200])[:, 1], rtol=0, atol=1e-12)
+
+
+def test_within_the_rules_band_the_rules_call_stands(moving_leg):
+    """A model unsure everywhere (P = 0.55) leaves the rules' split as it is when its band is
+    0.1, and calls everything myotendinous without a band."""
+    phantom = moving_leg
+    hu, spacing = phantom.scan.hu, phantom.scan.spacing_mm
+    from HRpQCTSegmentationEngine.postprocess import soft_tissue as st
+
+    rules = subdivide_soft_tissue(phantom.classes, hu, spacing, RULES, workers=1)
+    outputs = {}
+    for band in (0.1, 0.0):
+        model = _constant_model(0.55, band)
+        original = st._split_model
+        st._split_model = lambda config, levels, spacing_mm, m=model: m
+        try:
+            outputs[band] = subdivide_soft_tissue(phantom.classes, hu, spacing, DEFAULT,
+                                                  workers=1)
+        finally:
+            st._split_model = original
+    assert np.array_equal(outputs[0.1], rules)
+    soft = (rules == MYO) | (rules == FAT)
+    assert (outputs[0.0][soft] == MYO).all()
+
+
+def _tree(document: dict) -> dict:
+    return document["stages"][0]["trees"][0]
 
 
 @pytest.mark.parametrize("damage", [
     lambda d: d.update(format="something else"),
     lambda d: d.update(format_version=99),
-    lambda d: d.update(features=d["features"][::-1]),
+    lambda d: d["stages"][0]["features"].__setitem__(0, "no such feature"),
+    lambda d: d["stages"][0]["features"].__setitem__(1, d["stages"][0]["features"][0]),
+    lambda d: d["stages"][0]["features"].__setitem__(0, "stage_probability"),  # stage 0: none
     lambda d: d.update(block_mm=-1),
-    lambda d: d.update(baseline=float("nan")),
+    lambda d: d.update(rules_band=0.5),
+    lambda d: d.pop("rules_band"),
+    lambda d: d.update(stages=[]),
+    lambda d: d["stages"][0].update(baseline=float("nan")),
     lambda d: d.update(voxel_mm_range=[0.09, 0.05]),
-    lambda d: d.update(trees=[]),
-    lambda d: d["trees"][0].update(value=d["trees"][0]["value"][:-1]),
-    lambda d: d["trees"][0].update(left=[0] * len(d["trees"][0]["left"])),  # a cycle
-    lambda d: d["trees"][0].update(feature=[99] * len(d["trees"][0]["feature"])),
-    lambda d: d["trees"][0].update(value=[float("inf")] * len(d["trees"][0]["value"])),
-    lambda d: d["trees"][0].pop("threshold"),
+    lambda d: d["stages"][0].update(trees=[]),
+    lambda d: _tree(d).update(value=_tree(d)["value"][:-1]),
+    lambda d: _tree(d).update(left=[0] * len(_tree(d)["left"])),  # a cycle
+    lambda d: _tree(d).update(feature=[99] * len(_tree(d)["feature"])),
+    lambda d: _tree(d).update(value=[float("inf")] * len(_tree(d)["value"])),
+    lambda d: _tree(d).pop("threshold"),
 ])
 def test_a_damaged_model_file_is_refused(fitted, damage):
     document = json.loads(json.dumps(fitted[1]))

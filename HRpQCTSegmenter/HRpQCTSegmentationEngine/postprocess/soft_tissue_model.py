@@ -16,13 +16,24 @@ and 2.4 mm; distances (mm) to bone, to the tibia, to the inner soft tissue's edg
 the rules' myotendinous and adipose parts; the squared cosine between the mean's gradient and
 the direction to the nearest bone (arcs run parallel to the periosteum), the gradient's
 magnitude, a ridge measure (0.3 minus 1.2 mm smoothing) and the structure tensor's
-coherence. The block probabilities are interpolated back to voxels (weighted by each block's
-share of inner soft tissue) and thresholded at 0.5.
+coherence; and three of the whole slice, the same for all its blocks, that tell a quiet slice
+(where the rules are nearly right) from one with artefacts: the spread of the mean over the
+blocks the rules call purely adipose and purely myotendinous, and the share of blocks they
+split. A second stage (auto-context) reads the same features plus the first stage's
+block probabilities, smoothed over the same scales, and the depth within its two parts
+(:data:`CONTEXT_FEATURE_NAMES`): a call is then made from its neighbours' calls too, which
+removes isolated false blocks inside either tissue. The last stage's block probabilities are
+interpolated back to voxels (weighted by each block's share of inner soft tissue) and
+thresholded at 0.5, except where they lie within ``0.5 +- rules_band``: there the rules'
+own voxel call stands, because the rules resolve a boundary finer than a block.
 
 **Model file** (JSON, :func:`load_model`; the bundled one is an artefact with a checksum):
-the trees as plain arrays (feature, threshold, children, leaf value), read with every field
-checked and evaluated here with numpy (:class:`TreeEnsemble`): no pickle, and no dependency
-on scikit-learn's private classes at run time. Training:
+per stage, the names of the features it reads (taken from the computed columns by name, so
+a file trained on fewer features stays readable) and the trees as plain arrays (feature,
+threshold, children, leaf value), read with every field checked and evaluated here with
+numpy (:class:`TreeEnsemble`): no pickle, and no dependency on scikit-learn's private
+classes at run time. Files of format version 1 (one
+stage, no rules band) are still read. Training:
 ``benchmarks/train_soft_tissue_model.py`` (scikit-learn's ``HistGradientBoostingClassifier``
 on development phantoms outside both test sets).
 
@@ -42,11 +53,13 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy import special
 
 from HRpQCTCore.errors import ArtefactError
 
-__all__ = ["BLOCK_MM", "FEATURE_NAMES", "BUNDLED_SOFT_TISSUE_MODEL", "TreeEnsemble",
-           "SoftTissueModel", "block_side_px", "slice_features", "load_model",
+__all__ = ["BLOCK_MM", "FEATURE_NAMES", "CONTEXT_FEATURE_NAMES", "BUNDLED_SOFT_TISSUE_MODEL",
+           "TreeEnsemble", "SoftTissueModel", "block_side_px", "slice_features",
+           "context_features", "stage_feature_names", "load_model",
            "model_from_dict", "bundled_model", "model_to_dict", "split_identity"]
 
 #: Side of the blocks the model reads (mm): 4 voxels at 60.7 um. Finer than the 0.4 mm
@@ -64,11 +77,19 @@ FEATURE_NAMES = (
     "distance_to_bone_mm", "distance_to_tibia_mm", "depth_in_soft_tissue_mm",
     "depth_in_myotendinous_mm", "depth_in_adipose_mm",
     "edge_facing_bone", "gradient", "ridge", "coherence",
+    "slice_adipose_spread", "slice_myotendinous_spread", "slice_mixed_share",
+)
+#: What a later stage reads besides :data:`FEATURE_NAMES`: the previous stage's block
+#: probability, smoothed over :data:`SCALES_MM`, and depth (mm) within its two parts.
+CONTEXT_FEATURE_NAMES = (
+    "stage_probability", *(f"stage_probability_smoothed_{mm}mm" for mm in SCALES_MM),
+    "depth_in_stage_myotendinous_mm", "depth_in_stage_adipose_mm",
 )
 #: Name of the bundled model in the segmentation engine's artefact manifest.
 BUNDLED_SOFT_TISSUE_MODEL = "soft-tissue-split-phantoms"
 FORMAT = "hrpqct-soft-tissue-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 MYOTENDINOUS = 6
 ADIPOSE = 7
@@ -128,6 +149,18 @@ def _coherence(mean: np.ndarray, sigma: float) -> np.ndarray:
     return np.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2) / (jxx + jyy + 1e-6)
 
 
+def _slice_context(mean: np.ndarray, myo_share: np.ndarray,
+                   rows: np.ndarray) -> tuple[float, float, float]:
+    """The slice's SD of the block mean where the rules call a block purely adipose (< 5 %
+    myotendinous) and purely myotendinous (> 95 %), and the share of blocks in between."""
+    def spread(where: np.ndarray) -> float:
+        return float(mean[where].std()) if where.sum() > 10 else 0.0
+
+    share = myo_share[rows]
+    mixed = float(((share > 0.05) & (share <= 0.95)).mean()) if share.size else 0.0
+    return spread(rows & (myo_share < 0.05)), spread(rows & (myo_share > 0.95)), mixed
+
+
 def slice_features(local_hu: np.ndarray, inner: np.ndarray, view: np.ndarray, levels,
                    pixel_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The model's features on one slice's leg box.
@@ -169,15 +202,39 @@ def slice_features(local_hu: np.ndarray, inner: np.ndarray, view: np.ndarray, le
     tibia = _block_sums(np.isin(view, _TIBIA_LABELS), side) > 0
     myo_blocks = myo_share > 0.5
     facing, gradient = _edge_facing_bone(smoothed[0], bone)
+    whole_slice = [np.full(rows.shape, v, np.float32) for v in _slice_context(mean, myo_share,
+                                                                             rows)]
     columns = [
         mean, myo_share, sd, *smoothed,
         _distance_mm(~bone, block_mm), _distance_mm(~tibia, block_mm),
         _distance_mm(weights > 0.5, block_mm),
         _distance_mm(myo_blocks, block_mm), _distance_mm(~myo_blocks & rows, block_mm),
         facing, gradient, smoothed[0] - smoothed[2], _coherence(smoothed[0], TENSOR_MM / block_mm),
+        *whole_slice,
     ]
     features = np.stack([c[rows] for c in columns], axis=1).astype(np.float32)
     return features, rows, weights
+
+
+def stage_feature_names(stage: int) -> tuple[str, ...]:
+    """The columns stage ``stage`` (0 first) can read, in order: what it is trained on."""
+    return FEATURE_NAMES if stage == 0 else FEATURE_NAMES + CONTEXT_FEATURE_NAMES
+
+
+def context_features(block_probability: np.ndarray, rows: np.ndarray, weights: np.ndarray,
+                     pixel_mm: float) -> np.ndarray:
+    """What a later stage reads from the previous stage's block probabilities.
+
+    ``block_probability`` is the block map (``rows.shape``; the probability of the blocks in
+    ``rows``, 0 elsewhere); ``rows`` and ``weights`` are :func:`slice_features`' outputs.
+    Returns ``[n, len(CONTEXT_FEATURE_NAMES)]`` float32 for the blocks in ``rows``.
+    """
+    block_mm = block_side_px(pixel_mm) * float(pixel_mm)
+    smoothed = [_weighted_smooth(block_probability, weights, mm / block_mm) for mm in SCALES_MM]
+    myotendinous = (block_probability > 0.5) & rows
+    columns = [block_probability, *smoothed, _distance_mm(myotendinous, block_mm),
+               _distance_mm(~myotendinous & rows, block_mm)]
+    return np.stack([c[rows] for c in columns], axis=1).astype(np.float32)
 
 
 def _upsample_axis(values: np.ndarray, side: int, axis: int) -> np.ndarray:
@@ -240,6 +297,9 @@ class TreeEnsemble:
     baseline: float
     trees: tuple[dict[str, np.ndarray], ...]
     n_features: int
+    #: Which of :func:`stage_feature_names`' columns the trees read (their ``feature`` indices
+    #: count within this selection).
+    columns: tuple[int, ...] | None = None
 
     def decision(self, features: np.ndarray) -> np.ndarray:
         """The raw score (log-odds) of each row of ``features`` ``[n, n_features]``.
@@ -258,18 +318,23 @@ class TreeEnsemble:
 
     def probability(self, features: np.ndarray) -> np.ndarray:
         """``P(myotendinous)`` of each row."""
-        return 1.0 / (1.0 + np.exp(-self.decision(features)))
+        return special.expit(self.decision(features))  # no overflow at large scores
 
 
 @dataclass(frozen=True)
 class SoftTissueModel:
-    """A loaded model: the trees, what they read, and where they come from."""
+    """A loaded model: its stages of trees, what they read, and where they come from.
 
-    ensemble: TreeEnsemble
+    Stage 0 reads :data:`FEATURE_NAMES`; each later stage reads those and the previous
+    stage's :func:`context_features`. ``rules_band``: where the last stage's voxel
+    probability is within ``0.5 +- rules_band``, the rules' call stands.
+    """
+
+    stages: tuple[TreeEnsemble, ...]
     block_mm: float
-    feature_names: tuple[str, ...]
     provenance: dict[str, Any]
     voxel_mm_range: tuple[float, float]
+    rules_band: float = 0.0
     sha256: str | None = None
 
     def applies_to(self, pixel_mm: float) -> bool:
@@ -277,34 +342,46 @@ class SoftTissueModel:
         low, high = self.voxel_mm_range
         return low <= float(pixel_mm) <= high
 
+    def block_probability(self, features: np.ndarray, rows: np.ndarray, weights: np.ndarray,
+                          pixel_mm: float) -> np.ndarray:
+        """``P(myotendinous)`` of every block (a map of ``rows.shape``; 0 outside ``rows``)
+        from :func:`slice_features`' outputs, through all stages."""
+        blocks = np.zeros(rows.shape, dtype=np.float32)
+        for k, stage in enumerate(self.stages):
+            x = features if k == 0 else np.concatenate(
+                [features, context_features(blocks, rows, weights, pixel_mm)], axis=1)
+            if stage.columns is not None:
+                x = x[:, stage.columns]
+            blocks = np.zeros(rows.shape, dtype=np.float32)
+            blocks[rows] = stage.probability(x)
+        return blocks
+
     def relabel(self, view: np.ndarray, inner: np.ndarray, local_hu: np.ndarray, levels,
                 pixel_mm: float) -> None:
         """Rewrite the myotendinous/adipose split of the inner soft tissue in ``view``."""
         if not inner.any():
             return
         features, rows, weights = slice_features(local_hu, inner, view, levels, pixel_mm)
-        blocks = np.zeros(rows.shape, dtype=np.float32)
-        blocks[rows] = self.ensemble.probability(features)
+        blocks = self.block_probability(features, rows, weights, pixel_mm)
         probability = _to_voxels(blocks, weights, inner.shape, block_side_px(pixel_mm))
         myotendinous = probability > 0.5
+        if self.rules_band > 0:
+            unsure = np.abs(probability - np.float32(0.5)) < np.float32(self.rules_band)
+            myotendinous = np.where(unsure, view == MYOTENDINOUS, myotendinous)
         view[inner & myotendinous] = MYOTENDINOUS
         view[inner & ~myotendinous] = ADIPOSE
 
 
 # --- files ---------------------------------------------------------------------------------
 
-def model_to_dict(classifier, block_mm: float, voxel_mm_range: tuple[float, float],
-                  provenance: dict[str, Any]) -> dict[str, Any]:
-    """A fitted ``HistGradientBoostingClassifier`` (binary) as this module's JSON document.
-
-    ``voxel_mm_range``: the in-plane voxel sizes the model may be applied to (scans outside it
-    keep the rules' split).
-    """
+def _stage_to_dict(classifier, stage: int, names=None) -> dict[str, Any]:
+    """One fitted stage; ``names``: the columns it was fitted on (default: all the stage's)."""
+    names = list(stage_feature_names(stage) if names is None else names)
     if getattr(classifier, "n_trees_per_iteration_", 1) != 1:
         raise ValueError("Only a binary classifier can be stored")
-    if classifier.n_features_in_ != len(FEATURE_NAMES):
-        raise ValueError(f"The classifier reads {classifier.n_features_in_} features, "
-                         f"the model {len(FEATURE_NAMES)}")
+    if classifier.n_features_in_ != len(names):
+        raise ValueError(f"Stage {stage}'s classifier reads {classifier.n_features_in_} "
+                         f"features, the stage {len(names)}")
     trees = []
     for (predictor,) in classifier._predictors:  # sklearn keeps no public tree accessor
         nodes = predictor.nodes
@@ -316,13 +393,31 @@ def model_to_dict(classifier, block_mm: float, voxel_mm_range: tuple[float, floa
             "right": nodes["right"].astype(int).tolist(),
             "value": [float(v) for v in nodes["value"]],
         })
+    return {"features": list(names),
+            "baseline": float(np.ravel(classifier._baseline_prediction)[0]), "trees": trees}
+
+
+def model_to_dict(classifiers, block_mm: float, voxel_mm_range: tuple[float, float],
+                  provenance: dict[str, Any], rules_band: float = 0.0,
+                  stage_features=None) -> dict[str, Any]:
+    """Fitted binary ``HistGradientBoostingClassifier`` stages as this module's JSON document.
+
+    ``classifiers``: one per stage, in order (stage 0 fitted on :data:`FEATURE_NAMES`, later
+    ones on :func:`stage_feature_names`). ``voxel_mm_range``: the in-plane voxel sizes the
+    model may be applied to (scans outside it keep the rules' split). ``rules_band``: see
+    :class:`SoftTissueModel`. ``stage_features``: per stage, the names of the columns it was
+    fitted on, when not all :func:`stage_feature_names`.
+    """
+    if not 0 <= rules_band < 0.5:
+        raise ValueError("rules_band must be in [0, 0.5)")
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
             "caveat": ("Trained on synthetic phantoms only; not validated on real scans. "
                        "Research use only, not for clinical use."),
             "block_mm": float(block_mm), "voxel_mm_range": [float(v) for v in voxel_mm_range],
-            "features": list(FEATURE_NAMES),
-            "baseline": float(np.ravel(classifier._baseline_prediction)[0]),
-            "trees": trees, "provenance": provenance}
+            "rules_band": float(rules_band),
+            "stages": [_stage_to_dict(c, k, None if stage_features is None else stage_features[k])
+                       for k, c in enumerate(classifiers)],
+            "provenance": provenance}
 
 
 def _tree_from_dict(raw: Any, n_features: int, where: str) -> dict[str, np.ndarray]:
@@ -353,37 +448,66 @@ def _tree_from_dict(raw: Any, n_features: int, where: str) -> dict[str, np.ndarr
             "value": value}
 
 
+def _stage_from_dict(raw: Any, stage: int, where: str) -> TreeEnsemble:
+    available = stage_feature_names(stage)
+    if not isinstance(raw, dict):
+        raise ArtefactError(f"{where}: a stage must be an object")
+    names = raw.get("features")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+            and len(set(names)) == len(names)):
+        raise ArtefactError(f"{where}: features must be a list of distinct names")
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ArtefactError(f"{where}: reads features this version does not compute at this "
+                            f"stage: {unknown}; update hrpqct-segmenter")
+    columns = tuple(available.index(n) for n in names)
+    baseline, trees = raw.get("baseline"), raw.get("trees")
+    if not (isinstance(baseline, (int, float)) and math.isfinite(baseline)):
+        raise ArtefactError(f"{where}: baseline must be a finite number")
+    if not isinstance(trees, list) or not trees:
+        raise ArtefactError(f"{where}: no trees")
+    parsed = tuple(_tree_from_dict(t, len(names), f"{where}, tree {i}")
+                   for i, t in enumerate(trees))
+    return TreeEnsemble(float(baseline), parsed, len(names),
+                        None if columns == tuple(range(len(available))) else columns)
+
+
+def _stages_of(raw: dict, where: str) -> tuple[list, float]:
+    """The stage documents and the rules band; a version-1 file is one stage, no band."""
+    if raw.get("format_version") == 1:
+        return [{k: raw.get(k) for k in ("features", "baseline", "trees")}], 0.0
+    stages, band = raw.get("stages"), raw.get("rules_band")
+    if not isinstance(stages, list) or not stages:
+        raise ArtefactError(f"{where}: no stages")
+    if not (isinstance(band, (int, float)) and 0 <= band < 0.5):
+        raise ArtefactError(f"{where}: rules_band must be a number in [0, 0.5)")
+    return stages, float(band)
+
+
 def model_from_dict(raw: Any, where: str = "soft-tissue model",
                     sha256: str | None = None) -> SoftTissueModel:
     """Check every field of a model document and build the model."""
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ArtefactError(f"{where}: not a soft-tissue model file (format {FORMAT!r})")
-    if raw.get("format_version") != FORMAT_VERSION:
+    if raw.get("format_version") not in READABLE_VERSIONS:
         raise ArtefactError(f"{where}: format version {raw.get('format_version')!r} is not "
-                            f"{FORMAT_VERSION}; update hrpqct-segmenter")
-    if tuple(raw.get("features", ())) != FEATURE_NAMES:
-        raise ArtefactError(f"{where}: its features are not this version's {FEATURE_NAMES}")
-    block_mm, baseline = raw.get("block_mm"), raw.get("baseline")
+                            f"one of {READABLE_VERSIONS}; update hrpqct-segmenter")
+    block_mm = raw.get("block_mm")
     if not (isinstance(block_mm, (int, float)) and 0 < block_mm <= 2.0):
         raise ArtefactError(f"{where}: block_mm must be a size in (0, 2] mm")
-    if not (isinstance(baseline, (int, float)) and math.isfinite(baseline)):
-        raise ArtefactError(f"{where}: baseline must be a finite number")
     voxel_range = raw.get("voxel_mm_range")
     if not (isinstance(voxel_range, list) and len(voxel_range) == 2
             and all(isinstance(v, (int, float)) and 0 < v < 10 for v in voxel_range)
             and voxel_range[0] <= voxel_range[1]):
         raise ArtefactError(f"{where}: voxel_mm_range must be [low, high] in mm")
-    trees = raw.get("trees")
-    if not isinstance(trees, list) or not trees:
-        raise ArtefactError(f"{where}: no trees")
-    parsed = tuple(_tree_from_dict(t, len(FEATURE_NAMES), f"{where}, tree {i}")
-                   for i, t in enumerate(trees))
+    stages, band = _stages_of(raw, where)
+    parsed = tuple(_stage_from_dict(stage, k, f"{where}, stage {k}")
+                   for k, stage in enumerate(stages))
     provenance = raw.get("provenance", {})
     if not isinstance(provenance, dict):
         raise ArtefactError(f"{where}: provenance must be an object")
-    return SoftTissueModel(TreeEnsemble(float(baseline), parsed, len(FEATURE_NAMES)),
-                           float(block_mm), FEATURE_NAMES, provenance,
-                           (float(voxel_range[0]), float(voxel_range[1])), sha256)
+    return SoftTissueModel(parsed, float(block_mm), provenance,
+                           (float(voxel_range[0]), float(voxel_range[1])), band, sha256)
 
 
 def load_model(path: str | Path, sha256: str | None = None) -> SoftTissueModel:
