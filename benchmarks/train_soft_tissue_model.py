@@ -5,8 +5,9 @@ Usage::
     python benchmarks/train_soft_tissue_model.py --out model.json            # train, score
     python benchmarks/train_soft_tissue_model.py --out model.json --bundle   # + bundle it
 
-Data: full-size phantoms made here with seeds outside both test sets (30 for training:
-motion grades 2 and 3 at seeds 9600-9605 and 9610-9615, grade 1 at 9606-9608 and 9616-9618;
+Data: full-size phantoms made here with seeds outside both test sets (``--groups`` of 15 for
+training, 4 by default: per ten seeds from 9600, the first six at motion grades 2 and 3 and
+the next three at grade 1, i.e. 9600-9605 at grades 2-3 and 9606-9608 at grade 1, and so on;
 ``9700-9711`` held out for the printed scores, grades 2-3 at 9700-9703, grade 1 at
 9704-9711), ``--slices`` slices each, noise 100/150/200 HU by seed. On the phantom's true
 bone/soft-tissue split, each slice goes through the default rules with the
@@ -47,8 +48,17 @@ from HRpQCTSegmentationEngine.postprocess import DEFAULT
 from HRpQCTSegmentationEngine.postprocess import soft_tissue as st
 from HRpQCTSegmentationEngine.postprocess import soft_tissue_model as stm
 
-TRAIN = [(seed, grade) for seeds in (range(9600, 9606), range(9610, 9616)) for seed in seeds
-         for grade in (2, 3)] + [(seed, 1) for seed in (*range(9606, 9609), *range(9616, 9619))]
+
+def training_cases(groups: int) -> list[tuple[int, int]]:
+    """(seed, motion grade) of the training phantoms: per group of ten seeds from 9600, the
+    first six at grades 2 and 3 and the next three at grade 1 (15 phantoms a group)."""
+    if not 1 <= groups <= 10:  # seeds from 9700 are held out
+        raise ValueError("groups must be 1-10")
+    bases = range(9600, 9600 + 10 * groups, 10)
+    return [(b + i, grade) for b in bases for i in range(6) for grade in (2, 3)] + \
+        [(b + i, 1) for b in bases for i in range(6, 9)]
+
+
 HELD_OUT = [(seed, grade) for seed in range(9700, 9704) for grade in (2, 3)] + \
     [(seed, 1) for seed in range(9704, 9712)]
 NOISE_SD_HU = (100.0, 150.0, 200.0)
@@ -183,6 +193,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--slices", type=int, default=3)
     parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--groups", type=int, default=4,
+                        help="groups of 15 training phantoms (seeds 9600 + 10 k)")
     parser.add_argument("--trees", type=int, default=100)
     parser.add_argument("--leaves", type=int, default=15)
     parser.add_argument("--rules-band", type=float, default=0.05)
@@ -193,7 +205,8 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     print("collecting training blocks", flush=True)
-    blocks = training_blocks(TRAIN, args.slices)
+    cases = training_cases(args.groups)
+    blocks = training_blocks(cases, args.slices)
 
     def fit(inputs, chosen):
         x = np.concatenate([inputs[i][blocks[i]["keep"]] for i in chosen])
@@ -208,7 +221,7 @@ def main() -> None:
     y = np.concatenate([b["target"] for b in blocks])
     provenance = {"trained_on": "synthetic phantoms (HRpQCTPhantom), true bone/soft-tissue "
                                 "split, default rules before the model",
-                  "seeds_and_motion_grades": TRAIN, "slices_per_phantom": args.slices,
+                  "seeds_and_motion_grades": cases, "slices_per_phantom": args.slices,
                   "blocks": len(y), "myotendinous_share": round(float(y.mean()), 4),
                   "stages": args.stages, "trees": args.trees, "max_leaves": args.leaves,
                   "out_of_fold_groups": FOLDS, "dropped_features": args.drop_features,
