@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine
 
 from HRpQCTCore.artefacts import register_artefact
+from HRpQCTCore.atomic import write_bytes_atomic, write_text_atomic
 from HRpQCTPhantom import PhantomParams, generate_phantom
 from HRpQCTSegmentationEngine.postprocess import DEFAULT
 from HRpQCTSegmentationEngine.postprocess import soft_tissue as st
@@ -130,18 +130,23 @@ def training_blocks(cases, slices: int) -> list[dict]:
     return blocks
 
 
-def _stage_input(block: dict, previous: np.ndarray | None) -> np.ndarray:
-    if previous is None:
-        return block["features"]
-    probability = np.zeros(block["rows"].shape, np.float32)
-    probability[block["rows"]] = previous
-    return np.concatenate([block["features"], stm.context_features(
-        probability, block["rows"], block["weights"], block["pixel_mm"])], axis=1)
-
-
 def stage_names(stage: int, dropped: list[str]) -> list[str]:
     """The features a stage is fitted on: all it can read but ``dropped`` (ablations)."""
     return [n for n in stm.stage_feature_names(stage) if n not in dropped]
+
+
+def _stage_input(block: dict, previous: np.ndarray | None, stage: int,
+                 dropped: list[str]) -> np.ndarray:
+    """A stage's fitted columns of one slice, ``previous`` the earlier stage's probabilities
+    of its blocks (None at stage 0)."""
+    blocks = None
+    if previous is not None:
+        blocks = np.zeros(block["rows"].shape, np.float32)
+        blocks[block["rows"]] = previous
+    x = stm.stage_input(block["features"], blocks, block["rows"], block["weights"],
+                        block["pixel_mm"])
+    every = stm.stage_feature_names(stage)
+    return x[:, [every.index(n) for n in stage_names(stage, dropped)]]
 
 
 def fit_stages(blocks: list[dict], stages: int, fit, dropped: list[str]) -> list:
@@ -149,9 +154,7 @@ def fit_stages(blocks: list[dict], stages: int, fit, dropped: list[str]) -> list
     classifiers, previous = [], [None] * len(blocks)
     seeds = sorted({b["seed"] for b in blocks})
     for stage in range(stages):
-        every = stm.stage_feature_names(stage)
-        columns = [every.index(n) for n in stage_names(stage, dropped)]
-        inputs = [_stage_input(b, p)[:, columns]
+        inputs = [_stage_input(b, p, stage, dropped)
                   for b, p in zip(blocks, previous, strict=True)]
         classifiers.append(fit(inputs, range(len(blocks))))
         if stage == stages - 1:
@@ -205,6 +208,8 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     print("collecting training blocks", flush=True)
+    if not 1 <= args.groups <= 10:
+        parser.error("--groups must be 1-10 (seeds from 9700 are held out)")
     cases = training_cases(args.groups)
     blocks = training_blocks(cases, args.slices)
 
@@ -231,13 +236,11 @@ def main() -> None:
                                  rules_band=args.rules_band,
                                  stage_features=[stage_names(k, args.drop_features)
                                                  for k in range(args.stages)])
-    args.out.write_text(json.dumps(document) + "\n", encoding="utf-8")
+    write_text_atomic(args.out, json.dumps(document) + "\n")
     model = stm.load_model(args.out)
-    block, previous = blocks[0], None
+    previous = None
     for k, (stage, classifier) in enumerate(zip(model.stages, classifiers, strict=True)):
-        every = stm.stage_feature_names(k)
-        check = _stage_input(block, previous)[
-            :, [every.index(n) for n in stage_names(k, args.drop_features)]]
+        check = _stage_input(blocks[0], previous, k, args.drop_features)
         previous = stage.probability(check)
         assert np.allclose(previous, classifier.predict_proba(check)[:, 1],
                            rtol=0, atol=1e-12), "the JSON trees disagree with scikit-learn"
@@ -249,7 +252,7 @@ def main() -> None:
         resources = Path(stm.__file__).parents[1] / "resources"
         target = resources / "soft_tissue" / f"{stm.BUNDLED_SOFT_TISSUE_MODEL}.json"
         target.parent.mkdir(exist_ok=True)
-        shutil.copyfile(args.out, target)
+        write_bytes_atomic(target, args.out.read_bytes())
         register_artefact(resources, stm.BUNDLED_SOFT_TISSUE_MODEL,
                           target.relative_to(resources).as_posix(), "soft-tissue-model",
                           "Bundled learned myotendinous/adipose split (gradient-boosted trees, "

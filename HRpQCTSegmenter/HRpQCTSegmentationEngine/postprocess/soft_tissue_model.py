@@ -32,8 +32,8 @@ per stage, the names of the features it reads (taken from the computed columns b
 a file trained on fewer features stays readable) and the trees as plain arrays (feature,
 threshold, children, leaf value), read with every field checked and evaluated here with
 numpy (:class:`TreeEnsemble`): no pickle, and no dependency on scikit-learn's private
-classes at run time. Files of format version 1 (one
-stage, no rules band) are still read. Training:
+classes at run time. Files of format version 1 (one stage, no rules band) are still read.
+Training:
 ``benchmarks/train_soft_tissue_model.py`` (scikit-learn's ``HistGradientBoostingClassifier``
 on development phantoms outside both test sets).
 
@@ -59,7 +59,7 @@ from HRpQCTCore.errors import ArtefactError
 
 __all__ = ["BLOCK_MM", "FEATURE_NAMES", "CONTEXT_FEATURE_NAMES", "BUNDLED_SOFT_TISSUE_MODEL",
            "TreeEnsemble", "SoftTissueModel", "block_side_px", "slice_features",
-           "context_features", "stage_feature_names", "load_model",
+           "context_features", "stage_feature_names", "stage_input", "load_model",
            "model_from_dict", "bundled_model", "model_to_dict", "split_identity"]
 
 #: Side of the blocks the model reads (mm): 4 voxels at 60.7 um. Finer than the 0.4 mm
@@ -237,6 +237,17 @@ def context_features(block_probability: np.ndarray, rows: np.ndarray, weights: n
     return np.stack([c[rows] for c in columns], axis=1).astype(np.float32)
 
 
+def stage_input(features: np.ndarray, previous: np.ndarray | None, rows: np.ndarray,
+                weights: np.ndarray, pixel_mm: float) -> np.ndarray:
+    """Every column a stage can read (:func:`stage_feature_names`): ``features`` alone for
+    stage 0 (``previous`` None), else with the :func:`context_features` of ``previous``, the
+    earlier stage's block map."""
+    if previous is None:
+        return features
+    return np.concatenate([features, context_features(previous, rows, weights, pixel_mm)],
+                          axis=1)
+
+
 def _upsample_axis(values: np.ndarray, side: int, axis: int) -> np.ndarray:
     """Linear interpolation by ``side`` along ``axis``, pixel centres aligned (a block's
     centre is the centre of its ``side`` voxels) and the edges held."""
@@ -346,10 +357,9 @@ class SoftTissueModel:
                           pixel_mm: float) -> np.ndarray:
         """``P(myotendinous)`` of every block (a map of ``rows.shape``; 0 outside ``rows``)
         from :func:`slice_features`' outputs, through all stages."""
-        blocks = np.zeros(rows.shape, dtype=np.float32)
-        for k, stage in enumerate(self.stages):
-            x = features if k == 0 else np.concatenate(
-                [features, context_features(blocks, rows, weights, pixel_mm)], axis=1)
+        blocks = None
+        for stage in self.stages:
+            x = stage_input(features, blocks, rows, weights, pixel_mm)
             if stage.columns is not None:
                 x = x[:, stage.columns]
             blocks = np.zeros(rows.shape, dtype=np.float32)
