@@ -135,9 +135,16 @@ class _reference:  # noqa: N801 - a namespace: the first implementation, serial,
         out[~leg] = 0
         out[cls.fill_holes(leg) & ~leg] = SOFT
         for cortical, trabecular in BONES:
-            for label in (cortical, trabecular):
+            for label in (trabecular, cortical):
                 mask = out == label
-                out[mask & ~cls.largest_component(mask, config.connectivity)] = SOFT
+                keep = cls.largest_component(mask, config.connectivity)
+                if label == cortical and config.keep_cortical_arcs:
+                    for z in range(out.shape[0]):  # dropped parts touching the marrow stay
+                        parts, _ = ndi.label(mask[z] & ~keep[z], structure=cls.S2)
+                        marrow = ndi.binary_dilation(out[z] == trabecular, cls.CROSS)
+                        touching = np.unique(parts[marrow & (parts > 0)])
+                        keep[z] |= np.isin(parts, touching) & (parts > 0)
+                out[mask & ~keep] = SOFT
             bone_mask = (out == cortical) | (out == trabecular)
             area = bone_mask.sum() * spacing_yx[0] * spacing_yx[1] / max(1, out.shape[0])
             if area < config.min_bone_area_mm2:

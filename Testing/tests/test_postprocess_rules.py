@@ -91,6 +91,45 @@ def test_cortical_gap_is_closed_and_marrow_enclosed():
     assert (plane[_disk(plane.shape, (90, 85), 30)] == TT).all()
 
 
+def _ring_broken_in_two():
+    """The phantom's tibial cortex cut at 9 and at 12 o'clock (the cuts called marrow): a
+    quarter arc and a three-quarter arc."""
+    classes = leg_phantom(n_slices=2)
+    ring = np.isin(classes, (TC,))
+    cuts = np.zeros(classes.shape, bool)
+    cuts[:, 88:92, :85] = True  # 9 o'clock
+    cuts[:, :90, 83:87] = True  # 12 o'clock
+    classes[ring & cuts] = TT
+    quarter = ring & ~cuts
+    quarter[:, 88:, :] = False
+    quarter[:, :, 83:] = False
+    return classes, quarter
+
+
+def test_the_smaller_arc_of_a_ring_broken_in_two_stays_cortex():
+    classes, quarter = _ring_broken_in_two()
+    cleaned, warnings = clean_classes(classes, SPACING, PostprocessConfig())
+    assert quarter.sum() > 200
+    assert (cleaned[quarter] == TC).all()
+    assert warnings == []  # the cuts (0.4 mm) are closed: the ring is whole again
+    for plane in cleaned:
+        assert ndi.binary_fill_holes(plane == TC)[_disk(plane.shape, (90, 85), 32)].all()
+        assert (plane[_disk(plane.shape, (90, 85), 30)] == TT).all()
+
+
+def test_the_paper_rule_drops_the_smaller_arc_and_a_loose_cortical_speck_goes_either_way():
+    classes, quarter = _ring_broken_in_two()
+    classes[:, 170:174, 100:104] = TC  # cortex that touches no marrow
+    paper_rule = replace(PostprocessConfig(), keep_cortical_arcs=False)
+    dropped, _ = clean_classes(classes, SPACING, paper_rule)
+    kept, _ = clean_classes(classes, SPACING, PostprocessConfig())
+    assert not (dropped[quarter] == TC).any()
+    assert not PAPER.keep_cortical_arcs
+    assert any("open" in w for w in clean_classes(classes, SPACING, paper_rule)[1])
+    for cleaned in (dropped, kept):
+        assert (cleaned[:, 170:174, 100:104] == SOFT).all()
+
+
 def test_unclosable_gap_gives_a_warning_not_an_error():
     classes = leg_phantom(n_slices=1)
     classes[:, 40:70, 70:100] = SOFT  # a 3 mm wide hole through the cortex

@@ -19,6 +19,7 @@ from HRpQCTSegmentationEngine.postprocess import (
 from HRpQCTSegmentationEngine.postprocess.bone import fill_holes
 
 TC, TT = class_by_name("tibial_cortical").label, class_by_name("tibial_trabecular").label
+FC, FT = class_by_name("fibular_cortical").label, class_by_name("fibular_trabecular").label
 SOFT = class_by_name("soft_tissue").label
 PIXEL_MM = 0.06
 SPACING = (PIXEL_MM,) * 3
@@ -143,6 +144,42 @@ def test_paper_preset_keeps_the_network_surfaces_and_postprocess_uses_the_step()
             < boundary_errors(paper.classes[0], truth, [SOFT, TC, TT]) / 5)
 
 
+def _with_close_fibula(gap_px=12):
+    """The truth slice with a fibula ``gap_px`` (0.72 mm) beside the tibia, its image, and a
+    prediction that fills the soft tissue between the bones with tibial marrow (the wedge)."""
+    truth = truth_slice()
+    centre = (BONE_CENTRE[0], BONE_CENTRE[1] + CORTEX_RADIUS + gap_px + 30)
+    truth[_disk(centre, 30)] = FC
+    truth[_disk(centre, 22)] = FT
+    hu = image_of(truth)
+    hu[truth == FC], hu[truth == FT] = 2000.0, 300.0
+    hu = ndi.gaussian_filter(np.where(truth == 0, -1000.0, hu).astype(np.float32), 1.0)
+    between = ndi.distance_transform_edt(~np.isin(truth, (FC, FT))) * PIXEL_MM <= 1.0
+    between &= ndi.distance_transform_edt(~np.isin(truth, (TC, TT))) * PIXEL_MM <= 1.0
+    predicted = truth.copy()
+    predicted[between & (truth == SOFT)] = TT
+    return truth, volume(hu), predicted, between & (truth == SOFT)
+
+
+def test_soft_tissue_between_close_bones_called_marrow_is_given_back():
+    truth, hu, predicted, wedge = _with_close_fibula()
+    assert wedge.sum() > 150
+    config = PostprocessConfig(bone_gap_band_mm=2.5)  # reaches into the tibia's marrow
+    refined = refine_surfaces(volume(predicted), hu, SPACING, config)
+    for plane in refined:
+        assert (plane[wedge] == SOFT).all()
+        # the marrow, as dark as the wedge but inside a bright cortex, stays
+        np.testing.assert_array_equal(plane == TT, truth == TT)
+
+
+def test_the_gap_step_is_off_at_zero_and_in_the_paper_preset():
+    _, hu, predicted, wedge = _with_close_fibula()
+    refined = refine_surfaces(volume(predicted), hu, SPACING,
+                              PostprocessConfig(bone_gap_band_mm=0.0))
+    assert (refined[:, wedge] == TT).all()
+    assert PAPER.bone_gap_band_mm == 0.0
+
+
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="differ in shape"):
         refine_surfaces(np.zeros((1, 4, 4), np.uint8), np.zeros((1, 4, 5), np.float32),
@@ -150,7 +187,7 @@ def test_shape_mismatch_is_an_error():
 
 
 @pytest.mark.parametrize("field", ["leg_opening_mm", "skin_surface_band_mm",
-                                   "periosteal_band_mm"])
+                                   "periosteal_band_mm", "bone_gap_band_mm"])
 def test_negative_settings_are_refused(field):
     with pytest.raises(ValueError, match=field):
         PostprocessConfig(**{field: -1.0})

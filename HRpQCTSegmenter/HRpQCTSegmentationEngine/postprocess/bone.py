@@ -5,7 +5,8 @@ Rules (the paper's, with 3D connectivity offered and the enclosure made explicit
 1. the leg is the largest connected component of all non-background voxels; anything outside
    it is background, and background holes inside it (per slice) become soft tissue;
 2. each bone class keeps only its largest connected component; removed voxels become soft
-   tissue;
+   tissue, except cortical parts that touch the kept marrow in their slice (the smaller arc
+   of a ring broken in two; this project's addition);
 3. per slice and per bone, a cortical ring with a gap (detected by trabecular voxels touching
    non-bone, or by the filled cortex covering much less than the bone's convex hull) is closed
    by morphological closing with a disk growing up to ``max_cortical_gap_mm``;
@@ -420,6 +421,44 @@ def clean_classes(classes: np.ndarray, spacing_mm: tuple[float, float, float],
     return result, warnings
 
 
+def _parts_touching(parts_mask: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """The connected parts of ``parts_mask`` (per slice, 8-neighbourhood) that touch
+    ``other`` (4-neighbourhood) in their slice."""
+    out = np.zeros(parts_mask.shape, dtype=bool)
+    for z in np.flatnonzero(parts_mask.any(axis=(1, 2))):
+        parts, _ = ndi.label(parts_mask[z], structure=_STRUCT_2D)
+        touching = np.unique(parts[parts_mask[z] & dilate_cross(other[z])])
+        out[z] = np.isin(parts, touching[touching > 0])
+    return out
+
+
+def _keep_largest_of_bone(out: np.ndarray, bone: Bone, class_boxes: list,
+                          config: PostprocessConfig, pool: ThreadPoolExecutor | None
+                          ) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+    """Rule 2 for one bone, in place: each class keeps its largest component, the rest
+    becomes soft tissue. Returns the ``(box, kept mask)`` of each class.
+
+    With ``keep_cortical_arcs`` a dropped cortical part that touches the kept marrow in its
+    slice stays: a ring broken in two places is two arcs, and the smaller one is still the
+    bone's cortex.
+    """
+    kept = []
+    for label in (bone.trabecular, bone.cortical):  # the marrow first: the arcs touch it
+        box = class_boxes[label - 1]
+        if box is None:
+            continue
+        view = out[box]
+        mask = view == label
+        keep = mask.copy()
+        keep_largest(keep, config.connectivity, pool)
+        if label == bone.cortical and config.keep_cortical_arcs:
+            keep |= _parts_touching(mask & ~keep, view == bone.trabecular)
+        view[mask & ~keep] = SOFT
+        del mask
+        kept.append((box, keep))
+    return kept
+
+
 def _clean_in_place(out: np.ndarray, spacing_mm, config: PostprocessConfig,
                     pool: ThreadPoolExecutor | None) -> list[str]:
     warnings: list[str] = []
@@ -442,20 +481,8 @@ def _clean_in_place(out: np.ndarray, spacing_mm, config: PostprocessConfig,
     # other's classes below, so each box stays valid until its bone's turn.
     class_boxes = _label_boxes(out, max(max(b.cortical, b.trabecular) for b in BONES), pool)
     for bone in BONES:
-        # 2. largest component per class
-        kept = []
-        for label in (bone.cortical, bone.trabecular):
-            cbox = class_boxes[label - 1]
-            if cbox is None:
-                continue
-            view = out[cbox]
-            mask = view == label
-            keep = mask.copy()
-            keep_largest(keep, config.connectivity, pool)
-            mask ^= keep  # what is removed
-            view[mask] = SOFT
-            del mask
-            kept.append((cbox, keep))
+        # 2. the largest component of the bone (or of each of its classes)
+        kept = _keep_largest_of_bone(out, bone, class_boxes, config, pool)
         voxels = sum(int(np.count_nonzero(keep)) for _, keep in kept)
         if voxels == 0 and config.min_bone_area_mm2 <= 0:
             continue  # nothing of this bone (and no minimum size to report against)

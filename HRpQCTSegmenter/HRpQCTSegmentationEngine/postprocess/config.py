@@ -16,6 +16,11 @@ class PostprocessConfig:
     connectivity:
         ``"3d"``: connected components in 3D (26-neighbourhood), consistent across slices;
         ``"2d"``: per slice (8-neighbourhood), as the paper works slice by slice.
+    keep_cortical_arcs:
+        Each bone class keeps its largest connected component (the paper); with this, a
+        cortical part it drops that touches the kept marrow in its slice stays too: a ring
+        the network broke in two places is two arcs, and dropping the smaller one leaves the
+        cortex open (off in ``PAPER``).
     max_cortical_gap_mm:
         Largest gap in a cortical ring that morphological closing may bridge.
     min_bone_area_mm2:
@@ -40,6 +45,10 @@ class PostprocessConfig:
         around it; 0 = off.
     periosteal_window_mm:
         Side of the square over which HU are averaged for the periosteal surface.
+    bone_gap_band_mm:
+        Within this distance of the fibula, tibial "marrow" as dark as soft tissue that
+        reaches the soft tissue or the fibula is soft tissue: the gap between two close bones
+        the network filled; 0 = off.
 
     Soft tissue
     -----------
@@ -93,6 +102,7 @@ class PostprocessConfig:
     """
 
     connectivity: str = "3d"
+    keep_cortical_arcs: bool = True
     max_cortical_gap_mm: float = 1.0
     min_bone_area_mm2: float = 5.0
     leg_opening_mm: float = 0.75
@@ -101,6 +111,7 @@ class PostprocessConfig:
     skin_surface_window_mm: float = 0.3
     periosteal_band_mm: float = 0.13
     periosteal_window_mm: float = 0.18
+    bone_gap_band_mm: float = 1.5
     skin_width_mm: float = 2.0
     tendon_seed_hu: tuple[float, float] = (100.0, 600.0)
     fat_seed_hu: tuple[float, float] = (-600.0, -200.0)
@@ -126,7 +137,8 @@ class PostprocessConfig:
         for name in ("max_cortical_gap_mm", "min_bone_area_mm2", "skin_width_mm",
                      "seed_growth_mm", "smoothing_window_mm", "leg_opening_mm",
                      "skin_surface_band_mm", "skin_surface_window_mm", "periosteal_band_mm",
-                     "periosteal_window_mm", "drift_window_mm", "myotendinous_opening_mm"):
+                     "periosteal_window_mm", "bone_gap_band_mm", "drift_window_mm",
+                     "myotendinous_opening_mm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if not isinstance(self.soft_tissue_model, str) or not (
@@ -142,7 +154,7 @@ class PostprocessConfig:
     def without_surface_refinement(self) -> PostprocessConfig:
         """These settings with the network's surfaces kept as predicted (see :mod:`.surfaces`)."""
         return replace(self, leg_opening_mm=0.0, skin_surface_band_mm=0.0,
-                       periosteal_band_mm=0.0)
+                       periosteal_band_mm=0.0, bone_gap_band_mm=0.0)
 
     def with_fixed_split(self) -> PostprocessConfig:
         """These settings with the soft-tissue rules on absolute HU, as the paper has them
@@ -163,10 +175,11 @@ class PostprocessConfig:
         return cls(**data)
 
 
-#: The paper's rules exactly: raw HU, fixed thresholds, slice-by-slice components, the
-#: network's surfaces.
-PAPER = PostprocessConfig(connectivity="2d", smoothing_window_mm=0.0,
-                          seed_growth_mm=0.25).without_surface_refinement().with_fixed_split()
+#: The paper's rules exactly: raw HU, fixed thresholds, slice-by-slice components of each
+#: class, the network's surfaces.
+PAPER = PostprocessConfig(
+    connectivity="2d", keep_cortical_arcs=False, smoothing_window_mm=0.0,
+    seed_growth_mm=0.25).without_surface_refinement().with_fixed_split()
 #: This project's default: 3D components, surfaces refined to the HU edges, and soft tissue
 #: split on a local HU mean between the scan's own fat and muscle levels, with motion streaks
 #: and slow drifts removed first, streak remnants opened away after, and the split then

@@ -19,6 +19,14 @@ image lies.
    around it (both medians measured in the slice, so the level follows the scan's
    calibration and the bone's density). Cortical pixels near the marrow never change, so a
    closed ring stays closed.
+3. **the gap between the bones** (tibia | fibula), before step 2: where the fibula lies within
+   a millimetre of the tibia, the network (never trained on gaps that narrow) takes the
+   fibula's cortex for the tibia's and calls the soft tissue between them tibial marrow: a
+   wedge of "trabecular bone" from the tibia to the fibula. Within ``bone_gap_band_mm`` of
+   the fibula, tibial trabecular pixels darker than the level half-way between the tibia's
+   cortex and the soft tissue (as in step 2) that connect, through such pixels, to soft
+   tissue or to the fibula become soft tissue. Marrow enclosed by a bright cortex does not
+   connect, so it stays.
 
 Each step is skipped on a slice that does not show its edge (no air outside the leg, no
 contrast between cortex and soft tissue): the prediction then stands as it is.
@@ -35,11 +43,18 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from HRpQCTCore.progress import CancelToken, check
-from HRpQCTSegmentationEngine.postprocess.bone import BONES, SOFT, fill_holes, keep_largest_in_plane
+from HRpQCTSegmentationEngine.postprocess.bone import (
+    BONES,
+    SOFT,
+    dilate_cross,
+    fill_holes,
+    keep_largest_in_plane,
+)
 from HRpQCTSegmentationEngine.postprocess.config import PostprocessConfig
 from HRpQCTSegmentationEngine.postprocess.soft_tissue import _window_voxels, _within_of_outside
 
-__all__ = ["refine_surfaces", "refine_skin_surface", "refine_periosteum"]
+__all__ = ["refine_surfaces", "refine_skin_surface", "refine_periosteum",
+           "separate_bones"]
 
 #: Below this difference between the slice's cortex and soft tissue (HU) the periosteal surface
 #: is left as predicted: there is no edge to follow.
@@ -148,6 +163,44 @@ def refine_periosteum(plane: np.ndarray, hu: np.ndarray, spacing_yx_mm: tuple[fl
         sub[to_cortex] = bone.cortical
 
 
+def _box_around(mask: np.ndarray, pad: int) -> tuple[slice, slice]:
+    """The bounding box of ``mask`` (not empty) widened by ``pad`` pixels, within the array."""
+    ys, xs = np.nonzero(mask)
+    return (slice(max(0, ys.min() - pad), ys.max() + pad + 1),
+            slice(max(0, xs.min() - pad), xs.max() + pad + 1))
+
+
+def separate_bones(plane: np.ndarray, hu: np.ndarray, spacing_yx_mm: tuple[float, float],
+                   config: PostprocessConfig) -> None:
+    """Give the soft tissue between a close fibula and the tibia back (step 3), in place.
+
+    Parameters are those of :func:`refine_skin_surface`; ``bone_gap_band_mm`` and
+    ``periosteal_window_mm`` are used. A slice without both bones, or whose gap shows too
+    little tibial cortex or soft tissue to measure both levels, is left as it is.
+    """
+    band_mm = config.bone_gap_band_mm
+    tibia, fibula = BONES
+    fibula_mask = (plane == fibula.cortical) | (plane == fibula.trabecular)
+    if band_mm <= 0 or not fibula_mask.any() or not (plane == tibia.trabecular).any():
+        return
+    near = _near(fibula_mask, band_mm, spacing_yx_mm) & (plane == tibia.trabecular)
+    if not near.any():
+        return
+    box = _box_around(near, int(np.ceil(band_mm / min(spacing_yx_mm))) + 2)
+    sub, near, fibula_mask = plane[box], near[box], fibula_mask[box]
+    local = _local_mean(hu[box], _window_voxels(config.periosteal_window_mm, spacing_yx_mm))
+    cortex, soft = sub == tibia.cortical, sub == SOFT
+    if cortex.sum() < 20 or soft.sum() < 20:
+        return
+    cortex_hu, soft_hu = float(np.median(local[cortex])), float(np.median(local[soft]))
+    if cortex_hu - soft_hu < MIN_PERIOSTEAL_CONTRAST_HU:
+        return
+    dark = near & (local < 0.5 * (cortex_hu + soft_hu))
+    parts, _ = ndi.label(dark)
+    reached = np.unique(parts[dark & dilate_cross(soft | fibula_mask)])
+    sub[np.isin(parts, reached[reached > 0])] = SOFT
+
+
 def refine_surfaces(classes: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, float, float],
                     config: PostprocessConfig, *, workers: int = 2,
                     cancel: CancelToken | None = None) -> np.ndarray:
@@ -171,7 +224,8 @@ def refine_surfaces(classes: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float
     if classes.shape != hu.shape:
         raise ValueError(f"Labels {classes.shape} and image {hu.shape} differ in shape")
     skin = config.leg_opening_mm > 0 or config.skin_surface_band_mm > 0
-    if not (skin or config.periosteal_band_mm > 0) or not classes.any():
+    bones = config.periosteal_band_mm > 0 or config.bone_gap_band_mm > 0
+    if not (skin or bones) or not classes.any():
         return classes
     spacing_yx = (float(spacing_mm[1]), float(spacing_mm[2]))
     margin = int(np.ceil(max(config.leg_opening_mm, config.skin_surface_band_mm)
@@ -189,6 +243,7 @@ def refine_surfaces(classes: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float
         sub, sub_hu = plane[box], hu[z][box]
         if skin:
             refine_skin_surface(sub, sub_hu, spacing_yx, config)
+        separate_bones(sub, sub_hu, spacing_yx, config)
         refine_periosteum(sub, sub_hu, spacing_yx, config)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
