@@ -34,8 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from HRpQCTRadiomicsEngine.glcm_coefficients import calculate_glcm_coefficients, mcc_feature_value
-from HRpQCTRadiomicsEngine.texture_matrices import ImageTextures
+from HRpQCTRadiomicsEngine.glcm_coefficients import (
+    calculate_glcm_coefficients,
+    cluster_feature_value,
+    mcc_feature_value,
+)
+from HRpQCTRadiomicsEngine.texture_matrices import ImageTextures, digitize
 
 if TYPE_CHECKING:
     from HRpQCTRadiomicsEngine.region_matrices import RegionTextures
@@ -66,7 +70,7 @@ def bin_image(matrix: np.ndarray, mask: np.ndarray, settings: Mapping[str, Any])
     else:
         edges = imageoperations.getBinEdges(values, **settings)
     binned = np.zeros(matrix.shape, dtype="int")
-    binned[mask] = np.digitize(values, edges)
+    binned[mask] = digitize(values, edges)
     return binned
 
 
@@ -352,6 +356,12 @@ def shape_class(name: str) -> type:
 _SHAPE_CLASSES: dict[str, type] = {}
 
 
+#: GLCM cluster features with the power taken once per ``i + j`` (same values).
+_CLUSTER_FEATURES = {
+    f"getCluster{name}FeatureValue": (lambda self, power=power: cluster_feature_value(self, power))
+    for name, power in (("Tendency", 2), ("Shade", 3), ("Prominence", 4))}
+
+
 def _feature_names(cls: type) -> dict[str, bool]:
     """``cls.getFeatureNames()`` of a pyradiomics class, computed once."""
     key = f"{cls.__module__}.{cls.__qualname__}"
@@ -420,6 +430,7 @@ def feature_classes_for_one_image(textures: ImageTextures | RegionTextures | Non
             bases = (_SharedGLCM, cls)
             members["_calculateCoefficients"] = calculate_glcm_coefficients
             members["getMCCFeatureValue"] = mcc_feature_value
+            members.update(_CLUSTER_FEATURES)
             members["_hrpqct_textures"] = textures
         elif name == "firstorder":
             bases = (_FirstOrderSharing, cls)

@@ -105,3 +105,29 @@ def test_glcms_of_the_paper_images(radiomics_scan):
             _assert_identical(*_both(glcm.P_glcm, glcm.coefficients["grayLevels"]))
             checked += 1
     assert checked == 20
+
+
+@pytest.mark.parametrize("n_angles", [1, 4, 8])
+@pytest.mark.parametrize("seed", range(3))
+def test_cluster_features_bit_identical(seed, n_angles):
+    """Tendency, shade and prominence with the power taken once per i + j, as pyradiomics'."""
+    from radiomics.glcm import RadiomicsGLCM
+
+    from HRpQCTRadiomicsEngine.glcm_coefficients import cluster_feature_value
+
+    rng = np.random.default_rng(100 + seed)
+    n_levels = int(rng.integers(1, 140))
+    levels = np.sort(rng.choice(np.arange(1, 400), size=n_levels, replace=False))
+    counts = rng.poisson(rng.uniform(0.2, 5), size=(1, n_levels, n_levels, n_angles)).astype(float)
+    counts[0, 0, 0, :] += 1  # no empty angle
+    p_glcm = counts / counts.sum((1, 2), keepdims=True)
+    holder = SimpleNamespace(P_glcm=p_glcm, logger=logging.getLogger("test"),
+                             coefficients={"grayLevels": levels, "Ng": int(levels.max())})
+    # both coefficient paths: pyradiomics' own (one angle) and the engine's
+    (RadiomicsGLCM._calculateCoefficients if n_angles == 1 else calculate_glcm_coefficients)(
+        holder)
+    for power, name in ((2, "Tendency"), (3, "Shade"), (4, "Prominence")):
+        theirs = getattr(RadiomicsGLCM, f"getCluster{name}FeatureValue")(holder)
+        ours = cluster_feature_value(holder, power)
+        assert ours.shape == theirs.shape
+        assert np.array_equal(ours, theirs, equal_nan=True), name  # bit-identical

@@ -158,3 +158,38 @@ def test_extraction_with_the_shared_pass_equals_direct_pyradiomics(radiomics_sca
                                                or (np.isnan(r.features[k])
                                                    and np.isnan(direct[k])))]
         assert differing == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bin_width", [25, 0.5, 3.0])
+def test_digitize_equals_numpy_on_pyradiomics_edges(dtype, bin_width):
+    """The arithmetic bin guess, corrected against the edges, is numpy.digitize exactly,
+    values lying on the edges and at the extremes included."""
+    from radiomics import imageoperations
+
+    from HRpQCTRadiomicsEngine.texture_matrices import digitize
+
+    rng = np.random.default_rng(7)
+    values = rng.normal(40, 400 * bin_width / 25, size=20_000).astype(dtype)
+    extremes = np.array([values.min(), values.max()], dtype=dtype)
+    edges = imageoperations.getBinEdges(extremes, binWidth=bin_width)
+    on_edges = np.asarray(edges, dtype=dtype)[rng.integers(0, len(edges) - 1, 500)]
+    values = np.concatenate([values, on_edges, np.nextafter(on_edges, dtype(-np.inf))])
+    assert np.array_equal(digitize(values, edges), np.digitize(values, edges))
+    by_count = imageoperations.getBinEdges(values, binWidth=bin_width, binCount=37)
+    assert np.array_equal(digitize(values, by_count), np.digitize(values, by_count))
+
+
+def test_digitize_special_inputs_equal_numpy():
+    from HRpQCTRadiomicsEngine.texture_matrices import digitize
+
+    flat = np.full(10, 50.0)
+    flat_edges = [49.5, 50.5]  # pyradiomics' edges of a flat region
+    assert np.array_equal(digitize(flat, flat_edges), np.digitize(flat, flat_edges))
+    with_nan = np.array([1.0, np.nan, 30.0, -5.0])
+    edges = np.arange(-25.0, 75.0, 25.0)
+    assert np.array_equal(digitize(with_nan, edges), np.digitize(with_nan, edges))
+    uneven = np.array([0.0, 1.0, 100.0, 101.0])  # far from even: numpy's search decides
+    values = np.linspace(-1, 102, 300)
+    assert np.array_equal(digitize(values, uneven), np.digitize(values, uneven))
+    assert digitize(np.zeros(0), edges).size == 0
