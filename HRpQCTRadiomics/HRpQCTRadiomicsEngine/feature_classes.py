@@ -39,6 +39,7 @@ from HRpQCTRadiomicsEngine.glcm_coefficients import (
     cluster_feature_value,
     mcc_feature_value,
 )
+from HRpQCTRadiomicsEngine.shape2d_mesh import mesh_perimeter_surface
 from HRpQCTRadiomicsEngine.texture_matrices import ImageTextures, digitize
 
 if TYPE_CHECKING:
@@ -281,13 +282,16 @@ class _LazyMeshShape2D:
     maximum diameter when the class is created; the axis lengths and Elongation need only
     the eigenvalues of the pixel coordinates. ``_initSegmentBasedCalculation`` below is
     pyradiomics' own (3.0.1) with that one call moved into :meth:`_mesh`, which runs the
-    same C function on the same arguments when a feature reads one of the three values.
+    same C function on the same arguments when a feature reads the diameter. Perimeter and
+    surface alone come from :func:`.shape2d_mesh.mesh_perimeter_surface` (the same values
+    without C's quadratic diameter search).
     """
 
     def _initSegmentBasedCalculation(self):  # noqa: N802 (pyradiomics' names)
         import SimpleITK as sitk
 
         self._hrpqct_mesh: tuple[float, float, float] | None = None
+        self._hrpqct_perimeter_surface: tuple[float, float] | None = None
         self.maskArray = (sitk.GetArrayFromImage(self.inputMask) == self.label)
         n_dims = self.inputMask.GetDimension()
         if n_dims == 3:
@@ -328,8 +332,17 @@ class _LazyMeshShape2D:
             self._hrpqct_mesh = cShape.calculate_coefficients2D(self.maskArray, self.pixelSpacing)
         return self._hrpqct_mesh
 
-    Perimeter = property(lambda self: self._mesh()[0])
-    Surface = property(lambda self: self._mesh()[1])
+    def _perimeter_surface(self) -> tuple[float, float]:
+        # without the quadratic diameter search, unless C has run already (same values)
+        if self._hrpqct_mesh is not None:
+            return self._hrpqct_mesh[0], self._hrpqct_mesh[1]
+        if self._hrpqct_perimeter_surface is None:
+            self._hrpqct_perimeter_surface = mesh_perimeter_surface(self.maskArray,
+                                                                    self.pixelSpacing)
+        return self._hrpqct_perimeter_surface
+
+    Perimeter = property(lambda self: self._perimeter_surface()[0])
+    Surface = property(lambda self: self._perimeter_surface()[1])
     Diameter = property(lambda self: self._mesh()[2])
 
 
