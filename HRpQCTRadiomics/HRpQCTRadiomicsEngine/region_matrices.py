@@ -1,4 +1,4 @@
-"""GLCM, GLDM and NGTDM of one region from its own voxels, equal to pyradiomics' C code.
+"""Texture matrices of one region from its own voxels, equal to pyradiomics' C code.
 
 pyradiomics' C functions walk the region's whole bounding box, voxel by voxel and angle by
 angle. The soft-tissue regions of an HR-pQCT slice are thin annuli whose box is most of the
@@ -9,6 +9,9 @@ neighbours' levels (0: outside the region) in one gather per angle.
 * **GLCM** counts, per angle, the pairs (voxel, voxel + angle) of region voxels by their grey
   levels: integer counts (exact in float64, any order gives the same matrix), laid out as
   the C function returns them (``(1, Ng, Ng, angles)``, every level ``1..Ng``).
+* **GLSZM** from the connected components of the graph of equal-level neighbour pairs, and
+  **GLRLM** from run starts and ends (a voxel whose neighbour behind or ahead has another
+  level), paired along each line: integer counts, the C function's matrices.
 * **GLDM** and **NGTDM** as :mod:`.texture_matrices` computes them for a whole image (the
   same neighbour counts, level sums and divisions, and NGTDM's differences added one after
   the other in raster order, the order of the C loop): bit-identical.
@@ -76,6 +79,7 @@ class RegionTextures:
             return
         values, (ys, xs) = self._inputs
         self._inputs = None
+        self._coordinates = (np.asarray(ys, dtype=np.int64), np.asarray(xs, dtype=np.int64))
         self.levels = region_levels(values, self.settings).astype(np.int32)
         self.present = np.flatnonzero(np.bincount(self.levels))
         self.n_levels = int(self.present[-1])
@@ -203,6 +207,47 @@ class RegionTextures:
                              minlength=self.n_levels * n_sizes).reshape(self.n_levels, n_sizes)
         return out
 
-    def glrlm(self, label: int) -> None:
-        """Not computed here: pyradiomics' C code (runs need whole lines of the box)."""
-        return None
+    def glrlm(self, label: int) -> np.ndarray:
+        """``calculate_glrlm`` with absent grey levels removed: ``(1, n, Nr, Na)``.
+
+        A run of direction d starts at a region voxel whose neighbour at -d has another level
+        (or lies outside) and ends where the neighbour at +d does. Along each line of that
+        direction starts and ends alternate, so with both ordered by (line, position) the
+        k-th start and the k-th end bound the same run. ``Nr`` is the longest side of the
+        box, as in pyradiomics; integer counts: the same matrix as C.
+        """
+        self._prepare()
+        angles = self._angles(bidirectional=False, distances=False)
+        n_r = max(self.box_size)
+        out = np.empty((1, self.present.size, n_r, len(angles)))
+        for a, (dy, dx) in enumerate(angles):
+            if dy < 0 or (dy == 0 and dx < 0):  # the same runs, walked the other way
+                dy, dx = -dy, -dx
+            counts = self._run_counts(int(dy), int(dx), n_r)
+            out[0, :, :, a] = counts[self.present]
+            if not counts[:, 1:].any() and not self._has_two_on_a_line(int(dy), int(dx)):
+                out[0, :, 0, a] = 0  # pyradiomics: the region is "2D" for this angle
+        return out
+
+    def _line_and_position(self, dy: int, dx: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per region voxel: which line of direction (dy, dx) it lies on, and where on it."""
+        ys, xs = self._coordinates
+        line = {(0, 1): ys, (1, 0): xs, (1, 1): xs - ys, (1, -1): xs + ys}[(dy, dx)]
+        return line, (xs if dy == 0 else ys)
+
+    def _run_counts(self, dy: int, dx: int, n_r: int) -> np.ndarray:
+        """Runs of direction (dy, dx): counts ``[level, length - 1]``, every level 0..Ng."""
+        line, position = self._line_and_position(dy, dx)
+        starts = np.flatnonzero(self._neighbours(-dy, -dx) != self.levels)
+        ends = np.flatnonzero(self._neighbours(dy, dx) != self.levels)
+        if dy != 0:  # raster order sorts by row; sort stably by line, rows stay in order
+            starts = starts[np.argsort(line[starts], kind="stable")]
+            ends = ends[np.argsort(line[ends], kind="stable")]
+        lengths = position[ends] - position[starts] + 1
+        keys = self.levels[starts].astype(np.int64) * n_r + lengths - 1
+        return np.bincount(keys, minlength=(self.n_levels + 1) * n_r).reshape(-1, n_r)
+
+    def _has_two_on_a_line(self, dy: int, dx: int) -> bool:
+        """pyradiomics' ``multiElement``: a line of this direction holds two region voxels."""
+        line, _ = self._line_and_position(dy, dx)
+        return bool(np.bincount(line - line.min()).max() >= 2)

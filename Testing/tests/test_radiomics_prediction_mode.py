@@ -201,8 +201,8 @@ def test_point_filters_on_region_voxels_equal_whole_image(whole_slice, image_typ
 
 
 def test_region_matrices_equal_pyradiomics_c_code():
-    """GLCM, GLSZM, GLDM and NGTDM from the region's voxels == pyradiomics' C functions, on
-    random regions with holes, lines and single voxels."""
+    """GLCM, GLSZM, GLRLM, GLDM and NGTDM from the region's voxels == pyradiomics' C
+    functions, on random regions with holes, lines and single voxels."""
     from radiomics import _cmatrices
 
     from HRpQCTRadiomicsEngine.region_matrices import RegionTextures
@@ -226,6 +226,8 @@ def test_region_matrices_equal_pyradiomics_c_code():
         assert np.array_equal(ours.glcm(1), glcm)
         glszm = _cmatrices.calculate_glszm(levels, mask, n_g, int(mask.sum()), True, 0)
         assert np.array_equal(ours.glszm(1), glszm)
+        glrlm, _ = _cmatrices.calculate_glrlm(levels, mask, n_g, max(h, w), True, 0)
+        assert np.array_equal(ours.glrlm(1), glrlm[:, present - 1])
         gldm = _cmatrices.calculate_gldm(levels, mask, one, n_g, 0, True, 0)
         assert np.array_equal(ours.gldm(1), gldm[:, present - 1])
         ngtdm = _cmatrices.calculate_ngtdm(levels, mask, one, n_g, True, 0)
