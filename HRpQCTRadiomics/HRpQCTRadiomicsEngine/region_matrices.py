@@ -37,6 +37,11 @@ __all__ = ["RegionTextures"]
 #: need as much memory as pyradiomics' own matrix, several times over).
 _MAX_GLCM_CELLS = 2**22
 
+#: Above this fraction of its box, a region's GLRLM comes from the C code: its one pass over
+#: the box beats the sorting of run starts and ends (measured on a 1600 x 1600 phantom
+#: slice: skin, 10 % of its box, 13 vs 27 ms; adipose, 44 %, 56 vs 25 ms).
+_GLRLM_MAX_OCCUPANCY = 0.2
+
 
 class RegionTextures:
     """Texture matrices of one region of one filtered image, from the region's voxels only.
@@ -207,16 +212,19 @@ class RegionTextures:
                              minlength=self.n_levels * n_sizes).reshape(self.n_levels, n_sizes)
         return out
 
-    def glrlm(self, label: int) -> np.ndarray:
+    def glrlm(self, label: int) -> np.ndarray | None:
         """``calculate_glrlm`` with absent grey levels removed: ``(1, n, Nr, Na)``.
 
         A run of direction d starts at a region voxel whose neighbour at -d has another level
         (or lies outside) and ends where the neighbour at +d does. Along each line of that
         direction starts and ends alternate, so with both ordered by (line, position) the
         k-th start and the k-th end bound the same run. ``Nr`` is the longest side of the
-        box, as in pyradiomics; integer counts: the same matrix as C.
+        box, as in pyradiomics; integer counts: the same matrix as C. Regions that fill more
+        than :data:`_GLRLM_MAX_OCCUPANCY` of their box: None (C's pass over the box is faster).
         """
         self._prepare()
+        if self.levels.size > _GLRLM_MAX_OCCUPANCY * np.prod(self.box_size):
+            return None
         angles = self._angles(bidirectional=False, distances=False)
         n_r = max(self.box_size)
         out = np.empty((1, self.present.size, n_r, len(angles)))
@@ -230,9 +238,12 @@ class RegionTextures:
         return out
 
     def _line_and_position(self, dy: int, dx: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per region voxel: which line of direction (dy, dx) it lies on, and where on it."""
+        """Per region voxel: which line of direction (dy, dx) it lies on (>= 0), and where."""
         ys, xs = self._coordinates
-        line = {(0, 1): ys, (1, 0): xs, (1, 1): xs - ys, (1, -1): xs + ys}[(dy, dx)]
+        line = {(0, 1): ys, (1, 0): xs, (1, 1): xs - ys + self.box_size[-2],
+                (1, -1): xs + ys}[(dy, dx)]
+        if line.size and line.max() < 2**16:
+            line = line.astype(np.uint16)  # numpy sorts 16-bit keys stably by radix: ~10x
         return line, (xs if dy == 0 else ys)
 
     def _run_counts(self, dy: int, dx: int, n_r: int) -> np.ndarray:

@@ -75,7 +75,8 @@ def digitize(values: np.ndarray, edges: Any) -> np.ndarray:
     guess = np.floor((v - edges[0]) * (1.0 / width)).astype(np.intp) + 1
     np.clip(guess, 0, edges.size, out=guess)
     # bounds[k] <= value < bounds[k + 1] is bin k (0: below the first edge; n: from the last)
-    bounds = np.concatenate([[-np.inf], edges, [np.inf]]).astype(common)
+    lowest, highest = _extremes(common)
+    bounds = np.concatenate([[lowest], edges, [highest]]).astype(common)
     for _ in range(_DIGITIZE_ROUNDS):
         below = v < bounds[guess]
         above = v >= bounds[guess + 1]
@@ -83,7 +84,16 @@ def digitize(values: np.ndarray, edges: Any) -> np.ndarray:
             return guess
         guess -= below
         guess += above
+        np.clip(guess, 0, edges.size, out=guess)  # (an integer type's largest value: unsettled)
     return np.digitize(values, edges)
+
+
+def _extremes(dtype: np.dtype) -> tuple[Any, Any]:
+    """Sentinels below and above every value of ``dtype`` (its limits for integer types)."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return info.min, info.max
+    return -np.inf, np.inf
 
 
 def angles_for(size: Sequence[int], settings: Mapping[str, Any], bidirectional: bool,

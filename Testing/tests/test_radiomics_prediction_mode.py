@@ -200,12 +200,16 @@ def test_point_filters_on_region_voxels_equal_whole_image(whole_slice, image_typ
         assert np.array_equal(values[label], whole[labels == label])
 
 
-def test_region_matrices_equal_pyradiomics_c_code():
+def test_region_matrices_equal_pyradiomics_c_code(monkeypatch):
     """GLCM, GLSZM, GLRLM, GLDM and NGTDM from the region's voxels == pyradiomics' C
-    functions, on random regions with holes, lines and single voxels."""
+    functions, on random regions with holes, lines and single voxels (GLRLM on dense regions
+    too, which otherwise go to C)."""
     from radiomics import _cmatrices
 
+    from HRpQCTRadiomicsEngine import region_matrices
     from HRpQCTRadiomicsEngine.region_matrices import RegionTextures
+
+    monkeypatch.setattr(region_matrices, "_GLRLM_MAX_OCCUPANCY", 1.0)
 
     rng = np.random.default_rng(0)
     settings = {"binWidth": 25, "force2D": True, "force2Ddimension": 0}
@@ -234,6 +238,20 @@ def test_region_matrices_equal_pyradiomics_c_code():
         assert np.array_equal(ours.ngtdm(1), ngtdm[:, present - 1])
         compared += 1
     assert compared > 250
+
+
+def test_region_glrlm_of_a_dense_region_is_left_to_c():
+    from HRpQCTRadiomicsEngine.region_matrices import RegionTextures
+
+    settings = {"binWidth": 25, "force2D": True, "force2Ddimension": 0}
+    box = np.zeros((1, 10, 10), dtype=bool)
+    box[0, :5] = True  # half the box
+    dense = RegionTextures(np.full(50, 30.0), np.nonzero(box[0]), (1, 10, 10), 1, settings)
+    assert dense.glrlm(1) is None
+    ring = np.zeros((1, 10, 10), dtype=bool)
+    ring[0, 0] = True  # a tenth of the box
+    thin = RegionTextures(np.full(10, 30.0), np.nonzero(ring[0]), (1, 10, 10), 1, settings)
+    assert thin.glrlm(1).shape == (1, 1, 10, 4)
 
 
 def test_worker_pool_on_16_bit_slices_gives_the_serial_rows(whole_slice):

@@ -193,3 +193,11 @@ def test_digitize_special_inputs_equal_numpy():
     values = np.linspace(-1, 102, 300)
     assert np.array_equal(digitize(values, uneven), np.digitize(values, uneven))
     assert digitize(np.zeros(0), edges).size == 0
+    # integer values and edges (an int16 scan, an integer bin width): compared as integers,
+    # values at the type's limits and beyond the last edge included
+    info = np.iinfo(np.int16)
+    integers = np.concatenate([np.arange(-600, 700, 7), [info.min, info.max]]).astype(np.int16)
+    integer_edges = np.arange(-625, 700, 25)
+    assert np.array_equal(digitize(integers, integer_edges), np.digitize(integers, integer_edges))
+    int64 = np.array([np.iinfo(np.int64).max, 0])
+    assert np.array_equal(digitize(int64, integer_edges), np.digitize(int64, integer_edges))
