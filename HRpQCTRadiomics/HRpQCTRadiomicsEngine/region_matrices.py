@@ -29,7 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from HRpQCTRadiomicsEngine.texture_matrices import _in_plane, angles_for, region_levels
+from HRpQCTRadiomicsEngine.texture_matrices import (
+    _in_plane,
+    angles_for,
+    has_two_on_a_line,
+    line_index,
+    region_levels,
+)
 
 __all__ = ["RegionTextures"]
 
@@ -231,18 +237,18 @@ class RegionTextures:
         for a, (dy, dx) in enumerate(angles):
             if dy < 0 or (dy == 0 and dx < 0):  # the same runs, walked the other way
                 dy, dx = -dy, -dx
-            counts = self._run_counts(int(dy), int(dx), n_r)
+            dy, dx = int(dy), int(dx)
+            counts = self._run_counts(dy, dx, n_r)
             out[0, :, :, a] = counts[self.present]
-            if not counts[:, 1:].any() and not self._has_two_on_a_line(int(dy), int(dx)):
+            if not counts[:, 1:].any() and not has_two_on_a_line(*self._coordinates, dy, dx):
                 out[0, :, 0, a] = 0  # pyradiomics: the region is "2D" for this angle
         return out
 
     def _line_and_position(self, dy: int, dx: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per region voxel: which line of direction (dy, dx) it lies on (>= 0), and where."""
+        """Per region voxel: which line of direction (dy, dx) it lies on, and where on it."""
         ys, xs = self._coordinates
-        line = {(0, 1): ys, (1, 0): xs, (1, 1): xs - ys + self.box_size[-2],
-                (1, -1): xs + ys}[(dy, dx)]
-        if line.size and line.max() < 2**16:
+        line = line_index(ys, xs, dy, dx)
+        if line.max() < 2**16:
             line = line.astype(np.uint16)  # numpy sorts 16-bit keys stably by radix: ~10x
         return line, (xs if dy == 0 else ys)
 
@@ -257,8 +263,3 @@ class RegionTextures:
         lengths = position[ends] - position[starts] + 1
         keys = self.levels[starts].astype(np.int64) * n_r + lengths - 1
         return np.bincount(keys, minlength=(self.n_levels + 1) * n_r).reshape(-1, n_r)
-
-    def _has_two_on_a_line(self, dy: int, dx: int) -> bool:
-        """pyradiomics' ``multiElement``: a line of this direction holds two region voxels."""
-        line, _ = self._line_and_position(dy, dx)
-        return bool(np.bincount(line - line.min()).max() >= 2)

@@ -75,8 +75,9 @@ def digitize(values: np.ndarray, edges: Any) -> np.ndarray:
     guess = np.floor((v - edges[0]) * (1.0 / width)).astype(np.intp) + 1
     np.clip(guess, 0, edges.size, out=guess)
     # bounds[k] <= value < bounds[k + 1] is bin k (0: below the first edge; n: from the last)
-    lowest, highest = _extremes(common)
-    bounds = np.concatenate([[lowest], edges, [highest]]).astype(common)
+    bounds = np.empty(edges.size + 2, dtype=common)
+    bounds[0], bounds[-1] = _extremes(common)
+    bounds[1:-1] = edges
     for _ in range(_DIGITIZE_ROUNDS):
         below = v < bounds[guess]
         above = v >= bounds[guess + 1]
@@ -94,6 +95,20 @@ def _extremes(dtype: np.dtype) -> tuple[Any, Any]:
         info = np.iinfo(dtype)
         return info.min, info.max
     return -np.inf, np.inf
+
+
+def line_index(ys: np.ndarray, xs: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Which line of direction (dy, dx) each pixel ``(ys, xs)`` lies on, counted from 0.
+
+    Directions as the GLRLM walks them: ``(0, 1)``, ``(1, 0)``, ``(1, 1)`` or ``(1, -1)``.
+    """
+    line = {(0, 1): ys, (1, 0): xs, (1, 1): xs - ys, (1, -1): xs + ys}[(dy, dx)]
+    return line - line.min()
+
+
+def has_two_on_a_line(ys: np.ndarray, xs: np.ndarray, dy: int, dx: int) -> bool:
+    """pyradiomics' ``multiElement``: a line of direction (dy, dx) holds two of the pixels."""
+    return bool(np.bincount(line_index(ys, xs, dy, dx)).max() >= 2)
 
 
 def angles_for(size: Sequence[int], settings: Mapping[str, Any], bidirectional: bool,
@@ -332,8 +347,7 @@ class ImageTextures:
     def _has_two_on_a_line(self, label: int, dy: int, dx: int) -> bool:
         """pyradiomics' ``multiElement``: a line of this direction holds two region voxels."""
         ys, xs = np.nonzero(self.region == self.labels.index(label) + 1)
-        line = {(0, 1): ys, (1, 0): xs, (1, 1): xs - ys, (1, -1): xs + ys}[(dy, dx)]
-        return bool(np.bincount(line - line.min()).max() >= 2)
+        return has_two_on_a_line(ys, xs, dy, dx)
 
     def glrlm(self, label: int) -> np.ndarray:
         """``calculate_glrlm`` of ``label`` with absent grey levels removed: ``(1, n, Nr, Na)``.
